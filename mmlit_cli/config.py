@@ -1,0 +1,373 @@
+"""Preset schema, YAML loading and `--set key.path=value` overrides.
+
+A preset is a YAML file with four sections: `model` (the network), `mae` (the masked
+auto-encoder wrapped around it for pre-training), `finetune` and `pretrain` (the two
+training recipes) plus `data` (normalisation). Every section is a dataclass below; the
+dataclass *is* the schema. Loading walks the YAML and the dataclass together, so an unknown
+key or a value of the wrong type is reported with its full dotted path and the file it came
+from, before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+@dataclass
+class ModelConfig:
+    """The mLiT network. Defaults are the reconstructed `xs` preset (see MLIT-SPEC.md)."""
+
+    image_size: int = 36
+    patch_size: int = 3
+    in_chans: int = 3
+    num_classes: int = 100
+    embed_dim: int = 128
+    depth: int = 12
+    num_heads: int = 8
+    num_kv_heads: int = 4  # grouped-query attention: each kv head serves num_heads/num_kv_heads query heads
+    qkv_bias: bool = True
+    # Depth-wise scaling: SwiGLU hidden size of layer i goes linearly from first to last.
+    mlp_hidden_first: int = 96
+    mlp_hidden_last: int = 32
+    # Staged expert counts: the layers are split into len(expert_stages) equal stages.
+    expert_stages: list[int] = field(default_factory=lambda: [3, 4, 5])
+    top_k: int = 2
+    router_noise: float = 0.0  # std of Gaussian noise added to router logits while training
+    aux_loss_weight: float = 0.0  # weight of the Switch-style load-balancing loss
+    drop_path: float = 0.0
+    norm_eps: float = 1e-6
+
+    def hidden_sizes(self) -> list[int]:
+        """SwiGLU hidden size per layer: `int((L-1-i)/(L-1) * (first-last)) + last`."""
+        L = self.depth
+        if L == 1:
+            return [self.mlp_hidden_first]
+        span = self.mlp_hidden_first - self.mlp_hidden_last
+        return [int((L - 1 - i) / (L - 1) * span) + self.mlp_hidden_last for i in range(L)]
+
+    def experts_per_layer(self) -> list[int]:
+        """Number of experts per layer: equal stages taken from `expert_stages`."""
+        stages = self.expert_stages
+        return [stages[i * len(stages) // self.depth] for i in range(self.depth)]
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"model: {msg}")
+
+        for name in ("image_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+                     "num_kv_heads", "mlp_hidden_first", "mlp_hidden_last", "top_k"):
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        need(self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}")
+        need(self.image_size % self.patch_size == 0,
+             f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        need(self.embed_dim % self.num_heads == 0,
+             f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        need(self.num_heads % self.num_kv_heads == 0,
+             f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        need(len(self.expert_stages) > 0 and all(e > 0 for e in self.expert_stages),
+             f"expert_stages must be a non-empty list of positive counts, got {self.expert_stages}")
+        need(self.top_k <= min(self.expert_stages),
+             f"top_k {self.top_k} is larger than the smallest expert count {min(self.expert_stages)}")
+        need(0.0 <= self.drop_path < 1.0, f"drop_path must be in [0, 1), got {self.drop_path}")
+        need(self.router_noise >= 0 and self.aux_loss_weight >= 0,
+             "router_noise and aux_loss_weight must be >= 0")
+
+
+@dataclass
+class MAEConfig:
+    """The masked auto-encoder around the encoder (mmLiT pre-training)."""
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 64
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    decoder_kv_heads: int = 2
+    decoder_mlp_hidden: int = 128
+    visible_loss_weight: float = 0.1  # discount on the reconstruction loss of visible patches
+    norm_pix_loss: bool = True  # per-patch normalised pixel targets, as in the original MAE
+
+    def validate(self) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"mae: mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.decoder_dim % self.decoder_heads or self.decoder_heads % self.decoder_kv_heads:
+            raise ConfigError("mae: decoder_dim must divide by decoder_heads, and decoder_heads by "
+                              "decoder_kv_heads")
+        if min(self.decoder_dim, self.decoder_depth, self.decoder_mlp_hidden) <= 0:
+            raise ConfigError("mae: decoder_dim, decoder_depth and decoder_mlp_hidden must be positive")
+        if self.visible_loss_weight < 0:
+            raise ConfigError("mae: visible_loss_weight must be >= 0")
+
+
+@dataclass
+class AugmentConfig:
+    """Per-sample (torchvision transforms v2) and per-batch augmentation."""
+
+    crop_padding: int = 4  # random crop with this much padding; 0 = off
+    hflip: float = 0.5
+    auto_augment: str = "trivial"  # trivial | rand | none
+    randaug_num_ops: int = 2
+    randaug_magnitude: int = 9
+    random_erasing: float = 0.25
+    mixup_alpha: float = 0.8  # 0 = off
+    cutmix_alpha: float = 1.0  # 0 = off
+    mix_prob: float = 1.0  # probability that a batch is mixed at all
+
+    def validate(self, where: str) -> None:
+        if self.auto_augment not in ("trivial", "rand", "none"):
+            raise ConfigError(f"{where}.augment.auto_augment must be trivial, rand or none, "
+                              f"got {self.auto_augment!r}")
+        for name in ("hflip", "random_erasing", "mix_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{where}.augment.{name} must be in [0, 1]")
+        if self.crop_padding < 0 or self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise ConfigError(f"{where}.augment: crop_padding and mix alphas must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """A training recipe (used by `finetune` and `pretrain`)."""
+
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 1e-3  # peak learning rate for `batch_size`
+    min_lr: float = 1e-5
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.05  # not applied to norms, biases, tokens and position embeddings
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    label_smoothing: float = 0.1
+    ema: bool = False
+    ema_decay: float = 0.9998
+    layer_decay: float = 1.0  # layer-wise lr decay; applied when starting from a pre-trained encoder
+    seed: int = 0
+    workers: int = 2
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self, where: str) -> None:
+        if self.epochs <= 0:
+            raise ConfigError(f"{where}.epochs must be positive, got {self.epochs}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"{where}.batch_size must be positive, got {self.batch_size}")
+        if self.lr <= 0 or self.min_lr < 0:
+            raise ConfigError(f"{where}.lr must be positive and min_lr >= 0")
+        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError(f"{where}: warmup_epochs, weight_decay and grad_clip must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{where}.betas must be two numbers in [0, 1)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"{where}.label_smoothing must be in [0, 1)")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"{where}.layer_decay must be in (0, 1]")
+        if self.workers < 0:
+            raise ConfigError(f"{where}.workers must be >= 0")
+        self.augment.validate(where)
+
+
+def _pretrain_defaults() -> TrainConfig:
+    return TrainConfig(lr=1.5e-3, label_smoothing=0.0, grad_clip=0.0,
+                       augment=AugmentConfig(auto_augment="none", random_erasing=0.0,
+                                             mixup_alpha=0.0, cutmix_alpha=0.0))
+
+
+@dataclass
+class DataConfig:
+    """How images are turned into tensors. `image_size` lives in `model`."""
+
+    mean: list[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
+    std: list[float] = field(default_factory=lambda: [0.2470, 0.2435, 0.2616])
+    val_fraction: float = 0.1  # held out, stratified, when a dataset has no validation split
+
+    def validate(self) -> None:
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError("data: mean and std must be three numbers each, std > 0")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    finetune: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: TrainConfig = field(default_factory=_pretrain_defaults)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.mae.validate()
+        self.finetune.validate("finetune")
+        self.pretrain.validate("pretrain")
+        self.data.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- schema walking
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (list, typing.List):
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported schema type {tp!r} at {where}")  # a bug in the schema, not user input
+
+
+def _unknown_key(cls: type, key: str, where: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
+    path = f"{where}.{key}" if where else key
+    return ConfigError(f"unknown key '{path}'{hint}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(cls, str(key), where)
+        path = f"{where}.{key}" if where else key
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# --------------------------------------------------------------------------- public API
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def resolve_preset_path(preset: str) -> Path:
+    """A preset name (`xs`) or a path to a user's YAML file."""
+    path = Path(preset).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"preset file not found: {path}")
+        return path
+    candidate = PRESET_DIR / f"{preset}.yaml"
+    if candidate.is_file():
+        return candidate
+    raise ConfigError(f"unknown preset '{preset}': use one of {', '.join(available_presets())} "
+                      "or a path to a YAML file")
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """`["model.depth=4", "finetune.lr=1e-3"]` -> nested dict. Values are parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set expects key.path=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r} conflicts with another --set of '{part}'")
+        node[parts[-1]] = value
+    return nested
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    try:
+        return _build(Config, data).validate()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(preset: str | Path = "xs", overrides: list[str] | None = None) -> Config:
+    """Load a preset by name or path, apply `--set` overrides and validate the result."""
+    path = resolve_preset_path(str(preset))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read preset {path}: {e.strerror}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a preset must be a YAML mapping")
+    data.setdefault("name", path.stem)
+    cfg = config_from_dict(data, str(path))
+    over = parse_overrides(overrides)
+    if over:
+        cfg = config_from_dict(_merge(cfg.to_dict(), over), "--set")
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,65 @@
+"""Parameter breakdown and MAC count of an mLiT model (what `mmlit count-params` shows)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .model import MLiT, MoEFeedForward
+
+# Published totals (arXiv 2407.17783 abstract), for 100 classes (CIFAR-100).
+PAPER_PARAMS = {"s": 2_360_000, "xxs": 670_000}
+
+COMPONENTS = ("patch embedding", "position/class tokens", "attention", "router", "per-expert W1",
+              "shared V", "shared W2", "norms", "head")
+
+
+@dataclass
+class ParamBreakdown:
+    components: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.components.values())
+
+
+def parameter_breakdown(model: MLiT) -> ParamBreakdown:
+    """Parameters per component; the MoE's fused W1/V tensor is split into its two parts."""
+    parts = dict.fromkeys(COMPONENTS, 0)
+    parts["patch embedding"] = sum(p.numel() for p in model.patch_embed.parameters())
+    parts["position/class tokens"] = model.pos_embed.numel() + model.cls_token.numel()
+    parts["head"] = sum(p.numel() for p in model.head.parameters())
+    parts["norms"] = sum(p.numel() for p in model.norm.parameters())
+    for block in model.blocks:
+        parts["attention"] += sum(p.numel() for p in block.attn.parameters())
+        parts["norms"] += sum(p.numel() for n in (block.norm1, block.norm2) for p in n.parameters())
+        moe: MoEFeedForward = block.ffn
+        parts["router"] += sum(p.numel() for p in moe.router.parameters())
+        per_row = moe.dim + 1  # weight row + bias
+        parts["per-expert W1"] += moe.num_experts * moe.hidden * per_row
+        parts["shared V"] += moe.hidden * per_row
+        parts["shared W2"] += sum(p.numel() for p in moe.w2.parameters())
+    counted = sum(parts.values())
+    actual = sum(p.numel() for p in model.parameters())
+    if counted != actual:  # a new parameter was added to the model but not to this table
+        raise RuntimeError(f"parameter breakdown misses {actual - counted} parameters")
+    return ParamBreakdown(parts)
+
+
+def count_macs(model: MLiT) -> int:
+    """Multiply-accumulates for one image at inference, as the production path computes them.
+
+    Measured with PyTorch's FLOP counter (FLOPs / 2). The fused MoE evaluates W1 of every
+    expert for every token (cheaper in time than dispatching at these sizes), so this is the
+    work actually done, a little above the top-k-only count.
+    """
+    cfg = model.cfg
+    x = torch.zeros(1, cfg.in_chans, cfg.image_size, cfg.image_size)
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() // 2

@@ -1,0 +1,61 @@
+"""Preset schema, YAML loading and --set overrides."""
+
+import pytest
+
+from mmlit_cli.config import available_presets, load_config, parse_overrides
+from mmlit_cli.errors import ConfigError
+
+
+def test_presets_load_and_validate():
+    assert set(available_presets()) >= {"xxs", "xs", "s"}
+    for name in ("xxs", "xs", "s"):
+        cfg = load_config(name)
+        assert cfg.name == name and cfg.model.image_size == 36 and cfg.mae.mask_ratio == 0.75
+
+
+def test_unknown_key_names_the_key_and_the_file(tmp_path):
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("model:\n  embed_dm: 64\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(bad))
+    assert "model.embed_dm" in str(e.value) and "mine.yaml" in str(e.value) and "embed_dim" in str(e.value)
+
+
+def test_mistyped_value_is_rejected(tmp_path):
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("model:\n  depth: twelve\n")
+    with pytest.raises(ConfigError, match="model.depth: expected an integer"):
+        load_config(str(bad))
+    bad.write_text("finetune:\n  augment:\n    hflip: yes please\n")
+    with pytest.raises(ConfigError, match="finetune.augment.hflip"):
+        load_config(str(bad))
+
+
+def test_user_yaml_inherits_defaults(tmp_path):
+    mine = tmp_path / "tiny.yaml"
+    mine.write_text("model:\n  depth: 3\n  num_classes: 10\n")
+    cfg = load_config(str(mine))
+    assert cfg.name == "tiny" and cfg.model.depth == 3 and cfg.model.num_classes == 10
+
+
+def test_set_overrides_are_parsed_and_validated():
+    cfg = load_config("xs", ["model.depth=4", "finetune.lr=2e-3", "model.expert_stages=[2,2]",
+                             "finetune.augment.auto_augment=rand"])
+    assert cfg.model.depth == 4 and cfg.finetune.lr == 2e-3 and cfg.model.expert_stages == [2, 2]
+    assert cfg.finetune.augment.auto_augment == "rand"
+    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+    with pytest.raises(ConfigError, match="unknown key 'model.dpth'"):
+        load_config("xs", ["model.dpth=4"])
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config("xs", ["finetune.lr=fast"])
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config("xs", ["model.depth"])
+    with pytest.raises(ConfigError, match="epochs must be positive"):
+        load_config("xs", ["finetune.epochs=0"])
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="xxs"):
+        load_config("huge")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/p.yaml")
