@@ -24,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-console = Console()
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 _state = {"debug": False}
 
@@ -86,6 +86,106 @@ def count_params(
                       f"{100 * (breakdown.total - paper) / paper:+.1f} %")
     console.print(table)
     console.print(f"MACs per image (inference): {macs / 1e6:.1f} M")
+
+
+DatasetOpt = typer.Option(None, "--dataset", "-d",
+                           help="cifar10, cifar100, svhn, flowers102, fashion-mnist, tiny-imagenet, or an image folder.")
+DataDirOpt = typer.Option(None, "--data-dir", help="Where named datasets live (default: $MMLIT_DATA or ./data).")
+DeviceOpt = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
+
+
+def _train_command(kind: str, preset, dataset, data_dir, out, overrides, epochs, batch_size, lr, seed, device,
+                   workers, init, resume, compile, save_every, download) -> None:
+    from .train import run_training
+
+    result = run_training(kind, preset, dataset, data_dir=data_dir, out=out, overrides=overrides, epochs=epochs,
+                          batch_size=batch_size, lr=lr, seed=seed, workers=workers, device=device, init=init,
+                          resume=resume, compile=compile, save_every=save_every, download=download,
+                          console=console)
+    if result["stopped"] == "interrupt":
+        raise typer.Exit(130)
+    out_dir = result["out_dir"]
+    console.print(f"done: {out_dir}/last.safetensors, {out_dir}/best.safetensors, {out_dir}/metrics.jsonl",
+                  highlight=False)
+
+
+@app.command()
+def finetune(
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name (xxs, xs, s) or YAML path [default: xs]."),
+    dataset: Optional[str] = DatasetOpt,
+    data_dir: Optional[str] = DataDirOpt,
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/finetune/<preset>, numbered)."),
+    overrides: Optional[List[str]] = SetOpt,
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override finetune.epochs."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Override finetune.batch_size."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Override finetune.lr."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Override finetune.seed."),
+    device: str = DeviceOpt,
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Data-loading processes."),
+    init: Optional[str] = typer.Option(None, "--init", help="Start from a checkpoint's weights (MAE encoder or classifier)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory from last.safetensors."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    save_every: int = typer.Option(200, "--save-every", help="Also checkpoint every N steps within an epoch (0 = off)."),
+    download: bool = typer.Option(False, "--download", help="Download a named dataset if it is missing."),
+) -> None:
+    """Supervised training, from scratch or from a checkpoint (--init). The head gets the dataset's classes.
+
+    Example:  mmlit finetune --preset xxs --dataset ./cifar10-folder --epochs 1 --out runs/c10
+    """
+    _train_command("finetune", preset, dataset, data_dir, out, overrides, epochs, batch_size, lr, seed, device,
+                   workers, init, resume, compile, save_every, download)
+
+
+@app.command()
+def pretrain(
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name (xxs, xs, s) or YAML path [default: xs]."),
+    dataset: Optional[str] = DatasetOpt,
+    data_dir: Optional[str] = DataDirOpt,
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/pretrain/<preset>, numbered)."),
+    overrides: Optional[List[str]] = SetOpt,
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override pretrain.epochs."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Override pretrain.batch_size."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Override pretrain.lr."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Override pretrain.seed."),
+    device: str = DeviceOpt,
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Data-loading processes."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory from last.safetensors."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    save_every: int = typer.Option(200, "--save-every", help="Also checkpoint every N steps within an epoch (0 = off)."),
+    download: bool = typer.Option(False, "--download", help="Download a named dataset if it is missing."),
+) -> None:
+    """MAE pre-training (mmLiT). Labels are not needed: a folder of images works.
+
+    Example:  mmlit pretrain --preset xs --dataset ./images --epochs 100
+    """
+    _train_command("pretrain", preset, dataset, data_dir, out, overrides, epochs, batch_size, lr, seed, device,
+                   workers, None, resume, compile, save_every, download)
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: str = typer.Argument(..., help="A .safetensors checkpoint written by mmlit."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset name or image folder."),
+    data_dir: Optional[str] = DataDirOpt,
+    split: str = typer.Option("val", "--split", help="val or test (or train)."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b"),
+    device: str = DeviceOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Top-1, top-5 and loss of a checkpoint on a dataset split.
+
+    Example:  mmlit eval runs/finetune/xxs/best.safetensors --dataset cifar100 --json
+    """
+    from .inference import evaluate_checkpoint
+
+    report = evaluate_checkpoint(checkpoint, dataset, split, data_dir, batch_size, device)
+    if as_json:
+        print(json.dumps(report.as_dict()))
+        return
+    r = report.result
+    console.print(f"{report.source}", highlight=False)
+    console.print(f"top-1 {r.top1:.2f}%  top-5 {r.top5:.2f}%  loss {r.loss:.4f}  "
+                  f"({r.num_images} images, {report.images_per_s:,.0f} img/s)", highlight=False)
 
 
 def main() -> None:

@@ -1,0 +1,185 @@
+"""Self-describing safetensors checkpoints, written atomically.
+
+A checkpoint holds the model's tensors and, in its safetensors metadata (strings only), what
+`eval`/`predict`/`export` need to rebuild and feed the model: the resolved config, task,
+class names, normalisation, image size and mmlit version. `last.safetensors` additionally
+holds the training state (optimizer moments, EMA weights, RNG states) under the
+`train_state/` prefix, with the scalar state as JSON in the metadata. Nothing is ever
+unpickled: tensors come from safetensors, everything else from JSON that is validated here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .config import Config, config_from_dict
+from .errors import CheckpointError, ConfigError
+
+FORMAT = "mmlit-checkpoint/1"
+TASKS = ("classify", "mae")
+TRAIN_PREFIX = "train_state/"
+
+
+@dataclass
+class Checkpoint:
+    tensors: dict[str, torch.Tensor]  # model weights
+    config: Config
+    task: str  # "classify" or "mae"
+    classes: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # epoch, metrics, preset, version...
+    train_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    train_info: dict[str, Any] | None = None
+
+    @property
+    def image_size(self) -> int:
+        return self.config.model.image_size
+
+    @property
+    def mean(self) -> list[float]:
+        return self.config.data.mean
+
+    @property
+    def std(self) -> list[float]:
+        return self.config.data.std
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(tmp_path)`, fsync, then rename over `path`: a reader (or a SIGKILL) never
+    sees a half-written file, and the previous file stays intact until the new one is whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
+    meta = {
+        "format": FORMAT,
+        "mmlit_version": __version__,
+        "task": ckpt.task,
+        "preset": ckpt.config.name,
+        "config": json.dumps(ckpt.config.to_dict()),
+        "classes": json.dumps(ckpt.classes),
+        "image_size": str(ckpt.config.model.image_size),
+        "mean": json.dumps(ckpt.config.data.mean),
+        "std": json.dumps(ckpt.config.data.std),
+        "info": json.dumps(ckpt.info),
+    }
+    tensors = {k: v.detach().contiguous().cpu() for k, v in ckpt.tensors.items()}
+    if ckpt.train_info is not None:
+        meta["train_state"] = json.dumps(ckpt.train_info)
+        tensors.update({TRAIN_PREFIX + k: v.detach().contiguous().cpu() for k, v in ckpt.train_tensors.items()})
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def _json_field(meta: dict[str, str], key: str, kind: type, path: Path) -> Any:
+    try:
+        value = json.loads(meta[key])
+    except KeyError:
+        raise CheckpointError(f"{path}: checkpoint metadata has no '{key}'") from None
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: checkpoint metadata '{key}' is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise CheckpointError(f"{path}: checkpoint metadata '{key}' should be a {kind.__name__}")
+    return value
+
+
+def load_checkpoint(path: str | Path, with_train_state: bool = False) -> Checkpoint:
+    """Read and validate a checkpoint; every problem is a one-line `CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise CheckpointError(f"{path}: not an mmlit checkpoint (no '{FORMAT}' metadata)")
+            keys = [k for k in f.keys() if with_train_state or not k.startswith(TRAIN_PREFIX)]
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    except (OSError, ValueError) as e:  # truncated or garbage headers surface as these too
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    task = meta.get("task")
+    if task not in TASKS:
+        raise CheckpointError(f"{path}: unknown task {task!r} in checkpoint metadata")
+    try:
+        config = config_from_dict(_json_field(meta, "config", dict, path), f"{path} (metadata)")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    classes = _json_field(meta, "classes", list, path)
+    if not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(f"{path}: class names must be strings")
+    info = _json_field(meta, "info", dict, path)
+    train_tensors = {k[len(TRAIN_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(TRAIN_PREFIX)}
+    train_info = _json_field(meta, "train_state", dict, path) if with_train_state and "train_state" in meta else None
+    return Checkpoint(tensors, config, task, classes, info, train_tensors, train_info)
+
+
+def encoder_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The encoder weights of a checkpoint, named as in a classifier (`MLiT`)."""
+    if ckpt.task == "mae":
+        return {k[len("encoder."):]: v for k, v in ckpt.tensors.items() if k.startswith("encoder.")}
+    return dict(ckpt.tensors)
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Bicubic resampling of a [1, 1 + g*g, D] position embedding to another square grid."""
+    old_grid = int((pos_embed.shape[1] - 1) ** 0.5)
+    new_grid = int((new_tokens - 1) ** 0.5)
+    if old_grid == new_grid:
+        return pos_embed
+    cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    grid = grid.reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2).float()
+    grid = torch.nn.functional.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1).to(pos_embed.dtype)
+    return torch.cat([cls, grid], dim=1)
+
+
+@dataclass
+class InitReport:
+    loaded: list[str]
+    skipped: list[str]  # in the checkpoint, not used (decoder, mismatched head...)
+    missing: list[str]  # in the model, not in the checkpoint (kept at their initialisation)
+
+
+def load_weights_into(model: torch.nn.Module, ckpt: Checkpoint) -> InitReport:
+    """`--init`: copy every tensor of the checkpoint's encoder (or classifier) whose name and
+    shape fit `model`; resample the position embedding if the image size differs."""
+    source = encoder_state(ckpt)
+    own = model.state_dict()
+    loaded, skipped = [], sorted(k for k in ckpt.tensors if ckpt.task == "mae" and not k.startswith("encoder."))
+    to_load = {}
+    for name, tensor in source.items():
+        if name == "pos_embed" and name in own and tensor.shape != own[name].shape:
+            tensor = resize_pos_embed(tensor, own[name].shape[1])
+        if name in own and own[name].shape == tensor.shape:
+            to_load[name] = tensor
+            loaded.append(name)
+        else:
+            skipped.append(name)
+    model.load_state_dict(to_load, strict=False)
+    missing = sorted(k for k in own if k not in to_load)
+    return InitReport(sorted(loaded), sorted(skipped), missing)

@@ -1,0 +1,595 @@
+"""One training engine for `finetune` (classification) and `pretrain` (MAE).
+
+    fit(): for epoch: for batch: forward (bf16 autocast on CUDA) -> backward -> clip ->
+           AdamW step (lr: linear warm-up, then cosine) -> EMA
+           end of epoch: validate -> metrics.jsonl/.csv -> last/best.safetensors
+
+A task object (`ClassifyTask`, `MAETask`) says what the model is, what its loss is and how
+it is validated; everything else - devices, DDP, checkpoints, resume, signals, logging -
+lives here once. The hot loop keeps losses on the device and syncs with the host only when
+it prints.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from . import __version__
+from .checkpoint import Checkpoint, atomic_write_text, load_checkpoint, save_checkpoint
+from .config import Config, TrainConfig, dump_config
+from .data import ImageData, build_batch_mix, build_loader, build_train_transform, normalize, set_epoch
+from .errors import MmlitError
+from .metrics import collapsed_layers, evaluate_classifier
+
+# --------------------------------------------------------------------------- devices and DDP
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu. Asking for a device that is not there is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MmlitError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MmlitError(f"--device {name}: no CUDA GPU is available here (use --device cpu or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise MmlitError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise MmlitError(f"--device {name}: MPS is not available here")
+    return device
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """Read torchrun's environment; start the process group (nccl on CUDA, gloo otherwise)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), resolve_device(device_name)
+    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist, device
+
+
+def all_reduce_mean(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    if dist.enabled:
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        t /= dist.world_size
+    return t
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups: no decay on norms, biases, tokens and position embeddings; with
+    `layer_decay < 1`, lr scale `layer_decay ** (depth + 1 - layer_id)` (BEiT/MAE fine-tuning)."""
+    no_decay = set(getattr(model, "no_weight_decay", lambda: set())())
+    depth = getattr(getattr(model, "cfg", None), "depth", 0)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim > 1 and name not in no_decay and not name.endswith(("pos_embed", "cls_token", "mask_token"))
+        layer = model.layer_id(name) if layer_decay < 1.0 and hasattr(model, "layer_id") else depth + 1
+        key = (layer, decay)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                           "lr_scale": layer_decay ** (depth + 1 - layer) if layer_decay < 1.0 else 1.0}
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
+    """Linear warm-up from 0 to `lr`, then cosine down to `min_lr`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class ModelEMA:
+    """Exponential moving average of the weights (evaluated and saved as best when enabled)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v, 1.0 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+class ClassifyTask:
+    """Supervised classification with mixup/cutmix targets and label smoothing."""
+
+    kind = "classify"
+    monitor = "val_top1"  # higher is better
+
+    def __init__(self, cfg: Config, classes: list[str]):
+        from .model import MLiT
+
+        self.cfg, self.classes = cfg, classes
+        self.model = MLiT(cfg.model)
+        self.recipe = cfg.finetune
+        self.mix = build_batch_mix(self.recipe.augment, cfg.model.num_classes)
+
+    def loss(self, model, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.mix is not None:
+            images, targets = self.mix(images, labels)
+        else:
+            targets = labels
+        logits = model(images)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.recipe.label_smoothing)
+        aux = self.model.aux_loss()
+        return loss if aux is None else loss + aux
+
+    def validate(self, model, loader, device, amp_dtype) -> dict[str, Any]:
+        r = evaluate_classifier(model, loader, device, self.cfg.data.mean, self.cfg.data.std, amp_dtype,
+                                self.cfg.model.num_classes)
+        return {"val_loss": r.loss, "val_top1": r.top1, "val_top5": r.top5, "expert_usage": r.expert_usage}
+
+    def state_for_checkpoint(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state
+
+
+class MAETask:
+    """Masked auto-encoder pre-training; validation is the reconstruction loss."""
+
+    kind = "mae"
+    monitor = "val_loss"  # lower is better
+
+    def __init__(self, cfg: Config, classes: list[str]):
+        from .mae import MaskedAutoencoder
+
+        self.cfg, self.classes = cfg, classes
+        self.model = MaskedAutoencoder(cfg.model, cfg.mae)
+        self.recipe = cfg.pretrain
+
+    def loss(self, model, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss, _, _ = model(images)
+        aux = self.model.aux_loss()
+        return loss if aux is None else loss + aux
+
+    @torch.inference_mode()
+    def validate(self, model, loader, device, amp_dtype) -> dict[str, Any]:
+        was_training = model.training
+        model.eval()
+        encoder = self.model.encoder
+        encoder.set_usage_tracking(True)
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        with torch.random.fork_rng(devices=_rng_devices(device)):
+            torch.manual_seed(1234)  # the same masks every epoch, so val losses are comparable
+            for images, _ in loader:
+                images = normalize(images.to(device, non_blocking=True), self.cfg.data.mean, self.cfg.data.std)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss, _, _ = model(images)
+                total += torch.stack([loss.double() * images.shape[0],
+                                      torch.tensor(float(images.shape[0]), dtype=torch.float64, device=device)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+            for m in encoder.moe_layers():
+                torch.distributed.all_reduce(m.expert_counts)
+        usage = encoder.expert_usage()
+        encoder.set_usage_tracking(False)
+        model.train(was_training)
+        loss_sum, count = total.tolist()
+        return {"val_loss": loss_sum / max(count, 1.0), "expert_usage": usage}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class RunOptions:
+    out_dir: Path
+    dataset: dict[str, Any]  # how to load the data again on --resume
+    device: str = "auto"
+    compile: bool = False
+    save_every: int = 200  # steps between in-epoch checkpoints (0 = only at epoch ends)
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke tests, benchmarks)
+    log_every: int = 10
+    init_report: Any = None
+    on_epoch_end: Callable[..., None] | None = None  # e.g. write reconstruction.png
+    quiet: bool = False
+
+
+def _rng_devices(device: torch.device) -> list:
+    return [device] if device.type == "cuda" else []
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"rng/cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["rng/cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(tensors["rng/cpu"])
+    if device.type == "cuda" and "rng/cuda" in tensors:
+        torch.cuda.set_rng_state_all(list(tensors["rng/cuda"]))
+
+
+def _optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for name, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"opt/{idx}/{name}"] = value
+            else:
+                scalars[f"{idx}/{name}"] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt/"):
+            _, idx, name = key.split("/", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for key, value in info["scalars"].items():
+        idx, name = key.split("/", 1)
+        state.setdefault(int(idx), {})[name] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in info["param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+class Trainer:
+    def __init__(self, task, cfg: Config, train_data: ImageData, val_data: ImageData | None, opts: RunOptions,
+                 console: Console | None = None):
+        self.task, self.cfg, self.opts = task, cfg, opts
+        self.recipe: TrainConfig = task.recipe
+        self.console = console or Console()
+        self.dist, self.device = setup_distributed(opts.device)
+        self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        torch.manual_seed(self.recipe.seed + self.dist.rank)
+
+        self.model = task.model.to(self.device)
+        transform = build_train_transform(self.recipe.augment, cfg.model.image_size)
+        self.train_loader = build_loader(train_data, self.recipe.batch_size, transform, shuffle=True,
+                                         workers=self.recipe.workers, drop_last=len(train_data.labels) >= self.recipe.batch_size * self.dist.world_size,
+                                         seed=self.recipe.seed, distributed=self.dist.enabled)
+        self.val_loader = None
+        if val_data is not None and len(val_data.labels) > 0:
+            shard = val_data
+            if self.dist.enabled:  # every rank takes an exact, disjoint share; sums are all-reduced
+                r, w = self.dist.rank, self.dist.world_size
+                shard = ImageData(val_data.images[r::w], val_data.labels[r::w], val_data.classes, val_data.source, [])
+            self.val_loader = build_loader(shard, self.recipe.batch_size * 2, None, workers=0)
+        self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch == 0:
+            raise MmlitError("the training split is empty")
+        self.total_steps = self.steps_per_epoch * self.recipe.epochs
+        self.warmup_steps = min(int(self.recipe.warmup_epochs * self.steps_per_epoch), self.total_steps // 2)
+
+        fused = self.device.type == "cuda"
+        layer_decay = self.recipe.layer_decay if getattr(opts, "init_report", None) is not None else 1.0
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.recipe.weight_decay, layer_decay),
+                                           lr=self.recipe.lr, betas=tuple(self.recipe.betas), fused=fused)
+        self.ema = ModelEMA(self.model, self.recipe.ema_decay) if self.recipe.ema else None
+        self.train_model = self.model
+        if self.dist.enabled:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if opts.compile:
+            self.train_model = torch.compile(self.train_model)
+
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.best: float | None = None
+        self.history: list[dict] = []
+        self.elapsed = 0.0
+        self.stop_requested = False
+        self.partial_loss_sum = 0.0  # sum of this epoch's step losses at the last in-epoch checkpoint
+        self._resume_loss_sum = 0.0
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _train_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, opt_info = _optimizer_to_tensors(self.optimizer)
+        tensors.update(_rng_state(self.device))
+        if self.ema is not None:
+            tensors.update({f"ema/{k}": v for k, v in self.ema.shadow.items()})
+        info = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "best": self.best, "elapsed": self.elapsed, "optimizer": opt_info,
+                "epoch_loss_sum": self.partial_loss_sum if self.step_in_epoch else 0.0, "dataset": self.opts.dataset,
+                "world_size": self.dist.world_size}
+        return tensors, info
+
+    def _checkpoint(self, weights: dict[str, torch.Tensor], with_state: bool, metrics: dict | None) -> Checkpoint:
+        info = {"epoch": self.epoch, "global_step": self.global_step, "metrics": metrics or {},
+                "mmlit_version": __version__}
+        ckpt = Checkpoint(weights, self.cfg, self.task.kind, list(self.task.classes), info)
+        if with_state:
+            ckpt.train_tensors, ckpt.train_info = self._train_state()
+        return ckpt
+
+    def save_last(self, metrics: dict | None = None) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.opts.out_dir / "last.safetensors",
+                            self._checkpoint(self.model.state_dict(), True, metrics))
+
+    def resume_from(self, ckpt: Checkpoint) -> None:
+        if ckpt.train_info is None:
+            raise MmlitError("the checkpoint has no training state to resume from")
+        info = ckpt.train_info
+        self.model.load_state_dict(ckpt.tensors)
+        _optimizer_from_tensors(self.optimizer, ckpt.train_tensors, info["optimizer"])
+        if self.ema is not None:
+            ema = {k[4:]: v.to(self.device) for k, v in ckpt.train_tensors.items() if k.startswith("ema/")}
+            if ema:
+                self.ema.shadow = ema
+        self.epoch, self.step_in_epoch = int(info["epoch"]), int(info["step_in_epoch"])
+        self.global_step, self.best, self.elapsed = int(info["global_step"]), info["best"], float(info["elapsed"])
+        self._resume_loss_sum = float(info.get("epoch_loss_sum", 0.0))
+        self._resume_rng = {k: v for k, v in ckpt.train_tensors.items() if k.startswith("rng/")}
+        history = self.opts.out_dir / "metrics.jsonl"
+        if history.exists():
+            self.history = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+            self.history = [h for h in self.history if h["epoch"] <= self.epoch]
+
+    # ------------------------------------------------------------------ logging
+
+    def _write_metrics(self, row: dict) -> None:
+        self.history.append(row)
+        if not self.dist.is_main:
+            return
+        out = self.opts.out_dir
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
+        columns = [k for k in self.history[-1] if not isinstance(self.history[-1][k], (list, dict))]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(out / "metrics.csv", buf.getvalue())
+
+    def _print(self, msg: str) -> None:
+        if self.dist.is_main and not self.opts.quiet:
+            self.console.print(msg, highlight=False)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _install_sigint(self):
+        def handler(signum, frame):
+            if self.stop_requested:  # second Ctrl-C: give up at once
+                raise KeyboardInterrupt
+            self.stop_requested = True
+        try:
+            return signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not in the main thread
+            return None
+
+    def fit(self) -> dict:
+        previous_handler = self._install_sigint()
+        try:
+            return self._fit()
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        lr = lr_at(self.global_step, self.total_steps, self.warmup_steps, self.recipe.lr, self.recipe.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        images = normalize(images.to(self.device, non_blocking=True), self.cfg.data.mean, self.cfg.data.std)
+        labels = labels.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            loss = self.task.loss(self.train_model, images, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.recipe.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.global_step += 1
+        self.step_in_epoch += 1
+        return loss.detach()
+
+    def _fit(self) -> dict:
+        recipe, out = self.recipe, self.opts.out_dir
+        if self.dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "config.yaml", dump_config(self.cfg))
+        self._print(f"[bold]{self.task.kind}[/bold] {self.cfg.name}: {self.steps_per_epoch} steps/epoch x "
+                    f"{recipe.epochs} epochs, batch {recipe.batch_size} x {self.dist.world_size} process(es), "
+                    f"device {self.device}{', bf16' if self.amp_dtype else ''}{', compiled' if self.opts.compile else ''}"
+                    f" -> {out}")
+        resume_rng = getattr(self, "_resume_rng", None)
+        progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
+                            TimeRemainingColumn(), console=self.console, transient=True,
+                            disable=not self.dist.is_main or self.opts.quiet)
+        stopped, last_loss = None, float("nan")
+        with progress:
+            while self.epoch < recipe.epochs and stopped is None:
+                epoch_start = time.perf_counter()
+                set_epoch(self.train_loader, self.epoch)
+                bar = progress.add_task("train", total=self.steps_per_epoch, epoch=f"{self.epoch + 1}/{recipe.epochs}",
+                                        loss="-", lr="-", ips="-")
+                skip = self.step_in_epoch  # resuming mid-epoch: replay the data order, skip what was done
+                # A resumed epoch starts from the loss sum saved with its checkpoint, so the
+                # epoch's train_loss is the same as in an uninterrupted run.
+                loss_sum = torch.full((), self._resume_loss_sum, device=self.device)
+                self._resume_loss_sum = 0.0
+                window_loss = torch.zeros((), device=self.device)
+                window_n, window_start, seen = 0, time.perf_counter(), 0
+                if resume_rng is not None and skip == 0:  # resumed at an epoch boundary
+                    _set_rng_state(resume_rng, self.device)
+                    resume_rng = None
+                for i, (images, labels) in enumerate(self.train_loader):
+                    if i < skip:
+                        # Restore the RNG where it was saved: after batch skip-1, before batch skip is drawn.
+                        if i == skip - 1 and resume_rng is not None:
+                            _set_rng_state(resume_rng, self.device)
+                            resume_rng = None
+                        progress.advance(bar)
+                        continue
+                    loss = self._train_step(images, labels)
+                    loss_sum += loss
+                    window_loss += loss
+                    window_n += 1
+                    seen += images.shape[0]
+                    progress.advance(bar)
+                    at_end = self.step_in_epoch == self.steps_per_epoch
+                    if window_n >= self.opts.log_every or at_end or self.stop_requested:
+                        mean_loss = (window_loss / window_n).item()  # the one host sync per window
+                        now = time.perf_counter()
+                        ips = window_n * images.shape[0] * self.dist.world_size / max(now - window_start, 1e-9)
+                        progress.update(bar, loss=f"{mean_loss:.4f}", ips=f"{ips:,.0f}",
+                                        lr=f"{self.optimizer.param_groups[-1]['lr']:.2e}")
+                        window_loss.zero_()
+                        window_n, window_start = 0, now
+                        last_loss = mean_loss
+                        if not math.isfinite(mean_loss):
+                            stopped = "nan"
+                            break
+                    if self.opts.max_steps is not None and self.global_step >= self.opts.max_steps:
+                        stopped = "max_steps"
+                        break
+                    if self.stop_requested:
+                        stopped = "interrupt"
+                        break
+                    if self.opts.save_every and self.global_step % self.opts.save_every == 0 and not at_end:
+                        self.partial_loss_sum = loss_sum.item()
+                        if not math.isfinite(self.partial_loss_sum):  # never checkpoint a diverged model
+                            stopped = "nan"
+                            break
+                        self.elapsed += time.perf_counter() - epoch_start
+                        epoch_start = time.perf_counter()
+                        self.save_last()
+                progress.remove_task(bar)
+                self.elapsed += time.perf_counter() - epoch_start
+                if stopped == "nan":
+                    break
+                if stopped in ("interrupt", "max_steps") and self.step_in_epoch < self.steps_per_epoch:
+                    self.partial_loss_sum = loss_sum.item()
+                    self.save_last()
+                    break
+                # ---- end of epoch
+                epoch_time = time.perf_counter() - epoch_start
+                train_loss = all_reduce_mean(loss_sum / max(self.step_in_epoch, 1), self.dist).item()
+                self.partial_loss_sum = 0.0
+                val = self.task.validate(self.ema_or_model(), self.val_loader, self.device, self.amp_dtype) \
+                    if self.val_loader is not None else {}
+                self.epoch += 1
+                self.step_in_epoch = 0
+                row = {"epoch": self.epoch, "step": self.global_step, "train_loss": train_loss,
+                       "lr": self.optimizer.param_groups[-1]["lr"], **val,
+                       "epoch_time_s": round(epoch_time, 3), "train_img_per_s": round(seen * self.dist.world_size / max(epoch_time, 1e-9), 1),
+                       "world_size": self.dist.world_size}
+                if self.dist.enabled:
+                    row["ranks_in_sync"] = self._ranks_in_sync()
+                self._write_metrics(row)
+                improved = self._is_better(row)
+                if improved:
+                    self.best = row.get(self.task.monitor, train_loss)
+                self.save_last(row)
+                if improved and self.dist.is_main:
+                    weights = self.ema.shadow if self.ema is not None else self.model.state_dict()
+                    save_checkpoint(out / "best.safetensors", self._checkpoint(weights, False, row))
+                self._print(self._epoch_line(row))
+                self._report_router(row.get("expert_usage"))
+                if self.opts.on_epoch_end is not None and self.dist.is_main:
+                    with torch.random.fork_rng(devices=_rng_devices(self.device)):  # keep the training RNG stream as saved
+                        self.opts.on_epoch_end(self, row)
+                if stopped is not None:
+                    break
+        if stopped == "nan":
+            raise MmlitError(f"the loss became {last_loss} at step {self.global_step}; stopped. The last good "
+                             f"checkpoint is {out / 'last.safetensors'} (try a lower --lr or --set "
+                             f"{'finetune' if self.task.kind == 'classify' else 'pretrain'}.grad_clip=1.0)")
+        if stopped == "interrupt":
+            self._print(f"[yellow]interrupted[/yellow]: saved a resumable checkpoint; continue with "
+                        f"--resume {out}")
+        return {"stopped": stopped, "epoch": self.epoch, "global_step": self.global_step,
+                "history": self.history, "best": self.best}
+
+    def ema_or_model(self):
+        if self.ema is None:
+            return self.model
+        from copy import deepcopy
+        ema_model = deepcopy(self.model)
+        ema_model.load_state_dict(self.ema.shadow)
+        return ema_model
+
+    def _is_better(self, row: dict) -> bool:
+        value = row.get(self.task.monitor)
+        if value is None:
+            return True  # no validation split: the latest is the best we know
+        if self.best is None:
+            return True
+        return value > self.best if self.task.monitor == "val_top1" else value < self.best
+
+    def _ranks_in_sync(self) -> bool:
+        flat = torch.cat([p.detach().float().flatten() for p in self.model.parameters()])
+        checksum = torch.stack([flat.sum(), flat.abs().sum()]).double()
+        gathered = [torch.zeros_like(checksum) for _ in range(self.dist.world_size)]
+        torch.distributed.all_gather(gathered, checksum)
+        return all(torch.equal(g, gathered[0]) for g in gathered)
+
+    def _epoch_line(self, row: dict) -> str:
+        parts = [f"epoch {row['epoch']}/{self.recipe.epochs}", f"train loss {row['train_loss']:.4f}"]
+        if "val_top1" in row:
+            parts += [f"val loss {row['val_loss']:.4f}", f"top-1 {row['val_top1']:.2f}%", f"top-5 {row['val_top5']:.2f}%"]
+        elif "val_loss" in row:
+            parts.append(f"val loss {row['val_loss']:.4f}")
+        parts += [f"{row['train_img_per_s']:,.0f} img/s", f"{row['epoch_time_s']:.1f}s"]
+        return "  ".join(parts)
+
+    def _report_router(self, usage: list[list[float]] | None) -> None:
+        if not usage:
+            return
+        bad = collapsed_layers(usage)
+        if bad:
+            worst = ", ".join(f"layer {i}: " + "/".join(f"{s:.2f}" for s in usage[i]) for i in bad[:3])
+            self._print(f"[yellow]router collapse[/yellow]: an expert gets < 1% of tokens in {len(bad)} layer(s) "
+                        f"({worst}); consider --set model.aux_loss_weight=0.01")

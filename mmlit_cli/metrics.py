@@ -1,0 +1,90 @@
+"""Evaluation of a classifier: loss, top-1/top-5, confusion matrix, expert usage."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data import normalize
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    top1: float  # percent
+    top5: float  # percent
+    num_images: int
+    confusion: torch.Tensor  # [C, C] int64, rows = true class, columns = predicted
+    expert_usage: list[list[float]]
+    seconds: float
+
+    def per_class_accuracy(self) -> list[float]:
+        totals = self.confusion.sum(1).clamp_min(1)
+        return (100.0 * self.confusion.diag() / totals).tolist()
+
+    def as_dict(self) -> dict:
+        return {"loss": self.loss, "top1": self.top1, "top5": self.top5, "num_images": self.num_images}
+
+
+class ClassifierMeter:
+    """Accumulates sums on the device; one host sync at `result()`."""
+
+    def __init__(self, num_classes: int, device: torch.device):
+        self.num_classes = num_classes
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+        self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top == labels.unsqueeze(1)
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        self.sums += torch.stack([loss.double(), hit[:, 0].sum().double(), hit.any(1).sum().double(),
+                                  torch.tensor(float(labels.numel()), dtype=torch.float64, device=labels.device)])
+        self.confusion += torch.bincount(labels * self.num_classes + top[:, 0],
+                                         minlength=self.num_classes**2)
+
+    def all_reduce(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.sums)
+            torch.distributed.all_reduce(self.confusion)
+
+
+@torch.inference_mode()
+def evaluate_classifier(model: torch.nn.Module, loader, device: torch.device, mean, std,
+                        amp_dtype: torch.dtype | None = None, num_classes: int | None = None) -> EvalResult:
+    """Run `model` over `loader` (uint8 images) and gather every figure `eval` shows."""
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    core = getattr(model, "module", model)
+    core = getattr(core, "_orig_mod", core)
+    core.set_usage_tracking(True)
+    meter = ClassifierMeter(num_classes or core.cfg.num_classes, device)
+    for images, labels in loader:
+        images = normalize(images.to(device, non_blocking=True), mean, std)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+        meter.update(logits, labels)
+    meter.all_reduce()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for m in core.moe_layers():
+            torch.distributed.all_reduce(m.expert_counts)
+    usage = core.expert_usage()
+    core.set_usage_tracking(False)
+    model.train(was_training)
+    loss, top1, top5, count = meter.sums.tolist()
+    count = max(count, 1.0)
+    C = meter.num_classes
+    return EvalResult(loss / count, 100 * top1 / count, 100 * top5 / count, int(count),
+                      meter.confusion.view(C, C).cpu(), usage, time.perf_counter() - start)
+
+
+def collapsed_layers(usage: list[list[float]], threshold: float = 0.01) -> list[int]:
+    """Layers where some expert receives almost no tokens (the others took everything)."""
+    return [i for i, shares in enumerate(usage) if shares and min(shares) < threshold]
