@@ -13,7 +13,7 @@ from rich.console import Console
 from .checkpoint import atomic_write, load_checkpoint, load_weights_into
 from .config import Config, load_config
 from .data import ImageData, load_split
-from .engine import ClassifyTask, MAETask, RunOptions, Trainer
+from .engine import ClassifyTask, MAETask, RunOptions, Trainer, resolve_device
 from .errors import MmlitError
 
 
@@ -85,6 +85,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     task_cls = ClassifyTask if kind == "finetune" else MAETask
     shortcuts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers)
 
+    resolve_device(device)  # a missing GPU is reported before any data is read
     resume_ckpt = None
     if resume is not None:
         run_dir = Path(resume)

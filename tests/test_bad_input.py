@@ -1,0 +1,104 @@
+"""Bad input, everywhere: one line on stderr, a non-zero exit code, no traceback, and nothing
+that existed before changed."""
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmlit_cli import cli
+from mmlit_cli.train import run_training
+from test_train import TINY, write_folder
+
+SETS = [x for o in TINY for x in ("--set", o)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    w = {"root": root, "folder": write_folder(root / "colours", per_class=6)}
+    run_training("finetune", "xxs", str(w["folder"]), out=root / "clf", overrides=TINY, epochs=1, batch_size=8,
+                 quiet=True)
+    run_training("pretrain", "xxs", str(w["folder"]), out=root / "mae", overrides=TINY, epochs=1, batch_size=8,
+                 quiet=True)
+    (root / "empty").mkdir()
+    write_folder(root / "oneclass", classes=("only",), per_class=4)
+    write_folder(root / "twoclass", classes=("a", "b"), per_class=4)
+    (root / "notes.safetensors").write_text("just some text, not a checkpoint")
+    good = (root / "clf" / "last.safetensors").read_bytes()
+    (root / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    (root / "notyaml.yaml").write_text("model: [unclosed\n")
+    (root / "taken").mkdir()
+    (root / "taken" / "precious.txt").write_text("keep me")
+    return w
+
+
+def snapshot(root: Path) -> dict:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            out[str(p)] = (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        else:
+            out[str(p)] = "dir"
+    return out
+
+
+def no_write_dir(root: Path) -> str:
+    if os.geteuid() == 0:  # root ignores permission bits; sysfs refuses new directories even to root
+        return "/sys/mmlit-no-write/run"
+    locked = root / "locked"
+    locked.mkdir(exist_ok=True)
+    locked.chmod(0o500)
+    return str(locked / "run")
+
+
+CASES = [
+    # (id, argv builder, expected text in the one-line message)
+    ("missing data dir", lambda w: ["finetune", "--dataset", "cifar10", "--data-dir", str(w["root"] / "nope"), *SETS], "cifar10"),
+    ("empty data folder", lambda w: ["finetune", "--dataset", str(w["root"] / "empty"), *SETS], "empty"),
+    ("one-class folder", lambda w: ["finetune", "--dataset", str(w["root"] / "oneclass"), *SETS], "class"),
+    ("unknown dataset", lambda w: ["finetune", "--dataset", "imagenet-9000", *SETS], "imagenet-9000"),
+    ("unknown preset", lambda w: ["finetune", "--preset", "xxl", "--dataset", str(w["folder"])], "unknown preset"),
+    ("preset not yaml", lambda w: ["count-params", "--preset", str(w["root"] / "notyaml.yaml")], "not valid YAML"),
+    ("bad --set key", lambda w: ["finetune", "--dataset", str(w["folder"]), "--set", "model.depht=2"], "model.depht"),
+    ("bad --set type", lambda w: ["finetune", "--dataset", str(w["folder"]), "--set", "model.depth=deep"], "expected an integer"),
+    ("--set without =", lambda w: ["count-params", "--set", "model.depth"], "key.path=value"),
+    ("zero epochs", lambda w: ["finetune", "--dataset", str(w["folder"]), "--epochs", "0", *SETS], "epochs must be positive"),
+    ("negative batch", lambda w: ["finetune", "--dataset", str(w["folder"]), "--batch-size", "-4", *SETS], "batch_size must be positive"),
+    ("negative lr", lambda w: ["pretrain", "--dataset", str(w["folder"]), "--lr", "-1", *SETS], "lr must be positive"),
+    ("truncated checkpoint", lambda w: ["eval", str(w["root"] / "truncated.safetensors"), "--dataset", str(w["folder"])], "safetensors"),
+    ("not safetensors", lambda w: ["eval", str(w["root"] / "notes.safetensors"), "--dataset", str(w["folder"])], "safetensors"),
+    ("missing checkpoint", lambda w: ["eval", str(w["root"] / "gone.safetensors"), "--dataset", str(w["folder"])], "not found"),
+    ("MAE checkpoint to eval", lambda w: ["eval", str(w["root"] / "mae" / "last.safetensors"), "--dataset", str(w["folder"])], "fine-tune it first"),
+    ("bad split", lambda w: ["eval", str(w["root"] / "clf" / "best.safetensors"), "--dataset", str(w["folder"]), "--split", "dev"], "--split"),
+    ("class count mismatch", lambda w: ["eval", str(w["root"] / "clf" / "best.safetensors"), "--dataset", str(w["root"] / "twoclass")], "predicts 3 classes"),
+    ("output dir exists", lambda w: ["finetune", "--dataset", str(w["folder"]), "--out", str(w["root"] / "taken"), *SETS], "already exists"),
+    ("no write permission", lambda w: ["finetune", "--dataset", str(w["folder"]), "--out", no_write_dir(w["root"]), *SETS], "cannot write"),
+    ("cuda without GPU", lambda w: ["finetune", "--dataset", str(w["folder"]), "--device", "cuda", "--out", str(w["root"] / "never"), *SETS], "no CUDA GPU"),
+    ("unknown device", lambda w: ["finetune", "--dataset", str(w["folder"]), "--device", "tpu", "--out", str(w["root"] / "never2"), *SETS], "unknown device"),
+    ("resume other preset", lambda w: ["finetune", "--resume", str(w["root"] / "clf"), "--preset", "s"], "not 's'"),
+    ("resume pretrain as finetune", lambda w: ["finetune", "--resume", str(w["root"] / "mae")], "mae run"),
+    ("resume missing dir", lambda w: ["finetune", "--resume", str(w["root"] / "nothing")], "nothing to resume"),
+    ("resume with --set", lambda w: ["finetune", "--resume", str(w["root"] / "clf"), "--set", "model.depth=2"], "--set"),
+    ("init not a checkpoint", lambda w: ["finetune", "--dataset", str(w["folder"]), "--init", str(w["root"] / "notes.safetensors"), "--out", str(w["root"] / "never3"), *SETS], "safetensors"),
+    ("no dataset", lambda w: ["finetune", *SETS], "--dataset is required"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, world, monkeypatch, capsys):
+    _, build, needle = case
+    argv = build(world)
+    before = snapshot(world["root"])
+    monkeypatch.setattr(sys, "argv", ["mmlit", *argv])
+    monkeypatch.chdir(world["root"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code not in (0, None)
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert needle in err, err
+    assert snapshot(world["root"]) == before
