@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -107,6 +108,10 @@ def _train_command(kind: str, preset, dataset, data_dir, out, overrides, epochs,
     out_dir = result["out_dir"]
     console.print(f"done: {out_dir}/last.safetensors, {out_dir}/best.safetensors, {out_dir}/metrics.jsonl",
                   highlight=False)
+    if result.get("curves"):
+        console.print(f"curves: {result['curves']}", highlight=False)
+    elif result.get("curves_note"):
+        console.print(f"note: no curves.png ({result['curves_note']})", highlight=False)
 
 
 @app.command()
@@ -170,22 +175,134 @@ def eval_(
     split: str = typer.Option("val", "--split", help="val or test (or train)."),
     batch_size: int = typer.Option(256, "--batch-size", "-b"),
     device: str = DeviceOpt,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Where confusion.png goes (default: runs/eval/<name>, numbered)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (writes confusion.png only with --out)."),
 ) -> None:
-    """Top-1, top-5 and loss of a checkpoint on a dataset split.
+    """Top-1, top-5, loss, per-class accuracy, confusion matrix and expert usage of a checkpoint.
 
-    Example:  mmlit eval runs/finetune/xxs/best.safetensors --dataset cifar100 --json
+    Example:  mmlit eval runs/finetune/xxs/best.safetensors --dataset cifar100 --split test
     """
     from .inference import evaluate_checkpoint
+    from .train import new_run_dir
 
+    if batch_size <= 0:
+        raise MmlitError(f"--batch-size must be positive, got {batch_size}")
     report = evaluate_checkpoint(checkpoint, dataset, split, data_dir, batch_size, device)
+    confusion_path = None
+    if out is not None or not as_json:
+        from .plots import PlotUnavailable, plot_confusion
+
+        out_dir = new_run_dir(out, "eval", Path(checkpoint).parent.name or "eval")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            confusion_path = plot_confusion(report.result.confusion, report.classes, out_dir / "confusion.png")
+        except PlotUnavailable as e:
+            err_console.print(f"note: {e}", highlight=False)
     if as_json:
         print(json.dumps(report.as_dict()))
         return
     r = report.result
-    console.print(f"{report.source}", highlight=False)
-    console.print(f"top-1 {r.top1:.2f}%  top-5 {r.top5:.2f}%  loss {r.loss:.4f}  "
+    console.print(report.source, highlight=False)
+    per_class = sorted(zip(report.classes, r.per_class_accuracy(), r.confusion.sum(1).tolist()), key=lambda t: t[1])
+    table = Table(title="per-class accuracy (worst first)")
+    table.add_column("class")
+    table.add_column("accuracy", justify="right")
+    table.add_column("images", justify="right")
+    shown = per_class if len(per_class) <= 30 else per_class[:15] + [("...", float("nan"), 0)] + per_class[-5:]
+    for name, acc, n in shown:
+        table.add_row(name, "" if acc != acc else f"{acc:.1f} %", str(n) if n else "")
+    console.print(table)
+    usage = Table(title="expert usage per layer (share of routed tokens)")
+    usage.add_column("layer", justify="right")
+    usage.add_column("experts")
+    for i, shares in enumerate(r.expert_usage):
+        usage.add_row(str(i), "  ".join(f"{100 * x:4.1f}%" for x in shares))
+    console.print(usage)
+    console.print(f"[bold]top-1 {r.top1:.2f}%[/bold]  top-5 {r.top5:.2f}%  loss {r.loss:.4f}  "
                   f"({r.num_images} images, {report.images_per_s:,.0f} img/s)", highlight=False)
+    if confusion_path is not None:
+        console.print(f"confusion matrix: {confusion_path}", highlight=False)
+
+
+@app.command()
+def predict(
+    checkpoint: str = typer.Argument(..., help="A classifier checkpoint (.safetensors)."),
+    paths: List[str] = typer.Argument(..., help="Image files, folders (recursive) or glob patterns."),
+    top_k: int = typer.Option(5, "--top-k", "-k", help="How many labels per image."),
+    as_json: bool = typer.Option(False, "--json", help='Print a JSON list of {"path", "top": [{"label", "prob"}]}.'),
+    csv_path: Optional[str] = typer.Option(None, "--csv", help="Write the predictions to this CSV file."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b"),
+    device: str = DeviceOpt,
+) -> None:
+    """Top-k labels for images, preprocessed exactly as in training. Unreadable files are
+    reported and skipped; the exit code is 1 if any file failed.
+
+    Example:  mmlit predict runs/finetune/xxs/best.safetensors photos/ --top-k 3
+    """
+    from .predict import predict_paths, write_csv
+
+    if as_json and csv_path:
+        raise MmlitError("use --json or --csv, not both")
+    if csv_path and Path(csv_path).exists():
+        raise MmlitError(f"{csv_path} already exists: choose another --csv file")
+    result = predict_paths(checkpoint, paths, top_k=top_k, batch_size=batch_size, device=device)
+    for path, reason in result.failures:
+        err_console.print(f"[red]failed[/red] {path}: {reason}", highlight=False, soft_wrap=True)
+    if as_json:
+        print(json.dumps(result.predictions))
+    elif csv_path:
+        write_csv(result, csv_path)
+        console.print(f"{len(result.predictions)} predictions written to {csv_path}", highlight=False)
+    else:
+        table = Table(title=f"{len(result.predictions)} images, {result.images_per_s:,.0f} img/s")
+        table.add_column("file", overflow="fold")
+        table.add_column(f"top-{result.top_k}")
+        for p in result.predictions:
+            table.add_row(p["path"], "  ".join(f"{t['label']} {100 * t['prob']:.1f}%" for t in p["top"]))
+        console.print(table)
+    if result.failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    checkpoint: str = typer.Argument(..., help="A classifier checkpoint (.safetensors)."),
+    format: str = typer.Option("onnx", "--format", "-f", help="Export format (onnx)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output file (default: the checkpoint path with .onnx)."),
+) -> None:
+    """Export a classifier to ONNX (dynamic batch; class names and preprocessing in the
+    metadata) and check it against PyTorch with onnxruntime. Needs: pip install "mmlit[onnx]".
+
+    Example:  mmlit export runs/finetune/xxs/best.safetensors --out xxs.onnx
+    """
+    from .export import export_onnx
+
+    if format != "onnx":
+        raise MmlitError(f"unknown export format '{format}': only onnx is supported")
+    target = Path(out) if out else Path(checkpoint).with_suffix(".onnx")
+    if target.exists() and not target.is_dir():
+        raise MmlitError(f"{target} already exists: choose another --out")
+    result = export_onnx(checkpoint, out)
+    console.print(f"wrote {result.path} (opset {result.opset}; input: {result.input_format})", highlight=False)
+    if result.max_abs_diff is not None:
+        console.print(f"checked with {result.checked_with}: max |onnx - torch| = {result.max_abs_diff:.2e}",
+                      highlight=False)
+    else:
+        console.print("not checked: onnxruntime is not installed", highlight=False)
+
+
+@app.command()
+def plot(run_dir: str = typer.Argument(..., help="A run directory holding metrics.jsonl.")) -> None:
+    """Draw curves.png (loss and accuracy per epoch) for a run. Needs matplotlib.
+
+    Example:  mmlit plot runs/finetune/xxs
+    """
+    from .plots import plot_curves
+
+    path = plot_curves(run_dir)
+    if path is None:
+        raise MmlitError(f"{run_dir} has no metrics.jsonl with a finished epoch yet")
+    console.print(f"curves: {path}", highlight=False)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import math
 import multiprocessing
+import operator
 import os
 import pickle
 import socket
@@ -97,8 +98,13 @@ def load_split(dataset: str, split: str, image_size: int, data_dir: str | os.Pat
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size <= 0:
+    try:
+        size = operator.index(image_size)
+    except TypeError:
+        size = 0
+    if size <= 0:
         raise DataError(f"image_size must be a positive integer, got {image_size!r}")
+    image_size = size
     if not 0.0 < float(val_fraction) < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
 
@@ -190,9 +196,7 @@ def _download(name: str, root: Path, split: str, manual_hint: str) -> None:
             raise DataError(f"no downloader for {name}")
     except DataError:
         raise
-    except BaseException as exc:  # noqa: BLE001 - any failure (incl. Ctrl-C) is reported
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+    except Exception as exc:  # noqa: BLE001 - any download failure is reported in one line
         raise DataError(f"{name} download failed ({_one_line(exc)}). Put the files in by hand: "
                         f"{manual_hint}") from exc
     finally:
@@ -499,26 +503,38 @@ def _load_fashion_mnist(root: Path, split: str, image_size: int, download: bool)
 # Image decoding (files): PIL, decoded once, optionally in a small process pool
 # --------------------------------------------------------------------------------------------
 
-_OPENABLE_EXTS: set[str] | None = None
+_EXT_FORMATS: dict[str, str] | None = None
 
 
-def _openable_exts() -> set[str]:
-    global _OPENABLE_EXTS
-    if _OPENABLE_EXTS is None:
+def _ext_formats() -> dict[str, str]:
+    """File extension -> Pillow format, for the formats Pillow can open."""
+    global _EXT_FORMATS
+    if _EXT_FORMATS is None:
         from PIL import Image
         Image.init()
-        _OPENABLE_EXTS = {ext.lower() for ext, fmt in Image.registered_extensions().items()
-                          if fmt in Image.OPEN}
-    return _OPENABLE_EXTS
+        _EXT_FORMATS = {ext.lower(): fmt for ext, fmt in Image.registered_extensions().items()
+                        if fmt in Image.OPEN}
+    return _EXT_FORMATS
+
+
+def _open_image(path: str) -> Any:
+    """Image.open, trying the format the extension names first (much faster than probing)."""
+    from PIL import Image, UnidentifiedImageError
+    fmt = _ext_formats().get(os.path.splitext(path)[1].lower())
+    if fmt is not None:
+        try:
+            return Image.open(path, formats=(fmt,))
+        except UnidentifiedImageError:
+            pass  # wrong extension: let Pillow probe every format
+    return Image.open(path)
 
 
 def _is_image_candidate(path: str) -> bool:
     """Image extension, or any other file whose header Pillow recognises."""
-    if os.path.splitext(path)[1].lower() in _openable_exts():
+    if os.path.splitext(path)[1].lower() in _ext_formats():
         return True
-    from PIL import Image
     try:
-        with Image.open(path):
+        with _open_image(path):
             return True
     except Exception:  # noqa: BLE001 - not an image
         return False
@@ -542,7 +558,7 @@ def _decode_one(path: str, size: int) -> np.ndarray | None:
     """One file -> uint8 [S, S, 3] (aspect-preserving resize + centre crop), None if undecodable."""
     from PIL import Image, ImageOps
     try:
-        with Image.open(path) as im:
+        with _open_image(path) as im:
             if im.format == "JPEG" and min(im.size) >= 2 * size:
                 im.draft(im.mode, (size, size))  # let libjpeg downscale big photos cheaply
             im.load()
@@ -734,7 +750,11 @@ def _load_tiny_imagenet(root: Path, split: str, image_size: int, download: bool)
             labels += [index[w]] * len(files)
     else:
         ann = base / "val" / "val_annotations.txt"
-        for lineno, line in enumerate(ann.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            lines = ann.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read {ann} ({_one_line(exc)})") from None
+        for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             cols = line.split("\t")
@@ -863,7 +883,8 @@ def _load_folder(root: Path, split: str, image_size: int, val_fraction: float,
                  require_labels: bool) -> ImageData:
     dirs = _subdirs(root)
     split_names = {n for names in _SPLIT_DIRS.values() for n in names}
-    split_layout = "train" in dirs and set(dirs) <= split_names
+    # root/train/<class>/ (+ val/ or test/); other folders next to train/ and val/ are ignored
+    split_layout = "train" in dirs and (set(dirs) <= split_names or len(set(dirs) & split_names) > 1)
     train_root = root / "train" if split_layout else root
 
     def find(which: str) -> Path | None:
@@ -903,8 +924,9 @@ def _load_folder(root: Path, split: str, image_size: int, val_fraction: float,
     images, labels_t, skipped = _decode_labelled(files, labels, classes, image_size,
                                                  f"image folder {part_dir}")
     kind = f"{len(classes)} classes" if classes else "unlabeled"
+    where = f", {part_dir.relative_to(root)}/" if part_dir != root else ""
     return ImageData(images, labels_t, list(classes),
-                     f"image folder {root} {note}, {part_dir} ({len(labels_t)} images, {kind})",
+                     f"image folder {root} {note}{where} ({len(labels_t)} images, {kind})",
                      skipped)
 
 
@@ -1035,11 +1057,15 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return _mix64(_mix64(_mix64(seed & _MASK64) ^ (epoch & _MASK64)) ^ (index & _MASK64)) >> 1
 
 
+def _in_worker() -> bool:
+    return torch.utils.data.get_worker_info() is not None
+
+
 class AugmentedImages(Dataset):
     """(uint8 image, label) pairs from an `ImageData`, with an optional per-sample transform.
 
     An index may be a plain int, or `(index, seed)` as yielded by the loader's sampler: the
-    transform then runs under `torch.manual_seed(seed)`, so augmentations depend only on
+    transform then runs with the CPU generator seeded to `seed`, so augmentations depend only on
     (loader seed, epoch, sample) and not on the number of workers.
     """
 
@@ -1058,18 +1084,30 @@ class AugmentedImages(Dataset):
         img = self.images[index]
         if self.transform is not None:
             if seed is None:
-                img = self.transform(img)
-            elif torch.utils.data.get_worker_info() is not None:
-                torch.manual_seed(seed)  # a worker's RNG is its own
+                img = self.transform(img) if _in_worker() else self._single_threaded(img)
+            elif _in_worker():
+                torch.default_generator.manual_seed(seed)  # a worker's RNG is its own
                 img = self.transform(img)
             else:  # main process: do not disturb the caller's RNG stream
                 state = torch.get_rng_state()
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)
                 try:
-                    img = self.transform(img)
+                    img = self._single_threaded(img)
                 finally:
                     torch.set_rng_state(state)
         return img, self.labels[index]
+
+    def _single_threaded(self, img: torch.Tensor) -> torch.Tensor:
+        # Tiny per-image ops gain nothing from intra-op threads, and on a busy machine the
+        # thread pool's spinning made them 10x slower (workers already run with 1 thread).
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return self.transform(img)
+        torch.set_num_threads(1)
+        try:
+            return self.transform(img)
+        finally:
+            torch.set_num_threads(threads)
 
 
 class _ShuffleSampler(Sampler[int]):

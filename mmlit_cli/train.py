@@ -155,6 +155,13 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
                           highlight=False)
     result = trainer.fit()
     result["out_dir"] = str(run_dir)
+    if trainer.dist.is_main and result["stopped"] is None:
+        from .plots import PlotUnavailable, plot_curves
+
+        try:
+            result["curves"] = plot_curves(run_dir)
+        except PlotUnavailable as e:  # matplotlib is an optional extra
+            result["curves_note"] = str(e)
     return result
 
 

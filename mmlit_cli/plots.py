@@ -1,0 +1,181 @@
+"""Figures of a run: training curves and a confusion matrix (PNG, needs matplotlib).
+
+matplotlib is an optional extra (`pip install "mmlit[plot]"`); without it every function
+here raises `PlotUnavailable`, which a caller can catch once and mention. Figures are drawn
+on matplotlib's non-interactive Agg canvas through the object API (no `pyplot`, no change
+to the process-wide backend, no window) and written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .checkpoint import atomic_write
+from .errors import MmlitError
+
+ANNOTATE_MAX = 20  # up to this many classes: class names on both axes and a number per cell
+NAMES_MAX = 40  # up to this many: class names on the axes, no numbers in the cells
+_DPI = 120
+
+
+class PlotUnavailable(MmlitError):
+    """matplotlib is not installed: plots cannot be drawn."""
+
+
+def _new_figure(width: float, height: float) -> Any:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise PlotUnavailable('plots need matplotlib: pip install "mmlit[plot]"') from None
+    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: Path) -> Path:
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI))
+    except OSError as exc:
+        raise MmlitError(f"cannot write {path} ({' '.join(str(exc).split())})") from None
+    return path
+
+
+def _read_history(path: Path) -> list[dict]:
+    """Rows of metrics.jsonl, one per epoch (the last row wins for a repeated epoch)."""
+    rows: dict[int, dict] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise MmlitError(f"cannot read {path} ({' '.join(str(exc).split())})") from None
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("epoch"), (int, float)):
+            rows[int(row["epoch"])] = row
+    return [rows[e] for e in sorted(rows)]
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for r in rows:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            xs.append(int(r["epoch"]))
+            ys.append(float(v))
+    return xs, ys
+
+
+def plot_curves(run_dir: str | Path) -> Path | None:
+    """`<run_dir>/curves.png` from `<run_dir>/metrics.jsonl`: train/val loss per epoch and,
+    when the run has them (classification), val top-1/top-5 accuracy per epoch.
+
+    Returns the PNG path, or None when the run has no finished epoch yet (no metrics.jsonl,
+    or no row with a loss). Raises `PlotUnavailable` without matplotlib.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.is_file() and run_dir.name == "metrics.jsonl":
+        run_dir = run_dir.parent
+    if not run_dir.is_dir():
+        raise MmlitError(f"run directory {run_dir} does not exist")
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    rows = _read_history(metrics)
+    losses = {k: _series(rows, k) for k in ("train_loss", "val_loss")}
+    accs = {k: _series(rows, k) for k in ("val_top1", "val_top5")}
+    losses = {k: v for k, v in losses.items() if v[0]}
+    accs = {k: v for k, v in accs.items() if v[0]}
+    if not losses and not accs:
+        return None
+
+    panels = [p for p in (losses, accs) if p]
+    fig = _new_figure(5.0 * len(panels) + 0.5, 4.0)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    names = {"train_loss": "train loss", "val_loss": "val loss", "val_top1": "val top-1",
+             "val_top5": "val top-5"}
+    last_epoch = max(int(r["epoch"]) for r in rows)
+    for ax, panel, ylabel in zip(axes, panels, ["loss" if losses else "accuracy (%)", "accuracy (%)"]):
+        for key, (xs, ys) in panel.items():
+            ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, label=names[key])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if last_epoch == 1:
+            ax.set_xlim(0.5, 1.5)
+    if accs:
+        ax = axes[-1]
+        xs, ys = accs.get("val_top1", next(iter(accs.values())))
+        best = max(range(len(ys)), key=ys.__getitem__)
+        ax.set_title(f"best {names['val_top1'] if 'val_top1' in accs else 'accuracy'}: "
+                     f"{ys[best]:.2f}% (epoch {xs[best]})", fontsize=10)
+    if losses:
+        axes[0].set_title("loss per epoch", fontsize=10)
+    fig.suptitle(f"{run_dir.name}: {len(rows)} epoch{'s' if len(rows) != 1 else ''}")
+    return _save(fig, run_dir / "curves.png")
+
+
+def _short(name: str, n: int = 18) -> str:
+    """Long names keep their start and their end (`class_wi…_name_12`): ends often differ."""
+    if len(name) <= n:
+        return name
+    head = (n - 1) // 2
+    return name[:head] + "…" + name[len(name) - (n - 1 - head):]
+
+
+def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], out_path: str | Path) -> Path:
+    """Write a row-normalised confusion matrix (rows = true class, columns = predicted) as PNG.
+
+    Up to 20 classes every cell shows its percentage and both axes carry the class names;
+    beyond that it is a plain heat map (names on the axes up to 40 classes, indices above).
+    The title gives the overall accuracy. `out_path` may be a folder (-> `confusion.png`
+    inside it). Returns the written path; raises `PlotUnavailable` without matplotlib.
+    """
+    cm = torch.as_tensor(confusion).detach().cpu().to(torch.float64)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] == 0:
+        raise MmlitError(f"a confusion matrix must be square [C, C], got {list(cm.shape)}")
+    C = cm.shape[0]
+    names = [str(c) for c in classes] if classes else [str(i) for i in range(C)]
+    if len(names) != C:
+        raise MmlitError(f"{len(names)} class names for a {C}x{C} confusion matrix")
+    out = Path(out_path)
+    if out.is_dir():
+        out = out / "confusion.png"
+    total = float(cm.sum())
+    accuracy = 100.0 * float(cm.diag().sum()) / total if total > 0 else 0.0
+    rows = cm / cm.sum(1, keepdim=True).clamp_min(1)
+
+    annotate = C <= ANNOTATE_MAX
+    side = (max(4.5, 0.45 * C + 2.5) if annotate else min(14.0, max(7.0, 0.14 * C + 3.0)))
+    fig = _new_figure(side + 1.2, side)
+    ax = fig.add_subplot(1, 1, 1)
+    image = ax.imshow(100.0 * rows.numpy(), cmap="Blues", vmin=0.0, vmax=100.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="% of the true class")
+    named = C <= NAMES_MAX
+    ax.set_xlabel("predicted class" if named else "predicted class (index)")
+    ax.set_ylabel("true class" if named else "true class (index)")
+    ax.set_title(f"Confusion matrix (% of each true class)\noverall accuracy {accuracy:.2f}% "
+                 f"on {int(total)} images, {C} classes", fontsize=11)
+    if named:
+        font = 9 if annotate else 6
+        ax.set_xticks(range(C), [_short(n) for n in names], rotation=45, ha="right",
+                      rotation_mode="anchor", fontsize=font)
+        ax.set_yticks(range(C), [_short(n) for n in names], fontsize=font)
+    if annotate:
+        for i in range(C):
+            for j in range(C):
+                v = float(rows[i, j])
+                if cm[i, j] == 0:
+                    continue
+                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=8,
+                        color="white" if v > 0.55 else "black")
+    return _save(fig, out)

@@ -1,0 +1,242 @@
+"""`predict`: class probabilities for image files, with a checkpoint.
+
+Images are read and resized exactly as training and `eval` read an image folder: the same
+decoder (`data._decode_one`: Pillow, grey/RGBA/palette/16-bit -> RGB, aspect-preserving
+resize of the shorter side to the model's image size + centre crop, bilinear) and the same
+`data.normalize`. Files are decoded in chunks and run through the model in batches under
+`torch.inference_mode()`, so large folders stay quick and memory stays bounded.
+
+A file that cannot be decoded (not an image, truncated, unreadable) is a failure with a
+one-line reason; the other files are still predicted.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write
+from .data import normalize
+# Private helpers of data.py, imported on purpose: predict must decode and resize exactly as
+# training does, so it reuses them rather than keeping a copy that could drift.
+from .data import _decode_files, _one_line, _to_rgb
+from .engine import resolve_device
+from .errors import MmlitError
+from .inference import load_classifier
+
+_GLOB_CHARS = ("*", "?", "[")
+_DECODE_CHUNK = 4096  # files decoded at once (data._decode_files uses a process pool from 4000)
+_DECODE_BYTES = 256 * 2**20  # ... unless the decoded chunk would exceed this many bytes
+
+
+@dataclass
+class PredictResult:
+    """`predictions`: one dict per decoded file, in input order:
+    `{"path": str, "top": [{"label": str, "prob": float}, ...]}` (top-k, most probable first).
+    `failures`: `(path, one-line reason)` for every file or pattern that gave no prediction."""
+
+    predictions: list[dict] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    top_k: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        """JSON-ready: `{"predictions": [...], "failures": [{"path", "reason"}, ...]}`."""
+        return {"predictions": self.predictions,
+                "failures": [{"path": p, "reason": r} for p, r in self.failures]}
+
+    @property
+    def images_per_s(self) -> float:
+        return len(self.predictions) / max(self.seconds, 1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# Collecting files
+# --------------------------------------------------------------------------------------------
+
+def _walk_files(folder: Path) -> list[Path]:
+    """Every non-hidden file under `folder`, recursively, sorted by relative path."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = Path(dirpath).relative_to(folder).parts
+        found += [rel + (f,) for f in filenames if not f.startswith(".")]
+    found.sort()
+    return [folder.joinpath(*parts) for parts in found]
+
+
+def collect_images(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Expand PATH arguments into candidate files -> (files, [(path, reason), ...]).
+
+    A PATH is a file (taken as is), a folder (every non-hidden file below it, recursively,
+    sorted) or a glob pattern (`*.jpg`, `photos/**/*.png`; `**` spans folders; matched folders
+    are expanded like folders). Files are not opened here: a non-image file in a folder
+    becomes a failure at prediction time. A PATH that yields no file is an error entry.
+    Duplicates are dropped, first occurrence kept.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[Path] = []
+    errors: list[tuple[str, str]] = []
+    seen: set[str] = set()
+
+    def add(found: list[Path]) -> None:
+        for f in found:
+            key = os.path.normcase(os.path.abspath(f))
+            if key not in seen:
+                seen.add(key)
+                files.append(f)
+
+    for raw in paths:
+        text = os.path.expanduser(str(raw))
+        p = Path(text)
+        if p.is_file():
+            add([p])
+        elif p.is_dir():
+            found = _walk_files(p)
+            if found:
+                add(found)
+            else:
+                errors.append((str(raw), "folder holds no files"))
+        elif any(c in text for c in _GLOB_CHARS):
+            matches = sorted(glob.glob(text, recursive=True))
+            found = []
+            for m in matches:
+                mp = Path(m)
+                if mp.is_dir():
+                    found += _walk_files(mp)
+                elif mp.is_file():
+                    found.append(mp)
+            if found:
+                add(found)
+            else:
+                errors.append((str(raw), "no file matches this pattern"))
+        elif p.exists():
+            errors.append((str(raw), "not a regular file or folder"))
+        else:
+            errors.append((str(raw), "no such file or folder"))
+    return files, errors
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding and predicting
+# --------------------------------------------------------------------------------------------
+
+def _failure_reason(path: Path) -> str:
+    """Why `data._decode_one` refused a file: open it again the same way, keep the error."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()  # Pillow opens lazily: truncated data only fails here
+            rgb = _to_rgb(im)
+            rgb.load()
+    except FileNotFoundError:
+        return "file not found"
+    except PermissionError:
+        return "permission denied"
+    except Image.UnidentifiedImageError:
+        return "not an image Pillow can read"
+    except Exception as exc:  # noqa: BLE001 - any decoder error is reported, not raised
+        return f"cannot decode image ({_one_line(exc)})"
+    return "cannot decode image"
+
+
+def _chunk_size(image_size: int) -> int:
+    return max(1, min(_DECODE_CHUNK, _DECODE_BYTES // (3 * image_size * image_size)))
+
+
+def predict_paths(ckpt_path: str | Path, paths: list[str], top_k: int = 5, batch_size: int = 256,
+                  device: str = "auto") -> PredictResult:
+    """Top-k class probabilities (softmax) for every image among `paths` (see `collect_images`).
+
+    `top_k` is capped at the number of classes. Files that cannot be decoded, and PATHs
+    that match nothing, end up in `.failures`; raises `MmlitError` for a bad checkpoint
+    (including an MAE checkpoint), bad arguments, or when no PATH yields any file at all.
+    """
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise MmlitError(f"--top-k must be a positive integer, got {top_k!r}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise MmlitError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise MmlitError("no image given: pass image files, folders or glob patterns")
+    dev = resolve_device(device)
+    model, ckpt = load_classifier(ckpt_path, dev)
+    num_classes = ckpt.config.model.num_classes
+    classes = list(ckpt.classes) or [str(i) for i in range(num_classes)]
+    k = min(top_k, num_classes)
+    size = ckpt.image_size
+    amp = torch.bfloat16 if dev.type == "cuda" else None  # as `eval` runs it
+
+    files, failures = collect_images(paths)
+    if not files:
+        shown = "; ".join(f"{p}: {r}" for p, r in failures[:3])
+        raise MmlitError(f"no file to predict ({shown})")
+
+    start = time.perf_counter()
+    result = PredictResult(classes=classes, top_k=k)
+    step = _chunk_size(size)
+    for c0 in range(0, len(files), step):
+        chunk = files[c0:c0 + step]
+        arrays, ok = _decode_files([str(f) for f in chunk], size)
+        for f, good in zip(chunk, ok):
+            if not good:
+                failures.append((str(f), _failure_reason(f)))
+        good_files = [f for f, good in zip(chunk, ok) if good]
+        if not good_files:
+            continue
+        images = torch.from_numpy(np.ascontiguousarray(arrays[ok])).permute(0, 3, 1, 2)
+        for b0 in range(0, len(good_files), batch_size):
+            batch = images[b0:b0 + batch_size].contiguous()
+            with torch.inference_mode():
+                x = normalize(batch.to(dev, non_blocking=True), ckpt.mean, ckpt.std)
+                with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                    logits = model(x)
+                probs = logits.float().softmax(dim=1)
+                top_p, top_i = probs.topk(k, dim=1)
+            for f, ps, idx in zip(good_files[b0:b0 + batch_size], top_p.cpu().tolist(), top_i.cpu().tolist()):
+                result.predictions.append(
+                    {"path": str(f), "top": [{"label": classes[i], "prob": p} for p, i in zip(ps, idx)]})
+    result.failures = failures
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def write_csv(result: PredictResult, path: str | Path) -> Path:
+    """Write the predictions as CSV, atomically; returns the path.
+
+    Columns: `path,label,prob` (the top-1 class and its probability), then
+    `label_2,prob_2, ..., label_k,prob_k` for the rest of the top-k. Probabilities have 6
+    decimals. One row per predicted file, in input order; failures are not written.
+    """
+    path = Path(path)
+    k = max((len(p["top"]) for p in result.predictions), default=result.top_k or 1)
+    header = ["path", "label", "prob"]
+    for j in range(2, k + 1):
+        header += [f"label_{j}", f"prob_{j}"]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            for p in result.predictions:
+                row = [p["path"]]
+                for t in p["top"]:
+                    row += [t["label"], f"{t['prob']:.6f}"]
+                w.writerow(row)
+
+    try:
+        atomic_write(path, write)
+    except OSError as exc:
+        raise MmlitError(f"cannot write {path} ({_one_line(exc)})") from None
+    return path

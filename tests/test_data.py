@@ -1,0 +1,408 @@
+"""Data layer: every loader on tiny files in the real formats, splits, errors, augmentation,
+batch mixing and loaders. No network; the whole file runs in a few seconds."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import datafixtures as fx
+from mmlit_cli import data as D
+from mmlit_cli.config import AugmentConfig
+from mmlit_cli.data import DataError, load_split
+
+
+def as_np(images: torch.Tensor) -> np.ndarray:
+    return images.numpy()
+
+
+# ------------------------------------------------------------------------------------ CIFAR
+
+@pytest.mark.parametrize("protocol,legacy", [(2, True), (2, False), (pickle.HIGHEST_PROTOCOL, False)])
+def test_cifar10_python(tmp_path, protocol, legacy):
+    w = fx.write_cifar10_python(tmp_path, n_per_batch=4, n_test=6, protocol=protocol,
+                                legacy_numpy=legacy)
+    tr = load_split("cifar10", "train", 32, data_dir=tmp_path)
+    assert tr.images.dtype == torch.uint8 and tr.images.shape == (20, 3, 32, 32)
+    assert tr.labels.dtype == torch.int64
+    np.testing.assert_array_equal(as_np(tr.images), w["train"][0])
+    np.testing.assert_array_equal(tr.labels.numpy(), w["train"][1])
+    assert tr.classes == fx.CIFAR10_CLASSES and tr.skipped == []
+    assert "cifar10 'train' split" in tr.source and "cifar-10-batches-py" in tr.source
+    val = load_split("cifar10", "val", 32, data_dir=tmp_path)  # no official val: the test split
+    te = load_split("cifar10", "test", 36, data_dir=tmp_path)
+    np.testing.assert_array_equal(as_np(val.images), w["test"][0])
+    assert "test split" in val.source and "(6 images)" in val.source
+    assert te.images.shape == (6, 3, 36, 36) and te.images.dtype == torch.uint8
+    assert te.labels.tolist() == w["test"][1].tolist()
+
+
+def test_cifar10_binary_and_data_dir_env(tmp_path, monkeypatch):
+    w = fx.write_cifar10_binary(tmp_path)
+    monkeypatch.setenv("MMLIT_DATA", str(tmp_path))
+    tr = load_split("cifar10", "train", 32)
+    np.testing.assert_array_equal(as_np(tr.images), w["train"][0])
+    assert tr.labels.tolist() == w["train"][1].tolist()
+    assert tr.classes == fx.CIFAR10_CLASSES
+    te = load_split("cifar10", "test", 32)
+    np.testing.assert_array_equal(as_np(te.images), w["test"][0])
+
+
+@pytest.mark.parametrize("writer", [fx.write_cifar100_python, fx.write_cifar100_binary])
+def test_cifar100(tmp_path, writer):
+    w = writer(tmp_path)
+    tr = load_split("cifar100", "train", 32, data_dir=tmp_path)
+    te = load_split("cifar100", "test", 32, data_dir=tmp_path)
+    assert tr.images.shape == (8, 3, 32, 32) and te.images.shape == (5, 3, 32, 32)
+    np.testing.assert_array_equal(as_np(tr.images), w["train"][0])
+    assert tr.labels.tolist() == w["train"][1].tolist()  # fine labels, not coarse
+    assert te.labels.tolist() == w["test"][1].tolist()
+    assert tr.classes == fx.CIFAR100_CLASSES
+
+
+@pytest.mark.parametrize("use_eval", [False, True])
+def test_restricted_unpickler_refuses_malicious_pickle(tmp_path, use_eval):
+    fx.write_cifar10_python(tmp_path)
+    marker = tmp_path / "pwned"
+    fx.write_malicious_pickle(tmp_path / "cifar-10-batches-py" / "data_batch_1",
+                              f"touch {marker}", use_eval=use_eval)
+    with pytest.raises(DataError, match="refusing to unpickle"):
+        load_split("cifar10", "train", 32, data_dir=tmp_path)
+    assert not marker.exists()
+
+
+def test_malformed_cifar_pickle(tmp_path):
+    fx.write_cifar10_python(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle at all")
+    with pytest.raises(DataError, match="test_batch"):
+        load_split("cifar10", "test", 32, data_dir=tmp_path)
+
+
+# ------------------------------------------------------------------------------------ SVHN
+
+def test_svhn(tmp_path):
+    w = fx.write_svhn(tmp_path / "svhn", n_train=7, n_test=12)
+    tr = load_split("svhn", "train", 32, data_dir=tmp_path)  # found in data_dir/svhn too
+    np.testing.assert_array_equal(as_np(tr.images), w["train"][0])
+    assert tr.labels.tolist() == w["train"][1].tolist()  # label 10 -> digit 0
+    assert 0 in tr.labels.tolist() and tr.labels.max() <= 9
+    te = load_split("svhn", "val", 36, data_dir=tmp_path)
+    assert te.images.shape == (12, 3, 36, 36) and te.classes == [str(i) for i in range(10)]
+    assert "test split" in te.source
+
+
+# ------------------------------------------------------------------------------------ Flowers102
+
+def test_flowers102(tmp_path):
+    w = fx.write_flowers102(tmp_path, n_train=4, n_val=3, n_test=5)
+    for split, key in (("train", "trnid"), ("val", "valid"), ("test", "tstid")):
+        d = load_split("flowers102", split, 36, data_dir=tmp_path)
+        ids = w["ids"][key]
+        assert d.images.shape == (len(ids), 3, 36, 36) and d.images.dtype == torch.uint8
+        assert d.labels.tolist() == w["labels"][ids - 1].tolist()
+        assert len(d.classes) == 102 and d.skipped == []
+
+
+# ------------------------------------------------------------------------------------ Fashion-MNIST
+
+@pytest.mark.parametrize("gz,layout", [(True, "flat"), (False, "torchvision"), (True, "named")])
+def test_fashion_mnist(tmp_path, gz, layout):
+    w = fx.write_fashion_mnist(tmp_path, n_train=12, n_test=6, gz=gz, layout=layout)
+    tr = load_split("fashion-mnist", "train", 28, data_dir=tmp_path)
+    assert tr.images.shape == (12, 3, 28, 28)
+    for c in range(3):  # grey -> 3 identical channels
+        np.testing.assert_array_equal(as_np(tr.images[:, c]), w["train"][0])
+    assert tr.labels.tolist() == w["train"][1].tolist()
+    assert tr.classes == fx.FASHION_CLASSES
+    te = load_split("fashion-mnist", "test", 36, data_dir=tmp_path)
+    assert te.images.shape == (6, 3, 36, 36) and str(w["dir"]) in te.source
+
+
+def test_idx_bad_magic(tmp_path):
+    fx.write_fashion_mnist(tmp_path, gz=False)
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"\x12\x34\x56\x78" + bytes(100))
+    with pytest.raises(DataError, match="magic"):
+        load_split("fashion-mnist", "test", 28, data_dir=tmp_path)
+
+
+# ------------------------------------------------------------------------------------ Tiny-ImageNet
+
+@pytest.mark.parametrize("words", [True, False])
+def test_tiny_imagenet(tmp_path, words):
+    w = fx.write_tiny_imagenet(tmp_path, n_train=3, n_val=2, words=words)
+    tr = load_split("tiny-imagenet", "train", 32, data_dir=tmp_path)
+    assert tr.images.shape == (9, 3, 32, 32) and tr.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert tr.skipped == []  # the *_boxes.txt files are not images
+    expected = ["goldfish", "European fire salamander", "tabby"] if words else w["wnids"]
+    assert tr.classes == expected
+    val = load_split("tiny-imagenet", "val", 64, data_dir=tmp_path)
+    assert val.images.shape == (6, 3, 64, 64) and val.labels.tolist() == w["val_labels"]
+    te = load_split("tiny-imagenet", "test", 64, data_dir=tmp_path)
+    assert te.labels.tolist() == w["val_labels"] and "no labelled test split" in te.source
+
+
+# ------------------------------------------------------------------------------------ image folders
+
+def test_folder_stratified_holdout(tmp_path):
+    counts = {"cat": 10, "dog": 7, "eel": 2, "fox": 1}
+    written = fx.write_image_folder(tmp_path, counts, size=20)
+    tr = load_split(str(tmp_path), "train", 20, val_fraction=0.2)
+    va = load_split(str(tmp_path), "val", 20, val_fraction=0.2)
+    te = load_split(str(tmp_path), "test", 20, val_fraction=0.2)
+    assert tr.classes == ["cat", "dog", "eel", "fox"]
+    held = {0: 2, 1: 1, 2: 1}  # max(1, round(0.2 * n)); a 1-image class is never held out
+    assert torch.bincount(va.labels, minlength=4).tolist() == [held[0], held[1], held[2], 0]
+    assert torch.bincount(tr.labels, minlength=4).tolist() == [8, 6, 1, 1]
+    assert torch.equal(va.images, te.images) and "held-out 20%" in va.source
+    # disjoint, and together exactly the written images
+    rows = lambda d: {bytes(x) for x in as_np(d.images).reshape(len(d), -1)}  # noqa: E731
+    assert not rows(tr) & rows(va)
+    everything = {bytes(a.transpose(2, 0, 1).reshape(-1)) for a in written.values()}
+    assert rows(tr) | rows(va) == everything
+    # deterministic (independent of any training seed)
+    torch.manual_seed(123)
+    again = load_split(str(tmp_path), "val", 20, val_fraction=0.2)
+    assert torch.equal(again.images, va.images) and torch.equal(again.labels, va.labels)
+    big = load_split(str(tmp_path), "train", 36)
+    assert big.images.shape[1:] == (3, 36, 36)
+
+
+def test_folder_split_layouts(tmp_path):
+    fx.write_image_folder(tmp_path / "a" / "train", {"x": 3, "y": 4}, ext="jpg")
+    fx.write_image_folder(tmp_path / "a" / "val", {"y": 2}, ext="jpg", seed=1)
+    va = load_split(str(tmp_path / "a"), "val", 20)
+    assert va.classes == ["x", "y"] and va.labels.tolist() == [1, 1]
+    te = load_split(str(tmp_path / "a"), "test", 20)  # no test folder: the val folder
+    assert torch.equal(te.images, va.images) and "using val/" in te.source
+    assert len(load_split(str(tmp_path / "a"), "train", 20)) == 7  # nothing held out
+
+    fx.write_image_folder(tmp_path / "b" / "train", {"x": 3, "y": 3})
+    fx.write_image_folder(tmp_path / "b" / "test", {"x": 1, "y": 1})
+    assert load_split(str(tmp_path / "b"), "val", 20).labels.tolist() == [0, 1]
+
+    fx.write_image_folder(tmp_path / "b" / "notes", {"stray": 1})  # ignored next to train/ + test/
+    assert load_split(str(tmp_path / "b"), "test", 20).classes == ["x", "y"]
+
+    fx.write_image_folder(tmp_path / "c" / "train", {"x": 3, "y": 3})
+    fx.write_image_folder(tmp_path / "c" / "val", {"zebra": 1})
+    with pytest.raises(DataError, match="zebra"):
+        load_split(str(tmp_path / "c"), "val", 20)
+
+
+def test_unlabeled_folder(tmp_path):
+    fx.write_unlabeled_folder(tmp_path, n=5)
+    d = load_split(str(tmp_path), "train", 16, require_labels=False)
+    assert d.classes == [] and d.labels.tolist() == [-1] * 4  # one image held out for val
+    assert load_split(str(tmp_path), "val", 16, require_labels=False).labels.tolist() == [-1]
+    with pytest.raises(DataError, match="no class sub-folders"):
+        load_split(str(tmp_path), "train", 16)
+
+
+def test_grey_rgba_palette_and_corrupt(tmp_path):
+    grey = fx.write_grey_png(tmp_path / "train" / "a" / "grey.png")
+    rgba = fx.write_rgba_png(tmp_path / "train" / "a" / "rgba.png")
+    pal = fx.write_palette_png(tmp_path / "train" / "b" / "pal.png")
+    fx.write_corrupt_jpeg(tmp_path / "train" / "b" / "zz_broken.jpg")
+    (tmp_path / "train" / "b" / "notes.txt").write_text("not an image, silently ignored")
+    (tmp_path / "train" / "b" / ".hidden.png").write_bytes(b"hidden files are ignored")
+    fx.write_grey_png(tmp_path / "val" / "a" / "g.png", value=7)
+    d = load_split(str(tmp_path), "train", 20)
+    assert d.images.shape == (3, 3, 20, 20) and d.labels.tolist() == [0, 0, 1]
+    assert d.skipped == [str((tmp_path / "train" / "b" / "zz_broken.jpg").resolve())]
+    img = as_np(d.images)
+    np.testing.assert_array_equal(img[0], np.stack([grey] * 3))  # "grey.png" sorts first
+    np.testing.assert_array_equal(img[1], rgba[..., :3].transpose(2, 0, 1))
+    np.testing.assert_array_equal(img[2], pal.transpose(2, 0, 1))
+    v = load_split(str(tmp_path), "val", 36)
+    assert v.images.shape == (1, 3, 36, 36) and bool((v.images == 7).all())
+
+
+def test_class_lost_to_corrupt_files(tmp_path):
+    fx.write_image_folder(tmp_path, {"ok": 2})
+    fx.write_corrupt_jpeg(tmp_path / "broken" / "a.jpg")
+    with pytest.raises(DataError, match="broken"):
+        load_split(str(tmp_path), "train", 20)
+
+
+def test_decode_pool_matches_inline(tmp_path, monkeypatch):
+    fx.write_image_folder(tmp_path, {"a": 6, "b": 6}, size=24, ext="jpg")
+    fx.write_corrupt_jpeg(tmp_path / "b" / "x.jpg")
+    monkeypatch.setenv("MMLIT_DECODE_WORKERS", "1")
+    inline = load_split(str(tmp_path), "train", 16)
+    monkeypatch.setenv("MMLIT_DECODE_WORKERS", "2")
+    pooled = load_split(str(tmp_path), "train", 16)
+    assert torch.equal(inline.images, pooled.images) and inline.skipped == pooled.skipped
+    assert len(inline.skipped) == 1
+
+
+# ------------------------------------------------------------------------------------ errors
+
+def test_missing_dataset_message(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_split("cifar10", "train", 32, data_dir=tmp_path)
+    msg = str(e.value)
+    assert f"{tmp_path}/cifar-10-batches-py/data_batch_1" in msg and "--download" in msg
+    assert f"extract it into {tmp_path}" in msg and "\n" not in msg
+    for name in ("cifar100", "svhn", "flowers102", "fashion-mnist", "tiny-imagenet"):
+        with pytest.raises(DataError, match=f"{name} not found: expected {tmp_path}"):
+            load_split(name, "test", 32, data_dir=tmp_path)
+
+
+def test_unknown_name_and_bad_arguments(tmp_path):
+    with pytest.raises(DataError, match="unknown dataset 'imagenet21k'.*cifar10.*tiny-imagenet"):
+        load_split("imagenet21k", "train", 32)
+    with pytest.raises(DataError, match="does not exist"):
+        load_split(str(tmp_path / "nope"), "train", 32)
+    with pytest.raises(DataError, match="unknown split"):
+        load_split("cifar10", "dev", 32, data_dir=tmp_path)
+    with pytest.raises(DataError, match="val_fraction"):
+        load_split(str(tmp_path), "val", 32, val_fraction=1.0)
+
+
+def test_one_class_and_empty_folders(tmp_path):
+    fx.write_image_folder(tmp_path / "one", {"only": 3})
+    with pytest.raises(DataError, match="only one class folder"):
+        load_split(str(tmp_path / "one"), "train", 20)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images found"):
+        load_split(str(tmp_path / "empty"), "train", 20)
+    fx.write_image_folder(tmp_path / "hollow", {"a": 2})
+    (tmp_path / "hollow" / "b").mkdir()
+    with pytest.raises(DataError, match="has no images"):
+        load_split(str(tmp_path / "hollow"), "train", 20)
+
+
+def test_download_failure_is_a_data_error(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+    from torchvision.datasets import utils as tvu
+
+    def boom(*args, **kwargs):
+        raise OSError("Network is unreachable\n(errno 101)")
+
+    monkeypatch.setattr(tvd, "CIFAR10", boom)
+    monkeypatch.setattr(tvu, "download_and_extract_archive", boom)
+    with pytest.raises(DataError) as e:
+        load_split("cifar10", "train", 32, data_dir=tmp_path / "dl", download=True)
+    msg = str(e.value)
+    assert "download failed" in msg and "Network is unreachable" in msg and "\n" not in msg
+    assert "Put the files in by hand" in msg and str(tmp_path / "dl") in msg
+    with pytest.raises(DataError, match="tiny-imagenet download failed.*tiny-imagenet-200.zip"):
+        load_split("tiny-imagenet", "val", 32, data_dir=tmp_path / "dl", download=True)
+
+
+# ------------------------------------------------------------------------------------ augmentation
+
+@pytest.mark.parametrize("auto", ["trivial", "rand", "none"])
+def test_train_transform(auto):
+    aug = AugmentConfig(auto_augment=auto, random_erasing=1.0)
+    t = D.build_train_transform(aug, 36)
+    x = torch.randint(0, 256, (3, 36, 36), dtype=torch.uint8)
+    for _ in range(5):
+        y = t(x)
+        assert y.shape == (3, 36, 36) and y.dtype == torch.uint8
+    plain = D.build_train_transform(AugmentConfig(crop_padding=0, hflip=0, auto_augment="none",
+                                                  random_erasing=0), 36)
+    assert torch.equal(plain(x), x)
+
+
+def test_batch_mix():
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    images = torch.randn(8, 3, 12, 12)
+    for mixup, cutmix in ((0.8, 1.0), (0.8, 0.0), (0.0, 1.0)):
+        mix = D.build_batch_mix(AugmentConfig(mixup_alpha=mixup, cutmix_alpha=cutmix), 10)
+        out, target = mix(images, labels)
+        assert out.shape == images.shape and target.shape == (8, 10)
+        assert target.dtype == torch.float32
+        assert torch.allclose(target.sum(1), torch.ones(8))
+    never = D._BatchMix(lambda x, y: (_ for _ in ()).throw(AssertionError), 0.0, 10)
+    out, target = never(images, labels)
+    assert torch.equal(target, torch.nn.functional.one_hot(labels, 10).float())
+    assert D.build_batch_mix(AugmentConfig(mix_prob=0.0), 10) is None
+    assert D.build_batch_mix(AugmentConfig(mixup_alpha=0, cutmix_alpha=0), 10) is None
+
+
+def test_normalize():
+    x = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(2, 3, 1, 2)
+    y = D.normalize(x, (0.5, 0.5, 0.5), (0.5, 0.25, 1.0))
+    assert y.dtype == torch.float32 and y.shape == (2, 3, 1, 2)
+    assert torch.allclose(y[0, :, 0, 0], torch.tensor([-1.0, -2.0, -0.5]))
+    assert torch.allclose(y[0, :, 0, 1], torch.tensor([1.0, 2.0, 0.5]))
+
+
+# ------------------------------------------------------------------------------------ loaders
+
+def _toy(n: int = 40) -> D.ImageData:
+    images = torch.randint(0, 256, (n, 3, 12, 12), dtype=torch.uint8)
+    return D.ImageData(images, torch.arange(n) % 4, ["a", "b", "c", "d"], "toy", [])
+
+
+def _epoch(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def test_loader_deterministic_shuffle_and_augmentation():
+    data = _toy()
+    t = D.build_train_transform(AugmentConfig(), 12)
+    a = D.build_loader(data, 8, transform=t, shuffle=True, seed=1)
+    b = D.build_loader(data, 8, transform=t, shuffle=True, seed=1)
+    c = D.build_loader(data, 8, transform=t, shuffle=True, seed=2)
+    xa, ya = _epoch(a)
+    torch.manual_seed(999)  # the caller's RNG does not matter
+    xb, yb = _epoch(b)
+    assert xa.dtype == torch.uint8 and xa.shape == (40, 3, 12, 12) and ya.dtype == torch.int64
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(ya, _epoch(c)[1])
+    assert sorted(ya.tolist()) == sorted(data.labels.tolist())
+    xa1, ya1 = _epoch(a)  # a second pass without set_epoch advances to epoch 1
+    D.set_epoch(b, 1)
+    xb1, yb1 = _epoch(b)
+    assert torch.equal(ya1, yb1) and torch.equal(xa1, xb1) and not torch.equal(ya1, ya)
+    D.set_epoch(a, 0)
+    assert torch.equal(_epoch(a)[0], xa)
+
+
+def test_loader_plain_and_drop_last():
+    data = _toy(10)
+    loader = D.build_loader(data, 4, drop_last=True)
+    x, y = _epoch(loader)
+    assert torch.equal(x, data.images[:8]) and y.tolist() == data.labels[:8].tolist()
+
+
+def test_loader_same_batches_with_workers():
+    data = _toy(24)
+    t = D.build_train_transform(AugmentConfig(), 12)
+    inline = D.build_loader(data, 6, transform=t, shuffle=True, seed=5, workers=0)
+    multi = D.build_loader(data, 6, transform=t, shuffle=True, seed=5, workers=2)
+    assert multi.persistent_workers
+    for epoch in (0, 1):
+        D.set_epoch(inline, epoch)
+        D.set_epoch(multi, epoch)
+        x0, y0 = _epoch(inline)
+        x2, y2 = _epoch(multi)
+        assert torch.equal(x0, x2) and torch.equal(y0, y2)
+    del multi
+
+
+def test_loader_distributed(tmp_path):
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                                world_size=1)
+    except Exception as exc:  # noqa: BLE001 - no gloo here
+        pytest.skip(f"gloo unavailable: {exc}")
+    try:
+        loader = D.build_loader(_toy(20), 5, shuffle=True, seed=3, distributed=True)
+        assert isinstance(loader.sampler.base, torch.utils.data.DistributedSampler)
+        loader.sampler.set_epoch(0)
+        y0 = _epoch(loader)[1]
+        loader.sampler.set_epoch(1)
+        y1 = _epoch(loader)[1]
+        assert sorted(y0.tolist()) == sorted(y1.tolist()) and not torch.equal(y0, y1)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,102 @@
+"""`curves.png` from a run's metrics.jsonl and `confusion.png` from an evaluation."""
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib  # noqa: F401 - the [plot] extra is a test requirement: these tests must not be skipped
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_train import TINY, write_folder  # noqa: E402
+
+from mmlit_cli.errors import MmlitError  # noqa: E402
+from mmlit_cli.inference import evaluate_checkpoint  # noqa: E402
+from mmlit_cli.plots import PlotUnavailable, plot_confusion, plot_curves  # noqa: E402
+from mmlit_cli.train import run_training  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine they cost a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("plots")
+    data = write_folder(base / "colours")
+    run_training("finetune", "xxs", str(data), out=base / "run", overrides=TINY, epochs=3, batch_size=8,
+                 quiet=True)
+    return data, base / "run"
+
+
+def _png(path: Path) -> tuple[int, int]:
+    assert path.is_file() and path.stat().st_size > 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        im.load()
+        return im.size
+
+
+def test_curves_of_a_classification_run(run):
+    _, run_dir = run
+    path = plot_curves(run_dir)
+    assert path == run_dir / "curves.png"
+    w, h = _png(path)
+    assert w > h > 100  # loss and accuracy side by side
+    assert not list(run_dir.glob(".curves.png.*"))  # no temp file left
+
+
+def test_curves_without_accuracy_and_without_epochs(tmp_path):
+    mae = tmp_path / "mae"
+    mae.mkdir()
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "expert_usage": [[0.5, 0.5]]}
+            for e in (1, 2)]
+    (mae / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    w, h = _png(plot_curves(mae))
+    assert w < 2 * h  # one panel: loss only
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert plot_curves(empty) is None  # no metrics.jsonl yet
+    (empty / "metrics.jsonl").write_text("")
+    assert plot_curves(empty) is None
+    with pytest.raises(MmlitError, match="does not exist"):
+        plot_curves(tmp_path / "missing")
+
+
+def test_confusion_from_an_evaluation(run, tmp_path):
+    data, run_dir = run
+    report = evaluate_checkpoint(run_dir / "best.safetensors", str(data), "val", device="cpu")
+    path = plot_confusion(report.result.confusion, report.classes, tmp_path)
+    assert path == tmp_path / "confusion.png"
+    _png(path)
+
+
+def test_confusion_with_many_classes(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    C = 30
+    cm = torch.randint(0, 5, (C, C), generator=g) + torch.diag(torch.randint(10, 40, (C,), generator=g))
+    classes = [f"class_with_a_long_name_{i}" for i in range(C)]
+    w, h = _png(plot_confusion(cm, classes, tmp_path / "many.png"))
+    assert min(w, h) > 500
+    _png(plot_confusion(torch.zeros(120, 120, dtype=torch.int64), [], tmp_path / "huge.png"))  # no names
+    with pytest.raises(MmlitError, match="2 class names for a 30x30"):
+        plot_confusion(cm, ["a", "b"], tmp_path / "bad.png")
+
+
+def test_missing_matplotlib_raises_plot_unavailable(run, tmp_path, monkeypatch):
+    _, run_dir = run
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)  # import -> ImportError
+    with pytest.raises(PlotUnavailable, match=r'pip install "mmlit\[plot\]"'):
+        plot_curves(run_dir)
+    with pytest.raises(PlotUnavailable):
+        plot_confusion(torch.eye(3, dtype=torch.int64), ["a", "b", "c"], tmp_path / "c.png")
+    assert issubclass(PlotUnavailable, MmlitError)

@@ -1,0 +1,194 @@
+"""`predict`: collecting files, decoding them as training does, batched top-k, failures, CSV."""
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_train import TINY, write_folder  # noqa: E402
+
+from mmlit_cli.data import load_split, normalize  # noqa: E402
+from mmlit_cli.errors import CheckpointError, MmlitError  # noqa: E402
+from mmlit_cli.inference import evaluate_checkpoint, load_classifier  # noqa: E402
+from mmlit_cli.predict import collect_images, predict_paths, write_csv  # noqa: E402
+from mmlit_cli.train import run_training  # noqa: E402
+
+CLASSES = ["blue", "green", "red"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine they cost a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _odd_images(folder: Path) -> None:
+    """Images training has to convert: grey, palette, RGBA, 16-bit, non-square, a JPEG."""
+    rng = np.random.default_rng(1)
+    red = np.zeros((9, 15, 3), dtype=np.uint8)
+    red[..., 0] = 230
+    Image.fromarray(red).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "red_palette.png")
+    Image.fromarray(np.full((20, 11), 120, dtype=np.uint8), "L").save(folder / "red_grey.png")
+    rgba = np.concatenate([red, np.full((9, 15, 1), 200, np.uint8)], axis=-1)
+    Image.fromarray(rgba, "RGBA").save(folder / "red_rgba.png")
+    Image.fromarray((rng.integers(0, 65535, (13, 13))).astype(np.uint16)).save(folder / "red_16bit.png")
+    Image.fromarray(red.repeat(4, 0).repeat(4, 1)).save(folder / "red_big.jpg", quality=90)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A split-layout image folder (train/ + val/ with awkward images) and a checkpoint."""
+    root = tmp_path_factory.mktemp("predict") / "colours"
+    write_folder(root / "train")
+    write_folder(root / "val", per_class=4, size=14)
+    _odd_images(root / "val" / "red")
+    run = root.parent / "run"
+    run_training("finetune", "xxs", str(root), out=run, overrides=TINY, epochs=2, batch_size=8, quiet=True)
+    return root, run / "best.safetensors"
+
+
+def test_prediction_shape_topk_and_probabilities(trained):
+    root, ckpt = trained
+    result = predict_paths(ckpt, [str(root / "val" / "blue")], top_k=2, device="cpu")
+    data = json.loads(json.dumps(result.as_dict()))
+    assert set(data) == {"predictions", "failures"} and data["failures"] == []
+    assert len(data["predictions"]) == 4
+    for p in data["predictions"]:
+        assert set(p) == {"path", "top"} and Path(p["path"]).is_file()
+        assert len(p["top"]) == 2
+        assert all(set(t) == {"label", "prob"} and t["label"] in CLASSES for t in p["top"])
+        probs = [t["prob"] for t in p["top"]]
+        assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+    full = predict_paths(ckpt, [str(root / "val" / "blue")], top_k=50, device="cpu")  # capped at 3
+    assert full.top_k == 3
+    for p, q in zip(full.predictions, result.predictions):
+        assert len(p["top"]) == 3 and {t["label"] for t in p["top"]} == set(CLASSES)
+        assert math.isclose(sum(t["prob"] for t in p["top"]), 1.0, abs_tol=1e-5)
+        assert p["top"][:2] == q["top"]
+
+
+def test_predictions_match_eval_and_the_training_pipeline(trained):
+    root, ckpt = trained
+    pred = predict_paths(ckpt, [str(root / "val")], top_k=3, batch_size=5, device="cpu")
+    assert pred.failures == [] and len(pred.predictions) == 12 + 5
+
+    # Same decoded pixels as load_split (what training and eval see), same probabilities.
+    model, meta = load_classifier(ckpt)
+    data = load_split(str(root), "val", meta.image_size)
+    with torch.inference_mode():
+        probs = model(normalize(data.images, meta.mean, meta.std)).softmax(1)
+    assert len(data) == len(pred.predictions)
+    for p, row, label in zip(pred.predictions, probs, data.labels.tolist()):
+        assert Path(p["path"]).parent.name == data.classes[label]  # same file order
+        for t in p["top"]:
+            assert abs(t["prob"] - row[meta.classes.index(t["label"])].item()) < 1e-5
+
+    # Top-1 accuracy and confusion matrix equal eval's on the same folder.
+    report = evaluate_checkpoint(ckpt, str(root), "val", device="cpu")
+    confusion = torch.zeros(3, 3, dtype=torch.int64)
+    for p in pred.predictions:
+        confusion[CLASSES.index(Path(p["path"]).parent.name), CLASSES.index(p["top"][0]["label"])] += 1
+    top1 = 100.0 * confusion.diag().sum().item() / len(pred.predictions)
+    assert report.classes == CLASSES
+    assert abs(top1 - report.result.top1) < 1e-6
+    assert torch.equal(confusion, report.result.confusion)
+
+
+def test_batch_size_does_not_change_predictions(trained):
+    root, ckpt = trained
+    a = predict_paths(ckpt, [str(root / "val")], top_k=3, batch_size=1, device="cpu")
+    b = predict_paths(ckpt, [str(root / "val")], top_k=3, batch_size=256, device="cpu")
+    assert [p["path"] for p in a.predictions] == [p["path"] for p in b.predictions]
+    for p, q in zip(a.predictions, b.predictions):
+        assert [t["label"] for t in p["top"]] == [t["label"] for t in q["top"]]
+        assert max(abs(s["prob"] - t["prob"]) for s, t in zip(p["top"], q["top"])) < 1e-5
+
+
+def test_unreadable_files_are_failures_and_the_rest_is_predicted(trained, tmp_path):
+    _, ckpt = trained
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((12, 12, 3), 40 * i, np.uint8)).save(folder / f"good_{i}.png")
+    (folder / "notes.txt").write_text("not an image\n")
+    big = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(big).save(folder / "whole.jpg", quality=95)
+    data = (folder / "whole.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "whole.jpg").unlink()
+    (folder / ".DS_Store").write_bytes(b"\0\1hidden")  # hidden: not even collected
+    with Image.open(folder / "truncated.jpg") as im:  # the header is fine: only a full decode fails
+        assert im.size == (64, 64)
+
+    result = predict_paths(ckpt, [str(folder)], device="cpu")
+    assert [Path(p["path"]).name for p in result.predictions] == ["good_0.png", "good_1.png", "good_2.png"]
+    failed = {Path(p).name: reason for p, reason in result.failures}
+    assert set(failed) == {"notes.txt", "truncated.jpg"}
+    assert "not an image" in failed["notes.txt"]
+    assert "truncated" in failed["truncated.jpg"]
+    assert all(reason and "\n" not in reason for reason in failed.values())
+
+
+def test_collect_images_folders_globs_and_errors(tmp_path):
+    for rel in ("b.png", "a.jpg", "sub/c.png", "sub/deeper/d.png", ".hidden/e.png", "sub/.f.png", "z.txt"):
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    names = lambda files: [f.relative_to(tmp_path).as_posix() for f in files]  # noqa: E731
+
+    files, errors = collect_images([str(tmp_path)])
+    assert names(files) == ["a.jpg", "b.png", "sub/c.png", "sub/deeper/d.png", "z.txt"] and errors == []
+
+    files, errors = collect_images([str(tmp_path / "*.png")])
+    assert names(files) == ["b.png"] and errors == []
+    files, errors = collect_images([str(tmp_path / "**" / "*.png")])
+    assert names(files) == ["b.png", "sub/c.png", "sub/deeper/d.png"]
+
+    files, errors = collect_images([str(tmp_path / "sub" / "c.png"), str(tmp_path / "sub"),
+                                    str(tmp_path / "nope.png"), str(tmp_path / "*.gif")])
+    assert names(files) == ["sub/c.png", "sub/deeper/d.png"]  # duplicates dropped
+    assert errors == [(str(tmp_path / "nope.png"), "no such file or folder"),
+                      (str(tmp_path / "*.gif"), "no file matches this pattern")]
+    (tmp_path / "empty").mkdir()
+    assert collect_images([str(tmp_path / "empty")]) == ([], [(str(tmp_path / "empty"), "folder holds no files")])
+
+
+def test_write_csv(trained, tmp_path):
+    root, ckpt = trained
+    result = predict_paths(ckpt, [str(root / "val" / "green" / "*.png")], top_k=2, device="cpu")
+    out = write_csv(result, tmp_path / "out" / "preds.csv")
+    rows = list(csv.reader(out.open(newline="")))
+    assert rows[0] == ["path", "label", "prob", "label_2", "prob_2"]
+    assert len(rows) == 5 and all(len(r) == 5 for r in rows)
+    for r, p in zip(rows[1:], result.predictions):
+        assert r[0] == p["path"] and r[1] == p["top"][0]["label"]
+        assert abs(float(r[2]) - p["top"][0]["prob"]) < 1e-6
+    assert sorted(x.name for x in out.parent.iterdir()) == ["preds.csv"]  # no temp file left
+
+
+def test_user_mistakes_are_one_line_errors(trained, tmp_path):
+    root, ckpt = trained
+    with pytest.raises(MmlitError, match="top-k"):
+        predict_paths(ckpt, [str(root / "val")], top_k=0)
+    with pytest.raises(MmlitError, match="no file to predict"):
+        predict_paths(ckpt, [str(tmp_path / "missing.png")])
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        predict_paths(tmp_path / "nope.safetensors", [str(root / "val")])
+
+
+def test_mae_checkpoint_is_refused(trained, tmp_path):
+    root, _ = trained
+    run_training("pretrain", "xxs", str(root), out=tmp_path / "mae", overrides=TINY, epochs=1, batch_size=8,
+                 quiet=True, max_steps=1)
+    with pytest.raises(CheckpointError, match="MAE pre-training checkpoint"):
+        predict_paths(tmp_path / "mae" / "last.safetensors", [str(root / "val")])
