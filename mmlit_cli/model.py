@@ -105,7 +105,10 @@ class MoEFeedForward(nn.Module):
         if self.training and self.router_noise > 0:
             logits = logits + torch.randn_like(logits) * self.router_noise
         top_logits, top_idx = logits.topk(self.top_k, dim=-1)
-        gates = torch.zeros_like(logits).scatter(-1, top_idx, top_logits.softmax(dim=-1))
+        # Gates in fp32: under CUDA autocast softmax returns fp32 whatever its input, and the
+        # mixing matmul casts them back down itself.
+        weights = top_logits.to(torch.promote_types(top_logits.dtype, torch.float32)).softmax(dim=-1)
+        gates = torch.zeros(logits.shape, dtype=weights.dtype, device=logits.device).scatter(-1, top_idx, weights)
         if self.track_usage:
             self.expert_counts += F.one_hot(top_idx, self.num_experts).flatten(0, -2).sum(0).to(self.expert_counts)
         if self.training and self.aux_loss_weight > 0:

@@ -4,7 +4,6 @@ batch mixing and loaders. No network; the whole file runs in a few seconds."""
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -128,3 +128,15 @@ def test_invalid_model_config_is_a_clear_error():
         create_model("xxs", num_kv_heads=4)  # 6 heads are not a multiple of 4
     with pytest.raises(ConfigError, match="patch_size"):
         create_model("xxs", image_size=35)
+
+
+def test_bf16_autocast_forward_backward_and_fp32_gates():
+    torch.manual_seed(7)
+    model = create_model("xxs", num_classes=5, depth=3)
+    x = torch.randn(2, 3, 36, 36)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+        gates, _ = model.moe_layers()[0].route(torch.randn(4, 108, dtype=torch.bfloat16))
+    assert gates.dtype == torch.float32  # what CUDA autocast's fp32 softmax produces too
+    logits.float().sum().backward()
+    assert torch.isfinite(logits.float()).all() and model.head.weight.grad is not None

@@ -169,3 +169,15 @@ def test_torchrun_two_cpu_processes_stay_in_sync(folder, tmp_path):
     assert all(row["world_size"] == 2 and row["ranks_in_sync"] is True for row in rows)
     # each rank took 4 images a step: 32 training images -> 4 steps an epoch
     assert rows[-1]["step"] == 2 * 4
+
+
+def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(folder, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(MmlitError, match="the loss became"):
+        finetune(folder, out, overrides=TINY + ["finetune.grad_clip=0", "finetune.warmup_epochs=0"], lr=1e12,
+                 epochs=5, batch_size=4, save_every=1)
+    if (out / "last.safetensors").exists():  # whatever was saved is finite and loadable
+        ckpt = load_checkpoint(out / "last.safetensors", with_train_state=True)
+        assert all(torch.isfinite(t).all() for t in ckpt.tensors.values())
+    assert not (out / "metrics.jsonl").exists() or all(
+        np.isfinite(json.loads(x)["train_loss"]) for x in (out / "metrics.jsonl").read_text().splitlines())
