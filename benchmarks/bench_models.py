@@ -188,8 +188,9 @@ def make_fns(v: Variant, device: torch.device, amp: torch.dtype | None, mean, st
     """The training step (as `engine.Trainer._train_step`, minus lr schedule and MixUp) and
     the inference call of a variant. The step is two halves so that their ops can be counted
     apart: `fwd_bwd` (normalize, forward, loss, backward) and `update` (clip + AdamW)."""
-    fused = device.type == "cuda"  # as the engine: fused AdamW on CUDA, torch's default elsewhere
-    opt = torch.optim.AdamW(param_groups(v.base, 0.05), lr=1e-3, betas=(0.9, 0.999), fused=fused)
+    fused = device.type == "cuda"  # as the engine: fused AdamW on CUDA, multi-tensor (foreach) elsewhere
+    opt = torch.optim.AdamW(param_groups(v.base, 0.05), lr=1e-3, betas=(0.9, 0.999), fused=fused,
+                            foreach=None if fused else True)
     params = [p for p in v.base.parameters() if p.requires_grad]
     model = v.model
 
@@ -476,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     info = common.machine_info(device)
     print(common.machine_line(info))
     print(f"aten ops: every call reaching the dispatcher's Python key during one training step (forward, "
-          f"autograd backward, clip, AdamW{' fused' if device.type == 'cuda' else ' (for-loop on CPU)'}), "
+          f"autograd backward, clip, AdamW{' fused' if device.type == 'cuda' else ' foreach'}), "
           f"counted with a TorchDispatchMode; sync ops = {', '.join(sorted(common.SYNC_OPS))}", flush=True)
     results = []
     for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:

@@ -53,6 +53,12 @@ class Checkpoint:
         return self.config.data.std
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
     """Call `write(tmp_path)`, fsync, then rename over `path`: a reader (or a SIGKILL) never
     sees a half-written file, and the previous file stays intact until the new one is whole."""
@@ -62,6 +68,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

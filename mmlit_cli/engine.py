@@ -455,6 +455,7 @@ class Trainer:
         with progress:
             while self.epoch < recipe.epochs and stopped is None:
                 epoch_start = time.perf_counter()
+                elapsed_mark = epoch_start  # `elapsed` (total training time) is banked at every checkpoint
                 set_epoch(self.train_loader, self.epoch)
                 bar = progress.add_task("train", total=self.steps_per_epoch, epoch=f"{self.epoch + 1}/{recipe.epochs}",
                                         loss="-", lr="-", ips="-")
@@ -506,11 +507,12 @@ class Trainer:
                         if self._diverged(self.partial_loss_sum):  # never checkpoint a diverged model
                             stopped = "nan"
                             break
-                        self.elapsed += time.perf_counter() - epoch_start
-                        epoch_start = time.perf_counter()
+                        now = time.perf_counter()
+                        self.elapsed += now - elapsed_mark
+                        elapsed_mark = now
                         self.save_last()
                 progress.remove_task(bar)
-                self.elapsed += time.perf_counter() - epoch_start
+                self.elapsed += time.perf_counter() - elapsed_mark
                 if stopped == "nan":
                     break
                 if stopped in ("interrupt", "max_steps") and self.step_in_epoch < self.steps_per_epoch:

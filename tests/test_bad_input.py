@@ -10,7 +10,7 @@ import pytest
 
 from mmlit_cli import cli
 from mmlit_cli.train import run_training
-from test_train import TINY, write_folder
+from helpers import TINY, write_folder
 
 SETS = [x for o in TINY for x in ("--set", o)]
 

@@ -11,8 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import TINY, write_folder  # noqa: E402
+from helpers import TINY, write_folder
 
 from mmlit_cli.data import normalize  # noqa: E402
 from mmlit_cli.errors import CheckpointError, MmlitError  # noqa: E402
@@ -22,13 +21,6 @@ from mmlit_cli.predict import predict_paths  # noqa: E402
 from mmlit_cli.train import run_training  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine they cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

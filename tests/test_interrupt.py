@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from mmlit_cli.checkpoint import load_checkpoint
-from test_train import TINY, write_folder
+from helpers import TINY, write_folder
 
 SLOWER = [o for o in TINY if not o.startswith("model.image_size")] + ["model.image_size=36"]
 

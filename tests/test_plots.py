@@ -9,8 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import TINY, write_folder  # noqa: E402
+from helpers import TINY, write_folder
 
 from mmlit_cli.errors import MmlitError  # noqa: E402
 from mmlit_cli.inference import evaluate_checkpoint  # noqa: E402
@@ -18,13 +17,6 @@ from mmlit_cli.plots import PlotUnavailable, plot_confusion, plot_curves  # noqa
 from mmlit_cli.train import run_training  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine they cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -10,31 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 
 from mmlit_cli.checkpoint import load_checkpoint
 from mmlit_cli.errors import MmlitError
 from mmlit_cli.inference import evaluate_checkpoint
 from mmlit_cli.train import run_training
-
-TINY = ["model.depth=3", "model.embed_dim=24", "model.num_heads=4", "model.num_kv_heads=2",
-        "model.mlp_hidden_first=16", "model.mlp_hidden_last=8", "model.image_size=12", "model.patch_size=3",
-        "mae.decoder_dim=16", "mae.decoder_heads=2", "mae.decoder_kv_heads=1", "mae.decoder_mlp_hidden=16",
-        "finetune.warmup_epochs=1", "pretrain.warmup_epochs=1", "finetune.workers=0", "pretrain.workers=0"]
-
-
-def write_folder(root: Path, classes=("red", "green", "blue"), per_class=12, size=10, labelled=True):
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(classes):
-        folder = root / name if labelled else root
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
-            pixels[..., c] += 150  # class-dependent colour: learnable in a few steps
-            Image.fromarray(pixels).save(folder / f"{name}_{i:03d}.png")
-    return root
-
+from helpers import TINY, write_folder
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
@@ -181,3 +163,26 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(folde
         assert all(torch.isfinite(t).all() for t in ckpt.tensors.values())
     assert not (out / "metrics.jsonl").exists() or all(
         np.isfinite(json.loads(x)["train_loss"]) for x in (out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails_and_uses_normal_permissions(tmp_path):
+    from mmlit_cli.checkpoint import atomic_write, atomic_write_text
+
+    target = tmp_path / "f.txt"
+    atomic_write_text(target, "old")
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+    def broken(tmp):
+        Path(tmp).write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(target, broken)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temp file left behind
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
