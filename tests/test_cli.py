@@ -50,3 +50,42 @@ def test_bad_input_is_one_line_and_nonzero(args, needle):
 def test_help_has_examples():
     assert "Example" in mmlit("--help").stdout
     assert "Example" in mmlit("count-params", "--help").stdout
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from helpers import TINY, write_folder
+    from mmlit_cli.train import run_training
+
+    root = tmp_path_factory.mktemp("cli")
+    folder = write_folder(root / "colours")
+    run_training("finetune", "xxs", str(folder), out=root / "run", overrides=TINY, epochs=1, batch_size=8, quiet=True)
+    return root, folder
+
+
+def test_eval_and_predict_json_shapes_through_the_command(trained):
+    root, folder = trained
+    ckpt = str(root / "run" / "best.safetensors")
+    ev = json.loads(mmlit("eval", ckpt, "--dataset", str(folder), "--json", check=True).stdout)
+    assert {"top1", "top5", "loss", "per_class", "num_images"} <= set(ev)
+    assert set(ev["per_class"]) == {"blue", "green", "red"}
+    r = mmlit("predict", ckpt, str(folder / "red"), "--json", "--top-k", "2")
+    assert r.returncode == 0, r.stderr
+    preds = json.loads(r.stdout)
+    assert len(preds) == 12 and all(set(p) == {"path", "top"} and len(p["top"]) == 2 for p in preds)
+    assert all(set(t) == {"label", "prob"} for p in preds for t in p["top"])
+
+
+def test_predict_reports_bad_files_and_exits_nonzero(trained, tmp_path):
+    root, folder = trained
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folder / "green", mixed)
+    (mixed / "readme.txt").write_text("not an image")
+    good = next(mixed.glob("*.png")).read_bytes()
+    (mixed / "cut.png").write_bytes(good[: len(good) // 3])
+    r = mmlit("predict", str(root / "run" / "best.safetensors"), str(mixed), "--json")
+    assert r.returncode == 1
+    assert "readme.txt" in r.stderr and "cut.png" in r.stderr and "Traceback" not in r.stderr
+    assert len(json.loads(r.stdout)) == 12

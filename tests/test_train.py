@@ -186,3 +186,22 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_pretrain_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
+    images = write_folder(tmp_path / "unlabelled", labelled=False)
+    kw = dict(overrides=TINY, epochs=2, batch_size=8, seed=5, quiet=True)
+    run_training("pretrain", "xxs", str(images), out=tmp_path / "full", **kw)
+    stopped = run_training("pretrain", "xxs", str(images), out=tmp_path / "part", max_steps=5, save_every=0, **kw)
+    assert stopped["stopped"] == "max_steps"
+    run_training("pretrain", None, None, resume=tmp_path / "part", quiet=True)
+    a = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-5)
+        assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-5)
+    wa = load_checkpoint(tmp_path / "full" / "last.safetensors").tensors
+    wb = load_checkpoint(tmp_path / "part" / "last.safetensors").tensors
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
