@@ -113,6 +113,10 @@ print('torchvision', torchvision.__version__, '| mmlit', mmlit_cli.__version__, 
                 "$PY" -m mmlit_cli finetune --preset s --dataset "$DATA" --compile --epochs "$FT_EPOCHS" \
                 --batch-size 512 --workers 8 --device cuda --save-every 0 --out "$TMP/ft-s-512"
             show_metrics "$TMP/ft-s-512"
+            run "mmlit finetune -p s --compile-mode max-autotune ($FT_EPOCHS epochs, batch 512, 8 workers)" \
+                "$PY" -m mmlit_cli finetune --preset s --dataset "$DATA" --compile-mode max-autotune \
+                --epochs "$FT_EPOCHS" --batch-size 512 --workers 8 --device cuda --save-every 0 --out "$TMP/ft-s-512-ma"
+            show_metrics "$TMP/ft-s-512-ma"
         else
             run "bench_train (CPU quick)" "$PY" benchmarks/bench_train.py --device cpu --quick --dataset "$DATA" \
                 --json "$LOG_DIR/bench_train-$HOST-$STAMP.json"

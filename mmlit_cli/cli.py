@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -96,12 +97,13 @@ DeviceOpt = typer.Option("auto", "--device", help="auto (cuda, then mps, then cp
 
 
 def _train_command(kind: str, preset, dataset, data_dir, out, overrides, epochs, batch_size, lr, seed, device,
-                   workers, init, resume, compile, save_every, download) -> None:
+                   workers, init, resume, compile, compile_mode, save_every, download) -> None:
     from .train import run_training
 
     result = run_training(kind, preset, dataset, data_dir=data_dir, out=out, overrides=overrides, epochs=epochs,
                           batch_size=batch_size, lr=lr, seed=seed, workers=workers, device=device, init=init,
-                          resume=resume, compile=compile, save_every=save_every, download=download,
+                          resume=resume, compile=compile, compile_mode=compile_mode, save_every=save_every,
+                          download=download,
                           console=console)
     if result["stopped"] == "interrupt":
         raise typer.Exit(130)
@@ -130,6 +132,7 @@ def finetune(
     init: Optional[str] = typer.Option(None, "--init", help="Start from a checkpoint's weights (MAE encoder or classifier)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory from last.safetensors."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile mode: default, reduce-overhead or max-autotune (CUDA graphs; implies --compile)."),
     save_every: int = typer.Option(200, "--save-every", help="Also checkpoint every N steps within an epoch (0 = off)."),
     download: bool = typer.Option(False, "--download", help="Download a named dataset if it is missing."),
 ) -> None:
@@ -138,7 +141,7 @@ def finetune(
     Example:  mmlit finetune --preset xxs --dataset ./cifar10-folder --epochs 1 --out runs/c10
     """
     _train_command("finetune", preset, dataset, data_dir, out, overrides, epochs, batch_size, lr, seed, device,
-                   workers, init, resume, compile, save_every, download)
+                   workers, init, resume, compile, compile_mode, save_every, download)
 
 
 @app.command()
@@ -156,6 +159,7 @@ def pretrain(
     workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Data-loading processes."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory from last.safetensors."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile mode: default, reduce-overhead or max-autotune (CUDA graphs; implies --compile)."),
     save_every: int = typer.Option(200, "--save-every", help="Also checkpoint every N steps within an epoch (0 = off)."),
     download: bool = typer.Option(False, "--download", help="Download a named dataset if it is missing."),
 ) -> None:
@@ -164,7 +168,7 @@ def pretrain(
     Example:  mmlit pretrain --preset xs --dataset ./images --epochs 100
     """
     _train_command("pretrain", preset, dataset, data_dir, out, overrides, epochs, batch_size, lr, seed, device,
-                   workers, None, resume, compile, save_every, download)
+                   workers, None, resume, compile, compile_mode, save_every, download)
 
 
 @app.command("eval")
@@ -202,7 +206,7 @@ def eval_(
         print(json.dumps(report.as_dict()))
         return
     r = report.result
-    console.print(report.source, highlight=False)
+    console.print(escape(report.source), highlight=False)
     per_class = sorted(zip(report.classes, r.per_class_accuracy(), r.confusion.sum(1).tolist()), key=lambda t: t[1])
     table = Table(title="per-class accuracy (worst first)")
     table.add_column("class")
@@ -247,7 +251,7 @@ def predict(
         raise MmlitError(f"{csv_path} already exists: choose another --csv file")
     result = predict_paths(checkpoint, paths, top_k=top_k, batch_size=batch_size, device=device)
     for path, reason in result.failures:
-        err_console.print(f"[red]failed[/red] {path}: {reason}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]failed[/red] {escape(path)}: {escape(reason)}", highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps(result.predictions))
     elif csv_path:
@@ -258,7 +262,7 @@ def predict(
         table.add_column("file", overflow="fold")
         table.add_column(f"top-{result.top_k}")
         for p in result.predictions:
-            table.add_row(p["path"], "  ".join(f"{t['label']} {100 * t['prob']:.1f}%" for t in p["top"]))
+            table.add_row(escape(p["path"]), "  ".join(f"{t['label']} {100 * t['prob']:.1f}%" for t in p["top"]))
         console.print(table)
     if result.failures:
         raise typer.Exit(1)
@@ -309,15 +313,10 @@ def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
     try:
         app()
-    except MmlitError as e:
+    except (MmlitError, OSError) as e:  # OSError: disk full, permissions... still the user's to fix
         if _state["debug"]:
             raise
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except OSError as e:
-        if _state["debug"]:
-            raise
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -325,7 +324,8 @@ def main() -> None:
     except Exception as e:  # a bug: still one line, with the way to see more
         if _state["debug"]:
             raise
-        err_console.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+        err_console.print(f"[red]internal error:[/red] {type(e).__name__}: {escape(str(e))} "
+                          "(rerun with --debug for the traceback)",
                           highlight=False, soft_wrap=True)
         sys.exit(1)
 

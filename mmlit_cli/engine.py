@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import __version__
@@ -226,12 +227,42 @@ class MAETask:
 # --------------------------------------------------------------------------- the run
 
 
+class LaggedScalar:
+    """The loss shown on the progress bar, read without stalling the GPU.
+
+    On CUDA the value of a logging window is copied to pinned host memory without blocking
+    and read at the next window, when the copy has long finished: the hot loop never waits
+    for the device. On CPU there is nothing to wait for and the value is read at once.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pending: tuple[torch.Tensor, Any] | None = None
+
+    def exchange(self, value: torch.Tensor) -> float | None:
+        """Hand over this window's value; get the newest value that is ready (None at first)."""
+        if self.device.type != "cuda":
+            return value.item()
+        ready = None
+        if self.pending is not None:
+            host, event = self.pending
+            event.synchronize()  # recorded a whole window ago: already complete in practice
+            ready = host.item()
+        host = torch.empty((), dtype=value.dtype, pin_memory=True)
+        host.copy_(value.detach(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending = (host, event)
+        return ready
+
+
 @dataclass
 class RunOptions:
     out_dir: Path
     dataset: dict[str, Any]  # how to load the data again on --resume
     device: str = "auto"
     compile: bool = False
+    compile_mode: str | None = None  # torch.compile mode: None/"default", "reduce-overhead", "max-autotune"
     save_every: int = 200  # steps between in-epoch checkpoints (0 = only at epoch ends)
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests, benchmarks)
     log_every: int = 10
@@ -323,8 +354,10 @@ class Trainer:
         if self.dist.enabled:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if opts.compile:
-            self.train_model = torch.compile(self.train_model)
+        if opts.compile or opts.compile_mode:
+            # Tiny models on a GPU are launch-bound: "reduce-overhead"/"max-autotune" add CUDA graphs.
+            mode = None if opts.compile_mode in (None, "default") else opts.compile_mode
+            self.train_model = torch.compile(self.train_model, mode=mode)
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best: float | None = None
@@ -445,7 +478,7 @@ class Trainer:
         self._print(f"[bold]{self.task.kind}[/bold] {self.cfg.name}: {self.steps_per_epoch} steps/epoch x "
                     f"{recipe.epochs} epochs, batch {recipe.batch_size} x {self.dist.world_size} process(es), "
                     f"device {self.device}{', bf16' if self.amp_dtype else ''}{', compiled' if self.opts.compile else ''}"
-                    f" -> {out}")
+                    f" -> {escape(str(out))}")
         resume_rng = getattr(self, "_resume_rng", None)
         progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
@@ -466,6 +499,7 @@ class Trainer:
                 self._resume_loss_sum = 0.0
                 window_loss = torch.zeros((), device=self.device)
                 window_n, window_start, seen = 0, time.perf_counter(), 0
+                shown_loss = LaggedScalar(self.device)
                 if resume_rng is not None and skip == 0:  # resumed at an epoch boundary
                     _set_rng_state(resume_rng, self.device)
                     resume_rng = None
@@ -485,15 +519,15 @@ class Trainer:
                     progress.advance(bar)
                     at_end = self.step_in_epoch == self.steps_per_epoch
                     if window_n >= self.opts.log_every or at_end or self.stop_requested:
-                        mean_loss = (window_loss / window_n).item()  # the one host sync per window
+                        mean_loss = shown_loss.exchange(window_loss / window_n)
                         now = time.perf_counter()
                         ips = window_n * images.shape[0] * self.dist.world_size / max(now - window_start, 1e-9)
-                        progress.update(bar, loss=f"{mean_loss:.4f}", ips=f"{ips:,.0f}",
-                                        lr=f"{self.optimizer.param_groups[-1]['lr']:.2e}")
-                        window_loss.zero_()
+                        progress.update(bar, loss=f"{mean_loss:.4f}" if mean_loss is not None else "-",
+                                        ips=f"{ips:,.0f}", lr=f"{self.optimizer.param_groups[-1]['lr']:.2e}")
+                        window_loss = torch.zeros((), device=self.device)
                         window_n, window_start = 0, now
-                        last_loss = mean_loss
-                        if not math.isfinite(mean_loss):
+                        if mean_loss is not None and not math.isfinite(mean_loss):
+                            last_loss = mean_loss
                             stopped = "nan"
                             break
                     if self.opts.max_steps is not None and self.global_step >= self.opts.max_steps:
@@ -560,7 +594,7 @@ class Trainer:
                              f"{'finetune' if self.task.kind == 'classify' else 'pretrain'}.grad_clip=1.0)")
         if stopped == "interrupt":
             self._print(f"[yellow]interrupted[/yellow]: saved a resumable checkpoint; continue with "
-                        f"--resume {out}")
+                        f"--resume {escape(str(out))}")
         return {"stopped": stopped, "epoch": self.epoch, "global_step": self.global_step,
                 "history": self.history, "best": self.best}
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from .checkpoint import atomic_write, load_checkpoint, load_weights_into
 from .config import Config, load_config
@@ -68,7 +69,7 @@ def _check_writable(path: Path) -> None:
 def _warn_skipped(console: Console, data: ImageData) -> None:
     if data.skipped:
         shown = ", ".join(data.skipped[:3]) + (" ..." if len(data.skipped) > 3 else "")
-        console.print(f"[yellow]warning[/yellow]: skipped {len(data.skipped)} unreadable image(s): {shown}",
+        console.print(f"[yellow]warning[/yellow]: skipped {len(data.skipped)} unreadable image(s): {escape(shown)}",
                       highlight=False)
 
 
@@ -77,6 +78,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
                  epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
                  seed: int | None = None, workers: int | None = None, device: str = "auto",
                  init: str | Path | None = None, resume: str | Path | None = None, compile: bool = False,
+                 compile_mode: str | None = None,
                  save_every: int = 200, download: bool = False, max_steps: int | None = None,
                  console: Console | None = None, quiet: bool = False) -> dict:
     """Train (`kind` = "finetune" or "pretrain"); returns the engine's summary."""
@@ -86,6 +88,8 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     shortcuts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers)
 
     resolve_device(device)  # a missing GPU is reported before any data is read
+    if compile_mode not in (None, "default", "reduce-overhead", "max-autotune"):
+        raise MmlitError(f"--compile-mode must be default, reduce-overhead or max-autotune, got '{compile_mode}'")
     resume_ckpt = None
     if resume is not None:
         run_dir = Path(resume)
@@ -128,7 +132,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     if kind == "finetune" and resume_ckpt is None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=len(train.classes)))
     if not quiet:
-        console.print(f"data: {train.source}; validation: {val.source if val else 'none'}", highlight=False)
+        console.print(escape(f"data: {train.source}; validation: {val.source if val else 'none'}"), highlight=False)
 
     torch.manual_seed(getattr(cfg, section).seed)  # the initial weights depend on the seed alone
     task = task_cls(cfg, train.classes)
@@ -140,18 +144,19 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
         if not init_report.loaded:
             raise MmlitError(f"--init {init}: no tensor of that checkpoint fits this model")
         if not quiet:
-            console.print(f"--init {init}: loaded {len(init_report.loaded)} tensors; skipped "
-                          f"{len(init_report.skipped)} ({_short(init_report.skipped)}); new "
-                          f"{len(init_report.missing)} ({_short(init_report.missing)})", highlight=False)
+            console.print(escape(f"--init {init}: loaded {len(init_report.loaded)} tensors; skipped "
+                                 f"{len(init_report.skipped)} ({_short(init_report.skipped)}); new "
+                                 f"{len(init_report.missing)} ({_short(init_report.missing)})"), highlight=False)
 
     opts = RunOptions(out_dir=run_dir, dataset=dataclasses.asdict(spec), device=device, compile=compile,
+                      compile_mode=compile_mode,
                       save_every=save_every, max_steps=max_steps, init_report=init_report, quiet=quiet,
                       on_epoch_end=write_reconstruction if kind == "pretrain" else None)
     trainer = Trainer(task, cfg, train, val, opts, console)
     if resume_ckpt is not None:
         trainer.resume_from(resume_ckpt)
         if not quiet:
-            console.print(f"resuming {run_dir} at epoch {trainer.epoch + 1}, step {trainer.global_step}",
+            console.print(escape(f"resuming {run_dir} at epoch {trainer.epoch + 1}, step {trainer.global_step}"),
                           highlight=False)
     result = trainer.fit()
     result["out_dir"] = str(run_dir)
@@ -203,5 +208,5 @@ def write_reconstruction(trainer: Trainer, row: dict, count: int = 8) -> Path | 
     grid = torch.nn.functional.interpolate(grid.unsqueeze(0), scale_factor=4, mode="nearest")[0]
     path = trainer.opts.out_dir / "reconstruction.png"
     atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
-    trainer._print(f"reconstructions (rows: original, masked, reconstruction): {path}")
+    trainer._print(escape(f"reconstructions (rows: original, masked, reconstruction): {path}"))
     return path
