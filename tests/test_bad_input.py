@@ -30,6 +30,13 @@ def world(tmp_path_factory):
     good = (root / "clf" / "last.safetensors").read_bytes()
     (root / "truncated.safetensors").write_bytes(good[: len(good) // 2])
     (root / "notyaml.yaml").write_text("model: [unclosed\n")
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(root / "foreign.safetensors"), metadata={"framework": "someone-else"})
+    save_file({"w": torch.zeros(2)}, str(root / "forged.safetensors"),
+              metadata={"format": "mmlit-checkpoint/1", "task": "classify", "config": "{not json",
+                        "classes": "[]", "info": "{}"})
     (root / "taken").mkdir()
     (root / "taken" / "precious.txt").write_text("keep me")
     return w
@@ -70,6 +77,9 @@ CASES = [
     ("negative lr", lambda w: ["pretrain", "--dataset", str(w["folder"]), "--lr", "-1", *SETS], "lr must be positive"),
     ("truncated checkpoint", lambda w: ["eval", str(w["root"] / "truncated.safetensors"), "--dataset", str(w["folder"])], "safetensors"),
     ("not safetensors", lambda w: ["eval", str(w["root"] / "notes.safetensors"), "--dataset", str(w["folder"])], "safetensors"),
+    ("foreign safetensors", lambda w: ["eval", str(w["root"] / "foreign.safetensors"), "--dataset", str(w["folder"])], "not an mmlit checkpoint"),
+    ("forged metadata", lambda w: ["predict", str(w["root"] / "forged.safetensors"), str(w["folder"])], "not valid JSON"),
+    ("MAE checkpoint to predict", lambda w: ["predict", str(w["root"] / "mae" / "last.safetensors"), str(w["folder"])], "fine-tune it first"),
     ("missing checkpoint", lambda w: ["eval", str(w["root"] / "gone.safetensors"), "--dataset", str(w["folder"])], "not found"),
     ("MAE checkpoint to eval", lambda w: ["eval", str(w["root"] / "mae" / "last.safetensors"), "--dataset", str(w["folder"])], "fine-tune it first"),
     ("bad split", lambda w: ["eval", str(w["root"] / "clf" / "best.safetensors"), "--dataset", str(w["folder"]), "--split", "dev"], "--split"),

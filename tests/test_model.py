@@ -140,3 +140,11 @@ def test_bf16_autocast_forward_backward_and_fp32_gates():
     assert gates.dtype == torch.float32  # what CUDA autocast's fp32 softmax produces too
     logits.float().sum().backward()
     assert torch.isfinite(logits.float()).all() and model.head.weight.grad is not None
+
+
+def test_router_collapse_is_flagged_per_layer():
+    from mmlit_cli.metrics import collapsed_layers
+
+    usage = [[0.5, 0.5, 0.0], [0.3, 0.3, 0.4], [0.2, 0.2, 0.2, 0.395, 0.005]]
+    assert collapsed_layers(usage) == [0, 2]
+    assert collapsed_layers([[1 / 3] * 3]) == []
