@@ -116,25 +116,31 @@ def _train_command(kind: str, preset, dataset, data_dir, out, overrides, epochs,
         console.print(f"note: no curves.png ({result['curves_note']})", highlight=False)
 
 
+# Options shared by `finetune` and `pretrain` (each recipe shortcut overrides that command's section).
+TrainPresetOpt = typer.Option(None, "--preset", "-p", help="Preset name (xxs, xs, s) or YAML path (default: xs).")
+OutOpt = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<command>/<preset>, numbered).")
+EpochsOpt = typer.Option(None, "--epochs", help="Override the recipe's epochs.")
+BatchOpt = typer.Option(None, "--batch-size", "-b", help="Override the recipe's batch_size (per process).")
+LrOpt = typer.Option(None, "--lr", help="Override the recipe's lr.")
+SeedOpt = typer.Option(None, "--seed", help="Override the recipe's seed.")
+WorkersOpt = typer.Option(None, "--workers", "-j", help="Data-loading processes.")
+ResumeOpt = typer.Option(None, "--resume", help="Continue the run in this directory from last.safetensors.")
+CompileOpt = typer.Option(False, "--compile", help="torch.compile the model.")
+CompileModeOpt = typer.Option(None, "--compile-mode", help="torch.compile mode: default, reduce-overhead or "
+                              "max-autotune (CUDA graphs; implies --compile).")
+SaveEveryOpt = typer.Option(200, "--save-every", help="Also checkpoint every N steps within an epoch (0 = off).")
+DownloadOpt = typer.Option(False, "--download", help="Download a named dataset if it is missing.")
+
+
 @app.command()
 def finetune(
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name (xxs, xs, s) or YAML path [default: xs]."),
-    dataset: Optional[str] = DatasetOpt,
-    data_dir: Optional[str] = DataDirOpt,
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/finetune/<preset>, numbered)."),
-    overrides: Optional[List[str]] = SetOpt,
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override finetune.epochs."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Override finetune.batch_size."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Override finetune.lr."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Override finetune.seed."),
-    device: str = DeviceOpt,
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Data-loading processes."),
+    preset: Optional[str] = TrainPresetOpt, dataset: Optional[str] = DatasetOpt, data_dir: Optional[str] = DataDirOpt,
+    out: Optional[str] = OutOpt, overrides: Optional[List[str]] = SetOpt, epochs: Optional[int] = EpochsOpt,
+    batch_size: Optional[int] = BatchOpt, lr: Optional[float] = LrOpt, seed: Optional[int] = SeedOpt,
+    device: str = DeviceOpt, workers: Optional[int] = WorkersOpt,
     init: Optional[str] = typer.Option(None, "--init", help="Start from a checkpoint's weights (MAE encoder or classifier)."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory from last.safetensors."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
-    compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile mode: default, reduce-overhead or max-autotune (CUDA graphs; implies --compile)."),
-    save_every: int = typer.Option(200, "--save-every", help="Also checkpoint every N steps within an epoch (0 = off)."),
-    download: bool = typer.Option(False, "--download", help="Download a named dataset if it is missing."),
+    resume: Optional[str] = ResumeOpt, compile: bool = CompileOpt, compile_mode: Optional[str] = CompileModeOpt,
+    save_every: int = SaveEveryOpt, download: bool = DownloadOpt,
 ) -> None:
     """Supervised training, from scratch or from a checkpoint (--init). The head gets the dataset's classes.
 
@@ -146,22 +152,12 @@ def finetune(
 
 @app.command()
 def pretrain(
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name (xxs, xs, s) or YAML path [default: xs]."),
-    dataset: Optional[str] = DatasetOpt,
-    data_dir: Optional[str] = DataDirOpt,
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/pretrain/<preset>, numbered)."),
-    overrides: Optional[List[str]] = SetOpt,
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override pretrain.epochs."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Override pretrain.batch_size."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Override pretrain.lr."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Override pretrain.seed."),
-    device: str = DeviceOpt,
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Data-loading processes."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory from last.safetensors."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
-    compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile mode: default, reduce-overhead or max-autotune (CUDA graphs; implies --compile)."),
-    save_every: int = typer.Option(200, "--save-every", help="Also checkpoint every N steps within an epoch (0 = off)."),
-    download: bool = typer.Option(False, "--download", help="Download a named dataset if it is missing."),
+    preset: Optional[str] = TrainPresetOpt, dataset: Optional[str] = DatasetOpt, data_dir: Optional[str] = DataDirOpt,
+    out: Optional[str] = OutOpt, overrides: Optional[List[str]] = SetOpt, epochs: Optional[int] = EpochsOpt,
+    batch_size: Optional[int] = BatchOpt, lr: Optional[float] = LrOpt, seed: Optional[int] = SeedOpt,
+    device: str = DeviceOpt, workers: Optional[int] = WorkersOpt,
+    resume: Optional[str] = ResumeOpt, compile: bool = CompileOpt, compile_mode: Optional[str] = CompileModeOpt,
+    save_every: int = SaveEveryOpt, download: bool = DownloadOpt,
 ) -> None:
     """MAE pre-training (mmLiT). Labels are not needed: a folder of images works.
 

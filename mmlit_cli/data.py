@@ -17,6 +17,7 @@ Reading rules worth knowing:
 
 from __future__ import annotations
 
+import functools
 import gzip
 import math
 import multiprocessing
@@ -1031,10 +1032,17 @@ def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[f
     """
     x = images_uint8
     x = x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
-    shape = (-1, 1, 1)
-    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(shape)
-    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(shape)
+    m, s = _stats_on(x.device, tuple(map(float, mean)), tuple(map(float, std)))
     return x.sub_(m).div_(s)
+
+
+@functools.lru_cache(maxsize=16)
+def _stats_on(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean/std as [C, 1, 1] tensors on `device`, made once: `normalize` runs every training
+    step, and building them from lists each time meant two small host-to-device copies."""
+    shape = (-1, 1, 1)
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(shape),
+            torch.tensor(std, dtype=torch.float32, device=device).view(shape))
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from .checkpoint import Checkpoint, atomic_write_text, load_checkpoint, save_che
 from .config import Config, TrainConfig, dump_config
 from .data import ImageData, build_batch_mix, build_loader, build_train_transform, normalize, set_epoch
 from .errors import MmlitError
-from .metrics import collapsed_layers, evaluate_classifier
+from .metrics import collapsed_layers, evaluate_classifier, finish_usage_tracking
 
 # --------------------------------------------------------------------------- devices and DDP
 
@@ -176,9 +176,6 @@ class ClassifyTask:
                                 self.cfg.model.num_classes)
         return {"val_loss": r.loss, "val_top1": r.top1, "val_top5": r.top5, "expert_usage": r.expert_usage}
 
-    def state_for_checkpoint(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return state
-
 
 class MAETask:
     """Masked auto-encoder pre-training; validation is the reconstruction loss."""
@@ -215,10 +212,7 @@ class MAETask:
                                       torch.tensor(float(images.shape[0]), dtype=torch.float64, device=device)])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(total)
-            for m in encoder.moe_layers():
-                torch.distributed.all_reduce(m.expert_counts)
-        usage = encoder.expert_usage()
-        encoder.set_usage_tracking(False)
+        usage = finish_usage_tracking(encoder)
         model.train(was_training)
         loss_sum, count = total.tolist()
         return {"val_loss": loss_sum / max(count, 1.0), "expert_usage": usage}

@@ -72,17 +72,23 @@ def evaluate_classifier(model: torch.nn.Module, loader, device: torch.device, me
             logits = model(images)
         meter.update(logits, labels)
     meter.all_reduce()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        for m in core.moe_layers():
-            torch.distributed.all_reduce(m.expert_counts)
-    usage = core.expert_usage()
-    core.set_usage_tracking(False)
+    usage = finish_usage_tracking(core)
     model.train(was_training)
     loss, top1, top5, count = meter.sums.tolist()
     count = max(count, 1.0)
     C = meter.num_classes
     return EvalResult(loss / count, 100 * top1 / count, 100 * top5 / count, int(count),
                       meter.confusion.view(C, C).cpu(), usage, time.perf_counter() - start)
+
+
+def finish_usage_tracking(encoder) -> list[list[float]]:
+    """Expert usage since `set_usage_tracking(True)`, summed over DDP ranks; tracking off again."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for m in encoder.moe_layers():
+            torch.distributed.all_reduce(m.expert_counts)
+    usage = encoder.expert_usage()
+    encoder.set_usage_tracking(False)
+    return usage
 
 
 def collapsed_layers(usage: list[list[float]], threshold: float = 0.01) -> list[int]:
