@@ -13,6 +13,12 @@ rotated each round) so that clock/thermal/neighbour drift hits every variant ali
   sparse        (c) the same weights, sparse top-k dispatch as the public re-implementation
                     does it: per expert, gather the tokens routed to it, full SwiGLU (V
                     included) on them, scale by the gate, `index_add_` into the output.
+  public        (e) the same weights computed the way the public re-implementation computes
+                    the whole block: (c)'s dispatch behind its noisy top-k router with the
+                    normal-CDF load-balancing loss, and attention with separate q/k/v
+                    projections, K/V repeated per query head and an explicit softmax (no SDPA).
+                    The issue's premise that the public code trains at about half the naive
+                    speed is about this form, not about (c) alone.
   vit-dense     (d) torchvision's VisionTransformer (36x36, patch 3) with the preset's width,
                     depth and heads and the MLP width solved so that the parameter count is
                     within a few % of the preset's.
@@ -80,6 +86,8 @@ class SparseDispatchMoE(nn.Module):
     the token's gate and `index_add_`-ed into the output. Numerically the same layer as (a).
     """
 
+    aux_loss = None  # no auxiliary loss (read by `MLiT.aux_loss`)
+
     def __init__(self, moe: MoEFeedForward):
         super().__init__()
         self.moe = moe  # router, w1v and w2: the very same Parameter objects
@@ -108,6 +116,112 @@ def sparse_model(model: MLiT) -> MLiT:
     out = copy.deepcopy(model)
     for block in out.blocks:
         block.ffn = SparseDispatchMoE(block.ffn)
+    return out
+
+
+class RepeatedKVAttention(nn.Module):
+    """(e), attention: grouped-query attention the way the public re-implementation computes
+    it - separate q, k and v projections, K and V copied once per query head of their group
+    (`repeat`), then an explicit `softmax(q k^T / sqrt(d)) v`. Same function as
+    `GroupedQueryAttention` (the weights are copied from its fused `qkv`); the output
+    projection is the very same module."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        H, G, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = H, G, d
+        dim = attn.qkv.in_features
+        with torch.no_grad():
+            w, b = attn.qkv.weight.split([H * d, G * d, G * d]), attn.qkv.bias.split([H * d, G * d, G * d])
+            self.q, self.k, self.v = (nn.Linear(dim, wi.shape[0]) for wi in w)
+            for lin, wi, bi in zip((self.q, self.k, self.v), w, b):
+                lin.weight.copy_(wi)
+                lin.bias.copy_(bi)
+        self.proj = attn.proj
+
+    def _heads(self, t: torch.Tensor, heads: int) -> torch.Tensor:
+        return t.view(t.shape[0], t.shape[1], heads, self.head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        H, G = self.num_heads, self.num_kv_heads
+        q = self._heads(self.q(x), H).permute(0, 2, 1, 3)
+        # every kv head copied H // G times, next to each other: query head h reads kv head h // (H // G)
+        k = self._heads(self.k(x), G).unsqueeze(3).repeat(1, 1, 1, H // G, 1).view(B, N, H, self.head_dim)
+        v = self._heads(self.v(x), G).unsqueeze(3).repeat(1, 1, 1, H // G, 1).view(B, N, H, self.head_dim)
+        scores = (q @ k.permute(0, 2, 3, 1)) * self.head_dim ** -0.5
+        out = scores.softmax(dim=-1) @ v.permute(0, 2, 1, 3)
+        return self.proj(out.permute(0, 2, 1, 3).contiguous().view(B, N, H * self.head_dim))
+
+
+class NoisyGateSparseMoE(nn.Module):
+    """(e), MoE layer: the public re-implementation's router and dispatch on the weights of an
+    existing `MoEFeedForward`.
+
+    Router: noisy top-k gating (Shazeer et al. 2017) - clean logits from the layer's router, a
+    second projection giving a per-token noise scale `softplus(x W_noise)`, Gaussian noise
+    while training, top-k, softmax over the chosen logits. Auxiliary loss (added to the
+    training loss): 0.01 x CV(importance) + 0.01 x CV(load), where importance is the summed
+    gates per expert and load the summed probability, through the normal CDF, that each
+    expert stays in a token's top-k under fresh noise (a second top-k for the k-th and
+    (k+1)-th values). Dispatch: per expert, a boolean "routed to e" per token, `torch.where`
+    for its tokens, gather, full SwiGLU (V included), scale by the gate, `index_add_`.
+
+    Two deliberate differences from that code, both in its favour here: no noise at
+    inference (it samples noise in eval too) and no dropout. In eval mode the layer is the
+    same function as (a).
+    """
+
+    def __init__(self, moe: MoEFeedForward, importance_weight: float = 1e-2, load_weight: float = 1e-2):
+        super().__init__()
+        self.moe = moe  # router (the clean gate), w1v and w2: the very same Parameter objects
+        self.noise = nn.Linear(moe.dim, moe.num_experts)
+        self.importance_weight, self.load_weight = importance_weight, load_weight
+        self.aux_loss: torch.Tensor | None = None
+
+    @staticmethod
+    def _cv(v: torch.Tensor) -> torch.Tensor:
+        return v.std(unbiased=False) / (v.mean() + 1e-6)
+
+    def _load_loss(self, clean: torch.Tensor, noisy: torch.Tensor, noise_scale: torch.Tensor,
+                   gates: torch.Tensor) -> torch.Tensor:
+        k = self.moe.top_k
+        kth = noisy.topk(k + 1, dim=-1).values
+        inside, outside = kth[:, k - 1:k], kth[:, k:k + 1]
+        # the threshold each logit must beat to be (stay) in the top-k
+        threshold = torch.where(noisy > inside, inside, torch.where(noisy <= outside, outside, noisy))
+        normal = torch.distributions.Normal(torch.zeros_like(clean), torch.ones_like(clean))
+        p_in = normal.cdf((clean - threshold) / noise_scale)
+        return self.importance_weight * self._cv(gates.sum(0)) + self.load_weight * self._cv(p_in.sum(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        moe = self.moe
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        clean = moe.router(tokens)
+        noise_scale = F.softplus(self.noise(tokens))
+        noisy = clean + torch.randn_like(clean) * noise_scale if self.training else clean
+        top_logits, top_idx = noisy.topk(moe.top_k, dim=-1)
+        gates = tokens.new_zeros(noisy.shape).scatter(-1, top_idx, top_logits.softmax(dim=-1))
+        self.aux_loss = self._load_loss(clean, noisy, noise_scale, gates) if self.training else None
+        w1, b1, wv, bv = moe.expert_weights()
+        out = torch.zeros_like(tokens)
+        for e in range(moe.num_experts):
+            routed = (top_idx == e).any(dim=1)
+            if not routed.any():  # a host sync, as in that code
+                continue
+            tok = torch.where(routed)[0]
+            xe = tokens[tok]
+            hidden = F.silu(F.linear(xe, w1[e], b1[e])) * F.linear(xe, wv, bv)
+            out.index_add_(0, tok, moe.w2(hidden) * gates[tok, e].unsqueeze(-1))
+        return out.view(shape)
+
+
+def public_model(model: MLiT) -> MLiT:
+    out = copy.deepcopy(model)
+    for block in out.blocks:
+        block.attn = RepeatedKVAttention(block.attn)
+        block.ffn = NoisyGateSparseMoE(block.ffn)
     return out
 
 
@@ -199,6 +313,9 @@ def make_fns(v: Variant, device: torch.device, amp: torch.dtype | None, mean, st
         y = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = F.cross_entropy(model(x).float(), y, label_smoothing=0.1)
+            aux = v.base.aux_loss() if isinstance(v.base, MLiT) else None  # as the engine does
+            if aux is not None:
+                loss = loss + aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         return loss.detach()
@@ -258,8 +375,8 @@ def bench_preset(preset: str, args, device: torch.device, amp: torch.dtype | Non
     S = cfg.model.image_size
     torch.manual_seed(0)
     prod = create_model(preset, num_classes=NUM_CLASSES).to(device)
-    naive, sparse = naive_model(prod), sparse_model(prod)
-    check = check_same_function(prod, {"naive": naive, "sparse": sparse}, device, S)
+    naive, sparse, public = naive_model(prod), sparse_model(prod), public_model(prod)
+    check = check_same_function(prod, {"naive": naive, "sparse": sparse, "public": public}, device, S)
     amp_error = autocast_preflight(prod, device, amp, S) if amp is not None else None
     if amp_error:
         print(f"\n   WARNING: the production model fails under {amp} autocast on {device} (the engine's "
@@ -275,7 +392,10 @@ def bench_preset(preset: str, args, device: torch.device, amp: torch.dtype | Non
         variants.append(Variant("mlit+compile", torch.compile(base, dynamic=False), base, target))
     variants += [Variant("naive", naive, naive, n_params(naive)),
                  Variant("sparse", sparse, sparse, n_params(sparse)),
+                 Variant("public", public, public, n_params(public)),
                  Variant("vit-dense", vit, vit, vit_conf["params"])]
+    if args.variants:
+        variants = [v for v in variants if v.name in args.variants]
     for v in variants:
         make_fns(v, device, amp, mean, std)
 
@@ -294,7 +414,7 @@ def bench_preset(preset: str, args, device: torch.device, amp: torch.dtype | Non
         k += 1
         return batches[k % len(batches)]
 
-    print(f"\n== preset {preset}: {target:,} parameters (mlit/naive/sparse share the weights); "
+    print(f"\n== preset {preset}: {target:,} parameters (mlit/naive/sparse/public: the same function in eval mode; public adds its noise projection); "
           f"dense ViT: hidden {vit_conf['hidden_dim']}, depth {vit_conf['num_layers']}, heads "
           f"{vit_conf['num_heads']}, mlp {vit_conf['mlp_dim']} -> {vit_conf['params']:,} parameters "
           f"({100 * (vit_conf['params'] - target) / target:+.1f} %)", flush=True)
@@ -315,7 +435,7 @@ def bench_preset(preset: str, args, device: torch.device, amp: torch.dtype | Non
                 v.infer_fn(one)
             common.sync(device)
         except Exception as exc:  # noqa: BLE001 - e.g. a compile failure: drop the variant, keep the rest
-            if v is variants[0]:
+            if v.name == "mlit":
                 raise
             failed[v.name] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
             print(f"   WARNING: variant {v.name} failed and is left out: {failed[v.name]}", flush=True)
@@ -323,8 +443,8 @@ def bench_preset(preset: str, args, device: torch.device, amp: torch.dtype | Non
 
     # Op, sync and FLOP counts of one steady-state training step (eager).
     for v in variants:
-        if v.name.endswith("+compile"):
-            eager = variants[0]
+        if v.name.endswith("+compile") and any(x.name == "mlit" for x in variants):
+            eager = next(x for x in variants if x.name == "mlit")
             v.ops, v.ops_model, v.flops_per_step, v.attention = eager.ops, eager.ops_model, eager.flops_per_step, \
                 eager.attention
             v.ops_note = "eager mlit's count (compiled graphs bypass the aten dispatcher)"
@@ -343,10 +463,14 @@ def bench_preset(preset: str, args, device: torch.device, amp: torch.dtype | Non
         order = variants[r % len(variants):] + variants[:r % len(variants)]
         for v in order:
             v.model.train()
+            for _ in range(args.round_warmup):  # untimed: the first step after a switch pays for the others
+                v.step(*next_batch())
             dt = common.timed(lambda: [v.step(*next_batch()) for _ in range(args.steps)], device)
             v.train.append(args.steps * B / dt)
         for v in order:
             v.model.eval()
+            for _ in range(args.round_warmup):
+                v.infer_fn(next_batch()[0])
             dt = common.timed(lambda: [v.infer_fn(next_batch()[0]) for _ in range(args.steps)], device)
             v.infer.append(args.steps * B / dt)
         for v in order:
@@ -382,7 +506,7 @@ def print_tables(preset: str, variants: list[Variant], device, args, result: dic
                "of which fwd+bwd", "syncs fwd+bwd", "train GFLOP/img", "attention op"]
     precision = "bf16 autocast" if amp is not None else "fp32"
     title = (f"mLiT-{preset.upper()} on {device}, batch {args.batch}, {precision}, median of {args.rounds} rounds x "
-             f"{args.steps} steps; latency median of {len(variants[0].latency)} calls")
+             f"{args.steps} steps (after {args.round_warmup} untimed); latency median of {len(variants[0].latency)} calls")
     print()
     print(common.format_table(headers, rows, title))
     print("   aten ops/step = fwd+bwd + clip/AdamW (the rest); syncs = calls of the ops listed above "
@@ -393,22 +517,21 @@ def print_tables(preset: str, variants: list[Variant], device, args, result: dic
     ratio_rows = []
     nan = float("nan")
     ref_ops = {x.name: _total(x.ops) for x in variants}
+    refs = ("naive", "sparse", "public")
     for v in variants:
         tr, inf, lat = med[v.name]
         row = [v.name]
-        for ref in ("naive", "sparse"):
-            rtr, rinf, rlat = med.get(ref, (nan, nan, nan))
-            row += [common.fmt_ratio(tr / rtr), common.fmt_ratio(inf / rinf), common.fmt_ratio(rlat / lat)]
+        row += [common.fmt_ratio(tr / med.get(ref, (nan,) * 3)[0]) for ref in refs]
+        row += [common.fmt_ratio(inf / med.get(ref, (nan,) * 3)[1]) for ref in refs]
+        row += [common.fmt_ratio(lat / med.get(ref, (nan,) * 3)[2]) for ref in refs]
         ops = _total(v.ops)
-        for ref in ("naive", "sparse"):
-            row.append(common.fmt_ratio(ops / ref_ops[ref]) if ops and ref_ops.get(ref) else "-")
+        row += [common.fmt_ratio(ops / ref_ops[ref]) if ops and ref_ops.get(ref) else "-" for ref in refs]
         ratio_rows.append(row)
     print()
     print(common.format_table(
-        ["variant", "train vs naive", "infer vs naive", "b1 lat vs naive", "train vs sparse", "infer vs sparse",
-         "b1 lat vs sparse", "ops vs naive", "ops vs sparse"],
-        ratio_rows, "speed-ups (> 1 = faster than the reference; latency as reference ms / variant ms; "
-                    "ops as variant / reference)"))
+        ["variant"] + [f"{what} vs {ref}" for what in ("train", "infer", "b1 lat", "ops") for ref in refs],
+        ratio_rows, "ratios to the reference variants: train and infer as img/s over the reference's "
+                    "(> 1 = faster); b1 lat and ops as the variant's over the reference's (< 1 = fewer ms, fewer ops)"))
 
     if device.type == "cuda" or args.peak_tflops:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -442,8 +565,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None,
                    help="timed training steps (and inference batches) per variant per round (default 3 CPU, 20 CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default 2 CPU, 10 CUDA)")
+    p.add_argument("--round-warmup", type=int, default=None,
+                   help="untimed steps (and inference batches) per variant at the start of each round, so the "
+                        "timed ones are not the first after a switch of model (default 1; --quick: 0)")
     p.add_argument("--latency-calls", type=int, default=None, help="batch-1 calls per variant (default 100)")
     p.add_argument("--distinct-batches", type=int, default=4, help="random batches cycled through")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated subset of mlit,mlit+compile,naive,sparse,public,vit-dense (default: all); "
+                        "one variant per process measures its steady state without the others' heap in the way")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for every variant (what the engine does on CUDA)")
     p.add_argument("--compile", action="store_true", help="add a torch.compile'd production model (mlit+compile)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -454,13 +583,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     cuda = pick_cuda(args.device)
     if args.quick:
-        defaults = dict(presets="xxs", batch=16 if not cuda else 128, rounds=2, steps=1, warmup=1, latency_calls=20)
+        defaults = dict(presets="xxs", batch=16 if not cuda else 128, rounds=2, steps=1, warmup=1, latency_calls=20,
+                        round_warmup=0)
     else:
         defaults = dict(presets="xxs,xs,s", batch=512 if cuda else 64, rounds=5, steps=20 if cuda else 3,
-                        warmup=10 if cuda else 2, latency_calls=100)
+                        warmup=10 if cuda else 2, latency_calls=100, round_warmup=1)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.variants:
+        known = {"mlit", "mlit+compile", "naive", "sparse", "public", "vit-dense"}
+        args.variants = {n.strip() for n in args.variants.split(",") if n.strip()}
+        if not args.variants or args.variants - known:
+            p.error(f"--variants: unknown {sorted(args.variants - known)}; choose from {sorted(known)}")
+        if "mlit+compile" in args.variants:
+            args.compile = True
     return args
 
 

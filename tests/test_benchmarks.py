@@ -1,0 +1,65 @@
+"""The reference variants of benchmarks/bench_models.py compute the production model's function,
+and the script runs end to end: a benchmark whose baselines drifted from mLiT would measure
+something else."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import TINY
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_models  # noqa: E402
+
+from mmlit_cli import create_model  # noqa: E402
+
+
+@pytest.fixture()
+def tiny():
+    torch.manual_seed(0)
+    model = create_model("xxs", num_classes=5, overrides=TINY + ["model.depth=6"])  # stages of 3, 4, 5 experts
+    with torch.no_grad():  # a non-zero head, so logits differ when features do
+        model.head.weight.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("build", [bench_models.naive_model, bench_models.sparse_model, bench_models.public_model])
+def test_reference_variant_is_the_same_function(tiny, build):
+    other = build(tiny)
+    x = torch.randn(3, 3, 12, 12, dtype=torch.float64)
+    tiny.double().eval()
+    other.double().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), tiny(x), rtol=1e-9, atol=1e-10)
+
+
+def test_public_variant_trains_with_noise_and_load_loss(tiny):
+    public = bench_models.public_model(tiny).train()
+    x = torch.randn(4, 3, 12, 12)
+    torch.manual_seed(1)
+    a = public(x)
+    aux = public.aux_loss()
+    assert aux is not None and torch.isfinite(aux) and aux > 0
+    (a.sum() + aux).backward()
+    noise_grads = [b.ffn.noise.weight.grad for b in public.blocks]
+    assert all(g is not None and g.abs().sum() > 0 for g in noise_grads)  # the load loss reaches the noise scale
+    torch.manual_seed(2)
+    assert not torch.equal(public(x), a)  # routing noise while training
+
+
+def test_bench_models_quick_run(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench_models.main(["--quick", "--latency-calls", "3", "--json", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    for name in ("mlit", "naive", "sparse", "public", "vit-dense"):
+        assert f"\n{name} " in text
+    import json
+    result = json.loads(out.read_text())["results"][0]
+    assert set(result["variants"]) == {"mlit", "naive", "sparse", "public", "vit-dense"}
+    assert max(result["same_function_check"].values()) < 1e-4
+    assert result["variants"]["mlit"]["sync_ops_fwd_bwd"] == 0
+    assert result["variants"]["sparse"]["sync_ops_fwd_bwd"] > 0
