@@ -177,6 +177,8 @@ def eval_(
     device: str = DeviceOpt,
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Where confusion.png goes (default: runs/eval/<name>, numbered)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (writes confusion.png only with --out)."),
+    compile: bool = CompileOpt,
+    compile_mode: Optional[str] = CompileModeOpt,
 ) -> None:
     """Top-1, top-5, loss, per-class accuracy, confusion matrix and expert usage of a checkpoint.
 
@@ -187,7 +189,8 @@ def eval_(
 
     if batch_size <= 0:
         raise MmlitError(f"--batch-size must be positive, got {batch_size}")
-    report = evaluate_checkpoint(checkpoint, dataset, split, data_dir, batch_size, device)
+    report = evaluate_checkpoint(checkpoint, dataset, split, data_dir, batch_size, device,
+                                 compile=compile, compile_mode=compile_mode)
     confusion_path = None
     if out is not None or not as_json:
         from .plots import PlotUnavailable, plot_confusion
@@ -233,6 +236,8 @@ def predict(
     csv_path: Optional[str] = typer.Option(None, "--csv", help="Write the predictions to this CSV file."),
     batch_size: int = typer.Option(256, "--batch-size", "-b"),
     device: str = DeviceOpt,
+    compile: bool = CompileOpt,
+    compile_mode: Optional[str] = CompileModeOpt,
 ) -> None:
     """Top-k labels for images, preprocessed exactly as in training. Unreadable files are
     reported and skipped; the exit code is 1 if any file failed.
@@ -245,7 +250,8 @@ def predict(
         raise MmlitError("use --json or --csv, not both")
     if csv_path and Path(csv_path).exists():
         raise MmlitError(f"{csv_path} already exists: choose another --csv file")
-    result = predict_paths(checkpoint, paths, top_k=top_k, batch_size=batch_size, device=device)
+    result = predict_paths(checkpoint, paths, top_k=top_k, batch_size=batch_size, device=device,
+                           compile=compile, compile_mode=compile_mode)
     for path, reason in result.failures:
         err_console.print(f"[red]failed[/red] {escape(path)}: {escape(reason)}", highlight=False, soft_wrap=True)
     if as_json:

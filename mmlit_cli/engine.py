@@ -60,6 +60,25 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def check_compile_mode(mode: str | None) -> None:
+    if mode not in (None, *COMPILE_MODES):
+        raise MmlitError(f"--compile-mode must be {', '.join(COMPILE_MODES[:-1])} or {COMPILE_MODES[-1]}, got '{mode}'")
+
+
+def maybe_compile(module: torch.nn.Module, compile: bool = False, mode: str | None = None):
+    """`torch.compile(module)` when asked (a `mode` implies it), else the module itself.
+
+    Tiny models on a GPU are launch-bound: "reduce-overhead" / "max-autotune" add CUDA graphs.
+    """
+    check_compile_mode(mode)
+    if not (compile or mode):
+        return module
+    return torch.compile(module, mode=None if mode in (None, "default") else mode)
+
+
 @dataclass
 class Dist:
     rank: int = 0
@@ -348,10 +367,7 @@ class Trainer:
         if self.dist.enabled:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if opts.compile or opts.compile_mode:
-            # Tiny models on a GPU are launch-bound: "reduce-overhead"/"max-autotune" add CUDA graphs.
-            mode = None if opts.compile_mode in (None, "default") else opts.compile_mode
-            self.train_model = torch.compile(self.train_model, mode=mode)
+        self.train_model = maybe_compile(self.train_model, opts.compile, opts.compile_mode)
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best: float | None = None

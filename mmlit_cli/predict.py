@@ -27,7 +27,7 @@ from .data import normalize
 # Private helpers of data.py, imported on purpose: predict must decode and resize exactly as
 # training does, so it reuses them rather than keeping a copy that could drift.
 from .data import _decode_files, _one_line, _to_rgb
-from .engine import resolve_device
+from .engine import maybe_compile, resolve_device
 from .errors import MmlitError
 from .inference import load_classifier
 
@@ -155,12 +155,13 @@ def _chunk_size(image_size: int) -> int:
 
 
 def predict_paths(ckpt_path: str | Path, paths: list[str], top_k: int = 5, batch_size: int = 256,
-                  device: str = "auto") -> PredictResult:
+                  device: str = "auto", compile: bool = False, compile_mode: str | None = None) -> PredictResult:
     """Top-k class probabilities (softmax) for every image among `paths` (see `collect_images`).
 
     `top_k` is capped at the number of classes. Files that cannot be decoded, and PATHs
     that match nothing, end up in `.failures`; raises `MmlitError` for a bad checkpoint
     (including an MAE checkpoint), bad arguments, or when no PATH yields any file at all.
+    `compile` / `compile_mode`: `torch.compile` the model first (worth it for many images).
     """
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise MmlitError(f"--top-k must be a positive integer, got {top_k!r}")
@@ -172,6 +173,7 @@ def predict_paths(ckpt_path: str | Path, paths: list[str], top_k: int = 5, batch
         raise MmlitError("no image given: pass image files, folders or glob patterns")
     dev = resolve_device(device)
     model, ckpt = load_classifier(ckpt_path, dev)
+    model = maybe_compile(model, compile, compile_mode)
     num_classes = ckpt.config.model.num_classes
     classes = list(ckpt.classes) or [str(i) for i in range(num_classes)]
     k = min(top_k, num_classes)

@@ -14,7 +14,7 @@ from rich.markup import escape
 from .checkpoint import atomic_write, load_checkpoint, load_weights_into
 from .config import Config, load_config
 from .data import ImageData, load_split
-from .engine import ClassifyTask, MAETask, RunOptions, Trainer, resolve_device
+from .engine import ClassifyTask, MAETask, RunOptions, Trainer, check_compile_mode, resolve_device
 from .errors import MmlitError
 
 
@@ -88,8 +88,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     shortcuts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers)
 
     resolve_device(device)  # a missing GPU is reported before any data is read
-    if compile_mode not in (None, "default", "reduce-overhead", "max-autotune"):
-        raise MmlitError(f"--compile-mode must be default, reduce-overhead or max-autotune, got '{compile_mode}'")
+    check_compile_mode(compile_mode)
     resume_ckpt = None
     if resume is not None:
         run_dir = Path(resume)

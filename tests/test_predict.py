@@ -184,3 +184,23 @@ def test_mae_checkpoint_is_refused(trained, tmp_path):
                  quiet=True, max_steps=1)
     with pytest.raises(CheckpointError, match="MAE pre-training checkpoint"):
         predict_paths(tmp_path / "mae" / "last.safetensors", [str(root / "val")])
+
+
+def test_compiled_eval_and_predict_match_eager(trained):
+    """`--compile` for inference: same figures as eager, also for a partial last batch
+    (17 images in batches of 5: a second, dynamic-shape graph)."""
+    root, ckpt = trained
+    eager = predict_paths(ckpt, [str(root / "val")], top_k=3, batch_size=5, device="cpu")
+    compiled = predict_paths(ckpt, [str(root / "val")], top_k=3, batch_size=5, device="cpu", compile=True)
+    for p, q in zip(eager.predictions, compiled.predictions, strict=True):
+        assert [t["label"] for t in p["top"]] == [t["label"] for t in q["top"]]
+        assert max(abs(s["prob"] - t["prob"]) for s, t in zip(p["top"], q["top"])) < 1e-5
+    a = evaluate_checkpoint(ckpt, str(root), "val", batch_size=5, device="cpu")
+    b = evaluate_checkpoint(ckpt, str(root), "val", batch_size=5, device="cpu", compile=True)
+    assert torch.equal(a.result.confusion, b.result.confusion)
+    assert abs(a.result.loss - b.result.loss) < 1e-5
+    assert len(b.result.expert_usage) == len(a.result.expert_usage) == 3  # usage counting works compiled
+    for la, lb in zip(a.result.expert_usage, b.result.expert_usage):
+        assert sum(lb) == pytest.approx(1.0) and lb == pytest.approx(la)
+    with pytest.raises(MmlitError, match="--compile-mode must be"):
+        predict_paths(ckpt, [str(root / "val")], device="cpu", compile_mode="fastest")
