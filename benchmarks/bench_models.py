@@ -133,7 +133,7 @@ class RepeatedKVAttention(nn.Module):
         dim = attn.qkv.in_features
         with torch.no_grad():
             w, b = attn.qkv.weight.split([H * d, G * d, G * d]), attn.qkv.bias.split([H * d, G * d, G * d])
-            self.q, self.k, self.v = (nn.Linear(dim, wi.shape[0]) for wi in w)
+            self.q, self.k, self.v = (nn.Linear(dim, wi.shape[0], device=wi.device, dtype=wi.dtype) for wi in w)
             for lin, wi, bi in zip((self.q, self.k, self.v), w, b):
                 lin.weight.copy_(wi)
                 lin.bias.copy_(bi)
@@ -167,6 +167,10 @@ class NoisyGateSparseMoE(nn.Module):
     (k+1)-th values). Dispatch: per expert, a boolean "routed to e" per token, `torch.where`
     for its tokens, gather, full SwiGLU (V included), scale by the gate, `index_add_`.
 
+    The auxiliary loss follows that code, not the paper it cites: the coefficient of variation
+    is not squared, and the in-top-k threshold rule is that code's (an expert above the k-th
+    value is compared with the k-th, one at or below the (k+1)-th with the (k+1)-th, the k-th
+    with itself). The cost is the same either way; only its value would differ.
     Two deliberate differences from that code, both in its favour here: no noise at
     inference (it samples noise in eval too) and no dropout. In eval mode the layer is the
     same function as (a).
@@ -175,7 +179,8 @@ class NoisyGateSparseMoE(nn.Module):
     def __init__(self, moe: MoEFeedForward, importance_weight: float = 1e-2, load_weight: float = 1e-2):
         super().__init__()
         self.moe = moe  # router (the clean gate), w1v and w2: the very same Parameter objects
-        self.noise = nn.Linear(moe.dim, moe.num_experts)
+        ref = moe.router.weight
+        self.noise = nn.Linear(moe.dim, moe.num_experts, device=ref.device, dtype=ref.dtype)
         self.importance_weight, self.load_weight = importance_weight, load_weight
         self.aux_loss: torch.Tensor | None = None
 
@@ -441,10 +446,16 @@ def bench_preset(preset: str, args, device: torch.device, amp: torch.dtype | Non
             print(f"   WARNING: variant {v.name} failed and is left out: {failed[v.name]}", flush=True)
             variants.remove(v)
 
+    if not variants:
+        raise SystemExit(f"preset {preset}: no variant left to measure (see the warnings above)")
+
     # Op, sync and FLOP counts of one steady-state training step (eager).
     for v in variants:
-        if v.name.endswith("+compile") and any(x.name == "mlit" for x in variants):
-            eager = next(x for x in variants if x.name == "mlit")
+        if v.name.endswith("+compile"):
+            eager = next((x for x in variants if x.name == "mlit"), None)
+            if eager is None:
+                v.ops_note = "not counted: compiled graphs bypass the aten dispatcher (add mlit for its eager count)"
+                continue
             v.ops, v.ops_model, v.flops_per_step, v.attention = eager.ops, eager.ops_model, eager.flops_per_step, \
                 eager.attention
             v.ops_note = "eager mlit's count (compiled graphs bypass the aten dispatcher)"
@@ -571,7 +582,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-calls", type=int, default=None, help="batch-1 calls per variant (default 100)")
     p.add_argument("--distinct-batches", type=int, default=4, help="random batches cycled through")
     p.add_argument("--variants", default=None,
-                   help="comma-separated subset of mlit,mlit+compile,naive,sparse,public,vit-dense (default: all); "
+                   help="comma-separated subset of mlit,mlit+compile,naive,sparse,public,vit-dense (default: all but "
+                        "mlit+compile, which --compile or naming it adds); "
                         "one variant per process measures its steady state without the others' heap in the way")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for every variant (what the engine does on CUDA)")
     p.add_argument("--compile", action="store_true", help="add a torch.compile'd production model (mlit+compile)")

@@ -44,11 +44,17 @@ def test_public_variant_trains_with_noise_and_load_loss(tiny):
     a = public(x)
     aux = public.aux_loss()
     assert aux is not None and torch.isfinite(aux) and aux > 0
-    (a.sum() + aux).backward()
+    aux.backward()  # the auxiliary loss alone must reach the noise projection (through the CDF)
     noise_grads = [b.ffn.noise.weight.grad for b in public.blocks]
-    assert all(g is not None and g.abs().sum() > 0 for g in noise_grads)  # the load loss reaches the noise scale
+    assert all(g is not None and g.abs().sum() > 0 for g in noise_grads)
     torch.manual_seed(2)
     assert not torch.equal(public(x), a)  # routing noise while training
+
+
+def test_public_variant_lives_where_the_model_does(tiny):
+    public = bench_models.public_model(tiny.to(torch.bfloat16))
+    assert {p.dtype for p in public.parameters()} == {torch.bfloat16}
+    assert {p.device for p in public.parameters()} == {next(tiny.parameters()).device}
 
 
 def test_bench_models_quick_run(tmp_path, capsys):
@@ -63,3 +69,9 @@ def test_bench_models_quick_run(tmp_path, capsys):
     assert max(result["same_function_check"].values()) < 1e-4
     assert result["variants"]["mlit"]["sync_ops_fwd_bwd"] == 0
     assert result["variants"]["sparse"]["sync_ops_fwd_bwd"] > 0
+
+
+def test_bench_models_variant_subset(capsys):
+    assert bench_models.main(["--quick", "--variants", "mlit", "--latency-calls", "2", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "\nmlit " in text and "\nnaive " not in text and "\npublic " not in text
