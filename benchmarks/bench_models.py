@@ -19,6 +19,9 @@ rotated each round) so that clock/thermal/neighbour drift hits every variant ali
                     projections, K/V repeated per query head and an explicit softmax (no SDPA).
                     The issue's premise that the public code trains at about half the naive
                     speed is about this form, not about (c) alone.
+  moe-free      (f) the production model with every MoE layer replaced by a zero output: the
+                    time no MoE implementation can remove, so its img/s bounds what any MoE form
+                    (fused, sparse, anything) can reach with this attention (Amdahl).
   vit-dense     (d) torchvision's VisionTransformer (36x36, patch 3) with the preset's width,
                     depth and heads and the MLP width solved so that the parameter count is
                     within a few % of the preset's.
@@ -116,6 +119,24 @@ def sparse_model(model: MLiT) -> MLiT:
     out = copy.deepcopy(model)
     for block in out.blocks:
         block.ffn = SparseDispatchMoE(block.ffn)
+    return out
+
+
+class FreeMoE(nn.Module):
+    """(f): an MoE layer that costs nothing - its output is zero (one multiply)."""
+
+    aux_loss = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 0.0
+
+
+def moe_free_model(model: MLiT) -> MLiT:
+    """Everything but the MoE layers (attention, norms, embedding, head, optimizer): the time
+    no MoE implementation can remove, hence the most any MoE form can gain (Amdahl)."""
+    out = copy.deepcopy(model)
+    for block in out.blocks:
+        block.ffn = FreeMoE()
     return out
 
 
@@ -399,6 +420,8 @@ def bench_preset(preset: str, args, device: torch.device, amp: torch.dtype | Non
                  Variant("sparse", sparse, sparse, n_params(sparse)),
                  Variant("public", public, public, n_params(public)),
                  Variant("vit-dense", vit, vit, vit_conf["params"])]
+    free = moe_free_model(prod)
+    variants.append(Variant("moe-free", free, free, n_params(free)))
     if args.variants:
         variants = [v for v in variants if v.name in args.variants]
     for v in variants:
@@ -544,6 +567,17 @@ def print_tables(preset: str, variants: list[Variant], device, args, result: dic
         ratio_rows, "ratios to the reference variants: train and infer as img/s over the reference's "
                     "(> 1 = faster); b1 lat and ops as the variant's over the reference's (< 1 = fewer ms, fewer ops)"))
 
+    if "moe-free" in med:
+        floor = med["moe-free"][0]
+        bounds = [f"{ref} {common.fmt_ratio(floor / med[ref][0])}" for ref in ("naive", "sparse", "public") if ref in med]
+        line = (f"   bound: with free MoE layers (moe-free) training runs at {common.fmt_num(floor)} img/s, so no MoE "
+                f"implementation can train faster than that: at most " + ", ".join(bounds) + " the reference")
+        if "mlit" in med:
+            share = 1 - med["mlit"][0] / floor
+            line += f"; the MoE layers take {100 * share:.0f} % of mlit's training step"
+        print(line)
+        result["moe_free_bound"] = {ref: floor / med[ref][0] for ref in ("naive", "sparse", "public") if ref in med}
+
     if device.type == "cuda" or args.peak_tflops:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         peak = args.peak_tflops * 1e12 if args.peak_tflops else common.peak_bf16_flops(name)
@@ -604,7 +638,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.variants:
-        known = {"mlit", "mlit+compile", "naive", "sparse", "public", "vit-dense"}
+        known = {"mlit", "mlit+compile", "naive", "sparse", "public", "vit-dense", "moe-free"}
         args.variants = {n.strip() for n in args.variants.split(",") if n.strip()}
         if not args.variants or args.variants - known:
             p.error(f"--variants: unknown {sorted(args.variants - known)}; choose from {sorted(known)}")

@@ -61,11 +61,12 @@ def test_bench_models_quick_run(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench_models.main(["--quick", "--latency-calls", "3", "--json", str(out), "--quiet"]) == 0
     text = capsys.readouterr().out
-    for name in ("mlit", "naive", "sparse", "public", "vit-dense"):
+    for name in ("mlit", "naive", "sparse", "public", "vit-dense", "moe-free"):
         assert f"\n{name} " in text
     import json
     result = json.loads(out.read_text())["results"][0]
-    assert set(result["variants"]) == {"mlit", "naive", "sparse", "public", "vit-dense"}
+    assert set(result["variants"]) == {"mlit", "naive", "sparse", "public", "vit-dense", "moe-free"}
+    assert 1.0 < result["moe_free_bound"]["sparse"] < 10  # free MoE layers are faster, but not boundlessly
     assert max(result["same_function_check"].values()) < 1e-4
     assert result["variants"]["mlit"]["sync_ops_fwd_bwd"] == 0
     assert result["variants"]["sparse"]["sync_ops_fwd_bwd"] > 0
