@@ -59,7 +59,7 @@ from torch import nn  # noqa: E402
 from mmlit_cli import create_model  # noqa: E402
 from mmlit_cli.config import load_config  # noqa: E402
 from mmlit_cli.data import normalize  # noqa: E402
-from mmlit_cli.engine import param_groups  # noqa: E402
+from mmlit_cli.engine import build_adamw, param_groups  # noqa: E402
 from mmlit_cli.model import MLiT, MoEFeedForward  # noqa: E402
 
 NUM_CLASSES = 100
@@ -328,9 +328,7 @@ def make_fns(v: Variant, device: torch.device, amp: torch.dtype | None, mean, st
     """The training step (as `engine.Trainer._train_step`, minus lr schedule and MixUp) and
     the inference call of a variant. The step is two halves so that their ops can be counted
     apart: `fwd_bwd` (normalize, forward, loss, backward) and `update` (clip + AdamW)."""
-    fused = device.type == "cuda"  # as the engine: fused AdamW on CUDA, multi-tensor (foreach) elsewhere
-    opt = torch.optim.AdamW(param_groups(v.base, 0.05), lr=1e-3, betas=(0.9, 0.999), fused=fused,
-                            foreach=None if fused else True)
+    opt = build_adamw(param_groups(v.base, 0.05), 1e-3, (0.9, 0.999), device)  # as the engine builds it
     params = [p for p in v.base.parameters() if p.requires_grad]
     model = v.model
 
@@ -446,7 +444,7 @@ def bench_preset(preset: str, args, device: torch.device, amp: torch.dtype | Non
           f"dense ViT: hidden {vit_conf['hidden_dim']}, depth {vit_conf['num_layers']}, heads "
           f"{vit_conf['num_heads']}, mlp {vit_conf['mlp_dim']} -> {vit_conf['params']:,} parameters "
           f"({100 * (vit_conf['params'] - target) / target:+.1f} %)", flush=True)
-    print(f"   same function check, max |features - mlit| at init (fp32): "
+    print("   same function check, max |features - mlit| at init (fp32): "
           + ", ".join(f"{n} {d:.1e}" for n, d in check.items()), flush=True)
 
     # Warm-up: allocator, lazy AdamW state, oneDNN/cuBLAS plans, torch.compile graphs.

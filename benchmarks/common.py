@@ -185,14 +185,6 @@ class AtenOpCounter(TorchDispatchMode):
         self.counts[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
 
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    @property
-    def syncs(self) -> int:
-        return sum(n for name, n in self.counts.items() if name in SYNC_OPS)
-
 
 def count_aten_ops(fn: Callable[[], Any]) -> AtenOpCounter:
     with AtenOpCounter() as counter:

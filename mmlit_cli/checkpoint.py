@@ -52,6 +52,11 @@ class Checkpoint:
     def std(self) -> list[float]:
         return self.config.data.std
 
+    @property
+    def class_names(self) -> list[str]:
+        """The stored class names, or "0", "1", ... when the run had none."""
+        return list(self.classes) or [str(i) for i in range(self.config.model.num_classes)]
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -125,9 +130,7 @@ def load_checkpoint(path: str | Path, with_train_state: bool = False) -> Checkpo
                 raise CheckpointError(f"{path}: not an mmlit checkpoint (no '{FORMAT}' metadata)")
             keys = [k for k in f.keys() if with_train_state or not k.startswith(TRAIN_PREFIX)]
             tensors = {k: f.get_tensor(k) for k in keys}
-    except SafetensorError as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    except (OSError, ValueError) as e:  # truncated or garbage headers surface as these too
+    except (SafetensorError, OSError, ValueError) as e:  # truncated or garbage headers raise the last two
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     task = meta.get("task")
     if task not in TASKS:

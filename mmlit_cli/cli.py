@@ -96,15 +96,11 @@ DataDirOpt = typer.Option(None, "--data-dir", help="Where named datasets live (d
 DeviceOpt = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
 
 
-def _train_command(kind: str, preset, dataset, data_dir, out, overrides, epochs, batch_size, lr, seed, device,
-                   workers, init, resume, compile, compile_mode, save_every, download) -> None:
+def _train_command(kind: str, **options) -> None:
+    """`options`: the command's parameters by name, which are `run_training`'s keywords."""
     from .train import run_training
 
-    result = run_training(kind, preset, dataset, data_dir=data_dir, out=out, overrides=overrides, epochs=epochs,
-                          batch_size=batch_size, lr=lr, seed=seed, workers=workers, device=device, init=init,
-                          resume=resume, compile=compile, compile_mode=compile_mode, save_every=save_every,
-                          download=download,
-                          console=console)
+    result = run_training(kind, console=console, **options)
     if result["stopped"] == "interrupt":
         raise typer.Exit(130)
     out_dir = result["out_dir"]
@@ -146,8 +142,7 @@ def finetune(
 
     Example:  mmlit finetune --preset xxs --dataset ./cifar10-folder --epochs 1 --out runs/c10
     """
-    _train_command("finetune", preset, dataset, data_dir, out, overrides, epochs, batch_size, lr, seed, device,
-                   workers, init, resume, compile, compile_mode, save_every, download)
+    _train_command("finetune", **locals())
 
 
 @app.command()
@@ -163,8 +158,7 @@ def pretrain(
 
     Example:  mmlit pretrain --preset xs --dataset ./images --epochs 100
     """
-    _train_command("pretrain", preset, dataset, data_dir, out, overrides, epochs, batch_size, lr, seed, device,
-                   workers, None, resume, compile, compile_mode, save_every, download)
+    _train_command("pretrain", **locals())
 
 
 @app.command("eval")
@@ -187,8 +181,6 @@ def eval_(
     from .inference import evaluate_checkpoint
     from .train import new_run_dir
 
-    if batch_size <= 0:
-        raise MmlitError(f"--batch-size must be positive, got {batch_size}")
     report = evaluate_checkpoint(checkpoint, dataset, split, data_dir, batch_size, device,
                                  compile=compile, compile_mode=compile_mode)
     confusion_path = None

@@ -116,7 +116,7 @@ def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset
         raise MmlitError(f"--opset must be an integer >= 14, got {opset!r}")
     model, ckpt = load_classifier(ckpt_path, "cpu")
     size = ckpt.image_size
-    classes = list(ckpt.classes) or [str(i) for i in range(ckpt.config.model.num_classes)]
+    classes = ckpt.class_names
     ckpt_path = Path(ckpt_path)
     out = Path(out_path) if out_path is not None else ckpt_path.with_suffix(".onnx")
     if out.is_dir():
@@ -148,8 +148,6 @@ def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset
                 torch.onnx.export(wrapper, (example,), tmp, input_names=["images"], output_names=["logits"],
                                   dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True,
                                   external_data=False, verbose=False)
-        except MmlitError:
-            raise
         except Exception as exc:  # noqa: BLE001 - exporter errors are many and varied
             raise MmlitError(f"ONNX export of {ckpt_path} failed ({type(exc).__name__}: "
                              f"{_one_line(exc)})") from exc

@@ -9,7 +9,7 @@ import torch
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .data import build_loader, load_split
-from .engine import maybe_compile, resolve_device
+from .engine import amp_dtype, maybe_compile, resolve_device
 from .errors import CheckpointError, MmlitError
 from .metrics import EvalResult, evaluate_classifier
 from .model import MLiT
@@ -54,6 +54,8 @@ def evaluate_checkpoint(ckpt_path: str | Path, dataset: str, split: str = "val",
     `torch.compile` the model first (see `engine.maybe_compile`); it pays off on large splits."""
     if split not in ("train", "val", "test"):
         raise MmlitError(f"--split must be train, val or test, got '{split}'")
+    if batch_size <= 0:
+        raise MmlitError(f"--batch-size must be positive, got {batch_size}")
     dev = resolve_device(device)
     model, ckpt = load_classifier(ckpt_path, dev)
     runner = maybe_compile(model, compile, compile_mode)
@@ -64,6 +66,6 @@ def evaluate_checkpoint(ckpt_path: str | Path, dataset: str, split: str = "val",
                          f"{len(data.classes)}")
     classes = ckpt.classes or data.classes
     loader = build_loader(data, batch_size, None, workers=workers)
-    amp = torch.bfloat16 if dev.type == "cuda" else None
+    amp = amp_dtype(dev)
     result = evaluate_classifier(runner, loader, dev, cfg.data.mean, cfg.data.std, amp, cfg.model.num_classes)
     return EvalReport(result, classes, data.source)

@@ -124,5 +124,8 @@ class MaskedAutoencoder(nn.Module):
             pred = pred * std + mean
         return unpatchify(pred, self.model_cfg.patch_size, self.model_cfg.in_chans)
 
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"mask_token", "decoder_pos_embed"}
+
     def aux_loss(self) -> torch.Tensor | None:
         return self.encoder.aux_loss()

@@ -30,7 +30,7 @@ class EvalResult:
 
 
 class ClassifierMeter:
-    """Accumulates sums on the device; one host sync at `result()`."""
+    """Accumulates sums on the device; the host reads them once, after the last batch."""
 
     def __init__(self, num_classes: int, device: torch.device):
         self.num_classes = num_classes
@@ -44,9 +44,9 @@ class ClassifierMeter:
         hit = top == labels.unsqueeze(1)
         loss = F.cross_entropy(logits, labels, reduction="sum")
         self.sums += torch.stack([loss.double(), hit[:, 0].sum().double(), hit.any(1).sum().double(),
-                                  torch.tensor(float(labels.numel()), dtype=torch.float64, device=labels.device)])
-        self.confusion += torch.bincount(labels * self.num_classes + top[:, 0],
-                                         minlength=self.num_classes**2)
+                                  torch.full((), float(labels.numel()), dtype=torch.float64, device=labels.device)])
+        # index_add_, not bincount: bincount reads the max back to the host to size its output
+        self.confusion.index_add_(0, labels * self.num_classes + top[:, 0], torch.ones_like(labels))
 
     def all_reduce(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -61,8 +61,7 @@ def evaluate_classifier(model: torch.nn.Module, loader, device: torch.device, me
     start = time.perf_counter()
     was_training = model.training
     model.eval()
-    core = getattr(model, "module", model)
-    core = getattr(core, "_orig_mod", core)
+    core = unwrap_model(model)
     core.set_usage_tracking(True)
     meter = ClassifierMeter(num_classes or core.cfg.num_classes, device)
     for images, labels in loader:
@@ -79,6 +78,12 @@ def evaluate_classifier(model: torch.nn.Module, loader, device: torch.device, me
     C = meter.num_classes
     return EvalResult(loss / count, 100 * top1 / count, 100 * top5 / count, int(count),
                       meter.confusion.view(C, C).cpu(), usage, time.perf_counter() - start)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under DDP (`.module`) and `torch.compile` (`._orig_mod`) wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
 
 
 def finish_usage_tracking(encoder) -> list[list[float]]:

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .checkpoint import atomic_write
@@ -27,7 +26,7 @@ from .data import normalize
 # Private helpers of data.py, imported on purpose: predict must decode and resize exactly as
 # training does, so it reuses them rather than keeping a copy that could drift.
 from .data import _decode_files, _one_line, _to_rgb
-from .engine import maybe_compile, resolve_device
+from .engine import amp_dtype, maybe_compile, resolve_device
 from .errors import MmlitError
 from .inference import load_classifier
 
@@ -175,10 +174,10 @@ def predict_paths(ckpt_path: str | Path, paths: list[str], top_k: int = 5, batch
     model, ckpt = load_classifier(ckpt_path, dev)
     model = maybe_compile(model, compile, compile_mode)
     num_classes = ckpt.config.model.num_classes
-    classes = list(ckpt.classes) or [str(i) for i in range(num_classes)]
+    classes = ckpt.class_names
     k = min(top_k, num_classes)
     size = ckpt.image_size
-    amp = torch.bfloat16 if dev.type == "cuda" else None  # as `eval` runs it
+    amp = amp_dtype(dev)
 
     files, failures = collect_images(paths)
     if not files:
@@ -197,7 +196,7 @@ def predict_paths(ckpt_path: str | Path, paths: list[str], top_k: int = 5, batch
         good_files = [f for f, good in zip(chunk, ok) if good]
         if not good_files:
             continue
-        images = torch.from_numpy(np.ascontiguousarray(arrays[ok])).permute(0, 3, 1, 2)
+        images = torch.from_numpy(arrays[ok]).permute(0, 3, 1, 2)
         for b0 in range(0, len(good_files), batch_size):
             batch = images[b0:b0 + batch_size].contiguous()
             with torch.inference_mode():
@@ -206,7 +205,7 @@ def predict_paths(ckpt_path: str | Path, paths: list[str], top_k: int = 5, batch
                     logits = model(x)
                 probs = logits.float().softmax(dim=1)
                 top_p, top_i = probs.topk(k, dim=1)
-            for f, ps, idx in zip(good_files[b0:b0 + batch_size], top_p.cpu().tolist(), top_i.cpu().tolist()):
+            for f, ps, idx in zip(good_files[b0:b0 + batch_size], top_p.tolist(), top_i.tolist()):
                 result.predictions.append(
                     {"path": str(f), "top": [{"label": classes[i], "prob": p} for p, i in zip(ps, idx)]})
     result.failures = failures

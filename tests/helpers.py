@@ -11,6 +11,16 @@ TINY = ["model.depth=3", "model.embed_dim=24", "model.num_heads=4", "model.num_k
         "finetune.warmup_epochs=1", "pretrain.warmup_epochs=1", "finetune.workers=0", "pretrain.workers=0"]
 
 
+def train_tiny(base: Path, epochs: int = 1) -> tuple[Path, Path]:
+    """A colour image folder under `base` and a tiny classifier run trained on it: (folder, run dir)."""
+    from mmlit_cli.train import run_training
+
+    data = write_folder(base / "colours")
+    run_training("finetune", "xxs", str(data), out=base / "run", overrides=TINY, epochs=epochs, batch_size=8,
+                 quiet=True)
+    return data, base / "run"
+
+
 def write_folder(root: Path, classes=("red", "green", "blue"), per_class=12, size=10, labelled=True):
     rng = np.random.default_rng(0)
     for c, name in enumerate(classes):

@@ -54,12 +54,10 @@ def test_help_has_examples():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from helpers import TINY, write_folder
-    from mmlit_cli.train import run_training
+    from helpers import train_tiny
 
     root = tmp_path_factory.mktemp("cli")
-    folder = write_folder(root / "colours")
-    run_training("finetune", "xxs", str(folder), out=root / "run", overrides=TINY, epochs=1, batch_size=8, quiet=True)
+    folder, _ = train_tiny(root)
     return root, folder
 
 

@@ -3,7 +3,6 @@
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx  # the [onnx] extra is part of the test requirements: these tests must not be skipped
@@ -11,27 +10,23 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from helpers import TINY, write_folder
+from helpers import TINY, train_tiny
 
-from mmlit_cli.data import normalize  # noqa: E402
-from mmlit_cli.errors import CheckpointError, MmlitError  # noqa: E402
-from mmlit_cli.export import export_onnx  # noqa: E402
-from mmlit_cli.inference import load_classifier  # noqa: E402
-from mmlit_cli.predict import predict_paths  # noqa: E402
-from mmlit_cli.train import run_training  # noqa: E402
-
-
+from mmlit_cli.data import normalize
+from mmlit_cli.errors import CheckpointError, MmlitError
+from mmlit_cli.export import export_onnx
+from mmlit_cli.inference import load_classifier
+from mmlit_cli.predict import predict_paths
+from mmlit_cli.train import run_training
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny classifier checkpoint and its ONNX export at the default path."""
     base = tmp_path_factory.mktemp("export")
-    data = write_folder(base / "colours")
-    run_training("finetune", "xxs", str(data), out=base / "run", overrides=TINY, epochs=1, batch_size=8,
-                 quiet=True)
+    data, run = train_tiny(base)
     ckpt = base / "model.safetensors"
-    shutil.copy(base / "run" / "best.safetensors", ckpt)
+    shutil.copy(run / "best.safetensors", ckpt)
     result = export_onnx(ckpt)
     return data, ckpt, result
 

@@ -9,23 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY, write_folder
+from helpers import train_tiny
 
-from mmlit_cli.errors import MmlitError  # noqa: E402
-from mmlit_cli.inference import evaluate_checkpoint  # noqa: E402
-from mmlit_cli.plots import PlotUnavailable, plot_confusion, plot_curves  # noqa: E402
-from mmlit_cli.train import run_training  # noqa: E402
-
-
+from mmlit_cli.errors import MmlitError
+from mmlit_cli.inference import evaluate_checkpoint
+from mmlit_cli.plots import PlotUnavailable, plot_confusion, plot_curves
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("plots")
-    data = write_folder(base / "colours")
-    run_training("finetune", "xxs", str(data), out=base / "run", overrides=TINY, epochs=3, batch_size=8,
-                 quiet=True)
-    return data, base / "run"
+    return train_tiny(tmp_path_factory.mktemp("plots"), epochs=3)
 
 
 def _png(path: Path) -> tuple[int, int]:

@@ -3,7 +3,6 @@
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +12,13 @@ from PIL import Image
 
 from helpers import TINY, write_folder
 
-from mmlit_cli.data import load_split, normalize  # noqa: E402
-from mmlit_cli.errors import CheckpointError, MmlitError  # noqa: E402
-from mmlit_cli.inference import evaluate_checkpoint, load_classifier  # noqa: E402
-from mmlit_cli.predict import collect_images, predict_paths, write_csv  # noqa: E402
-from mmlit_cli.train import run_training  # noqa: E402
+from mmlit_cli.data import load_split, normalize
+from mmlit_cli.errors import CheckpointError, MmlitError
+from mmlit_cli.inference import evaluate_checkpoint, load_classifier
+from mmlit_cli.predict import collect_images, predict_paths, write_csv
+from mmlit_cli.train import run_training
 
 CLASSES = ["blue", "green", "red"]
-
-
 
 
 def _odd_images(folder: Path) -> None:

@@ -205,3 +205,24 @@ def test_pretrain_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path)
     wb = load_checkpoint(tmp_path / "part" / "last.safetensors").tensors
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_ema_is_what_gets_validated_and_saved_as_best(folder, tmp_path):
+    """EMA on (with the load-balancing loss, whose tensor a model copy must not trip over):
+    best.safetensors holds the averaged weights, not the live ones, and validation counts
+    expert usage on the model it runs."""
+    out = tmp_path / "ema"
+    finetune(folder, out, epochs=1, overrides=TINY + ["finetune.ema=true", "finetune.ema_decay=0.9",
+                                                      "model.aux_loss_weight=0.01"])
+    best = load_checkpoint(out / "best.safetensors").tensors
+    last = load_checkpoint(out / "last.safetensors", with_train_state=True)
+    ema = {k[len("ema/"):]: v for k, v in last.train_tensors.items() if k.startswith("ema/")}
+    assert ema.keys() == best.keys()
+    assert all(torch.equal(best[k], ema[k]) for k in best)
+    assert any(not torch.equal(best[k], last.tensors[k]) for k in best)  # averaged, not the live weights
+
+    pre = tmp_path / "ema-mae"
+    run_training("pretrain", "xxs", str(folder), out=pre, overrides=TINY + ["pretrain.ema=true"], epochs=1,
+                 batch_size=8, quiet=True)
+    row = json.loads((pre / "metrics.jsonl").read_text().splitlines()[-1])
+    assert all(sum(layer) == pytest.approx(1.0) for layer in row["expert_usage"])
