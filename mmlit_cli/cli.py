@@ -273,12 +273,12 @@ def export(
 
     Example:  mmlit export runs/finetune/xxs/best.safetensors --out xxs.onnx
     """
-    from .export import export_onnx
+    from .export import export_onnx, output_path
 
     if format != "onnx":
         raise MmlitError(f"unknown export format '{format}': only onnx is supported")
-    target = Path(out) if out else Path(checkpoint).with_suffix(".onnx")
-    if target.exists() and not target.is_dir():
+    target = output_path(checkpoint, out)
+    if target.exists():
         raise MmlitError(f"{target} already exists: choose another --out")
     result = export_onnx(checkpoint, out)
     console.print(f"wrote {result.path} (opset {result.opset}; input: {result.input_format})", highlight=False)

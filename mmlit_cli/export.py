@@ -100,6 +100,14 @@ def _parity(onnx_path: str, wrapper: torch.nn.Module, image_size: int) -> tuple[
     return worst, f"onnxruntime {ort.__version__}"
 
 
+def output_path(ckpt_path: str | Path, out_path: str | Path | None = None) -> Path:
+    """Where an export goes: `out_path`, `<out_path>/<checkpoint stem>.onnx` for a folder, or
+    the checkpoint path with `.onnx`."""
+    ckpt_path = Path(ckpt_path)
+    out = Path(out_path) if out_path is not None else ckpt_path.with_suffix(".onnx")
+    return out / (ckpt_path.stem + ".onnx") if out.is_dir() else out
+
+
 def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset: int = DEFAULT_OPSET,
                 check: bool = True, tolerance: float = TOLERANCE) -> ExportResult:
     """Export a classifier checkpoint to ONNX (see the module docstring for the I/O contract).
@@ -117,10 +125,7 @@ def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset
     model, ckpt = load_classifier(ckpt_path, "cpu")
     size = ckpt.image_size
     classes = ckpt.class_names
-    ckpt_path = Path(ckpt_path)
-    out = Path(out_path) if out_path is not None else ckpt_path.with_suffix(".onnx")
-    if out.is_dir():
-        out = out / (ckpt_path.stem + ".onnx")
+    out = output_path(ckpt_path, out_path)
     wrapper = _Preprocessed(model, ckpt.mean, ckpt.std).eval()
     fmt = input_format(size)
     meta = {

@@ -87,3 +87,11 @@ def test_predict_reports_bad_files_and_exits_nonzero(trained, tmp_path):
     assert r.returncode == 1
     assert "readme.txt" in r.stderr and "cut.png" in r.stderr and "Traceback" not in r.stderr
     assert len(json.loads(r.stdout)) == 12
+
+
+def test_export_into_a_folder_never_replaces_a_file_there(trained, tmp_path):
+    root, _ = trained
+    (tmp_path / "best.onnx").write_bytes(b"an earlier export")
+    r = mmlit("export", str(root / "run" / "best.safetensors"), "--out", str(tmp_path))
+    assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "best.onnx").read_bytes() == b"an earlier export"
