@@ -117,7 +117,10 @@ TrainPresetOpt = typer.Option(None, "--preset", "-p", help="Preset name (xxs, xs
 OutOpt = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<command>/<preset>, numbered).")
 EpochsOpt = typer.Option(None, "--epochs", help="Override the recipe's epochs.")
 BatchOpt = typer.Option(None, "--batch-size", "-b", help="Override the recipe's batch_size (per process).")
-LrOpt = typer.Option(None, "--lr", help="Override the recipe's lr.")
+LrOpt = typer.Option(None, "--lr", help="Peak learning rate, used as given at any batch size (default: the "
+                     "recipe's lr_base per 256 images x global batch / 256).")
+RecipeOpt = typer.Option(None, "--recipe", help="auto (default): warm-up and regularisation fitted to the run's "
+                         "length; paper: the preset's recipe as written.")
 SeedOpt = typer.Option(None, "--seed", help="Override the recipe's seed.")
 WorkersOpt = typer.Option(None, "--workers", "-j", help="Data-loading processes.")
 ResumeOpt = typer.Option(None, "--resume", help="Continue the run in this directory from last.safetensors.")
@@ -132,8 +135,8 @@ DownloadOpt = typer.Option(False, "--download", help="Download a named dataset i
 def finetune(
     preset: Optional[str] = TrainPresetOpt, dataset: Optional[str] = DatasetOpt, data_dir: Optional[str] = DataDirOpt,
     out: Optional[str] = OutOpt, overrides: Optional[List[str]] = SetOpt, epochs: Optional[int] = EpochsOpt,
-    batch_size: Optional[int] = BatchOpt, lr: Optional[float] = LrOpt, seed: Optional[int] = SeedOpt,
-    device: str = DeviceOpt, workers: Optional[int] = WorkersOpt,
+    batch_size: Optional[int] = BatchOpt, lr: Optional[float] = LrOpt, recipe: Optional[str] = RecipeOpt,
+    seed: Optional[int] = SeedOpt, device: str = DeviceOpt, workers: Optional[int] = WorkersOpt,
     init: Optional[str] = typer.Option(None, "--init", help="Start from a checkpoint's weights (MAE encoder or classifier)."),
     resume: Optional[str] = ResumeOpt, compile: bool = CompileOpt, compile_mode: Optional[str] = CompileModeOpt,
     save_every: int = SaveEveryOpt, download: bool = DownloadOpt,
@@ -149,8 +152,8 @@ def finetune(
 def pretrain(
     preset: Optional[str] = TrainPresetOpt, dataset: Optional[str] = DatasetOpt, data_dir: Optional[str] = DataDirOpt,
     out: Optional[str] = OutOpt, overrides: Optional[List[str]] = SetOpt, epochs: Optional[int] = EpochsOpt,
-    batch_size: Optional[int] = BatchOpt, lr: Optional[float] = LrOpt, seed: Optional[int] = SeedOpt,
-    device: str = DeviceOpt, workers: Optional[int] = WorkersOpt,
+    batch_size: Optional[int] = BatchOpt, lr: Optional[float] = LrOpt, recipe: Optional[str] = RecipeOpt,
+    seed: Optional[int] = SeedOpt, device: str = DeviceOpt, workers: Optional[int] = WorkersOpt,
     resume: Optional[str] = ResumeOpt, compile: bool = CompileOpt, compile_mode: Optional[str] = CompileModeOpt,
     save_every: int = SaveEveryOpt, download: bool = DownloadOpt,
 ) -> None:

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -149,8 +149,13 @@ class TrainConfig:
     """A training recipe (used by `finetune` and `pretrain`)."""
 
     epochs: int = 100
-    batch_size: int = 128
-    lr: float = 1e-3  # peak learning rate for `batch_size`
+    batch_size: int = 128  # per process
+    # Peak learning rate per 256 images of global batch (batch_size x processes), as DeiT and
+    # MAE give it: lr = lr_base * batch_size * processes / 256. `lr`, when set, is used as is.
+    lr_base: float = 2e-3
+    lr: Optional[float] = None
+    # auto: fit warm-up and regularisation to the run's length (recipe.py); paper: as written.
+    recipe: str = "auto"
     min_lr: float = 1e-5
     warmup_epochs: float = 5.0
     weight_decay: float = 0.05  # not applied to norms, biases, tokens and position embeddings
@@ -169,8 +174,10 @@ class TrainConfig:
             raise ConfigError(f"{where}.epochs must be positive, got {self.epochs}")
         if self.batch_size <= 0:
             raise ConfigError(f"{where}.batch_size must be positive, got {self.batch_size}")
-        if self.lr <= 0 or self.min_lr < 0:
-            raise ConfigError(f"{where}.lr must be positive and min_lr >= 0")
+        if self.lr_base <= 0 or (self.lr is not None and self.lr <= 0) or self.min_lr < 0:
+            raise ConfigError(f"{where}: lr_base and lr must be positive and min_lr >= 0")
+        if self.recipe not in ("auto", "paper"):
+            raise ConfigError(f"{where}.recipe must be auto or paper, got {self.recipe!r}")
         if self.warmup_epochs < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError(f"{where}: warmup_epochs, weight_decay and grad_clip must be >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -185,7 +192,7 @@ class TrainConfig:
 
 
 def _pretrain_defaults() -> TrainConfig:
-    return TrainConfig(lr=1.5e-3, label_smoothing=0.0, grad_clip=0.0,
+    return TrainConfig(lr_base=1.5e-3, label_smoothing=0.0, grad_clip=0.0,
                        augment=AugmentConfig(auto_augment="none", random_erasing=0.0,
                                              mixup_alpha=0.0, cutmix_alpha=0.0))
 

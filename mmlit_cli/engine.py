@@ -35,6 +35,7 @@ from .config import Config, TrainConfig, dump_config
 from .data import ImageData, build_batch_mix, build_loader, build_train_transform, normalize, set_epoch
 from .errors import MmlitError
 from .metrics import collapsed_layers, evaluate_classifier, finish_usage_tracking, unwrap_model
+from .recipe import peak_lr
 
 # --------------------------------------------------------------------------- devices and DDP
 
@@ -99,9 +100,14 @@ class Dist:
         return self.rank == 0
 
 
+def world_size_from_env() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
     """Read torchrun's environment; start the process group (nccl on CUDA, gloo otherwise)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size_from_env()
     if world <= 1:
         return Dist(), resolve_device(device_name)
     dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
@@ -301,6 +307,7 @@ class RunOptions:
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests, benchmarks)
     log_every: int = 10
     init_report: Any = None
+    recipe_note: str | None = None  # the fitted recipe in words: printed, and atop config.yaml
     on_epoch_end: Callable[..., None] | None = None  # e.g. write reconstruction.png
     quiet: bool = False
 
@@ -377,8 +384,9 @@ class Trainer:
         self.warmup_steps = min(int(self.recipe.warmup_epochs * self.steps_per_epoch), self.total_steps // 2)
 
         layer_decay = self.recipe.layer_decay if opts.init_report is not None else 1.0
+        self.peak_lr = peak_lr(self.recipe, self.dist.world_size)
         self.optimizer = build_adamw(param_groups(self.model, self.recipe.weight_decay, layer_decay),
-                                     self.recipe.lr, self.recipe.betas, self.device)
+                                     self.peak_lr, self.recipe.betas, self.device)
         self.ema = ModelEMA(self.model, self.recipe.ema_decay) if self.recipe.ema else None
         self.train_model = self.model
         if self.dist.enabled:
@@ -404,7 +412,7 @@ class Trainer:
         info = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "best": self.best, "elapsed": self.elapsed, "optimizer": opt_info,
                 "epoch_loss_sum": self.partial_loss_sum if self.step_in_epoch else 0.0, "dataset": self.opts.dataset,
-                "world_size": self.dist.world_size}
+                "world_size": self.dist.world_size, "recipe_note": self.opts.recipe_note}
         return tensors, info
 
     def _checkpoint(self, weights: dict[str, torch.Tensor], with_state: bool, metrics: dict | None) -> Checkpoint:
@@ -479,7 +487,7 @@ class Trainer:
                 signal.signal(signal.SIGINT, previous_handler)
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        lr = lr_at(self.global_step, self.total_steps, self.warmup_steps, self.recipe.lr, self.recipe.min_lr)
+        lr = lr_at(self.global_step, self.total_steps, self.warmup_steps, self.peak_lr, self.recipe.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         images = normalize(images.to(self.device, non_blocking=True), self.cfg.data.mean, self.cfg.data.std)
@@ -501,11 +509,14 @@ class Trainer:
         recipe, out = self.recipe, self.opts.out_dir
         if self.dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / "config.yaml", dump_config(self.cfg))
+            note = "".join(f"# {line}\n" for line in (self.opts.recipe_note or "").splitlines())
+            atomic_write_text(out / "config.yaml", note + dump_config(self.cfg))
         self._print(f"[bold]{self.task.kind}[/bold] {self.cfg.name}: {self.steps_per_epoch} steps/epoch x "
                     f"{recipe.epochs} epochs, batch {recipe.batch_size} x {self.dist.world_size} process(es), "
                     f"device {self.device}{', bf16' if self.amp_dtype else ''}{', compiled' if self.opts.compile else ''}"
                     f" -> {escape(str(out))}")
+        if self.opts.recipe_note:
+            self._print(escape(self.opts.recipe_note))
         resume_rng = getattr(self, "_resume_rng", None)
         progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),

@@ -12,10 +12,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from .checkpoint import atomic_write, load_checkpoint, load_weights_into
-from .config import Config, load_config
+from .config import Config, load_config, parse_overrides
 from .data import ImageData, load_split
-from .engine import ClassifyTask, MAETask, RunOptions, Trainer, check_compile_mode, resolve_device
+from .engine import ClassifyTask, MAETask, RunOptions, Trainer, check_compile_mode, resolve_device, world_size_from_env
 from .errors import MmlitError
+from .recipe import describe, fit_recipe, pinned_keys
 
 
 @dataclasses.dataclass
@@ -76,7 +77,8 @@ def _warn_skipped(console: Console, data: ImageData) -> None:
 def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir: str | None = None,
                  out: str | Path | None = None, overrides: list[str] | None = None,
                  epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
-                 seed: int | None = None, workers: int | None = None, device: str = "auto",
+                 seed: int | None = None, workers: int | None = None, recipe: str | None = None,
+                 device: str = "auto",
                  init: str | Path | None = None, resume: str | Path | None = None, compile: bool = False,
                  compile_mode: str | None = None,
                  save_every: int = 200, download: bool = False, max_steps: int | None = None,
@@ -85,7 +87,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     console = console or Console()
     section = "finetune" if kind == "finetune" else "pretrain"
     task_cls = ClassifyTask if kind == "finetune" else MAETask
-    shortcuts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers)
+    shortcuts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers, recipe=recipe)
 
     resolve_device(device)  # a missing GPU is reported before any data is read
     check_compile_mode(compile_mode)
@@ -107,6 +109,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
         if overrides:
             raise MmlitError("--set cannot change a run being resumed; its config is in the checkpoint")
         cfg = _apply_shortcuts(cfg, section, epochs=epochs, workers=workers)
+        recipe_note = resume_ckpt.train_info.get("recipe_note")
         spec = DataSpec(**resume_ckpt.train_info["dataset"])
         if dataset is not None and dataset != spec.dataset:
             raise MmlitError(f"{run_dir} was trained on '{spec.dataset}', not '{dataset}'")
@@ -114,6 +117,11 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
         if dataset is None:
             raise MmlitError("--dataset is required (a dataset name or an image folder)")
         cfg = _apply_shortcuts(load_config(preset or "xs", overrides), section, **shortcuts)
+        # The preset's own length is the one its recipe was written for; fit it to this run.
+        reference_epochs = getattr(load_config(preset or "xs"), section).epochs
+        pinned = pinned_keys(parse_overrides(overrides)) | {f"{section}.{k}" for k, v in shortcuts.items() if v is not None}
+        cfg = fit_recipe(cfg, section, reference_epochs, world_size_from_env(), pinned)
+        recipe_note = describe(cfg, section, reference_epochs)
         spec = DataSpec(dataset, data_dir, download)
         run_dir = new_run_dir(out, kind, cfg.name)
         _check_writable(run_dir)
@@ -150,6 +158,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     opts = RunOptions(out_dir=run_dir, dataset=dataclasses.asdict(spec), device=device, compile=compile,
                       compile_mode=compile_mode,
                       save_every=save_every, max_steps=max_steps, init_report=init_report, quiet=quiet,
+                      recipe_note=recipe_note,
                       on_epoch_end=write_reconstruction if kind == "pretrain" else None)
     trainer = Trainer(task, cfg, train, val, opts, console)
     if resume_ckpt is not None:

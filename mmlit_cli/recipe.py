@@ -1,0 +1,128 @@
+"""Fit the preset's training recipe to the run it is used for.
+
+A preset holds the paper's recipe for a paper-length run (`finetune.epochs: 300` on CIFAR:
+10 warm-up epochs, TrivialAugment, mixup and cutmix on every batch, random erasing, drop
+path). Squeezed into a short run, that recipe trains a much worse model than a plain loop:
+the warm-up eats a large part of the run, and augmentation meant to stop 300 epochs of
+over-fitting only slows down a model that has not fitted anything yet. So, unless the
+recipe is `paper`, `fit_recipe` applies three rules, all in this file:
+
+1. The learning rate follows the global batch: `lr = lr_base * batch * processes / 256`
+   (the linear rule of DeiT and MAE). This rule holds for `paper` too: `lr_base` is what
+   the paper's lr means per 256 images.
+2. The warm-up is the same fraction of the run as in the preset (10 of 300 epochs = 1/30).
+3. The regularisers (mixup/cutmix strength and probability, TrivialAugment/RandAugment,
+   random erasing, drop path) are scaled by `strength(epochs)`, from 0 for runs up to 1/15
+   of the preset's length to 1 (exactly the preset) for a run of the preset's length.
+
+A value the user set (`--lr`, `--set finetune.augment.mixup_alpha=0.2`, ...) is kept as set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterable
+
+from .config import AugmentConfig, Config, TrainConfig
+from .errors import ConfigError
+
+RECIPES = ("auto", "paper")
+LR_BASE_BATCH = 256
+# Regularisation is off for runs up to this fraction of the preset's length. Measured on
+# CIFAR-10 (docs/RESULTS.md): at 15 of 300 epochs every regulariser still costs accuracy.
+REGULARISE_FROM = 1 / 15
+
+
+def peak_lr(recipe: TrainConfig, world_size: int = 1) -> float:
+    """`recipe.lr` when set; else `lr_base` scaled to the global batch (rule 1)."""
+    if recipe.lr is not None:
+        return recipe.lr
+    return recipe.lr_base * recipe.batch_size * world_size / LR_BASE_BATCH
+
+
+def strength(epochs: float, reference_epochs: float) -> float:
+    """How much of the preset's regularisation a run of `epochs` gets, 0..1.
+
+    Over-fitting, which the regularisers fight, comes from seeing the same images again, so
+    the measure is epochs (images seen per training image); it ramps on a log scale, as
+    recipes do between 100- and 600-epoch schedules (timm's ResNet-strikes-back A3..A1).
+    """
+    start = reference_epochs * REGULARISE_FROM
+    if epochs >= reference_epochs:
+        return 1.0
+    if epochs <= start:
+        return 0.0
+    return math.log(epochs / start) / math.log(reference_epochs / start)
+
+
+def _scale(value: float, s: float) -> float:
+    return value if s >= 1 else round(value * s, 3)  # 3 decimals keep config.yaml readable
+
+
+def _scaled_augment(aug: AugmentConfig, s: float, pinned: set[str]) -> AugmentConfig:
+    """The preset's augmentation at strength `s`. Crop and flip stay: they are the plain
+    baseline's own augmentation, cheap and useful at any length."""
+    changes: dict[str, Any] = {
+        "mixup_alpha": _scale(aug.mixup_alpha, s),
+        "cutmix_alpha": _scale(aug.cutmix_alpha, s),
+        "mix_prob": _scale(aug.mix_prob, s),
+        "random_erasing": _scale(aug.random_erasing, s),
+        "randaug_magnitude": round(aug.randaug_magnitude * s),
+        # TrivialAugment has no magnitude to turn down: on for the longer half of the ramp.
+        "auto_augment": aug.auto_augment if s >= 0.5 or aug.auto_augment == "rand" and s > 0 else "none",
+    }
+    return dataclasses.replace(aug, **{k: v for k, v in changes.items() if f"augment.{k}" not in pinned})
+
+
+def fit_recipe(cfg: Config, section: str, reference_epochs: int, world_size: int = 1,
+               pinned: Iterable[str] = ()) -> Config:
+    """`cfg` with `cfg.<section>` fitted to its `epochs` (see the module docstring).
+
+    `reference_epochs` is the length the preset's recipe was written for (its own `epochs`
+    before `--epochs`); `pinned` holds the dotted keys the user set (`finetune.lr`,
+    `finetune.augment.mixup_alpha`, `model.drop_path`, ...), which are kept as set.
+    """
+    recipe: TrainConfig = getattr(cfg, section)
+    if recipe.recipe not in RECIPES:
+        raise ConfigError(f"{section}.recipe must be one of {', '.join(RECIPES)}, got {recipe.recipe!r}")
+    mine = {k[len(section) + 1:] for k in pinned if k.startswith(section + ".")}
+    changes: dict[str, Any] = {}
+    changes["lr"] = peak_lr(recipe, world_size)  # an lr given by --lr, --set or a preset is kept
+    model = cfg.model
+    if recipe.recipe == "auto":
+        if "warmup_epochs" not in mine:
+            changes["warmup_epochs"] = recipe.warmup_epochs * recipe.epochs / reference_epochs
+        s = strength(recipe.epochs, reference_epochs)
+        changes["augment"] = _scaled_augment(recipe.augment, s, mine)
+        if "model.drop_path" not in pinned:
+            model = dataclasses.replace(model, drop_path=_scale(model.drop_path, s))
+    recipe = dataclasses.replace(recipe, **changes)
+    return dataclasses.replace(cfg, model=model, **{section: recipe}).validate()
+
+
+def describe(cfg: Config, section: str, reference_epochs: int) -> str:
+    """The recipe a run will use, in two lines (printed at the start of a run)."""
+    r: TrainConfig = getattr(cfg, section)
+    a = r.augment
+    s = strength(r.epochs, reference_epochs) if r.recipe == "auto" else 1.0
+    fitted = f"auto, fitted to {r.epochs} of {reference_epochs} epochs: regularisation x{s:.2f}" \
+        if r.recipe == "auto" else "paper (the preset's, not fitted to the run)"
+    aug = [f"crop pad {a.crop_padding}" if a.crop_padding else "", "flip" if a.hflip else "",
+           {"trivial": "TrivialAugment", "rand": f"RandAugment m{a.randaug_magnitude}"}.get(a.auto_augment, ""),
+           f"mixup {a.mixup_alpha:g}/cutmix {a.cutmix_alpha:g} p{a.mix_prob:g}" if a.mix_prob else "",
+           f"erasing {a.random_erasing:g}" if a.random_erasing else "",
+           f"drop path {cfg.model.drop_path:g}" if cfg.model.drop_path else "",
+           f"label smoothing {r.label_smoothing:g}" if r.label_smoothing else ""]
+    return (f"recipe {fitted}\n"
+            f"  lr {r.lr:.3g} (lr_base {r.lr_base:g} per {LR_BASE_BATCH} images), warm-up {r.warmup_epochs:.3g} "
+            f"epochs, cosine to {r.min_lr:g}; {', '.join(x for x in aug if x) or 'no augmentation'}")
+
+
+def pinned_keys(overrides: dict[str, Any], prefix: str = "") -> set[str]:
+    """Dotted keys of a nested `--set` dict: {"finetune": {"lr": 1}} -> {"finetune.lr"}."""
+    keys = set()
+    for k, v in overrides.items():
+        path = f"{prefix}{k}"
+        keys |= pinned_keys(v, path + ".") if isinstance(v, dict) else {path}
+    return keys

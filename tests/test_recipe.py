@@ -1,0 +1,119 @@
+"""The recipe fitted to the run (issue 11): rules tested on the resolved config; accuracy
+lives in benchmarks/bench_recipe.py."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mmlit_cli.config import load_config
+from mmlit_cli.errors import ConfigError
+from mmlit_cli.recipe import fit_recipe, peak_lr, strength
+from mmlit_cli.train import run_training
+from helpers import TINY, write_folder
+
+REGULARISERS = ("mixup_alpha", "cutmix_alpha", "mix_prob", "random_erasing")
+
+
+def fitted(preset="xxs", sets=(), section="finetune", world_size=1, pinned=()):
+    cfg = load_config(preset, list(sets))
+    reference = getattr(load_config(preset), section).epochs
+    return fit_recipe(cfg, section, reference, world_size, pinned)
+
+
+@pytest.mark.parametrize("preset", ["xxs", "xs", "s"])
+def test_a_paper_length_run_gets_exactly_the_presets_recipe(preset):
+    """300 epochs of a CIFAR-sized set at the preset's batch: nothing is changed but lr,
+    which is the paper's lr (lr_base per 256 images x 128 / 256 = 1e-3)."""
+    preset_cfg = load_config(preset)
+    cfg = fitted(preset)
+    assert cfg.finetune.epochs == 300
+    assert cfg.finetune.lr == pytest.approx(1e-3)
+    assert dataclasses.replace(cfg.finetune, lr=None) == preset_cfg.finetune
+    assert cfg.model == preset_cfg.model and cfg.model.drop_path == preset_cfg.model.drop_path
+    pre = fitted(preset, section="pretrain")
+    assert dataclasses.replace(pre.pretrain, lr=None) == preset_cfg.pretrain
+    assert pre.pretrain.lr == pytest.approx(1.5e-3)
+
+
+def test_short_runs_get_a_proportional_warmup_and_no_heavy_regularisation():
+    cfg = fitted("xs", ["finetune.epochs=2"])
+    r = cfg.finetune
+    assert r.warmup_epochs == pytest.approx(2 * 10 / 300)  # the preset's fraction of the run
+    assert all(getattr(r.augment, k) == 0 for k in REGULARISERS)
+    assert r.augment.auto_augment == "none" and cfg.model.drop_path == 0
+    # cheap augmentation and label smoothing stay
+    assert r.augment.crop_padding == 4 and r.augment.hflip == 0.5 and r.label_smoothing == 0.1
+
+
+def test_regularisation_grows_with_the_run_and_never_exceeds_the_preset():
+    preset = load_config("s").finetune.augment
+    previous = -1.0
+    for epochs in (10, 20, 21, 50, 100, 200, 299, 300, 600):
+        aug = fitted("s", [f"finetune.epochs={epochs}"]).finetune.augment
+        assert previous <= aug.mixup_alpha <= preset.mixup_alpha
+        previous = aug.mixup_alpha
+    assert strength(20, 300) == 0 and strength(300, 300) == 1 and 0.55 < strength(100, 300) < 0.65
+    mid = fitted("s", ["finetune.epochs=100"])
+    assert mid.finetune.augment.auto_augment == "trivial"  # on for the longer half of the ramp
+    assert 0 < mid.model.drop_path < load_config("s").model.drop_path
+    assert fitted("s", ["finetune.epochs=50"]).finetune.augment.auto_augment == "none"
+
+
+def test_lr_follows_the_global_batch():
+    assert fitted("xxs", ["finetune.batch_size=1024"]).finetune.lr == pytest.approx(8e-3)
+    assert fitted("xxs", ["finetune.batch_size=256"], world_size=4).finetune.lr == pytest.approx(8e-3)
+    assert peak_lr(load_config("xxs").finetune) == pytest.approx(1e-3)
+
+
+def test_values_the_user_set_are_kept_as_set():
+    sets = ["finetune.epochs=2", "finetune.lr=5e-3", "finetune.batch_size=1024",
+            "finetune.augment.mixup_alpha=0.3", "finetune.warmup_epochs=1", "model.drop_path=0.2"]
+    pinned = {"finetune.lr", "finetune.augment.mixup_alpha", "finetune.warmup_epochs", "model.drop_path",
+              "finetune.epochs", "finetune.batch_size"}
+    cfg = fitted("xs", sets, pinned=pinned)
+    assert cfg.finetune.lr == 5e-3  # not rescaled by the batch
+    assert cfg.finetune.augment.mixup_alpha == 0.3 and cfg.finetune.warmup_epochs == 1
+    assert cfg.model.drop_path == 0.2
+    assert cfg.finetune.augment.cutmix_alpha == 0  # what was not set is still fitted
+
+
+def test_recipe_paper_turns_the_fitting_off():
+    preset = load_config("xs")
+    cfg = fitted("xs", ["finetune.epochs=2", "finetune.recipe=paper"])
+    assert cfg.finetune.augment == preset.finetune.augment and cfg.model == preset.model
+    assert cfg.finetune.warmup_epochs == preset.finetune.warmup_epochs  # the engine caps it at half the run
+    assert cfg.finetune.lr == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match="recipe must be auto or paper"):
+        load_config("xs", ["finetune.recipe=fast"])
+
+
+def test_a_run_prints_its_recipe_and_config_yaml_holds_the_fitted_values(tmp_path):
+    data = write_folder(tmp_path / "data", per_class=8)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mmlit_cli", "finetune", "--preset", "xxs", "--dataset", str(data), "--epochs", "2",
+           "--batch-size", "8", "--out", str(out), "--device", "cpu", "--set", "finetune.augment.cutmix_alpha=0.5"]
+    for o in TINY:
+        if "warmup" not in o:
+            cmd += ["--set", o]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "recipe auto, fitted to 2 of 300 epochs: regularisation x0.00" in r.stdout
+    saved = yaml.safe_load((out / "config.yaml").read_text())["finetune"]
+    assert saved["lr"] == pytest.approx(2e-3 * 8 / 256) and saved["recipe"] == "auto"
+    assert saved["warmup_epochs"] == pytest.approx(2 / 30)
+    assert saved["augment"]["mixup_alpha"] == 0 and saved["augment"]["auto_augment"] == "none"
+    assert saved["augment"]["cutmix_alpha"] == 0.5  # set by the user: kept
+    assert (out / "config.yaml").read_text().startswith("# recipe auto")
+
+
+def test_resume_keeps_the_fitted_recipe(tmp_path):
+    data = write_folder(tmp_path / "data", per_class=8)
+    sets = [o for o in TINY if "warmup" not in o]
+    run_training("finetune", "xxs", str(data), out=tmp_path / "run", overrides=sets, epochs=2, batch_size=8,
+                 max_steps=2, quiet=True)
+    first = (tmp_path / "run" / "config.yaml").read_text()
+    run_training("finetune", None, None, resume=tmp_path / "run", quiet=True)
+    assert (tmp_path / "run" / "config.yaml").read_text() == first
