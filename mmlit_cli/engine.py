@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import __version__
 from .checkpoint import Checkpoint, atomic_write_text, save_checkpoint
 from .config import Config, TrainConfig, dump_config
-from .data import ImageData, build_batch_mix, build_loader, build_train_transform, normalize, set_epoch
+from .data import ImageData, Normalize, build_batch_mix, build_loader, build_train_transform, set_epoch
 from .errors import MmlitError
 from .metrics import collapsed_layers, evaluate_classifier, finish_usage_tracking, unwrap_model
 
@@ -242,10 +242,11 @@ class MAETask:
         encoder = unwrap_model(model).encoder
         encoder.set_usage_tracking(True)
         total = torch.zeros(2, dtype=torch.float64, device=device)
+        normalize = Normalize(self.cfg.data.mean, self.cfg.data.std, device)
         with torch.random.fork_rng(devices=_rng_devices(device)):
             torch.manual_seed(1234)  # the same masks every epoch, so val losses are comparable
             for images, _ in loader:
-                images = normalize(images.to(device, non_blocking=True), self.cfg.data.mean, self.cfg.data.std)
+                images = normalize(images.to(device, non_blocking=True))
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss, _, _ = model(images)
                 total += torch.stack([loss.double() * images.shape[0],
@@ -359,6 +360,7 @@ class Trainer:
         torch.manual_seed(self.recipe.seed + self.dist.rank)
 
         self.model = task.model.to(self.device)
+        self.normalize = Normalize(cfg.data.mean, cfg.data.std, self.device)  # made once: no per-step copies
         transform = build_train_transform(self.recipe.augment, cfg.model.image_size)
         self.train_loader = build_loader(train_data, self.recipe.batch_size, transform, shuffle=True,
                                          workers=self.recipe.workers, drop_last=len(train_data.labels) >= self.recipe.batch_size * self.dist.world_size,
@@ -482,7 +484,7 @@ class Trainer:
         lr = lr_at(self.global_step, self.total_steps, self.warmup_steps, self.recipe.lr, self.recipe.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        images = normalize(images.to(self.device, non_blocking=True), self.cfg.data.mean, self.cfg.data.std)
+        images = self.normalize(images.to(self.device, non_blocking=True))
         labels = labels.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             loss = self.task.loss(self.train_model, images, labels)
