@@ -17,6 +17,24 @@ from rich.table import Table
 from . import __version__
 from .errors import MmlitError
 
+def _flags_show_no_type() -> None:
+    """Typer's rich help prints a type after every option, `<bool>` after flags too, as if they
+    took a value (typer 0.29; earlier versions left flags bare). A flag takes no value: show
+    nothing there, as plain click help does."""
+    option = getattr(getattr(typer, "core", None), "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None or getattr(shown, "_mmlit_flags_bare", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag and not self.count else shown(self, ctx)
+
+    display_type_rich._mmlit_flags_bare = True
+    option.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
+
 app = typer.Typer(
     name="mmlit",
     help="Train, evaluate and ship ultra-light vision transformers (mLiT / mmLiT, arXiv 2407.17783).\n\n"
@@ -269,7 +287,7 @@ def export(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output file (default: the checkpoint path with .onnx)."),
 ) -> None:
     """Export a classifier to ONNX (dynamic batch; class names and preprocessing in the
-    metadata) and check it against PyTorch with onnxruntime. Needs: pip install "mmlit[onnx]".
+    metadata) and check it against PyTorch with onnxruntime. Needs: pip install "mmlit\\[onnx]".
 
     Example:  mmlit export runs/finetune/xxs/best.safetensors --out xxs.onnx
     """
