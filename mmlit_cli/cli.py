@@ -191,6 +191,10 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (writes confusion.png only with --out)."),
     compile: bool = CompileOpt,
     compile_mode: Optional[str] = CompileModeOpt,
+    classes_by_position: bool = typer.Option(
+        False, "--classes-by-position",
+        help="Score a relabelled dataset whose class names differ from the checkpoint's, taking its classes in "
+             "order (without it, differing names are an error; the same names in another order are matched)."),
 ) -> None:
     """Top-1, top-5, loss, per-class accuracy, confusion matrix and expert usage of a checkpoint.
 
@@ -200,7 +204,7 @@ def eval_(
     from .train import new_run_dir
 
     report = evaluate_checkpoint(checkpoint, dataset, split, data_dir, batch_size, device,
-                                 compile=compile, compile_mode=compile_mode)
+                                 compile=compile, compile_mode=compile_mode, classes_by_position=classes_by_position)
     confusion_path = None
     if out is not None or not as_json:
         from .plots import PlotUnavailable, plot_confusion
