@@ -318,7 +318,10 @@ class RunOptions:
     save_every: int = 200  # steps between in-epoch checkpoints (0 = only at epoch ends)
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests, benchmarks)
     log_every: int = 10
-    init_report: Any = None
+    # Layer-wise lr decay of the param groups: the recipe's when the run started from a
+    # pre-trained encoder (--init), else 1. Kept in the training state: --resume must rebuild
+    # the very groups the saved optimizer state belongs to.
+    layer_decay: float = 1.0
     on_epoch_end: Callable[..., None] | None = None  # e.g. write reconstruction.png
     quiet: bool = False
 
@@ -353,6 +356,15 @@ def _optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.T
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
+def layer_decay_of_run(train_info: dict, recipe: TrainConfig) -> float:
+    """The layer-wise lr decay a saved run's param groups were built with. Runs saved before it
+    was stored: the recipe's if their groups carry lr scales below 1, else none (1)."""
+    if "layer_decay" in train_info:
+        return float(train_info["layer_decay"])
+    scaled = any(g.get("lr_scale", 1.0) != 1.0 for g in train_info["optimizer"]["param_groups"])
+    return recipe.layer_decay if scaled else 1.0
+
+
 def _optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict) -> None:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
@@ -363,6 +375,9 @@ def _optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch
         idx, name = key.split("/", 1)
         state.setdefault(int(idx), {})[name] = value
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in info["param_groups"]]
+    if len(groups) != len(opt.param_groups):
+        raise MmlitError(f"the saved optimizer state has {len(groups)} parameter groups where this run builds "
+                         f"{len(opt.param_groups)}: the checkpoint does not fit this model or recipe")
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -395,8 +410,8 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * self.recipe.epochs
         self.warmup_steps = min(int(self.recipe.warmup_epochs * self.steps_per_epoch), self.total_steps // 2)
 
-        layer_decay = self.recipe.layer_decay if opts.init_report is not None else 1.0
-        self.optimizer = build_adamw(param_groups(self.model, self.recipe.weight_decay, layer_decay),
+        self.layer_decay = opts.layer_decay
+        self.optimizer = build_adamw(param_groups(self.model, self.recipe.weight_decay, self.layer_decay),
                                      self.recipe.lr, self.recipe.betas, self.device)
         self.ema = ModelEMA(self.model, self.recipe.ema_decay) if self.recipe.ema else None
         self.train_model = self.model
@@ -422,7 +437,7 @@ class Trainer:
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "best": self.best, "elapsed": self.elapsed, "optimizer": opt_info,
             "epoch_loss_sum": self.partial_loss_sum if self.step_in_epoch else 0.0, "dataset": self.opts.dataset,
-            "world_size": self.dist.world_size}
+            "world_size": self.dist.world_size, "layer_decay": self.layer_decay}
         if self.ema is not None:
             tensors.update({f"ema/{k}": v for k, v in self.ema.shadow.items()})
             info["ema_updates"] = self.ema.updates

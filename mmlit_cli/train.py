@@ -14,7 +14,7 @@ from rich.markup import escape
 from .checkpoint import atomic_write, load_checkpoint, load_weights_into
 from .config import Config, load_config
 from .data import ImageData, load_split
-from .engine import ClassifyTask, MAETask, RunOptions, Trainer, check_compile_mode, resolve_device
+from .engine import ClassifyTask, MAETask, RunOptions, Trainer, check_compile_mode, layer_decay_of_run, resolve_device
 from .errors import MmlitError
 
 
@@ -133,9 +133,10 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     if not quiet:
         console.print(escape(f"data: {train.source}; validation: {val.source if val else 'none'}"), highlight=False)
 
-    torch.manual_seed(getattr(cfg, section).seed)  # the initial weights depend on the seed alone
+    recipe = getattr(cfg, section)
+    torch.manual_seed(recipe.seed)  # the initial weights depend on the seed alone
     task = task_cls(cfg, train.classes)
-    init_report = None
+    layer_decay = 1.0 if resume_ckpt is None else layer_decay_of_run(resume_ckpt.train_info, recipe)
     if init is not None and resume_ckpt is None:
         init_ckpt = load_checkpoint(init)
         target = task.model if kind == "finetune" else task.model.encoder
@@ -146,10 +147,11 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
             console.print(escape(f"--init {init}: loaded {len(init_report.loaded)} tensors; skipped "
                                  f"{len(init_report.skipped)} ({_short(init_report.skipped)}); new "
                                  f"{len(init_report.missing)} ({_short(init_report.missing)})"), highlight=False)
+        layer_decay = recipe.layer_decay  # fine-tuning a pre-trained encoder: BEiT/MAE layer-wise lr decay
 
     opts = RunOptions(out_dir=run_dir, dataset=dataclasses.asdict(spec), device=device, compile=compile,
                       compile_mode=compile_mode,
-                      save_every=save_every, max_steps=max_steps, init_report=init_report, quiet=quiet,
+                      save_every=save_every, max_steps=max_steps, layer_decay=layer_decay, quiet=quiet,
                       on_epoch_end=write_reconstruction if kind == "pretrain" else None)
     trainer = Trainer(task, cfg, train, val, opts, console)
     if resume_ckpt is not None:
