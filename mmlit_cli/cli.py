@@ -122,8 +122,12 @@ def _train_command(kind: str, **options) -> None:
     if result["stopped"] == "interrupt":
         raise typer.Exit(130)
     out_dir = result["out_dir"]
-    console.print(f"done: {out_dir}/last.safetensors, {out_dir}/best.safetensors, {out_dir}/metrics.jsonl",
-                  highlight=False)
+    if result.get("best_saved", True):
+        console.print(f"done: {out_dir}/last.safetensors, {out_dir}/best.safetensors, {out_dir}/metrics.jsonl",
+                      highlight=False)
+    else:
+        console.print(f"done: {out_dir}/last.safetensors, {out_dir}/metrics.jsonl (no best.safetensors: the "
+                      f"validation split is the test split)", highlight=False)
     if result.get("curves"):
         console.print(f"curves: {result['curves']}", highlight=False)
     elif result.get("curves_note"):
@@ -144,6 +148,10 @@ CompileModeOpt = typer.Option(None, "--compile-mode", help="torch.compile mode: 
                               "max-autotune (CUDA graphs; implies --compile).")
 SaveEveryOpt = typer.Option(200, "--save-every", help="Also checkpoint every N steps within an epoch (0 = off).")
 DownloadOpt = typer.Option(False, "--download", help="Download a named dataset if it is missing.")
+ValOpt = typer.Option(None, "--val", help="Where validation and best.safetensors come from: auto (default: the "
+                      "dataset's validation split, else a stratified data.val_fraction held out of train; the test "
+                      "split is never looked at) or test (the paper protocol: train on all of train, validate on the "
+                      "test split each epoch, keep no best.safetensors). A resumed run keeps its own.")
 
 
 @app.command()
@@ -154,7 +162,7 @@ def finetune(
     device: str = DeviceOpt, workers: Optional[int] = WorkersOpt,
     init: Optional[str] = typer.Option(None, "--init", help="Start from a checkpoint's weights (MAE encoder or classifier)."),
     resume: Optional[str] = ResumeOpt, compile: bool = CompileOpt, compile_mode: Optional[str] = CompileModeOpt,
-    save_every: int = SaveEveryOpt, download: bool = DownloadOpt,
+    save_every: int = SaveEveryOpt, download: bool = DownloadOpt, validation: Optional[str] = ValOpt,
 ) -> None:
     """Supervised training, from scratch or from a checkpoint (--init). The head gets the dataset's classes.
 
@@ -170,7 +178,7 @@ def pretrain(
     batch_size: Optional[int] = BatchOpt, lr: Optional[float] = LrOpt, seed: Optional[int] = SeedOpt,
     device: str = DeviceOpt, workers: Optional[int] = WorkersOpt,
     resume: Optional[str] = ResumeOpt, compile: bool = CompileOpt, compile_mode: Optional[str] = CompileModeOpt,
-    save_every: int = SaveEveryOpt, download: bool = DownloadOpt,
+    save_every: int = SaveEveryOpt, download: bool = DownloadOpt, validation: Optional[str] = ValOpt,
 ) -> None:
     """MAE pre-training (mmLiT). Labels are not needed: a folder of images works.
 

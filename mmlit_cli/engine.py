@@ -324,6 +324,9 @@ class RunOptions:
     layer_decay: float = 1.0
     on_epoch_end: Callable[..., None] | None = None  # e.g. write reconstruction.png
     quiet: bool = False
+    # False when validation is the test split (the paper protocol): a checkpoint picked on it
+    # would be selected on the test set, so only last.safetensors is kept.
+    save_best: bool = True
 
 
 def _rng_devices(device: torch.device) -> list:
@@ -643,7 +646,7 @@ class Trainer:
                 if improved:
                     self.best = row.get(self.task.monitor, train_loss)
                 self.save_last(row)
-                if improved and self.dist.is_main:
+                if improved and self.opts.save_best and self.dist.is_main:
                     weights = self.ema.shadow if self.ema is not None else self.model.state_dict()
                     save_checkpoint(out / "best.safetensors", self._checkpoint(weights, False, row))
                 self._print(self._epoch_line(row))
@@ -661,7 +664,7 @@ class Trainer:
             self._print(f"[yellow]interrupted[/yellow]: saved a resumable checkpoint; continue with "
                         f"--resume {escape(str(out))}")
         return {"stopped": stopped, "epoch": self.epoch, "global_step": self.global_step,
-                "history": self.history, "best": self.best}
+                "history": self.history, "best": self.best, "best_saved": self.opts.save_best}
 
     def _diverged(self, loss_value: float) -> bool:
         """A non-finite loss or weight: the state must not be checkpointed."""
