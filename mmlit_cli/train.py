@@ -14,7 +14,8 @@ from rich.markup import escape
 from .checkpoint import atomic_write, load_checkpoint, load_weights_into
 from .config import Config, load_config
 from .data import ImageData, load_split
-from .engine import ClassifyTask, MAETask, RunOptions, Trainer, check_compile_mode, layer_decay_of_run, resolve_device
+from .engine import (ClassifyTask, MAETask, RunOptions, Trainer, check_compile_mode, check_resume_world_size,
+                     end_distributed, layer_decay_of_run, resolve_device)
 from .errors import MmlitError
 
 
@@ -117,6 +118,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
         expected_task = "classify" if kind == "finetune" else "mae"
         if resume_ckpt.task != expected_task:
             raise MmlitError(f"{run_dir} is a {resume_ckpt.task} run; resume it with the matching command")
+        check_resume_world_size(int(resume_ckpt.train_info.get("world_size", 1)))
         cfg = resume_ckpt.config
         if preset is not None and load_config(preset).name != cfg.name:
             raise MmlitError(f"{run_dir} was trained with preset '{cfg.name}', not '{preset}'")
@@ -187,6 +189,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
             result["curves"] = plot_curves(run_dir)
         except PlotUnavailable as e:  # matplotlib is an optional extra
             result["curves_note"] = str(e)
+    end_distributed(trainer.dist)
     return result
 
 
