@@ -144,8 +144,11 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     try:
         val = spec.load(spec.val_split, cfg, require_labels)
         _warn_skipped(console, val)
-    except MmlitError:
-        if require_labels or spec.validation == "test":
+    except MmlitError as e:
+        if spec.validation == "test":
+            raise MmlitError(f"{e} (--val test validates on the test split; without --val a validation part is "
+                             f"held out of train)") from None
+        if require_labels:
             raise
         val = None  # an unlabelled folder for pre-training may have no held-out part
     if kind == "finetune" and resume_ckpt is None:
