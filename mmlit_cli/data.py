@@ -3,7 +3,7 @@
 `load_split` reads a named dataset in its official on-disk layout (or an image folder) and
 decodes every image exactly once into one uint8 tensor `[N, 3, S, S]`. Images stay uint8 all
 the way through the `DataLoader` (per-sample augmentation works on uint8 too); the engine
-calls `normalize` on the device, then the optional batch-level MixUp/CutMix.
+normalises them on the device (`Normalize`), then applies the optional batch-level MixUp/CutMix.
 
 Reading rules worth knowing:
 
