@@ -93,7 +93,10 @@ def _train_seconds(run: Path) -> float:
 
 
 def _recipe_line(stdout: str) -> str:
-    return next((line.strip() for line in stdout.splitlines() if line.startswith("recipe")), "")
+    """The two lines a run prints about its recipe (empty for versions that print none)."""
+    lines = stdout.splitlines()
+    at = next((i for i, line in enumerate(lines) if line.startswith("recipe")), None)
+    return "" if at is None else " / ".join(x.strip() for x in lines[at:at + 2])
 
 
 def mmlit_finetune(data: Path, epochs: int, seed: int, preset: str, extra: list[str], out: Path) -> dict:
@@ -101,7 +104,7 @@ def mmlit_finetune(data: Path, epochs: int, seed: int, preset: str, extra: list[
                "--out", str(out), *extra)
     report = json.loads(_mmlit("eval", str(out / "last.safetensors"), "--dataset", str(data), "--split", "val",
                                "--json").stdout)
-    return {"top1": report["top1"], "train_s": _train_seconds(out), "recipe": _recipe_line(r.stdout)}
+    return {"top1": report["top1"], "train_s": _train_seconds(out), "recipe_line": _recipe_line(r.stdout)}
 
 
 def mmlit_mae(data: Path, pre_epochs: int, ft_epochs: int, seed: int, preset: str, out: Path) -> dict:
