@@ -224,18 +224,26 @@ def test_every_preset_runs_forward_and_backward(preset, image_size):
 
 
 def test_head_reads_the_class_token_only():
+    """The logits change when the final class-token features change and not when any patch
+    token's do (edited on the way out of the last LayerNorm, so the whole forward is tested)."""
     torch.manual_seed(6)
     model = create_model("xxs", num_classes=4, depth=3).eval()
     torch.nn.init.normal_(model.head.weight)
+    x = torch.randn(2, 3, 36, 36)
+    edit = {}
+    model.norm.register_forward_hook(lambda mod, args, out: edit["fn"](out) if "fn" in edit else out)
     with torch.no_grad():
-        feats = model.forward_features(torch.randn(2, 3, 36, 36))
-        out = model.forward_head(feats)
-        other_patches = feats.clone()
-        other_patches[:, 1:] = torch.randn_like(other_patches[:, 1:])
-        torch.testing.assert_close(model.forward_head(other_patches), out, rtol=0, atol=0)
-        other_cls = feats.clone()
-        other_cls[:, 0] += 1.0
-        assert (model.forward_head(other_cls) - out).abs().min() > 1e-3  # every logit moves
+        out = model(x)
+
+        def new_patches(feats):
+            feats = feats.clone()
+            feats[:, 1:] = torch.randn_like(feats[:, 1:])
+            return feats
+
+        edit["fn"] = new_patches
+        torch.testing.assert_close(model(x), out, rtol=0, atol=0)
+        edit["fn"] = lambda feats: torch.cat([feats[:, :1] + 1.0, feats[:, 1:]], dim=1)
+        assert (model(x) - out).abs().min() > 1e-3  # every logit moves
 
 
 def test_invalid_model_config_is_a_clear_error():
