@@ -17,7 +17,6 @@ Reading rules worth knowing:
 
 from __future__ import annotations
 
-import functools
 import gzip
 import math
 import multiprocessing
@@ -44,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATASET_NAMES", "ImageData", "load_split", "build_train_transform", "build_batch_mix",
-    "normalize", "AugmentedImages", "build_loader", "set_epoch", "default_data_dir",
+    "normalize", "Normalize", "AugmentedImages", "build_loader", "set_epoch", "default_data_dir",
 ]
 
 DATASET_NAMES = ("cifar10", "cifar100", "svhn", "flowers102", "fashion-mnist", "tiny-imagenet")
@@ -1025,24 +1024,36 @@ def build_batch_mix(aug: AugmentConfig, num_classes: int
     return _BatchMix(mix, float(aug.mix_prob), num_classes)
 
 
-def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [B, 3, S, S] (or [3, S, S]) -> float32 (x/255 - mean) / std, on the input's device.
+class Normalize(torch.nn.Module):
+    """uint8 [B, 3, S, S] (or [3, S, S]) -> float32 (x/255 - mean) / std.
+
+    The mean/std tensors belong to this module and are made once, on `device`, by whoever
+    normalises many batches (the trainer, an evaluation, the exported graph): no small
+    host-to-device copies per step. There is deliberately no process-wide cache of them: a
+    cache filled while `torch.export` (the ONNX exporter) traces would hand the tracer's
+    tensors to every later eager call in the process.
 
     Floating-point input is taken to be already scaled to [0, 1].
     """
-    x = images_uint8
-    x = x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
-    m, s = _stats_on(x.device, tuple(map(float, mean)), tuple(map(float, std)))
-    return x.sub_(m).div_(s)
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device | str | None = None):
+        super().__init__()
+        shape = (-1, 1, 1)
+        self.register_buffer("mean", torch.tensor([float(m) for m in mean], dtype=torch.float32,
+                                                  device=device).view(shape), persistent=False)
+        self.register_buffer("std", torch.tensor([float(s) for s in std], dtype=torch.float32,
+                                                 device=device).view(shape), persistent=False)
+
+    def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        x = images_uint8
+        x = x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
+        return x.sub_(self.mean).div_(self.std)
 
 
-@functools.lru_cache(maxsize=16)
-def _stats_on(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean/std as [C, 1, 1] tensors on `device`, made once: `normalize` runs every training
-    step, and building them from lists each time meant two small host-to-device copies."""
-    shape = (-1, 1, 1)
-    return (torch.tensor(mean, dtype=torch.float32, device=device).view(shape),
-            torch.tensor(std, dtype=torch.float32, device=device).view(shape))
+def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """`Normalize(mean, std)` applied once, on the input's device. For one-off calls; a loop
+    over many batches keeps one `Normalize` instead (see there)."""
+    return Normalize(mean, std, images_uint8.device)(images_uint8)
 
 
 # --------------------------------------------------------------------------------------------

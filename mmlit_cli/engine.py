@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import __version__
 from .checkpoint import Checkpoint, atomic_write_text, save_checkpoint
 from .config import Config, TrainConfig, dump_config
-from .data import ImageData, build_batch_mix, build_loader, build_train_transform, normalize, set_epoch
+from .data import ImageData, Normalize, build_batch_mix, build_loader, build_train_transform, set_epoch
 from .errors import MmlitError
 from .metrics import collapsed_layers, evaluate_classifier, finish_usage_tracking, unwrap_model
 
@@ -158,17 +158,32 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: flo
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+EMA_WARMUP_POWER = 2 / 3
+
+
+def ema_decay_at(decay: float, updates: int) -> float:
+    """The decay of the EMA update that follows `updates` earlier ones: timm's exponential
+    warm-up (`ModelEmaV3(use_warmup=True)`, gamma 1, power 2/3), `1 - (1 + n) ** -2/3`, capped
+    at `decay`. The first update copies the weights (0); the 10th uses 0.80, the 1000th 0.99.
+    Without it a decay of 0.9998 keeps ~exp(-0.0002 n) of the initial weights after n steps:
+    a short run's average (and its best.safetensors) stayed close to the initialisation."""
+    return min(decay, 1.0 - (1.0 + updates) ** -EMA_WARMUP_POWER)
+
+
 class ModelEMA:
-    """Exponential moving average of the weights (evaluated and saved as best when enabled).
+    """Exponential moving average of the weights (evaluated and saved as best when enabled),
+    with the decay warmed up over the first updates (`ema_decay_at`).
 
     `module` is a copy of the model made once; `shadow` is its state dict (same storage), so
     evaluating the average needs no copy and updating it is one multi-tensor lerp per step.
+    `updates` (the warm-up's clock) is part of the training state.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
         from copy import deepcopy
 
         self.decay = decay
+        self.updates = 0
         self.module = deepcopy(model).requires_grad_(False)
         self.shadow = self.module.state_dict()
         live = model.state_dict()  # detached views of the live tensors: updated in place by the optimizer
@@ -178,10 +193,12 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self) -> None:
+        decay = ema_decay_at(self.decay, self.updates)
         if self._float[0]:
-            torch._foreach_lerp_(self._float[0], self._float[1], 1.0 - self.decay)
+            torch._foreach_lerp_(self._float[0], self._float[1], 1.0 - decay)
         for s, v in self._other:
             s.copy_(v)
+        self.updates += 1
 
 
 # --------------------------------------------------------------------------- tasks
@@ -242,10 +259,11 @@ class MAETask:
         encoder = unwrap_model(model).encoder
         encoder.set_usage_tracking(True)
         total = torch.zeros(2, dtype=torch.float64, device=device)
+        normalize = Normalize(self.cfg.data.mean, self.cfg.data.std, device)
         with torch.random.fork_rng(devices=_rng_devices(device)):
             torch.manual_seed(1234)  # the same masks every epoch, so val losses are comparable
             for images, _ in loader:
-                images = normalize(images.to(device, non_blocking=True), self.cfg.data.mean, self.cfg.data.std)
+                images = normalize(images.to(device, non_blocking=True))
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss, _, _ = model(images)
                 total += torch.stack([loss.double() * images.shape[0],
@@ -359,6 +377,7 @@ class Trainer:
         torch.manual_seed(self.recipe.seed + self.dist.rank)
 
         self.model = task.model.to(self.device)
+        self.normalize = Normalize(cfg.data.mean, cfg.data.std, self.device)  # made once: no per-step copies
         transform = build_train_transform(self.recipe.augment, cfg.model.image_size)
         self.train_loader = build_loader(train_data, self.recipe.batch_size, transform, shuffle=True,
                                          workers=self.recipe.workers, drop_last=len(train_data.labels) >= self.recipe.batch_size * self.dist.world_size,
@@ -399,12 +418,14 @@ class Trainer:
     def _train_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors, opt_info = _optimizer_to_tensors(self.optimizer)
         tensors.update(_rng_state(self.device))
+        info: dict[str, Any] = {
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            "best": self.best, "elapsed": self.elapsed, "optimizer": opt_info,
+            "epoch_loss_sum": self.partial_loss_sum if self.step_in_epoch else 0.0, "dataset": self.opts.dataset,
+            "world_size": self.dist.world_size}
         if self.ema is not None:
             tensors.update({f"ema/{k}": v for k, v in self.ema.shadow.items()})
-        info = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "best": self.best, "elapsed": self.elapsed, "optimizer": opt_info,
-                "epoch_loss_sum": self.partial_loss_sum if self.step_in_epoch else 0.0, "dataset": self.opts.dataset,
-                "world_size": self.dist.world_size}
+            info["ema_updates"] = self.ema.updates
         return tensors, info
 
     def _checkpoint(self, weights: dict[str, torch.Tensor], with_state: bool, metrics: dict | None) -> Checkpoint:
@@ -430,6 +451,8 @@ class Trainer:
             ema = {k[4:]: v.to(self.device) for k, v in ckpt.train_tensors.items() if k.startswith("ema/")}
             if ema:
                 self.ema.module.load_state_dict(ema)
+            # Runs saved before the warm-up existed: the EMA was updated once per step.
+            self.ema.updates = int(info.get("ema_updates", info["global_step"]))
         self.epoch, self.step_in_epoch = int(info["epoch"]), int(info["step_in_epoch"])
         self.global_step, self.best, self.elapsed = int(info["global_step"]), info["best"], float(info["elapsed"])
         self._resume_loss_sum = float(info.get("epoch_loss_sum", 0.0))
@@ -482,7 +505,7 @@ class Trainer:
         lr = lr_at(self.global_step, self.total_steps, self.warmup_steps, self.recipe.lr, self.recipe.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        images = normalize(images.to(self.device, non_blocking=True), self.cfg.data.mean, self.cfg.data.std)
+        images = self.normalize(images.to(self.device, non_blocking=True))
         labels = labels.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             loss = self.task.loss(self.train_model, images, labels)

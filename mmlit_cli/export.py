@@ -30,7 +30,7 @@ import torch
 
 from . import __version__
 from .checkpoint import atomic_write
-from .data import normalize
+from .data import Normalize
 from .errors import MmlitError
 from .inference import load_classifier
 
@@ -50,14 +50,15 @@ class ExportResult:
 
 
 class _Preprocessed(torch.nn.Module):
-    """uint8 images -> `data.normalize` -> classifier logits (what gets exported)."""
+    """uint8 images -> `data.Normalize` -> classifier logits (what gets exported; the mean/std
+    buffers become constants of the graph)."""
 
     def __init__(self, model: torch.nn.Module, mean: list[float], std: list[float]):
         super().__init__()
-        self.model, self.mean, self.std = model, list(mean), list(std)
+        self.model, self.normalize = model, Normalize(mean, std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(normalize(images, self.mean, self.std))
+        return self.model(self.normalize(images))
 
 
 def _require(module: str, what: str):

@@ -3,7 +3,7 @@
 Images are read and resized exactly as training and `eval` read an image folder: the same
 decoder (`data._decode_one`: Pillow, grey/RGBA/palette/16-bit -> RGB, aspect-preserving
 resize of the shorter side to the model's image size + centre crop, bilinear) and the same
-`data.normalize`. Files are decoded in chunks and run through the model in batches under
+`data.Normalize`. Files are decoded in chunks and run through the model in batches under
 `torch.inference_mode()`, so large folders stay quick and memory stays bounded.
 
 A file that cannot be decoded (not an image, truncated, unreadable) is a failure with a
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_write
-from .data import normalize
+from .data import Normalize
 # Private helpers of data.py, imported on purpose: predict must decode and resize exactly as
 # training does, so it reuses them rather than keeping a copy that could drift.
 from .data import _decode_files, _one_line, _to_rgb
@@ -187,6 +187,7 @@ def predict_paths(ckpt_path: str | Path, paths: list[str], top_k: int = 5, batch
     start = time.perf_counter()
     result = PredictResult(classes=classes, top_k=k)
     step = _chunk_size(size)
+    normalize = Normalize(ckpt.mean, ckpt.std, dev)
     for c0 in range(0, len(files), step):
         chunk = files[c0:c0 + step]
         arrays, ok = _decode_files([str(f) for f in chunk], size)
@@ -200,7 +201,7 @@ def predict_paths(ckpt_path: str | Path, paths: list[str], top_k: int = 5, batch
         for b0 in range(0, len(good_files), batch_size):
             batch = images[b0:b0 + batch_size].contiguous()
             with torch.inference_mode():
-                x = normalize(batch.to(dev, non_blocking=True), ckpt.mean, ckpt.std)
+                x = normalize(batch.to(dev, non_blocking=True))
                 with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
                     logits = model(x)
                 probs = logits.float().softmax(dim=1)
