@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -135,12 +136,19 @@ def journey_env() -> dict[str, str]:
 
 class Home:
     """A folder to run README commands in; each command runs once, as its own process, and
-    its result is kept for every test that looks at it."""
+    its result is kept for every test that looks at it. `in_background` runs a chain of
+    commands one after the other beside the tests (the machine has two cores)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.env = journey_env()
         self.results: dict[str, subprocess.CompletedProcess] = {}
+        self.pending: dict[str, Future] = {}
+        self.background = ThreadPoolExecutor(max_workers=1)
+
+    def in_background(self, *commands: str) -> None:
+        for command in commands:
+            self.pending[command] = self.background.submit(self._run, command)
 
     def argv(self, command: str) -> list[str]:
         assert command in readme_commands(), f"not a README command any more: {command}"
@@ -149,10 +157,14 @@ class Home:
                    "torchrun": [sys.executable, "-m", "torch.distributed.run"]}[words[0]]
         return program + words[1:] + APPENDED.get(command, [])
 
+    def _run(self, command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(command), cwd=self.path, env=self.env, capture_output=True, text=True,
+                              timeout=600)
+
     def run(self, command: str) -> subprocess.CompletedProcess:
         if command not in self.results:
-            self.results[command] = subprocess.run(self.argv(command), cwd=self.path, env=self.env,
-                                                   capture_output=True, text=True, timeout=600)
+            future = self.pending.pop(command, None)
+            self.results[command] = future.result() if future is not None else self._run(command)
         return self.results[command]
 
     def ok(self, command: str) -> subprocess.CompletedProcess:
@@ -162,7 +174,7 @@ class Home:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Home:
+def home(tmp_path_factory):
     """The folders the README's commands name, with tiny data in the real formats."""
     root = tmp_path_factory.mktemp("journeys") / "home"
     write_folder(root / "my-images", size=S)  # red/, green/, blue/: 12 PNGs each, learnable colours
@@ -179,7 +191,10 @@ def home(tmp_path_factory) -> Home:
     (root / "mixed" / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
     (root / "whole.jpg").unlink()
     fx.write_cifar100_python(root / "data", n_train=200, n_test=40)  # ./data is the default --data-dir
-    return Home(root)
+    home = Home(root)
+    home.in_background(PRETRAIN, FINETUNE_INIT, TORCHRUN)  # the three slowest, independent of the rest
+    yield home
+    home.background.shutdown(cancel_futures=True)
 
 
 PALETTE = [(r, g, b) for r in (40, 215) for g in (40, 215) for b in (40, 215)] + [(128, 128, 128), (200, 100, 30)]
