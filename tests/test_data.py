@@ -19,6 +19,19 @@ def as_np(images: torch.Tensor) -> np.ndarray:
     return images.numpy()
 
 
+def assert_bilinear(resized: torch.Tensor, original: np.ndarray) -> None:
+    """`resized` [N, 3, S, S] is Pillow's bilinear resize of `original` [N, C, H, W] (C = 1 or 3),
+    to within one grey level of rounding."""
+    from PIL import Image
+
+    size = resized.shape[-1]
+    hwc = original.transpose(0, 2, 3, 1)
+    expected = np.stack([np.asarray(Image.fromarray(a if a.shape[-1] == 3 else a[..., 0]).resize(
+        (size, size), Image.Resampling.BILINEAR)).reshape(size, size, -1).transpose(2, 0, 1) for a in hwc])
+    diff = np.abs(resized.numpy().astype(int) - np.broadcast_to(expected, resized.shape).astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.5
+
+
 # ------------------------------------------------------------------------------------ CIFAR
 
 @pytest.mark.parametrize("protocol,legacy", [(2, True), (2, False), (pickle.HIGHEST_PROTOCOL, False)])
@@ -37,6 +50,7 @@ def test_cifar10_python(tmp_path, protocol, legacy):
     np.testing.assert_array_equal(as_np(val.images), w["test"][0])
     assert "test split" in val.source and "(6 images)" in val.source
     assert te.images.shape == (6, 3, 36, 36) and te.images.dtype == torch.uint8
+    assert_bilinear(te.images, w["test"][0])  # 32 -> 36: the minimal up-scaling
     assert te.labels.tolist() == w["test"][1].tolist()
 
 
@@ -119,6 +133,7 @@ def test_fashion_mnist(tmp_path, gz, layout):
     assert tr.classes == fx.FASHION_CLASSES
     te = load_split("fashion-mnist", "test", 36, data_dir=tmp_path)
     assert te.images.shape == (6, 3, 36, 36) and str(w["dir"]) in te.source
+    assert_bilinear(te.images, w["test"][0][:, None])  # grey 28 -> 36, then three equal channels
 
 
 def test_idx_bad_magic(tmp_path):
