@@ -125,10 +125,25 @@ def test_pretrain_on_unlabelled_folder_then_init_loads_exactly_the_encoder(tmp_p
         assert torch.equal(model.state_dict()[k], v), k
 
     # and through the command: fine-tuning from the MAE checkpoint starts from those weights
+    from mmlit_cli.engine import Trainer
+
+    fit, start = Trainer.fit, {}
+
+    def fit_recording_the_start(self):
+        start.update({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        return fit(self)
+
     ft = tmp_path / "ft"
-    run_training("finetune", "xxs", str(labelled), out=ft, overrides=TINY, epochs=1, batch_size=8,
-                 init=pre / "last.safetensors", quiet=True)
-    assert load_checkpoint(ft / "last.safetensors").config.model.num_classes == 3
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "fit", fit_recording_the_start)
+        run_training("finetune", "xxs", str(labelled), out=ft, overrides=TINY, epochs=1, batch_size=8,
+                     init=pre / "last.safetensors", quiet=True)
+    assert start.keys() == set(encoder) | {"head.weight", "head.bias"}
+    for k, v in encoder.items():
+        assert torch.equal(start[k], v), k
+    trained = load_checkpoint(ft / "last.safetensors")
+    assert trained.config.model.num_classes == 3 and not torch.equal(trained.tensors["blocks.0.attn.qkv.weight"],
+                                                                     encoder["blocks.0.attn.qkv.weight"])
 
 
 def test_eval_refuses_an_mae_checkpoint(tmp_path, folder):
