@@ -323,7 +323,8 @@ def test_finetune_killed_with_sigkill_then_resumed_ends_as_the_uninterrupted_run
         for key in ("step", "train_loss", "val_loss", "val_top1", "val_top5", "lr"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-6), (ra["epoch"], key)
         assert sum(rb["expert_usage"], []) == pytest.approx(sum(ra["expert_usage"], []), rel=1e-6), ra["epoch"]
-    wa, wb = tensors(home.path / "runs" / "mine" / "last.safetensors"), tensors(other.path / "runs" / "mine" / "last.safetensors")
+    wa = tensors(home.path / "runs" / "mine" / "last.safetensors")
+    wb = tensors(other.path / "runs" / "mine" / "last.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:
         np.testing.assert_allclose(wb[k].numpy(), wa[k].numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
@@ -365,7 +366,8 @@ def test_pretrain_then_finetune_from_its_encoder(home):
     ft = home.path / "runs" / "mine-ft"
     assert [row["epoch"] for row in jsonl(ft / "metrics.jsonl")] == [1, 2]
     assert metadata(ft / "best.safetensors")["task"] == "classify"
-    assert set(tensors(ft / "last.safetensors")) == {k[len("encoder."):] for k in encoder} | {"head.weight", "head.bias"}
+    classifier = {k[len("encoder."):] for k in encoder} | {"head.weight", "head.bias"}
+    assert set(tensors(ft / "last.safetensors")) == classifier
 
 
 def _predict_pv(home: Home) -> list[dict]:

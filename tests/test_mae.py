@@ -46,7 +46,8 @@ def _run_recording(mae, images):
         return seen["latent"]
 
     mae.encoder.forward_tokens = encoder  # instance attribute: shadows the method for this model only
-    hook = mae.decoder_blocks[0].register_forward_pre_hook(lambda m, args: seen.setdefault("decoder_in", args[0].detach()))
+    hook = mae.decoder_blocks[0].register_forward_pre_hook(
+        lambda m, args: seen.setdefault("decoder_in", args[0].detach()))
     try:
         loss, pred, mask = mae(images)
     finally:
