@@ -19,6 +19,19 @@ def as_np(images: torch.Tensor) -> np.ndarray:
     return images.numpy()
 
 
+def assert_bilinear(resized: torch.Tensor, original: np.ndarray) -> None:
+    """`resized` [N, 3, S, S] is Pillow's bilinear resize of `original` [N, C, H, W] (C = 1 or 3),
+    to within one grey level of rounding."""
+    from PIL import Image
+
+    size = resized.shape[-1]
+    hwc = original.transpose(0, 2, 3, 1)
+    expected = np.stack([np.asarray(Image.fromarray(a if a.shape[-1] == 3 else a[..., 0]).resize(
+        (size, size), Image.Resampling.BILINEAR)).reshape(size, size, -1).transpose(2, 0, 1) for a in hwc])
+    diff = np.abs(resized.numpy().astype(int) - np.broadcast_to(expected, resized.shape).astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.5
+
+
 # ------------------------------------------------------------------------------------ CIFAR
 
 @pytest.mark.parametrize("protocol,legacy", [(2, True), (2, False), (pickle.HIGHEST_PROTOCOL, False)])
@@ -37,6 +50,7 @@ def test_cifar10_python(tmp_path, protocol, legacy):
     np.testing.assert_array_equal(as_np(val.images), w["test"][0])
     assert "test split" in val.source and "(6 images)" in val.source
     assert te.images.shape == (6, 3, 36, 36) and te.images.dtype == torch.uint8
+    assert_bilinear(te.images, w["test"][0])  # 32 -> 36: the minimal up-scaling
     assert te.labels.tolist() == w["test"][1].tolist()
 
 
@@ -119,6 +133,7 @@ def test_fashion_mnist(tmp_path, gz, layout):
     assert tr.classes == fx.FASHION_CLASSES
     te = load_split("fashion-mnist", "test", 36, data_dir=tmp_path)
     assert te.images.shape == (6, 3, 36, 36) and str(w["dir"]) in te.source
+    assert_bilinear(te.images, w["test"][0][:, None])  # grey 28 -> 36, then three equal channels
 
 
 def test_idx_bad_magic(tmp_path):
@@ -302,29 +317,90 @@ def test_download_failure_is_a_data_error(tmp_path, monkeypatch):
 def test_train_transform(auto):
     aug = AugmentConfig(auto_augment=auto, random_erasing=1.0)
     t = D.build_train_transform(aug, 36)
+    torch.manual_seed(0)
     x = torch.randint(0, 256, (3, 36, 36), dtype=torch.uint8)
-    for _ in range(5):
-        y = t(x)
-        assert y.shape == (3, 36, 36) and y.dtype == torch.uint8
+    outs = [t(x) for _ in range(5)]
+    assert all(y.shape == (3, 36, 36) and y.dtype == torch.uint8 for y in outs)
+    assert all(not torch.equal(y, x) for y in outs)  # erasing at p=1 changes every draw
+    assert len({y.numpy().tobytes() for y in outs}) == 5  # and every draw differently
     plain = D.build_train_transform(AugmentConfig(crop_padding=0, hflip=0, auto_augment="none",
                                                   random_erasing=0), 36)
     assert torch.equal(plain(x), x)
 
 
-def test_batch_mix():
-    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
-    images = torch.randn(8, 3, 12, 12)
-    for mixup, cutmix in ((0.8, 1.0), (0.8, 0.0), (0.0, 1.0)):
-        mix = D.build_batch_mix(AugmentConfig(mixup_alpha=mixup, cutmix_alpha=cutmix), 10)
+def test_each_augmentation_does_what_it_says():
+    torch.manual_seed(1)
+    x = torch.randint(0, 256, (3, 12, 12), dtype=torch.uint8)
+    only = dict(crop_padding=0, hflip=0, auto_augment="none", random_erasing=0)
+    flip = D.build_train_transform(AugmentConfig(**{**only, "hflip": 1.0}), 12)
+    assert torch.equal(flip(x), x.flip(-1))
+    crop = D.build_train_transform(AugmentConfig(**{**only, "crop_padding": 4}), 12)
+    padded = torch.nn.functional.pad(x.float()[None], (4, 4, 4, 4), mode="reflect")[0].to(torch.uint8)
+    windows = {padded[:, i:i + 12, j:j + 12].numpy().tobytes() for i in range(9) for j in range(9)}
+    crops = [crop(x) for _ in range(20)]
+    assert all(c.numpy().tobytes() in windows for c in crops)  # a 12x12 window of the padded image
+    assert len({c.numpy().tobytes() for c in crops}) > 1  # at random places
+    erase = D.build_train_transform(AugmentConfig(**{**only, "random_erasing": 1.0}), 12)
+    for _ in range(10):
+        changed = (erase(x) != x).any(0)
+        rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+        box = torch.zeros_like(changed)
+        box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+        assert not (changed & ~box).any()  # one box of noise, the rest untouched
+
+
+def _distinct_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """8 images told apart by value range (image i lies in [10 i, 10 i + 1)), label i."""
+    return torch.rand(8, 3, 12, 12) + 10 * torch.arange(8.0).view(8, 1, 1, 1), torch.arange(8)
+
+
+def test_mixup_mixes_the_images_as_it_mixes_the_targets():
+    torch.manual_seed(2)
+    images, labels = _distinct_batch()
+    mix = D.build_batch_mix(AugmentConfig(mixup_alpha=0.8, cutmix_alpha=0.0), 10)
+    for _ in range(5):
         out, target = mix(images, labels)
-        assert out.shape == images.shape and target.shape == (8, 10)
-        assert target.dtype == torch.float32
-        assert torch.allclose(target.sum(1), torch.ones(8))
+        assert target.dtype == torch.float32 and target.shape == (8, 10)
+        torch.testing.assert_close(target.sum(1), torch.ones(8))
+        assert (target[:, 8:] == 0).all()
+        for i in range(8):
+            others = target[i].clone()
+            others[i] = 0
+            j = int(others.argmax())  # the partner image (label j is image j)
+            torch.testing.assert_close(out[i], target[i, i] * images[i] + target[i, j] * images[j], rtol=0, atol=1e-5)
+        assert (target.max(1).values < 1 - 1e-4).all()  # every image is a blend
+
+
+def test_cutmix_pastes_as_much_of_the_partner_as_the_target_says():
+    torch.manual_seed(3)
+    images, labels = _distinct_batch()
+    mix = D.build_batch_mix(AugmentConfig(mixup_alpha=0.0, cutmix_alpha=1.0), 10)
+    pasted = 0
+    for _ in range(5):
+        out, target = mix(images, labels)
+        torch.testing.assert_close(target.sum(1), torch.ones(8))
+        for i in range(8):
+            source = (out[i, 0] // 10).long()  # which image each pixel came from
+            assert len(source.unique()) <= 2 and (source == i).any()
+            for j in source.unique().tolist():
+                where = source == j
+                assert torch.equal(out[i][:, where], images[j][:, where])  # pixels copied, not blended
+                assert target[i, j].item() == pytest.approx(where.float().mean().item(), abs=1e-6)
+                pasted += j != i
+    assert pasted > 0
+
+
+def test_batch_mix_off_and_probability():
+    images, labels = _distinct_batch()
     never = D._BatchMix(lambda x, y: (_ for _ in ()).throw(AssertionError), 0.0, 10)
     out, target = never(images, labels)
-    assert torch.equal(target, torch.nn.functional.one_hot(labels, 10).float())
+    assert torch.equal(out, images) and torch.equal(target, torch.nn.functional.one_hot(labels, 10).float())
     assert D.build_batch_mix(AugmentConfig(mix_prob=0.0), 10) is None
     assert D.build_batch_mix(AugmentConfig(mixup_alpha=0, cutmix_alpha=0), 10) is None
+    torch.manual_seed(4)
+    half = D.build_batch_mix(AugmentConfig(mixup_alpha=0.8, cutmix_alpha=0.0, mix_prob=0.5), 10)
+    mixed = [not torch.equal(half(images, labels)[0], images) for _ in range(40)]
+    assert 8 < sum(mixed) < 32  # about half of the batches
 
 
 def test_normalize():

@@ -1,5 +1,6 @@
 """The masked auto-encoder wrapper."""
 
+import pytest
 import torch
 
 from mmlit_cli import create_mae, create_model
@@ -34,26 +35,112 @@ def test_masking_keeps_exactly_the_right_number_of_tokens_per_image():
         assert not torch.equal(mask[0], mask[1])  # random per image
 
 
-def test_loss_is_finite_and_differentiable_and_weights_visible_patches():
+def _run_recording(mae, images):
+    """mae(images), recording the encoder's input tokens and output and the decoder's input."""
+    seen = {}
+    forward_tokens = mae.encoder.forward_tokens
+
+    def encoder(tokens):
+        seen["kept"] = tokens.detach().clone()
+        seen["latent"] = forward_tokens(tokens)
+        return seen["latent"]
+
+    mae.encoder.forward_tokens = encoder  # instance attribute: shadows the method for this model only
+    hook = mae.decoder_blocks[0].register_forward_pre_hook(
+        lambda m, args: seen.setdefault("decoder_in", args[0].detach()))
+    try:
+        loss, pred, mask = mae(images)
+    finally:
+        hook.remove()
+        del mae.encoder.forward_tokens
+    return loss, pred, mask, seen
+
+
+def test_encoder_sees_the_visible_patches_and_the_decoder_puts_every_token_back_in_place():
+    """Patches are told apart by content: the encoder must get exactly the patches the mask
+    calls visible, and the decoder input must hold, at each patch's own position, that patch's
+    encoding when visible and the mask token when hidden (each plus its position embedding)."""
+    torch.manual_seed(0)
+    mae = create_mae("xxs", overrides=TINY).eval()
+    images = torch.randn(2, 3, 36, 36)
+    with torch.no_grad():
+        every_patch = mae.encoder.embed(images)  # [B, 144, D], all rows distinct
+        _, pred, mask, seen = _run_recording(mae, images)
+        decoded = mae.decoder_embed(seen["latent"])
+    B, N = mask.shape
+    n_keep = round(N * (1 - mae.mae_cfg.mask_ratio))
+    assert mask.shape == (2, 144) and set(mask.unique().tolist()) == {0.0, 1.0}
+    assert (mask.sum(1) == N - n_keep).all() and seen["kept"].shape[1] == n_keep
+    pos = mae.decoder_pos_embed[0].detach()
+    for b in range(B):
+        distance = (seen["kept"][b, :, None] - every_patch[b, None]).abs().sum(-1)  # [n_keep, N]
+        source = distance.argmin(1)  # which patch each encoder token is
+        assert (distance[torch.arange(n_keep), source] == 0).all()  # an exact copy of that patch
+        assert sorted(source.tolist()) == torch.nonzero(mask[b] == 0).flatten().tolist()
+        expected = mae.mask_token[0, 0].detach() + pos[1:]  # hidden patches: the mask token
+        expected[source] = decoded[b, 1:] + pos[1 + source]  # visible ones: their own encoding
+        torch.testing.assert_close(seen["decoder_in"][b, 1:], expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(seen["decoder_in"][b, 0], decoded[b, 0] + pos[0], rtol=0, atol=1e-6)
+    assert not torch.equal(mask[0], mask[1])  # a random mask per image
+    assert pred.shape == (2, 144, 27)
+
+
+def test_hidden_patches_are_never_seen():
+    """With the same mask (same seed), changing the pixels of a hidden patch leaves every
+    prediction exactly as it was; changing a visible patch does not."""
+    mae = create_mae("xxs", overrides=TINY).eval()
+    images = torch.randn(1, 3, 36, 36)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        _, pred, mask = mae(images)
+        hidden, visible = torch.nonzero(mask[0] == 1)[0].item(), torch.nonzero(mask[0] == 0)[0].item()
+
+        def changed(patch):
+            r, c = divmod(patch, 12)  # 12 x 12 patches of 3 x 3 pixels, row-major
+            other = images.clone()
+            other[0, :, 3 * r:3 * r + 3, 3 * c:3 * c + 3] += 5.0
+            torch.manual_seed(1)
+            _, other_pred, other_mask = mae(other)
+            assert torch.equal(other_mask, mask)
+            return other_pred
+
+        torch.testing.assert_close(changed(hidden), pred, rtol=0, atol=0)
+        assert not torch.allclose(changed(visible), pred)
+
+
+def test_loss_is_masked_mse_plus_discounted_visible_mse():
+    """From the spec: MSE over the hidden patches + visible_loss_weight x MSE over the visible
+    ones (0.1 in the presets), on hand-made predictions that are wrong in one patch only."""
+    mae = create_mae("xxs", overrides=TINY)
+    assert mae.mae_cfg.visible_loss_weight == 0.1
+    images = torch.rand(2, 3, 36, 36)
+    target = mae.target(images)
+    mask = torch.zeros(2, 144)
+    mask[:, :108] = 1.0  # 108 hidden and 36 visible patches per image
+    assert mae.forward_loss(images, target, mask).item() == pytest.approx(0.0, abs=1e-12)
+    wrong_hidden, wrong_visible = target.clone(), target.clone()
+    wrong_hidden[1, 5] += 2.0  # squared error 4 on every value of one hidden patch
+    wrong_visible[0, 120] += 2.0  # ... of one visible patch
+    assert mae.forward_loss(images, wrong_hidden, mask).item() == pytest.approx(4.0 / (2 * 108), rel=1e-5)
+    assert mae.forward_loss(images, wrong_visible, mask).item() == pytest.approx(0.1 * 4.0 / (2 * 36), rel=1e-5)
+
+
+def test_loss_is_differentiable_everywhere():
     torch.manual_seed(1)
     mae = create_mae("xxs", overrides=TINY)
-    images = torch.randn(3, 3, 36, 36)
-    loss, pred, mask = mae(images)
-    assert pred.shape == (3, 144, 27) and torch.isfinite(loss)
+    loss, pred, mask = mae(torch.randn(3, 3, 36, 36))
+    assert torch.isfinite(loss) and pred.shape == (3, 144, 27)
     loss.backward()
-    assert mae.encoder.patch_embed.proj.weight.grad is not None and mae.mask_token.grad is not None
-
-    # forward_loss = masked MSE + discount * visible MSE
-    target = mae.target(images)
-    per_patch = (pred.detach() - target).pow(2).mean(-1)
-    expected = per_patch[mask == 1].mean() + mae.mae_cfg.visible_loss_weight * per_patch[mask == 0].mean()
-    torch.testing.assert_close(mae.forward_loss(images, pred.detach(), mask), expected)
+    for name, p in mae.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
 
 
 def test_norm_pix_loss_normalises_each_target_patch():
     mae = create_mae("xxs", overrides=TINY)
     t = mae.target(torch.rand(2, 3, 36, 36))
     torch.testing.assert_close(t.mean(-1), torch.zeros(2, 144), atol=1e-5, rtol=0)
+    torch.testing.assert_close(t.var(-1), torch.ones(2, 144), atol=1e-3, rtol=0)
     mae_raw = create_mae("xxs", overrides=TINY + ["mae.norm_pix_loss=false"])
     x = torch.rand(2, 3, 36, 36)
     torch.testing.assert_close(mae_raw.target(x), patchify(x, 3))

@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import matplotlib  # noqa: F401 - the [plot] extra is a test requirement: these tests must not be skipped
 import pytest
 import torch
@@ -30,6 +31,18 @@ def _png(path: Path) -> tuple[int, int]:
         return im.size
 
 
+FIRST, SECOND = (31, 119, 180), (255, 127, 14)  # matplotlib's first two line colours
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _has(pixels: np.ndarray, colour) -> bool:
+    return bool((pixels == np.array(colour, dtype=np.uint8)).all(-1).any())
+
+
 def test_curves_of_a_classification_run(run):
     _, run_dir = run
     path = plot_curves(run_dir)
@@ -37,6 +50,24 @@ def test_curves_of_a_classification_run(run):
     w, h = _png(path)
     assert w > h > 100  # loss and accuracy side by side
     assert not list(run_dir.glob(".curves.png.*"))  # no temp file left
+    pixels = _pixels(path)
+    for half in (pixels[:, : w // 2], pixels[:, w // 2:]):  # train/val loss, then val top-1/top-5
+        assert _has(half, FIRST) and _has(half, SECOND)
+
+
+def test_curves_follow_the_numbers(tmp_path):
+    def draw(name, val_top1):
+        run_dir = tmp_path / name / "run"  # the folder's name is the figure's title
+        run_dir.mkdir(parents=True)
+        rows = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 2.2 / e, "val_top1": a, "val_top5": 90.0}
+                for e, a in enumerate(val_top1, start=1)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return _pixels(plot_curves(run_dir))
+
+    a, b = draw("a", [10.0, 20.0, 30.0]), draw("b", [10.0, 20.0, 30.0])
+    c = draw("c", [10.0, 25.0, 30.0])  # the same best epoch (the title), another curve
+    assert np.array_equal(a, b)  # drawn from the numbers alone
+    assert not np.array_equal(a, c)  # another accuracy: another figure
 
 
 def test_curves_without_accuracy_and_without_epochs(tmp_path):
@@ -47,6 +78,7 @@ def test_curves_without_accuracy_and_without_epochs(tmp_path):
     (mae / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     w, h = _png(plot_curves(mae))
     assert w < 2 * h  # one panel: loss only
+    assert _has(_pixels(mae / "curves.png"), FIRST) and _has(_pixels(mae / "curves.png"), SECOND)
     empty = tmp_path / "empty"
     empty.mkdir()
     assert plot_curves(empty) is None  # no metrics.jsonl yet
@@ -62,6 +94,11 @@ def test_confusion_from_an_evaluation(run, tmp_path):
     path = plot_confusion(report.result.confusion, report.classes, tmp_path)
     assert path == tmp_path / "confusion.png"
     _png(path)
+    cm = report.result.confusion
+    other = plot_confusion(cm.flip(1), report.classes, tmp_path / "other.png")
+    same = plot_confusion(cm.clone(), report.classes, tmp_path / "same.png")
+    assert np.array_equal(_pixels(path), _pixels(same))
+    assert not np.array_equal(_pixels(path), _pixels(other))  # the matrix is what is drawn
 
 
 def test_confusion_with_many_classes(tmp_path):

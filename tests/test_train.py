@@ -2,6 +2,7 @@
 --init, and torchrun with two CPU processes."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from safetensors import safe_open
 from mmlit_cli.checkpoint import load_checkpoint
 from mmlit_cli.errors import MmlitError
 from mmlit_cli.inference import evaluate_checkpoint
+from mmlit_cli.model import MLiT
 from mmlit_cli.train import run_training
 from helpers import TINY, write_folder
 
@@ -37,7 +39,8 @@ def test_finetune_writes_the_run_directory_and_eval_reads_it(folder, tmp_path):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all("val_top1" in r and "val_top5" in r for r in rows)
-    assert result["global_step"] == rows[-1]["step"]
+    # 36 images, one per class held out: 33 to train on, 4 full batches of 8 an epoch
+    assert [r["step"] for r in rows] == [4, 8] and result["global_step"] == 8
 
     ckpt = load_checkpoint(out / "best.safetensors")
     assert ckpt.task == "classify" and ckpt.classes == ["blue", "green", "red"]
@@ -122,10 +125,25 @@ def test_pretrain_on_unlabelled_folder_then_init_loads_exactly_the_encoder(tmp_p
         assert torch.equal(model.state_dict()[k], v), k
 
     # and through the command: fine-tuning from the MAE checkpoint starts from those weights
+    from mmlit_cli.engine import Trainer
+
+    fit, start = Trainer.fit, {}
+
+    def fit_recording_the_start(self):
+        start.update({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        return fit(self)
+
     ft = tmp_path / "ft"
-    run_training("finetune", "xxs", str(labelled), out=ft, overrides=TINY, epochs=1, batch_size=8,
-                 init=pre / "last.safetensors", quiet=True)
-    assert load_checkpoint(ft / "last.safetensors").config.model.num_classes == 3
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "fit", fit_recording_the_start)
+        run_training("finetune", "xxs", str(labelled), out=ft, overrides=TINY, epochs=1, batch_size=8,
+                     init=pre / "last.safetensors", quiet=True)
+    assert start.keys() == set(encoder) | {"head.weight", "head.bias"}
+    for k, v in encoder.items():
+        assert torch.equal(start[k], v), k
+    trained = load_checkpoint(ft / "last.safetensors")
+    assert trained.config.model.num_classes == 3 and not torch.equal(trained.tensors["blocks.0.attn.qkv.weight"],
+                                                                     encoder["blocks.0.attn.qkv.weight"])
 
 
 def test_eval_refuses_an_mae_checkpoint(tmp_path, folder):
@@ -136,33 +154,176 @@ def test_eval_refuses_an_mae_checkpoint(tmp_path, folder):
         evaluate_checkpoint(tmp_path / "p" / "last.safetensors", str(folder))
 
 
+RANK_DUMP = """
+import os, sys
+from safetensors.torch import save_file
+from mmlit_cli import cli, engine
+
+fit = engine.Trainer.fit
+
+
+def fit_and_dump(self):
+    result = fit(self)
+    weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+    save_file(weights, os.path.join(os.environ["RANK_DUMP"], f"rank{self.dist.rank}.safetensors"))
+    return result
+
+
+engine.Trainer.fit = fit_and_dump
+sys.argv = ["mmlit", *sys.argv[1:]]
+cli.main()
+"""
+
+
 def test_torchrun_two_cpu_processes_stay_in_sync(folder, tmp_path):
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "mmlit_cli", "finetune", "--preset", "xxs", "--dataset", str(folder), "--out", str(out),
-           "--epochs", "2", "--batch-size", "4", "--device", "cpu"]
+    """`mmlit finetune` under torchrun, each rank saving its own final weights (through a
+    wrapper, not the engine's own check): the ranks hold identical weights, rank 0 wrote them,
+    each rank took its share of the batches, and the logged validation is over every
+    validation image (equal to a single-process eval of the best checkpoint)."""
+    out, dump = tmp_path / "ddp", tmp_path / "dump"
+    dump.mkdir()
+    script = tmp_path / "mmlit_dumping_ranks.py"
+    script.write_text(RANK_DUMP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK_DUMP": str(dump)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "finetune", "--preset", "xxs", "--dataset", str(folder), "--out", str(out), "--epochs", "2",
+           "--batch-size", "4", "--device", "cpu"]
     for o in TINY:
         cmd += ["--set", o]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    rank0, rank1 = load_file(str(dump / "rank0.safetensors")), load_file(str(dump / "rank1.safetensors"))
+    ckpt = load_checkpoint(out / "last.safetensors")
+    last = ckpt.tensors
+    torch.manual_seed(ckpt.config.finetune.seed)  # the initial weights depend on the seed alone
+    initial = MLiT(ckpt.config.model).state_dict()
+    assert rank0.keys() == rank1.keys() == last.keys()
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), k
+        assert torch.equal(rank0[k], last[k]), k
+    assert all(not torch.equal(rank0[k], initial[k]) for k in rank0)  # trained: every tensor moved from its start
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2
-    assert all(row["world_size"] == 2 and row["ranks_in_sync"] is True for row in rows)
-    # each rank took 4 images a step: 32 training images -> 4 steps an epoch
-    assert rows[-1]["step"] == 2 * 4
+    assert [r["world_size"] for r in rows] == [2, 2]
+    # 33 training images, 4 per rank and step: 16 images per rank and epoch -> 4 steps an epoch
+    assert [r["step"] for r in rows] == [4, 8]
+    best = max(rows, key=lambda r: r["val_top1"])
+    report = evaluate_checkpoint(out / "best.safetensors", str(folder), "val", device="cpu")
+    assert report.result.num_images == 3
+    assert report.result.top1 == pytest.approx(best["val_top1"], abs=1e-9)
+    assert report.result.loss == pytest.approx(best["val_loss"], rel=1e-5)
 
 
-def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(folder, tmp_path):
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(folder, tmp_path, monkeypatch):
+    """The 7th step's loss is made NaN (4 steps an epoch, a checkpoint every step): the run
+    stops there, last.safetensors holds the state after step 6 - the same weights as a run
+    stopped at step 6 - and metrics.jsonl holds epoch 1 only."""
+    from mmlit_cli.engine import ClassifyTask
+
+    reference = finetune(folder, tmp_path / "six", epochs=3, max_steps=6, save_every=0)
+    assert reference["global_step"] == 6
+    loss, calls = ClassifyTask.loss, []
+
+    def nan_at_step_7(self, *args):
+        calls.append(1)
+        value = loss(self, *args)
+        return value * float("nan") if len(calls) == 7 else value
+
+    monkeypatch.setattr(ClassifyTask, "loss", nan_at_step_7)
     out = tmp_path / "nan"
+    with pytest.raises(MmlitError, match="the loss became nan at step 7"):
+        finetune(folder, out, epochs=3, save_every=1)
+    last = load_checkpoint(out / "last.safetensors", with_train_state=True)
+    assert (last.train_info["global_step"], last.train_info["epoch"], last.train_info["step_in_epoch"]) == (6, 1, 2)
+    good = load_checkpoint(tmp_path / "six" / "last.safetensors").tensors
+    assert last.tensors.keys() == good.keys()
+    assert all(torch.equal(last.tensors[k], good[k]) for k in good)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1] and np.isfinite(rows[0]["train_loss"])
+    assert load_checkpoint(out / "best.safetensors").info["epoch"] == 1
+
+
+def test_a_diverging_run_writes_no_checkpoint_of_its_diverged_state(folder, tmp_path):
+    """lr 1e12: the first update blows the weights up and the next forward overflows, inside
+    the first epoch; with no in-epoch checkpoints there is no good state to keep, and nothing
+    diverged is written either."""
+    out = tmp_path / "diverged"
     with pytest.raises(MmlitError, match="the loss became"):
         finetune(folder, out, overrides=TINY + ["finetune.grad_clip=0", "finetune.warmup_epochs=0"], lr=1e12,
-                 epochs=5, batch_size=4, save_every=1)
-    if (out / "last.safetensors").exists():  # whatever was saved is finite and loadable
-        ckpt = load_checkpoint(out / "last.safetensors", with_train_state=True)
-        assert all(torch.isfinite(t).all() for t in ckpt.tensors.values())
-    assert not (out / "metrics.jsonl").exists() or all(
-        np.isfinite(json.loads(x)["train_loss"]) for x in (out / "metrics.jsonl").read_text().splitlines())
+                 epochs=5, batch_size=4, save_every=0)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
+def _groups_by_name(model, groups) -> dict[str, tuple[float, float]]:
+    """{parameter name: (lr_scale, weight_decay)}, checking each parameter is in one group only."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    found: dict[str, tuple[float, float]] = {}
+    for g in groups:
+        for p in g["params"]:
+            assert names[id(p)] not in found, names[id(p)]
+            found[names[id(p)]] = (g.get("lr_scale", 1.0), g["weight_decay"])
+    assert found.keys() == set(names.values())
+    return found
+
+
+def test_param_groups_layer_decay_and_weight_decay_exclusions():
+    """BEiT/MAE layer decay: lr scale 0.5 ** (depth + 1 - layer), layer 0 = embeddings, 1..depth
+    = blocks, depth + 1 = final norm and head. No weight decay on norms, biases, the class token
+    and position embeddings."""
+    from mmlit_cli import create_mae, create_model
+    from mmlit_cli.engine import param_groups
+
+    model = create_model("xxs", num_classes=5, overrides=TINY)  # depth 3
+    got = _groups_by_name(model, param_groups(model, weight_decay=0.05, layer_decay=0.5))
+    expected = {
+        "patch_embed.proj.weight": (0.5 ** 4, 0.05), "patch_embed.proj.bias": (0.5 ** 4, 0.0),
+        "cls_token": (0.5 ** 4, 0.0), "pos_embed": (0.5 ** 4, 0.0),
+        "blocks.0.attn.qkv.weight": (0.5 ** 3, 0.05), "blocks.0.attn.qkv.bias": (0.5 ** 3, 0.0),
+        "blocks.0.norm1.weight": (0.5 ** 3, 0.0), "blocks.0.norm1.bias": (0.5 ** 3, 0.0),
+        "blocks.1.ffn.router.weight": (0.5 ** 2, 0.05), "blocks.1.ffn.router.bias": (0.5 ** 2, 0.0),
+        "blocks.2.ffn.w1v.weight": (0.5, 0.05), "blocks.2.ffn.w2.weight": (0.5, 0.05),
+        "blocks.2.norm2.weight": (0.5, 0.0), "blocks.2.attn.proj.weight": (0.5, 0.05),
+        "norm.weight": (1.0, 0.0), "norm.bias": (1.0, 0.0), "head.weight": (1.0, 0.05), "head.bias": (1.0, 0.0),
+    }
+    for name, scale_and_decay in expected.items():
+        assert got[name] == pytest.approx(scale_and_decay), name
+    for name, (scale, decay) in got.items():  # the same rules for every other parameter
+        layer = 0 if name.startswith(("patch_embed.", "cls_token", "pos_embed")) else \
+            int(name.split(".")[1]) + 1 if name.startswith("blocks.") else 4
+        no_decay = name.endswith(".bias") or ".norm" in f".{name}" or name in ("cls_token", "pos_embed")
+        assert (scale, decay) == pytest.approx((0.5 ** (4 - layer), 0.0 if no_decay else 0.05)), name
+
+    flat = _groups_by_name(model, param_groups(model, weight_decay=0.05))
+    assert {scale for scale, _ in flat.values()} == {1.0}  # no layer decay by default
+    assert {n for n, (_, d) in flat.items() if d == 0} == {n for n, (_, d) in got.items() if d == 0}
+
+    mae = create_mae("xxs", overrides=TINY)
+    got = _groups_by_name(mae, param_groups(mae, weight_decay=0.05))
+    for name in ("mask_token", "decoder_pos_embed", "encoder.cls_token", "encoder.pos_embed",
+                 "decoder_norm.weight", "decoder_pred.bias", "encoder.blocks.0.norm1.weight"):
+        assert got[name][1] == 0.0, name
+    for name in ("decoder_embed.weight", "decoder_pred.weight", "decoder_blocks.0.ffn.w1v.weight",
+                 "encoder.patch_embed.proj.weight", "encoder.blocks.2.ffn.w1v.weight"):
+        assert got[name][1] == 0.05, name
+
+
+def test_lr_at_warmup_then_cosine_at_exact_steps():
+    """`lr_at(step, total_steps, warmup_steps, lr, min_lr)` as it is now: step s of the warm-up
+    uses lr * (s + 1) / warmup; then a cosine from lr down to min_lr at total_steps."""
+    from mmlit_cli.engine import lr_at
+
+    lr, min_lr = 1e-3, 1e-5
+    at = [lr_at(s, 110, 10, lr, min_lr) for s in range(120)]
+    assert at[0] == pytest.approx(1e-4, rel=1e-12)  # the first step already has one increment
+    assert at[4] == pytest.approx(5e-4, rel=1e-12)
+    assert at[9] == pytest.approx(lr, rel=1e-12)  # warm-up ends at the peak
+    assert at[10] == pytest.approx(lr, rel=1e-12)  # and the cosine starts there
+    assert at[60] == pytest.approx(min_lr + (lr - min_lr) / 2, rel=1e-12)  # half-way down the cosine
+    assert at[35] == pytest.approx(min_lr + (lr - min_lr) * (1 + math.cos(math.pi / 4)) / 2, rel=1e-12)
+    assert at[110] == pytest.approx(min_lr, rel=1e-12) and at[119] == pytest.approx(min_lr, rel=1e-12)
+    assert all(a > b for a, b in zip(at[10:110], at[11:111]))  # strictly decreasing after the warm-up
+    assert lr_at(0, 100, 0, lr, min_lr) == pytest.approx(lr, rel=1e-12)  # no warm-up: the peak at once
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails_and_uses_normal_permissions(tmp_path):
