@@ -121,6 +121,8 @@ def _train_command(kind: str, **options) -> None:
     result = run_training(kind, console=console, **options)
     if result["stopped"] == "interrupt":
         raise typer.Exit(130)
+    if not result.get("main_process", True):  # under torchrun, rank 0 reports what it wrote
+        return
     out_dir = result["out_dir"]
     if result.get("best_saved", True):
         console.print(f"done: {out_dir}/last.safetensors, {out_dir}/best.safetensors, {out_dir}/metrics.jsonl",

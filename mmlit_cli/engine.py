@@ -127,6 +127,11 @@ def end_distributed(dist: Dist) -> None:
         dist.owns_group = False
 
 
+def process_rank() -> int:
+    """This process's rank under torchrun (RANK), else 0."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def process_count() -> int:
     """Processes in this run: torchrun's WORLD_SIZE, else 1."""
     return int(os.environ.get("WORLD_SIZE", "1"))

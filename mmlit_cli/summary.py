@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .model import MLiT, MoEFeedForward
@@ -53,13 +54,15 @@ def count_macs(model: MLiT) -> int:
 
     Measured with PyTorch's FLOP counter (FLOPs / 2). The fused MoE evaluates W1 of every
     expert for every token (cheaper in time than dispatching at these sizes), so this is the
-    work actually done, a little above the top-k-only count.
+    work actually done, a little above the top-k-only count. Attention runs on SDPA's math
+    backend here: the counter has no formula for the fused CPU kernel and would count its
+    two matmuls as zero.
     """
     cfg = model.cfg
     x = torch.zeros(1, cfg.in_chans, cfg.image_size, cfg.image_size)
     was_training = model.training
     model.eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     model.train(was_training)
     return counter.get_total_flops() // 2

@@ -15,7 +15,8 @@ from .checkpoint import atomic_write, load_checkpoint, load_weights_into
 from .config import Config, load_config, parse_overrides
 from .data import ImageData, load_split
 from .engine import (ClassifyTask, MAETask, RunOptions, Trainer, check_compile_mode, check_resume_world_size,
-                     end_distributed, layer_decay_of_run, process_count, resolve_device)
+                     end_distributed, layer_decay_of_run, process_count, process_rank,
+                     resolve_device)
 from .errors import MmlitError
 from .recipe import describe, fit_recipe, pinned_keys
 
@@ -100,6 +101,8 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     """Train (`kind` = "finetune" or "pretrain"); returns the engine's summary. `validation`:
     see `DataSpec` ("auto" when None; a resumed run keeps its own)."""
     console = console or Console()
+    main_process = process_rank() == 0
+    quiet = quiet or not main_process  # under torchrun, rank 0 alone speaks
     section = "finetune" if kind == "finetune" else "pretrain"
     task_cls = ClassifyTask if kind == "finetune" else MAETask
     shortcuts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers, recipe=recipe)
@@ -148,10 +151,12 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
 
     require_labels = kind == "finetune"
     train = spec.load("train", cfg, require_labels)
-    _warn_skipped(console, train)
+    if main_process:
+        _warn_skipped(console, train)
     try:
         val = spec.load(spec.val_split, cfg, require_labels)
-        _warn_skipped(console, val)
+        if main_process:
+            _warn_skipped(console, val)
     except MmlitError as e:
         if spec.validation == "test":
             raise MmlitError(f"{e} (--val test validates on the test split; without --val a validation part is "
@@ -194,6 +199,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
                           highlight=False)
     result = trainer.fit()
     result["out_dir"] = str(run_dir)
+    result["main_process"] = main_process
     if trainer.dist.is_main and result["stopped"] is None:
         from .plots import PlotUnavailable, plot_curves
 
