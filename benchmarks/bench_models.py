@@ -59,7 +59,7 @@ from torch import nn  # noqa: E402
 from mmlit_cli import create_model  # noqa: E402
 from mmlit_cli.config import load_config  # noqa: E402
 from mmlit_cli.data import Normalize  # noqa: E402
-from mmlit_cli.engine import build_adamw, param_groups  # noqa: E402
+from mmlit_cli.optim import build_adamw, param_groups  # noqa: E402
 from mmlit_cli.model import MLiT, MoEFeedForward  # noqa: E402
 
 NUM_CLASSES = 100

@@ -42,7 +42,8 @@ from rich.console import Console  # noqa: E402
 
 from mmlit_cli.config import load_config  # noqa: E402
 from mmlit_cli.data import ImageData, build_loader, build_train_transform, load_split, set_epoch  # noqa: E402
-from mmlit_cli.engine import ClassifyTask, RunOptions, Trainer  # noqa: E402
+from mmlit_cli.engine import RunOptions, Trainer  # noqa: E402
+from mmlit_cli.tasks import ClassifyTask  # noqa: E402
 from mmlit_cli.train import run_training  # noqa: E402
 
 GOOD_RATIO = 0.85

@@ -11,8 +11,6 @@ unpickled: tensors come from safetensors, everything else from JSON that is vali
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,8 @@ from safetensors.torch import save_file
 from . import __version__
 from .config import Config, config_from_dict
 from .errors import CheckpointError, ConfigError
+from .files import atomic_write
+from .model import resize_pos_embed
 
 FORMAT = "mmlit-checkpoint/1"
 TASKS = ("classify", "mae")
@@ -56,34 +56,6 @@ class Checkpoint:
     def class_names(self) -> list[str]:
         """The stored class names, or "0", "1", ... when the run had none."""
         return list(self.classes) or [str(i) for i in range(self.config.model.num_classes)]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, fsync, then rename over `path`: a reader (or a SIGKILL) never
-    sees a half-written file, and the previous file stays intact until the new one is whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
@@ -153,19 +125,6 @@ def encoder_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     if ckpt.task == "mae":
         return {k[len("encoder."):]: v for k, v in ckpt.tensors.items() if k.startswith("encoder.")}
     return dict(ckpt.tensors)
-
-
-def resize_pos_embed(pos_embed: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Bicubic resampling of a [1, 1 + g*g, D] position embedding to another square grid."""
-    old_grid = int((pos_embed.shape[1] - 1) ** 0.5)
-    new_grid = int((new_tokens - 1) ** 0.5)
-    if old_grid == new_grid:
-        return pos_embed
-    cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
-    grid = grid.reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2).float()
-    grid = torch.nn.functional.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1).to(pos_embed.dtype)
-    return torch.cat([cls, grid], dim=1)
 
 
 @dataclass

@@ -213,7 +213,7 @@ def eval_(
 
     Example:  mmlit eval runs/finetune/xxs/best.safetensors --dataset cifar100 --split test
     """
-    from .inference import evaluate_checkpoint
+    from .evaluate import evaluate_checkpoint
     from .train import new_run_dir
 
     report = evaluate_checkpoint(checkpoint, dataset, split, data_dir, batch_size, device,

@@ -1,7 +1,8 @@
 """One exception type for everything a user can get wrong.
 
 The CLI turns an `MmlitError` into a one-line message and a non-zero exit code; anything
-else is a bug and keeps its traceback (shown with `--debug`).
+else is a bug and keeps its traceback (shown with `--debug`). `one_line` puts any exception
+into such a message.
 """
 
 
@@ -19,3 +20,15 @@ class DataError(MmlitError):
 
 class CheckpointError(MmlitError):
     """A checkpoint that cannot be read or does not fit what was asked of it."""
+
+
+def one_line(exc: BaseException, with_type: bool = True, limit: int | None = None) -> str:
+    """An exception as one line for a message: its text with white space folded (the type's
+    name when it has none), after `Type: ` when `with_type`, cut to `limit` characters."""
+    name = type(exc).__name__
+    text = " ".join(str(exc).split()) or name
+    if with_type and text != name:
+        text = f"{name}: {text}"
+    if limit is not None and len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return text

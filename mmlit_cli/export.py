@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import atomic_write
 from .data import Normalize
-from .errors import MmlitError
-from .inference import load_classifier
+from .errors import MmlitError, one_line
+from .evaluate import load_classifier
+from .files import atomic_write
 
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; lower ones go through a converter
 TOLERANCE = 1e-4
@@ -67,11 +67,6 @@ def _require(module: str, what: str):
         return importlib.import_module(module)
     except ImportError:
         raise MmlitError(f"ONNX export needs the '{module}' package ({what}): {_PIP_HINT}") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def input_format(image_size: int) -> str:
@@ -156,7 +151,7 @@ def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset
                                   external_data=False, verbose=False)
         except Exception as exc:  # noqa: BLE001 - exporter errors are many and varied
             raise MmlitError(f"ONNX export of {ckpt_path} failed ({type(exc).__name__}: "
-                             f"{_one_line(exc)})") from exc
+                             f"{one_line(exc, with_type=False, limit=300)})") from exc
         finally:
             exporter_log.setLevel(level)
         proto = onnx.load(tmp)
@@ -170,7 +165,8 @@ def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset
             try:
                 onnx.checker.check_model(tmp, full_check=True)
             except Exception as exc:  # noqa: BLE001
-                raise MmlitError(f"the exported ONNX model is invalid ({_one_line(exc)})") from exc
+                raise MmlitError(f"the exported ONNX model is invalid "
+                                 f"({one_line(exc, with_type=False, limit=300)})") from exc
             try:
                 import onnxruntime  # noqa: F401
             except ImportError:
@@ -184,5 +180,5 @@ def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset
     try:
         atomic_write(out, write)
     except OSError as exc:
-        raise MmlitError(f"cannot write {out} ({_one_line(exc)})") from None
+        raise MmlitError(f"cannot write {out} ({one_line(exc, with_type=False, limit=300)})") from None
     return ExportResult(out, checked["diff"], checked["with"], opset, fmt)

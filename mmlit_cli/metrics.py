@@ -1,4 +1,5 @@
-"""Evaluation of a classifier: loss, top-1/top-5, confusion matrix, expert usage."""
+"""Evaluation over a loader: a classifier's loss, top-1/top-5, confusion matrix and expert
+usage; an MAE's reconstruction loss. Used by `eval` and by validation during training."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Normalize
+from .runtime import forward_batch, rng_devices, unwrap_model
 
 
 @dataclass
@@ -66,11 +68,8 @@ def evaluate_classifier(model: torch.nn.Module, loader, device: torch.device, me
     meter = ClassifierMeter(num_classes or core.cfg.num_classes, device)
     normalize = Normalize(mean, std, device)
     for images, labels in loader:
-        images = normalize(images.to(device, non_blocking=True))
-        labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images)
-        meter.update(logits, labels)
+        logits = forward_batch(model, images, normalize, device, amp_dtype)
+        meter.update(logits, labels.to(device, non_blocking=True))
     meter.all_reduce()
     usage = finish_usage_tracking(core)
     model.train(was_training)
@@ -81,10 +80,30 @@ def evaluate_classifier(model: torch.nn.Module, loader, device: torch.device, me
                       meter.confusion.view(C, C).cpu(), usage, time.perf_counter() - start)
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module under DDP (`.module`) and `torch.compile` (`._orig_mod`) wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+@torch.inference_mode()
+def evaluate_mae(model: torch.nn.Module, loader, device: torch.device, mean, std,
+                 amp_dtype: torch.dtype | None = None) -> tuple[float, list[list[float]]]:
+    """(mean reconstruction loss, expert usage) of a masked auto-encoder over `loader`. The masks
+    come from a fixed seed in a forked generator: the same masks every epoch, so validation
+    losses are comparable, and the caller's random stream is left as it was."""
+    was_training = model.training
+    model.eval()
+    encoder = unwrap_model(model).encoder
+    encoder.set_usage_tracking(True)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    normalize = Normalize(mean, std, device)
+    with torch.random.fork_rng(devices=rng_devices(device)):
+        torch.manual_seed(1234)
+        for images, _ in loader:
+            loss, _, _ = forward_batch(model, images, normalize, device, amp_dtype)
+            total += torch.stack([loss.double() * images.shape[0],
+                                  torch.full((), float(images.shape[0]), dtype=torch.float64, device=device)])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    usage = finish_usage_tracking(encoder)
+    model.train(was_training)
+    loss_sum, count = total.tolist()
+    return loss_sum / max(count, 1.0), usage
 
 
 def finish_usage_tracking(encoder) -> list[list[float]]:

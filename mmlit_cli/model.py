@@ -269,3 +269,17 @@ class MLiT(nn.Module):
         if name.startswith("blocks."):
             return int(name.split(".")[1]) + 1
         return self.cfg.depth + 1
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Bicubic resampling of a [1, 1 + g*g, D] position embedding to another square grid (a
+    checkpoint trained at another image size; timm's `resample_abs_pos_embed`)."""
+    old_grid = int((pos_embed.shape[1] - 1) ** 0.5)
+    new_grid = int((new_tokens - 1) ** 0.5)
+    if old_grid == new_grid:
+        return pos_embed
+    cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    grid = grid.reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1).to(pos_embed.dtype)
+    return torch.cat([cls, grid], dim=1)

@@ -1,9 +1,10 @@
-"""Figures of a run: training curves and a confusion matrix (PNG, needs matplotlib).
+"""Figures of a run: training curves, a confusion matrix, an MAE's reconstructions (PNG).
 
-matplotlib is an optional extra (`pip install "mmlit[plot]"`); without it every function
-here raises `PlotUnavailable`, which a caller can catch once and mention. Figures are drawn
-on matplotlib's non-interactive Agg canvas through the object API (no `pyplot`, no change
-to the process-wide backend, no window) and written atomically.
+The curves and the confusion matrix need matplotlib, an optional extra (`pip install
+"mmlit[plot]"`); without it those functions raise `PlotUnavailable`, which a caller can
+catch once and mention. They are drawn on matplotlib's non-interactive Agg canvas through
+the object API (no `pyplot`, no change to the process-wide backend, no window). The
+reconstructions are a torchvision image grid. Every figure is written atomically.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from .checkpoint import atomic_write
-from .errors import MmlitError
+from .errors import MmlitError, one_line
+from .files import atomic_write
+
+if TYPE_CHECKING:
+    from .config import Config
 
 ANNOTATE_MAX = 20  # up to this many classes: class names on both axes and a number per cell
 NAMES_MAX = 40  # up to this many: class names on the axes, no numbers in the cells
@@ -42,7 +46,7 @@ def _save(fig: Any, path: Path) -> Path:
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI))
     except OSError as exc:
-        raise MmlitError(f"cannot write {path} ({' '.join(str(exc).split())})") from None
+        raise MmlitError(f"cannot write {path} ({one_line(exc, with_type=False)})") from None
     return path
 
 
@@ -52,7 +56,7 @@ def _read_history(path: Path) -> list[dict]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise MmlitError(f"cannot read {path} ({' '.join(str(exc).split())})") from None
+        raise MmlitError(f"cannot read {path} ({one_line(exc, with_type=False)})") from None
     for line in lines:
         try:
             row = json.loads(line)
@@ -179,3 +183,38 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], out_path: st
                 ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=8,
                         color="white" if v > 0.55 else "black")
     return _save(fig, out)
+
+
+@torch.no_grad()
+def plot_reconstruction(mae: torch.nn.Module, images: torch.Tensor, cfg: Config, device: torch.device,
+                        out_path: str | Path) -> Path:
+    """Rows of original, masked input and reconstruction for a few uint8 `images`, scaled up
+    4x (an MAE run's reconstruction.png). The masks come from seed 0 in a forked generator, so
+    the run's own random stream is untouched."""
+    from torchvision.utils import make_grid, save_image
+
+    from .data import normalize
+    from .mae import unpatchify
+    from .runtime import rng_devices
+
+    mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    was_training = mae.training
+    mae.eval()
+    with torch.random.fork_rng(devices=rng_devices(device)):
+        torch.manual_seed(0)
+        x = normalize(images.to(device), cfg.data.mean, cfg.data.std)
+        _, pred, mask = mae(x)
+    mae.train(was_training)
+    x, pred, mask = x.float().cpu(), pred.float().cpu(), mask.cpu()
+    recon = mae.reconstruct(x, pred)
+    P, C = cfg.model.patch_size, cfg.model.in_chans
+    patch_mask = unpatchify(mask.unsqueeze(-1).expand(-1, -1, P * P * C), P, C)  # 1 = hidden
+    masked = x * (1 - patch_mask) + patch_mask * ((0.5 - mean) / std)  # hidden patches shown grey
+    pasted = x * (1 - patch_mask) + recon * patch_mask  # visible patches kept, hidden ones predicted
+    rows = [t * std + mean for t in (x, masked, pasted)]
+    grid = make_grid(torch.cat(rows).clamp(0, 1), nrow=len(x), padding=1, pad_value=1.0)
+    grid = torch.nn.functional.interpolate(grid.unsqueeze(0), scale_factor=4, mode="nearest")[0]
+    path = Path(out_path)
+    atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
+    return path

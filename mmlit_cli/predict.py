@@ -1,7 +1,7 @@
 """`predict`: class probabilities for image files, with a checkpoint.
 
 Images are read and resized exactly as training and `eval` read an image folder: the same
-decoder (`data._decode_one`: Pillow, grey/RGBA/palette/16-bit -> RGB, aspect-preserving
+decoder (`data.decode_one`: Pillow, grey/RGBA/palette/16-bit -> RGB, aspect-preserving
 resize of the shorter side to the model's image size + centre crop, bilinear) and the same
 `data.Normalize`. Files are decoded in chunks and run through the model in batches under
 `torch.inference_mode()`, so large folders stay quick and memory stays bounded.
@@ -21,17 +21,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write
-from .data import Normalize
-# Private helpers of data.py, imported on purpose: predict must decode and resize exactly as
-# training does, so it reuses them rather than keeping a copy that could drift.
-from .data import _decode_files, _one_line, _to_rgb
-from .engine import amp_dtype, maybe_compile, resolve_device
-from .errors import MmlitError
-from .inference import load_classifier
+from .data import Normalize, decode_files, to_rgb
+from .errors import MmlitError, one_line
+from .evaluate import load_classifier
+from .files import atomic_write, walk_files
+from .runtime import amp_dtype, forward_batch, maybe_compile, resolve_device
 
 _GLOB_CHARS = ("*", "?", "[")
-_DECODE_CHUNK = 4096  # files decoded at once (data._decode_files uses a process pool from 4000)
+_DECODE_CHUNK = 4096  # files decoded at once (data.decode_files uses a process pool from 4000)
 _DECODE_BYTES = 256 * 2**20  # ... unless the decoded chunk would exceed this many bytes
 
 
@@ -61,17 +58,6 @@ class PredictResult:
 # Collecting files
 # --------------------------------------------------------------------------------------------
 
-def _walk_files(folder: Path) -> list[Path]:
-    """Every non-hidden file under `folder`, recursively, sorted by relative path."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel = Path(dirpath).relative_to(folder).parts
-        found += [rel + (f,) for f in filenames if not f.startswith(".")]
-    found.sort()
-    return [folder.joinpath(*parts) for parts in found]
-
-
 def collect_images(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Expand PATH arguments into candidate files -> (files, [(path, reason), ...]).
 
@@ -100,7 +86,7 @@ def collect_images(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
         if p.is_file():
             add([p])
         elif p.is_dir():
-            found = _walk_files(p)
+            found = walk_files(p)
             if found:
                 add(found)
             else:
@@ -111,7 +97,7 @@ def collect_images(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
             for m in matches:
                 mp = Path(m)
                 if mp.is_dir():
-                    found += _walk_files(mp)
+                    found += walk_files(mp)
                 elif mp.is_file():
                     found.append(mp)
             if found:
@@ -130,13 +116,13 @@ def collect_images(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
 # --------------------------------------------------------------------------------------------
 
 def _failure_reason(path: Path) -> str:
-    """Why `data._decode_one` refused a file: open it again the same way, keep the error."""
+    """Why `data.decode_one` refused a file: open it again the same way, keep the error."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im.load()  # Pillow opens lazily: truncated data only fails here
-            rgb = _to_rgb(im)
+            rgb = to_rgb(im)
             rgb.load()
     except FileNotFoundError:
         return "file not found"
@@ -145,7 +131,7 @@ def _failure_reason(path: Path) -> str:
     except Image.UnidentifiedImageError:
         return "not an image Pillow can read"
     except Exception as exc:  # noqa: BLE001 - any decoder error is reported, not raised
-        return f"cannot decode image ({_one_line(exc)})"
+        return f"cannot decode image ({one_line(exc)})"
     return "cannot decode image"
 
 
@@ -190,7 +176,7 @@ def predict_paths(ckpt_path: str | Path, paths: list[str], top_k: int = 5, batch
     normalize = Normalize(ckpt.mean, ckpt.std, dev)
     for c0 in range(0, len(files), step):
         chunk = files[c0:c0 + step]
-        arrays, ok = _decode_files([str(f) for f in chunk], size)
+        arrays, ok = decode_files([str(f) for f in chunk], size)
         for f, good in zip(chunk, ok):
             if not good:
                 failures.append((str(f), _failure_reason(f)))
@@ -201,9 +187,7 @@ def predict_paths(ckpt_path: str | Path, paths: list[str], top_k: int = 5, batch
         for b0 in range(0, len(good_files), batch_size):
             batch = images[b0:b0 + batch_size].contiguous()
             with torch.inference_mode():
-                x = normalize(batch.to(dev, non_blocking=True))
-                with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                    logits = model(x)
+                logits = forward_batch(model, batch, normalize, dev, amp)
                 probs = logits.float().softmax(dim=1)
                 top_p, top_i = probs.topk(k, dim=1)
             for f, ps, idx in zip(good_files[b0:b0 + batch_size], top_p.tolist(), top_i.tolist()):
@@ -240,5 +224,5 @@ def write_csv(result: PredictResult, path: str | Path) -> Path:
     try:
         atomic_write(path, write)
     except OSError as exc:
-        raise MmlitError(f"cannot write {path} ({_one_line(exc)})") from None
+        raise MmlitError(f"cannot write {path} ({one_line(exc)})") from None
     return path

@@ -11,14 +11,15 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from .checkpoint import atomic_write, load_checkpoint, load_weights_into
+from .checkpoint import load_checkpoint, load_weights_into
 from .config import Config, load_config, parse_overrides
 from .data import ImageData, load_split
-from .engine import (ClassifyTask, MAETask, RunOptions, Trainer, check_compile_mode, check_resume_world_size,
-                     end_distributed, layer_decay_of_run, process_count, process_rank,
-                     resolve_device)
+from .engine import RunOptions, Trainer
 from .errors import MmlitError
 from .recipe import describe, fit_recipe, pinned_keys
+from .runtime import check_compile_mode, end_distributed, process_count, process_rank, resolve_device
+from .tasks import TASKS
+from .train_state import check_resume_world_size, layer_decay_of_run
 
 
 VALIDATION = ("auto", "test")
@@ -103,8 +104,8 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     console = console or Console()
     main_process = process_rank() == 0
     quiet = quiet or not main_process  # under torchrun, rank 0 alone speaks
-    section = "finetune" if kind == "finetune" else "pretrain"
-    task_cls = ClassifyTask if kind == "finetune" else MAETask
+    task_cls = TASKS[kind]
+    section = task_cls.command  # the recipe's section of the config
     shortcuts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers, recipe=recipe)
 
     resolve_device(device)  # a missing GPU is reported before any data is read
@@ -120,8 +121,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
         resume_ckpt = load_checkpoint(last, with_train_state=True)
         if resume_ckpt.train_info is None:
             raise MmlitError(f"{last} holds no training state (it is not a run's last checkpoint)")
-        expected_task = "classify" if kind == "finetune" else "mae"
-        if resume_ckpt.task != expected_task:
+        if resume_ckpt.task != task_cls.kind:
             raise MmlitError(f"{run_dir} is a {resume_ckpt.task} run; resume it with the matching command")
         check_resume_world_size(int(resume_ckpt.train_info.get("world_size", 1)))
         cfg = resume_ckpt.config
@@ -149,7 +149,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
         run_dir = new_run_dir(out, kind, cfg.name)
         _check_writable(run_dir)
 
-    require_labels = kind == "finetune"
+    require_labels = task_cls.needs_labels
     train = spec.load("train", cfg, require_labels)
     if main_process:
         _warn_skipped(console, train)
@@ -164,8 +164,8 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
         if require_labels:
             raise
         val = None  # an unlabelled folder for pre-training may have no held-out part
-    if kind == "finetune" and resume_ckpt is None:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=len(train.classes)))
+    if resume_ckpt is None:
+        cfg = task_cls.fit_config(cfg, train)
     if not quiet:
         console.print(escape(f"data: {train.source}; validation: {_validation_note(spec, val)}"), highlight=False)
 
@@ -175,8 +175,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     layer_decay = 1.0 if resume_ckpt is None else layer_decay_of_run(resume_ckpt.train_info, train_cfg)
     if init is not None and resume_ckpt is None:
         init_ckpt = load_checkpoint(init)
-        target = task.model if kind == "finetune" else task.model.encoder
-        init_report = load_weights_into(target, init_ckpt)
+        init_report = load_weights_into(task.init_target, init_ckpt)
         if not init_report.loaded:
             raise MmlitError(f"--init {init}: no tensor of that checkpoint fits this model")
         if not quiet:
@@ -189,8 +188,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
                       compile_mode=compile_mode,
                       save_every=save_every, max_steps=max_steps, layer_decay=layer_decay, quiet=quiet,
                       save_best=spec.validation != "test",
-                      recipe_note=recipe_note,
-                      on_epoch_end=write_reconstruction if kind == "pretrain" else None)
+                      recipe_note=recipe_note)
     trainer = Trainer(task, cfg, train, val, opts, console)
     if resume_ckpt is not None:
         trainer.resume_from(resume_ckpt)
@@ -226,39 +224,3 @@ def _short(names: list[str], n: int = 4) -> str:
     if not names:
         return "-"
     return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
-
-
-@torch.no_grad()
-def write_reconstruction(trainer: Trainer, row: dict, count: int = 8) -> Path | None:
-    """`reconstruction.png`: rows of original, masked input and reconstruction (MAE runs)."""
-    from torchvision.utils import make_grid, save_image
-
-    from .data import normalize
-    from .mae import unpatchify
-
-    loader = trainer.val_loader or trainer.train_loader
-    images = next(iter(loader))[0][:count]
-    mae = trainer.model
-    cfg = trainer.cfg
-    mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
-    was_training = mae.training
-    mae.eval()
-    with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
-        torch.manual_seed(0)
-        x = normalize(images.to(trainer.device), cfg.data.mean, cfg.data.std)
-        _, pred, mask = mae(x)
-    mae.train(was_training)
-    x, pred, mask = x.float().cpu(), pred.float().cpu(), mask.cpu()
-    recon = mae.reconstruct(x, pred)
-    P, C = cfg.model.patch_size, cfg.model.in_chans
-    patch_mask = unpatchify(mask.unsqueeze(-1).expand(-1, -1, P * P * C), P, C)  # 1 = hidden
-    masked = x * (1 - patch_mask) + patch_mask * ((0.5 - mean) / std)  # hidden patches shown grey
-    pasted = x * (1 - patch_mask) + recon * patch_mask  # visible patches kept, hidden ones predicted
-    rows = [t * std + mean for t in (x, masked, pasted)]
-    grid = make_grid(torch.cat(rows).clamp(0, 1), nrow=len(x), padding=1, pad_value=1.0)
-    grid = torch.nn.functional.interpolate(grid.unsqueeze(0), scale_factor=4, mode="nearest")[0]
-    path = trainer.opts.out_dir / "reconstruction.png"
-    atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
-    trainer._print(escape(f"reconstructions (rows: original, masked, reconstruction): {path}"))
-    return path

@@ -93,7 +93,7 @@ def trained(tmp_path_factory):
 def test_eval_and_predict_json_through_the_command_are_the_library_results(trained):
     """The commands print what the library computes (the figures themselves are checked in
     test_predict and test_journeys): every field, every value, JSON floats exact."""
-    from mmlit_cli.inference import evaluate_checkpoint
+    from mmlit_cli.evaluate import evaluate_checkpoint
     from mmlit_cli.predict import predict_paths
 
     root, folder = trained

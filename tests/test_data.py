@@ -11,6 +11,7 @@ import torch
 
 import datafixtures as fx
 from mmlit_cli import data as D
+from mmlit_cli.data import augment
 from mmlit_cli.config import AugmentConfig
 from mmlit_cli.data import DataError, load_split
 
@@ -392,7 +393,7 @@ def test_cutmix_pastes_as_much_of_the_partner_as_the_target_says():
 
 def test_batch_mix_off_and_probability():
     images, labels = _distinct_batch()
-    never = D._BatchMix(lambda x, y: (_ for _ in ()).throw(AssertionError), 0.0, 10)
+    never = augment._BatchMix(lambda x, y: (_ for _ in ()).throw(AssertionError), 0.0, 10)
     out, target = never(images, labels)
     assert torch.equal(out, images) and torch.equal(target, torch.nn.functional.one_hot(labels, 10).float())
     assert D.build_batch_mix(AugmentConfig(mix_prob=0.0), 10) is None

@@ -21,7 +21,7 @@ def expected_decay(decay: float, n: int) -> float:
 
 
 def test_the_decay_schedule():
-    from mmlit_cli.engine import ema_decay_at
+    from mmlit_cli.optim import ema_decay_at
 
     assert ema_decay_at(0.9998, 0) == 0.0  # the first update copies the weights
     assert ema_decay_at(0.9998, 1) == pytest.approx(1 - 2 ** (-2 / 3), abs=1e-15)  # 0.370
@@ -34,7 +34,7 @@ def test_the_decay_schedule():
 
 
 def test_updates_lerp_with_the_warmed_up_decay():
-    from mmlit_cli.engine import ModelEMA
+    from mmlit_cli.optim import ModelEMA
 
     model = torch.nn.Linear(3, 2)
     ema = ModelEMA(model, 0.9998)

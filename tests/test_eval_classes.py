@@ -14,7 +14,7 @@ from helpers import TINY, write_folder
 from mmlit_cli.checkpoint import Checkpoint, save_checkpoint
 from mmlit_cli.config import load_config
 from mmlit_cli.errors import MmlitError
-from mmlit_cli.inference import evaluate_checkpoint
+from mmlit_cli.evaluate import evaluate_checkpoint
 from mmlit_cli.model import MLiT
 
 

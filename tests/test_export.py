@@ -15,7 +15,7 @@ from helpers import TINY, train_tiny
 from mmlit_cli.data import normalize
 from mmlit_cli.errors import CheckpointError, MmlitError
 from mmlit_cli.export import export_onnx
-from mmlit_cli.inference import load_classifier
+from mmlit_cli.evaluate import load_classifier
 from mmlit_cli.predict import predict_paths
 from mmlit_cli.train import run_training
 
@@ -59,7 +59,7 @@ def test_onnx_runtime_matches_pytorch_with_a_dynamic_batch(exported):
 
 def test_onnx_agrees_with_predict_on_image_files(exported):
     """The documented input contract: decode/resize as mmlit does, feed uint8 NCHW."""
-    from mmlit_cli.data import _decode_one
+    from mmlit_cli.data import decode_one as _decode_one
 
     data, ckpt, result = exported
     pred = predict_paths(ckpt, [str(data)], top_k=3, device="cpu")

@@ -13,7 +13,7 @@ from PIL import Image
 from helpers import train_tiny
 
 from mmlit_cli.errors import MmlitError
-from mmlit_cli.inference import evaluate_checkpoint
+from mmlit_cli.evaluate import evaluate_checkpoint
 from mmlit_cli.plots import PlotUnavailable, plot_confusion, plot_curves
 
 

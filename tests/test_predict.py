@@ -14,7 +14,7 @@ from helpers import TINY, write_folder
 
 from mmlit_cli.data import load_split, normalize
 from mmlit_cli.errors import CheckpointError, MmlitError
-from mmlit_cli.inference import evaluate_checkpoint, load_classifier
+from mmlit_cli.evaluate import evaluate_checkpoint, load_classifier
 from mmlit_cli.predict import collect_images, predict_paths, write_csv
 from mmlit_cli.train import run_training
 

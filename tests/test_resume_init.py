@@ -52,7 +52,7 @@ def test_a_run_saved_without_the_layer_decay_field_still_resumes(tmp_path):
     """Checkpoints written before the choice was stored: the lr scales of their saved groups
     say whether the recipe's decay was in use."""
     from mmlit_cli.config import TrainConfig
-    from mmlit_cli.engine import layer_decay_of_run
+    from mmlit_cli.train_state import layer_decay_of_run
 
     recipe = TrainConfig(layer_decay=0.75)
     scaled = {"optimizer": {"param_groups": [{"lr_scale": 0.5}, {"lr_scale": 1.0}]}}

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from mmlit_cli.checkpoint import load_checkpoint
 from mmlit_cli.errors import MmlitError
-from mmlit_cli.inference import evaluate_checkpoint
+from mmlit_cli.evaluate import evaluate_checkpoint
 from mmlit_cli.model import MLiT
 from mmlit_cli.train import run_training
 from helpers import TINY, write_folder
@@ -219,7 +219,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(folder, tmp
     """The 7th step's loss is made NaN (4 steps an epoch, a checkpoint every step): the run
     stops there, last.safetensors holds the state after step 6 - the same weights as a run
     stopped at step 6 - and metrics.jsonl holds epoch 1 only."""
-    from mmlit_cli.engine import ClassifyTask
+    from mmlit_cli.tasks import ClassifyTask
 
     reference = finetune(folder, tmp_path / "six", epochs=3, max_steps=6, save_every=0)
     assert reference["global_step"] == 6
@@ -272,7 +272,7 @@ def test_param_groups_layer_decay_and_weight_decay_exclusions():
     = blocks, depth + 1 = final norm and head. No weight decay on norms, biases, the class token
     and position embeddings."""
     from mmlit_cli import create_mae, create_model
-    from mmlit_cli.engine import param_groups
+    from mmlit_cli.optim import param_groups
 
     model = create_model("xxs", num_classes=5, overrides=TINY)  # depth 3
     got = _groups_by_name(model, param_groups(model, weight_decay=0.05, layer_decay=0.5))
@@ -311,7 +311,7 @@ def test_param_groups_layer_decay_and_weight_decay_exclusions():
 def test_lr_at_warmup_then_cosine_at_exact_steps():
     """`lr_at(step, total_steps, warmup_steps, lr, min_lr)` as it is now: step s of the warm-up
     uses lr * (s + 1) / warmup; then a cosine from lr down to min_lr at total_steps."""
-    from mmlit_cli.engine import lr_at
+    from mmlit_cli.optim import lr_at
 
     lr, min_lr = 1e-3, 1e-5
     at = [lr_at(s, 110, 10, lr, min_lr) for s in range(120)]
@@ -327,7 +327,7 @@ def test_lr_at_warmup_then_cosine_at_exact_steps():
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails_and_uses_normal_permissions(tmp_path):
-    from mmlit_cli.checkpoint import atomic_write, atomic_write_text
+    from mmlit_cli.files import atomic_write, atomic_write_text
 
     target = tmp_path / "f.txt"
     atomic_write_text(target, "old")

@@ -23,7 +23,7 @@ from helpers import TINY, write_folder
 from mmlit_cli.checkpoint import load_checkpoint
 from mmlit_cli.data import load_split
 from mmlit_cli.errors import MmlitError
-from mmlit_cli.inference import evaluate_checkpoint
+from mmlit_cli.evaluate import evaluate_checkpoint
 from mmlit_cli.train import run_training
 
 

@@ -1,4 +1,8 @@
-"""Using a trained checkpoint: rebuild the model from its metadata and evaluate it."""
+"""`eval`: rebuild a classifier from its checkpoint and evaluate it on a dataset split.
+
+`load_classifier` is also how `predict` and `export` get their model. Nothing here imports the
+training engine: devices and compile come from `runtime.py`, the loop from `metrics.py`.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,10 @@ import torch
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .data import ImageData, build_loader, load_split
-from .engine import amp_dtype, maybe_compile, resolve_device
 from .errors import CheckpointError, MmlitError
 from .metrics import EvalResult, evaluate_classifier
 from .model import MLiT
+from .runtime import amp_dtype, maybe_compile, resolve_device
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[MLiT, Checkpoint]:
@@ -84,7 +88,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, dataset: str, split: str = "val",
                         batch_size: int = 256, device: str = "auto", workers: int = 0, compile: bool = False,
                         compile_mode: str | None = None, classes_by_position: bool = False) -> EvalReport:
     """Evaluate a classifier checkpoint on a dataset split. `compile` / `compile_mode`:
-    `torch.compile` the model first (see `engine.maybe_compile`); it pays off on large splits.
+    `torch.compile` the model first (see `runtime.maybe_compile`); it pays off on large splits.
     The dataset's classes must be the checkpoint's, by name (`match_classes`)."""
     if split not in ("train", "val", "test"):
         raise MmlitError(f"--split must be train, val or test, got '{split}'")

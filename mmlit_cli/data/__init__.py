@@ -1,0 +1,46 @@
+"""Datasets, augmentation and loaders.
+
+`load_split` reads a named dataset in its official on-disk layout (or an image folder) and
+decodes every image exactly once into one uint8 tensor `[N, 3, S, S]`. Images stay uint8 all
+the way through the `DataLoader` (per-sample augmentation works on uint8 too); the trainer
+normalises them on the device (`Normalize`), then applies the optional batch-level
+MixUp/CutMix.
+
+The modules, bottom up:
+
+    splits.py     ImageData; the stratified hold-out and how a split is carved
+    decode.py     files (Pillow, a process pool) and arrays -> uint8 [N, 3, S, S]
+    formats.py    CIFAR pickles (safe unpickler) and binaries, .mat, idx, text files
+    datasets.py   the named datasets, their downloads, and the registry NAMED_LOADERS
+    folders.py    image folders: class sub-folders, train/val/test layouts
+    registry.py   load_split: a name or a folder -> ImageData
+    augment.py    per-sample augmentation, MixUp/CutMix, Normalize
+    loader.py     the dataset, samplers (order and augmentation seeds) and the DataLoader
+
+Reading rules worth knowing:
+
+* CIFAR pickles are read with a restricted unpickler that only rebuilds numpy arrays;
+  anything else in a pickle is refused with a `DataError`.
+* Non-square images are resized aspect-preserving (shorter side to S, then a centre crop),
+  square ones are simply resized; nothing is resized when it already has the right size.
+* Datasets without a validation split (cifar10, cifar100, svhn, fashion-mnist, image folders
+  without val/) hold a deterministic stratified part of the training split out for
+  validation (per class, seed 0, independent of the training seed), so that model selection
+  never looks at the test split; `holdout=False` (the paper protocol) holds nothing out.
+"""
+
+from ..errors import DataError
+from .augment import Normalize, RandomErasingUint8, build_batch_mix, build_train_transform, normalize
+from .decode import decode_files, decode_one, to_rgb
+from .formats import read_idx
+from .loader import AugmentedImages, EpochSampler, build_loader, sample_seed, set_epoch
+from .registry import DATASET_NAMES, default_data_dir, load_split
+from .splits import SPLITS, ImageData
+
+__all__ = [
+    "DATASET_NAMES", "ImageData", "load_split", "build_train_transform", "build_batch_mix",
+    "normalize", "Normalize", "AugmentedImages", "build_loader", "set_epoch", "default_data_dir",
+    # also public: what predict decodes files with, and the parts tests and tools use
+    "DataError", "SPLITS", "decode_files", "decode_one", "to_rgb", "read_idx", "sample_seed",
+    "EpochSampler", "RandomErasingUint8",
+]

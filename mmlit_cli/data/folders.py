@@ -1,0 +1,130 @@
+"""Image folders: one sub-folder per class, optionally split into train/ and val/ or test/.
+
+    root/<class>/*.jpg                      one folder of labelled images
+    root/train/<class>/*.jpg  (+ val/, test/)  the split layout
+    root/*.jpg                              unlabelled (pre-training only)
+
+The train (or only) folder decides the classes, in sorted order; val/ and test/ must not have
+classes of their own. Without a val/ folder, validation is a stratified part held out of
+train (`splits.stratified_holdout`); a test/ folder stays the test split.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import DataError, one_line
+from .decode import decode_labelled, list_images, walk_images
+from .splits import ImageData, stratified_holdout
+
+
+_SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+
+
+def _subdirs(folder: Path) -> list[str]:
+    try:
+        return sorted(e.name for e in os.scandir(folder)
+                      if not e.name.startswith(".") and e.is_dir())
+    except OSError as exc:
+        raise DataError(f"cannot read folder {folder} ({one_line(exc)})") from None
+
+
+def _scan_part(folder: Path, classes: list[str] | None,
+               require_labels: bool) -> tuple[list[str], list[str], list[int]]:
+    """Scan one folder -> (classes, files, labels); `classes` fixes the label order if given."""
+    dirs = _subdirs(folder)
+    is_train = classes is None
+    if is_train:  # the train (or only) folder decides what the classes are
+        if not dirs:
+            files = list_images(folder)
+            if not files:
+                raise DataError(f"no images found in {folder}: expected one sub-folder per class "
+                                f"({folder}/<class>/*.jpg)")
+            if require_labels:
+                raise DataError(f"{folder} has {len(files)} images but no class sub-folders; put "
+                                f"them in {folder}/<class>/ (one folder per class, at least 2)")
+            return [], files, [-1] * len(files)
+        classes = dirs
+        if require_labels and len(classes) < 2:
+            raise DataError(f"{folder} has only one class folder ({classes[0]!r}); a classifier "
+                            f"needs at least 2 class sub-folders")
+    elif not classes:  # unlabeled train folder: its val/test folder is unlabeled too
+        files = list_images(folder) or [f for d in dirs for f in walk_images(folder / d)]
+        if not files:
+            raise DataError(f"no images found in {folder}")
+        return [], files, [-1] * len(files)
+    else:
+        extra = [d for d in dirs if d not in classes]
+        if extra:
+            raise DataError(f"{folder} has class folder(s) not in the train folder: "
+                            f"{', '.join(extra[:5])}")
+    index = {c: i for i, c in enumerate(classes)}
+    files, labels = [], []
+    for d in dirs:
+        found = walk_images(folder / d)
+        if not found and is_train:
+            raise DataError(f"class folder {folder / d} has no images")
+        files += found
+        labels += [index[d]] * len(found)
+    if not files:
+        raise DataError(f"no images found in {folder}")
+    return classes, files, labels
+
+
+def load_folder(root: Path, split: str, image_size: int, hold: float | None,
+                require_labels: bool) -> ImageData:
+    """`hold`: the fraction of train held out for validation when there is no val/ folder
+    (None: nothing held out, the paper protocol)."""
+    dirs = _subdirs(root)
+    split_names = {n for names in _SPLIT_DIRS.values() for n in names}
+    # root/train/<class>/ (+ val/ or test/); other folders next to train/ and val/ are ignored
+    split_layout = "train" in dirs and (set(dirs) <= split_names or len(set(dirs) & split_names) > 1)
+    train_root = root / "train" if split_layout else root
+
+    def find(which: str) -> Path | None:
+        for n in _SPLIT_DIRS[which] if split_layout else ():
+            if (root / n).is_dir():
+                return root / n
+        return None
+
+    val_dir, test_dir = find("val"), find("test")
+    classes, files, labels = _scan_part(train_root, None, require_labels)
+    part_dir = train_root
+    # Without a val/ folder, validation is held out of train; a test/ folder stays the test
+    # split. A folder with neither uses its held-out part for "test" too.
+    held = val_dir is None and hold is not None
+    pct = f"{hold * 100:g}%" if hold is not None else ""
+    if split == "train":
+        use = "val/test" if test_dir is None else "val; test/ is the test split"
+        note = f"'train' split (minus the held-out {pct} used for {use})" if held else "'train' split"
+    elif held and (split == "val" or test_dir is None):
+        untouched = "; test/ untouched" if test_dir is not None else ""
+        note = f"'{split}' split = held-out {pct} of train (stratified, seed 0{untouched})"
+    else:
+        held = False
+        own, other = (val_dir, test_dir) if split == "val" else (test_dir, val_dir)
+        if own is not None:
+            part_dir, note = own, f"'{split}' split"
+        elif other is not None:
+            part_dir, note = other, f"'{split}' split (no {split} folder: using {other.name}/)"
+        else:
+            raise DataError(f"image folder {root} has no val/ or test/ folder: with nothing held out of its "
+                            f"training images it has no '{split}' split")
+        _, files, labels = _scan_part(part_dir, classes, require_labels)
+    if held:
+        train_pos, held_pos = stratified_holdout(labels, hold)
+        keep = train_pos if split == "train" else held_pos
+        if not keep:
+            raise DataError(f"{train_root}: too few images to hold out a validation split "
+                            f"(a class needs at least 2 images)")
+        files = [files[i] for i in keep]
+        labels = [labels[i] for i in keep]
+
+    images, labels_t, skipped = decode_labelled(files, labels, classes, image_size,
+                                                f"image folder {part_dir}")
+    kind = f"{len(classes)} classes" if classes else "unlabeled"
+    where = f", {part_dir.relative_to(root)}/" if part_dir != root else ""
+    return ImageData(images, labels_t, list(classes),
+                     f"image folder {root} {note}{where} ({len(labels_t)} images, {kind})",
+                     skipped)

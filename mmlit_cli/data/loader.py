@@ -1,0 +1,172 @@
+"""The dataset, its samplers and the loader.
+
+Order and augmentation are a function of (seed, epoch, sample) only, whatever the number of
+loader workers: the sampler hands each index its own augmentation seed (`sample_seed`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from .splits import ImageData
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64 finalizer: a cheap, well-spread integer hash."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Augmentation seed of one sample in one epoch (independent of worker count)."""
+    return _mix64(_mix64(_mix64(seed & _MASK64) ^ (epoch & _MASK64)) ^ (index & _MASK64)) >> 1
+
+
+def _in_worker() -> bool:
+    return torch.utils.data.get_worker_info() is not None
+
+
+class AugmentedImages(Dataset):
+    """(uint8 image, label) pairs from an `ImageData`, with an optional per-sample transform.
+
+    An index may be a plain int, or `(index, seed)` as yielded by the loader's sampler: the
+    transform then runs with the CPU generator seeded to `seed`, so augmentations depend only on
+    (loader seed, epoch, sample) and not on the number of workers.
+    """
+
+    def __init__(self, data: ImageData, transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.images = data.images
+        self.labels = data.labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        seed = None
+        if isinstance(index, tuple):
+            index, seed = index
+        img = self.images[index]
+        if self.transform is not None:
+            if seed is None:
+                img = self.transform(img) if _in_worker() else self._single_threaded(img)
+            elif _in_worker():
+                torch.default_generator.manual_seed(seed)  # a worker's RNG is its own
+                img = self.transform(img)
+            else:  # main process: do not disturb the caller's RNG stream
+                state = torch.get_rng_state()
+                torch.default_generator.manual_seed(seed)
+                try:
+                    img = self._single_threaded(img)
+                finally:
+                    torch.set_rng_state(state)
+        return img, self.labels[index]
+
+    def _single_threaded(self, img: torch.Tensor) -> torch.Tensor:
+        # Tiny per-image ops gain nothing from intra-op threads, and on a busy machine the
+        # thread pool's spinning made them 10x slower (workers already run with 1 thread).
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return self.transform(img)
+        torch.set_num_threads(1)
+        try:
+            return self.transform(img)
+        finally:
+            torch.set_num_threads(threads)
+
+
+class _ShuffleSampler(Sampler[int]):
+    """Random permutation fixed by (seed, epoch), like DistributedSampler with one replica."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class EpochSampler(Sampler):
+    """Wraps the index sampler; yields `(index, sample seed)` when augmenting.
+
+    `set_epoch(e)` fixes the epoch (shuffle order and augmentation seeds). If it is not called
+    between two passes, the epoch advances by itself, so passes never silently repeat.
+    """
+
+    def __init__(self, base: Sampler, seed: int, with_seeds: bool) -> None:
+        self.base, self.seed, self.with_seeds = base, seed, with_seeds
+        self.epoch, self._used = 0, False
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._used = int(epoch), False
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(self.epoch)
+
+    def __iter__(self):
+        if self._used:
+            self.set_epoch(self.epoch + 1)
+        self._used = True
+        epoch = self.epoch
+        if self.with_seeds:
+            return ((i, sample_seed(self.seed, epoch, i)) for i in self.base)
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+def _worker_init(worker_id: int) -> None:
+    import random
+    seed = torch.initial_seed() % 2**32  # torch already gives each worker base_seed + id
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def build_loader(data: ImageData, batch_size: int, transform: Callable | None = None,
+                 shuffle: bool = False, workers: int = 0, drop_last: bool = False, seed: int = 0,
+                 distributed: bool = False) -> DataLoader:
+    """DataLoader of uint8 (images [B, 3, S, S], labels int64 [B]).
+
+    Order and augmentation are a function of (seed, epoch) only, for any worker count; call
+    `set_epoch(loader, e)` (or `loader.sampler.set_epoch(e)`) before each epoch.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    dataset = AugmentedImages(data, transform)
+    base: Sampler
+    if distributed:
+        base = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    elif shuffle:
+        base = _ShuffleSampler(len(dataset), seed)
+    else:
+        base = torch.utils.data.SequentialSampler(range(len(dataset)))
+    sampler = EpochSampler(base, seed, with_seeds=transform is not None)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      drop_last=drop_last, persistent_workers=workers > 0,
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init,
+                      generator=g)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Fix the epoch of a loader from `build_loader` (shuffle order and augmentation seeds)."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)

@@ -1,0 +1,92 @@
+"""What a split is: `ImageData`, and how a split is carved out of the files a dataset has.
+
+Datasets without a validation split (cifar10, cifar100, svhn, fashion-mnist, image folders
+without val/) hold a deterministic stratified part of the training split out for validation
+(`stratified_holdout`: per class, seed 0, independent of the training seed), so that model
+selection never looks at the test split. Without a hold-out (the paper protocol), "val" is
+the test split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ImageData:
+    """A fully decoded split: uint8 images already at the model's image size."""
+
+    images: torch.Tensor  # uint8 [N, 3, S, S]
+    labels: torch.Tensor  # int64 [N]; -1 everywhere when unlabeled
+    classes: list[str]  # index = label; [] when unlabeled
+    source: str  # one human line describing where the images came from
+    skipped: list[str] = field(default_factory=list)  # undecodable files that were skipped
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def split_note(name: str, split: str, official: str, why: str) -> str:
+    if split == official:
+        return f"{name} '{split}' split"
+    return f"{name} '{split}' split (= official {official} split; {why})"
+
+
+def source_line(note: str, where: Path, n: int) -> str:
+    return f"{note}, {where} ({n} images)"
+
+
+def official_split(split: str, hold: float | None) -> str:
+    """The official split (train or test) a requested split comes from, for a dataset with no
+    validation split: "val" is a part of train held out when `hold` (its fraction) is given,
+    else the test split (the paper protocol)."""
+    return "train" if split == "train" or (split == "val" and hold is not None) else "test"
+
+
+def requested_part(images: np.ndarray, labels: np.ndarray, name: str, split: str, official: str,
+                   hold: float | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images, labels, note) of `split` in the official split that was read: all of it, or,
+    when a validation part is held out of train, the training part or the held-out part."""
+    why = f"{name} has no validation split"
+    if official != "train" or hold is None:
+        return images, labels, split_note(name, split, official, why)
+    train_pos, held_pos = stratified_holdout(labels.tolist(), hold)
+    keep = train_pos if split == "train" else held_pos
+    if not keep:
+        raise DataError(f"{name}: too few images to hold out a validation split (a class needs at least 2 images)")
+    pct = f"{hold * 100:g}%"
+    if split == "train":
+        note = f"{name} 'train' split minus the {pct} held out for validation (stratified, seed 0)"
+    else:
+        note = (f"{name} 'val' split = {pct} held out of the train split (stratified, seed 0; {why}; "
+                f"the test split is untouched)")
+    return images[keep], labels[keep], note
+
+
+def stratified_holdout(labels: list[int], val_fraction: float) -> tuple[list[int], list[int]]:
+    """Deterministic stratified split of positions -> (train positions, held-out positions)."""
+    by_class: dict[int, list[int]] = {}
+    for pos, lab in enumerate(labels):
+        by_class.setdefault(lab, []).append(pos)  # positions are in sorted-file order
+    train, held = [], []
+    for lab in sorted(by_class):
+        pos = by_class[lab]
+        n = len(pos)
+        k = 0 if n < 2 else min(n - 1, max(1, round(val_fraction * n)))
+        perm = np.random.default_rng(0).permutation(n)
+        out = set(perm[:k].tolist())
+        held += [pos[i] for i in range(n) if i in out]
+        train += [pos[i] for i in range(n) if i not in out]
+    return sorted(train), sorted(held)

@@ -1,0 +1,84 @@
+"""The optimisation recipe: AdamW parameter groups, the lr schedule and the weight EMA."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups: no decay on norms, biases, tokens and position embeddings; with
+    `layer_decay < 1`, lr scale `layer_decay ** (depth + 1 - layer_id)` (BEiT/MAE fine-tuning)."""
+    no_decay = set(getattr(model, "no_weight_decay", lambda: set())())
+    depth = getattr(getattr(model, "cfg", None), "depth", 0)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim > 1 and name not in no_decay
+        layer = model.layer_id(name) if layer_decay < 1.0 and hasattr(model, "layer_id") else depth + 1
+        key = (layer, decay)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                           "lr_scale": layer_decay ** (depth + 1 - layer) if layer_decay < 1.0 else 1.0}
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def build_adamw(groups: list[dict], lr: float, betas, device: torch.device) -> torch.optim.AdamW:
+    """AdamW as the engine runs it: fused on CUDA; the multi-tensor (foreach) path elsewhere,
+    ~5x fewer aten ops per step than the per-parameter loop PyTorch picks by default on CPU."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused, foreach=None if fused else True)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
+    """Linear warm-up from 0 to `lr`, then cosine down to `min_lr`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+EMA_WARMUP_POWER = 2 / 3
+
+
+def ema_decay_at(decay: float, updates: int) -> float:
+    """The decay of the EMA update that follows `updates` earlier ones: timm's exponential
+    warm-up (`ModelEmaV3(use_warmup=True)`, gamma 1, power 2/3), `1 - (1 + n) ** -2/3`, capped
+    at `decay`. The first update copies the weights (0); the 10th uses 0.80, the 1000th 0.99.
+    Without it a decay of 0.9998 keeps ~exp(-0.0002 n) of the initial weights after n steps:
+    a short run's average (and its best.safetensors) stayed close to the initialisation."""
+    return min(decay, 1.0 - (1.0 + updates) ** -EMA_WARMUP_POWER)
+
+
+class ModelEMA:
+    """Exponential moving average of the weights (evaluated and saved as best when enabled),
+    with the decay warmed up over the first updates (`ema_decay_at`).
+
+    `module` is a copy of the model made once; `shadow` is its state dict (same storage), so
+    evaluating the average needs no copy and updating it is one multi-tensor lerp per step.
+    `updates` (the warm-up's clock) is part of the training state.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        from copy import deepcopy
+
+        self.decay = decay
+        self.updates = 0
+        self.module = deepcopy(model).requires_grad_(False)
+        self.shadow = self.module.state_dict()
+        live = model.state_dict()  # detached views of the live tensors: updated in place by the optimizer
+        pairs = [(self.shadow[k], v) for k, v in live.items()]
+        self._float = [list(t) for t in zip(*[(s, v) for s, v in pairs if v.dtype.is_floating_point])] or [[], []]
+        self._other = [(s, v) for s, v in pairs if not v.dtype.is_floating_point]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        decay = ema_decay_at(self.decay, self.updates)
+        if self._float[0]:
+            torch._foreach_lerp_(self._float[0], self._float[1], 1.0 - decay)
+        for s, v in self._other:
+            s.copy_(v)
+        self.updates += 1

@@ -1,0 +1,147 @@
+"""What a training run shows while it runs, and how it is asked to stop.
+
+* `TrainingProgress`: one progress bar per epoch with the mean loss of the last logging
+  window, read lagged (`LaggedScalar`) so the hot loop never waits for the GPU.
+* `StopRequest`: Ctrl-C asks the run to stop after the current step.
+* `epoch_line`, `router_warning`: the lines printed at the end of an epoch.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .metrics import collapsed_layers
+
+
+class LaggedScalar:
+    """The loss shown on the progress bar, read without stalling the GPU.
+
+    On CUDA the value of a logging window is copied to pinned host memory without blocking
+    and read at the next window, when the copy has long finished: the hot loop never waits
+    for the device. On CPU there is nothing to wait for and the value is read at once.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pending: tuple[torch.Tensor, Any] | None = None
+
+    def exchange(self, value: torch.Tensor) -> float | None:
+        """Hand over this window's value; get the newest value that is ready (None at first)."""
+        if self.device.type != "cuda":
+            return value.item()
+        ready = None
+        if self.pending is not None:
+            host, event = self.pending
+            event.synchronize()  # recorded a whole window ago: already complete in practice
+            ready = host.item()
+        host = torch.empty((), dtype=value.dtype, pin_memory=True)
+        host.copy_(value.detach(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending = (host, event)
+        return ready
+
+
+class TrainingProgress:
+    """The progress bar of a run: one bar per epoch, with the mean loss of the last logging
+    window (`log_every` steps, lagged: see `LaggedScalar`), the lr and the images per second."""
+
+    def __init__(self, console: Console, device: torch.device, log_every: int, world_size: int,
+                 disable: bool = False):
+        self.device, self.log_every, self.world_size = device, log_every, world_size
+        self.progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
+                                 TimeRemainingColumn(), console=console, transient=True, disable=disable)
+
+    def __enter__(self) -> TrainingProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+        self.bar = self.progress.add_task("train", total=steps, epoch=f"{epoch + 1}/{epochs}", loss="-", lr="-",
+                                          ips="-")
+        self.shown_loss = LaggedScalar(self.device)
+        self._new_window(time.perf_counter())
+
+    def _new_window(self, now: float) -> None:
+        self.window_loss = torch.zeros((), device=self.device)
+        self.window_n, self.window_start = 0, now
+
+    def skip(self) -> None:
+        """A step done before the run was resumed."""
+        self.progress.advance(self.bar)
+
+    def step(self, loss: torch.Tensor, batch_size: int, lr: float, flush: bool = False) -> float | None:
+        """Count a step. At the end of a logging window (or when `flush`), show the window and
+        return its mean loss: lagged (the window before's on CUDA), None when none is ready."""
+        self.window_loss += loss
+        self.window_n += 1
+        self.progress.advance(self.bar)
+        if self.window_n < self.log_every and not flush:
+            return None
+        mean_loss = self.shown_loss.exchange(self.window_loss / self.window_n)
+        now = time.perf_counter()
+        ips = self.window_n * batch_size * self.world_size / max(now - self.window_start, 1e-9)
+        self.progress.update(self.bar, loss=f"{mean_loss:.4f}" if mean_loss is not None else "-",
+                             ips=f"{ips:,.0f}", lr=f"{lr:.2e}")
+        self._new_window(now)
+        return mean_loss
+
+    def end_epoch(self) -> None:
+        self.progress.remove_task(self.bar)
+
+
+class StopRequest:
+    """Within its `with` block, Ctrl-C sets `requested` (the run stops after the current step
+    and saves a resumable checkpoint); a second Ctrl-C gives up at once (KeyboardInterrupt).
+    Signals reach the main thread only: elsewhere nothing is installed."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not in the main thread
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    """An epoch's row of metrics.jsonl as the line printed for it."""
+    parts = [f"epoch {row['epoch']}/{epochs}", f"train loss {row['train_loss']:.4f}"]
+    if "val_top1" in row:
+        parts += [f"val loss {row['val_loss']:.4f}", f"top-1 {row['val_top1']:.2f}%", f"top-5 {row['val_top5']:.2f}%"]
+    elif "val_loss" in row:
+        parts.append(f"val loss {row['val_loss']:.4f}")
+    parts += [f"{row['train_img_per_s']:,.0f} img/s", f"{row['epoch_time_s']:.1f}s"]
+    return "  ".join(parts)
+
+
+def router_warning(usage: list[list[float]] | None) -> str | None:
+    """A warning when an expert gets almost no tokens in some layer (router collapse)."""
+    bad = collapsed_layers(usage) if usage else []
+    if not bad:
+        return None
+    worst = ", ".join(f"layer {i}: " + "/".join(f"{s:.2f}" for s in usage[i]) for i in bad[:3])
+    return (f"[yellow]router collapse[/yellow]: an expert gets < 1% of tokens in {len(bad)} layer(s) "
+            f"({worst}); consider --set model.aux_loss_weight=0.01")

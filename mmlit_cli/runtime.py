@@ -1,0 +1,153 @@
+"""Where and how a model runs: the device, the autocast dtype, torch.compile, the process
+group under torchrun, and the one way a batch goes through a model (`forward_batch`).
+
+Training, evaluation, `predict` and `export` all take these from here, so evaluation never
+needs the training engine, and every path feeds a model the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+from .errors import MmlitError
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- devices and compile
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu. Asking for a device that is not there is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MmlitError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MmlitError(f"--device {name}: no CUDA GPU is available here (use --device cpu or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise MmlitError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise MmlitError(f"--device {name}: MPS is not available here")
+    return device
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype mmlit trains and infers in: bf16 on CUDA, none (fp32) elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def check_compile_mode(mode: str | None) -> None:
+    if mode not in (None, *COMPILE_MODES):
+        raise MmlitError(f"--compile-mode must be {', '.join(COMPILE_MODES[:-1])} or {COMPILE_MODES[-1]}, got '{mode}'")
+
+
+def maybe_compile(module: torch.nn.Module, compile: bool = False, mode: str | None = None):
+    """`torch.compile(module)` when asked (a `mode` implies it), else the module itself.
+
+    Tiny models on a GPU are launch-bound: "reduce-overhead" / "max-autotune" add CUDA graphs.
+    """
+    check_compile_mode(mode)
+    if not (compile or mode):
+        return module
+    return torch.compile(module, mode=None if mode in (None, "default") else mode)
+
+
+# --------------------------------------------------------------------------- torchrun (DDP)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # the process group was started here (and is ended by `end_distributed`)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """Read torchrun's environment; start the process group (nccl on CUDA, gloo otherwise)."""
+    world = process_count()
+    if world <= 1:
+        return Dist(), resolve_device(device_name)
+    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.owns_group = True
+    return dist, device
+
+
+def end_distributed(dist: Dist) -> None:
+    """End the process group `setup_distributed` started, once every rank got here: a process
+    leaving with its group alive may abort at exit ("terminate called without an active
+    exception"), e.g. when it stops before rank 0 has written the last checkpoint."""
+    if dist.owns_group and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        dist.owns_group = False
+
+
+def process_rank() -> int:
+    """This process's rank under torchrun (RANK), else 0."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def process_count() -> int:
+    """Processes in this run: torchrun's WORLD_SIZE, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def all_reduce_mean(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    if dist.enabled:  # in place: callers pass a tensor of their own
+        torch.distributed.all_reduce(t)
+        t /= dist.world_size
+    return t
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under DDP (`.module`) and `torch.compile` (`._orig_mod`) wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def rng_devices(device: torch.device) -> list:
+    """The devices whose generators `torch.random.fork_rng` must save besides the CPU's."""
+    return [device] if device.type == "cuda" else []
+
+
+# --------------------------------------------------------------------------- one batch through a model
+
+
+def forward_batch(forward: Callable[[torch.Tensor], T], images: torch.Tensor, normalize: Callable,
+                  device: torch.device, amp_dtype: torch.dtype | None) -> T:
+    """`forward(x)` for a batch of uint8 `images`: `x` is the batch moved to `device` (without
+    blocking) and normalised there by `normalize` (a `data.Normalize` made once per loop), and
+    the call runs under the autocast mmlit trains and infers in (`amp_dtype`)."""
+    x = normalize(images.to(device, non_blocking=True))
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        return forward(x)

@@ -1,0 +1,111 @@
+"""What is trained: one class per task, found by the command that trains it (`TASKS`).
+
+A task says what its model is, what its loss is, how it is validated, which validation
+figure picks best.safetensors (`monitor`, and `higher_is_better`), and what it does at the
+end of an epoch besides that. The engine (`engine.py`) does the rest, the same for both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import Config
+from .data import ImageData, build_batch_mix
+from .metrics import evaluate_classifier, evaluate_mae
+
+
+class ClassifyTask:
+    """Supervised classification with mixup/cutmix targets and label smoothing."""
+
+    command = "finetune"  # the command that trains it; its recipe is the config section of that name
+    kind = "classify"  # the task a checkpoint records
+    needs_labels = True
+    monitor = "val_top1"  # the validation figure that picks best.safetensors
+    higher_is_better = True
+
+    def __init__(self, cfg: Config, classes: list[str]):
+        from .model import MLiT
+
+        self.cfg, self.classes = cfg, classes
+        self.model = MLiT(cfg.model)
+        self.recipe = cfg.finetune
+        self.mix = build_batch_mix(self.recipe.augment, cfg.model.num_classes)
+
+    @staticmethod
+    def fit_config(cfg: Config, train: ImageData) -> Config:
+        """The config of a new run on `train`: the head gets the dataset's classes."""
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=len(train.classes)))
+
+    @property
+    def init_target(self) -> torch.nn.Module:
+        """What `--init` loads a checkpoint's weights into."""
+        return self.model
+
+    def loss(self, model, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.mix is not None:
+            images, targets = self.mix(images, labels)
+        else:
+            targets = labels
+        logits = model(images)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.recipe.label_smoothing)
+        aux = self.model.aux_loss()
+        return loss if aux is None else loss + aux
+
+    def validate(self, model, loader, device, amp_dtype) -> dict[str, Any]:
+        r = evaluate_classifier(model, loader, device, self.cfg.data.mean, self.cfg.data.std, amp_dtype,
+                                self.cfg.model.num_classes)
+        return {"val_loss": r.loss, "val_top1": r.top1, "val_top5": r.top5, "expert_usage": r.expert_usage}
+
+    def after_epoch(self, model, loader, device, out_dir: Path) -> str | None:
+        """Nothing besides validation: a classifier's figures are its metrics."""
+        return None
+
+
+class MAETask:
+    """Masked auto-encoder pre-training; validation is the reconstruction loss."""
+
+    command = "pretrain"
+    kind = "mae"
+    needs_labels = False  # a folder of unlabelled images will do
+    monitor = "val_loss"
+    higher_is_better = False
+
+    def __init__(self, cfg: Config, classes: list[str]):
+        from .mae import MaskedAutoencoder
+
+        self.cfg, self.classes = cfg, classes
+        self.model = MaskedAutoencoder(cfg.model, cfg.mae)
+        self.recipe = cfg.pretrain
+
+    @staticmethod
+    def fit_config(cfg: Config, train: ImageData) -> Config:
+        return cfg
+
+    @property
+    def init_target(self) -> torch.nn.Module:
+        return self.model.encoder
+
+    def loss(self, model, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss, _, _ = model(images)
+        aux = self.model.aux_loss()
+        return loss if aux is None else loss + aux
+
+    def validate(self, model, loader, device, amp_dtype) -> dict[str, Any]:
+        loss, usage = evaluate_mae(model, loader, device, self.cfg.data.mean, self.cfg.data.std, amp_dtype)
+        return {"val_loss": loss, "expert_usage": usage}
+
+    def after_epoch(self, model, loader, device, out_dir: Path) -> str | None:
+        """reconstruction.png, from the first images of `loader`; returns a line saying so."""
+        from .plots import plot_reconstruction
+
+        images = next(iter(loader))[0][:8]
+        path = plot_reconstruction(model, images, self.cfg, device, out_dir / "reconstruction.png")
+        return f"reconstructions (rows: original, masked, reconstruction): {path}"
+
+
+TASKS = {task.command: task for task in (ClassifyTask, MAETask)}
