@@ -173,6 +173,7 @@ class Trainer:
         return loss_sum, seen, stopped
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on a batch of uint8 images; returns its loss, on the device."""
         lr = lr_at(self.global_step, self.total_steps, self.warmup_steps, self.peak_lr, self.recipe.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from .checkpoint import load_checkpoint, load_weights_into
+from .checkpoint import Checkpoint, load_checkpoint, load_weights_into
 from .config import Config, load_config, parse_overrides
 from .data import ImageData, load_split
 from .engine import RunOptions, Trainer
@@ -90,6 +90,18 @@ def _warn_skipped(console: Console, data: ImageData) -> None:
                       highlight=False)
 
 
+@dataclasses.dataclass
+class RunPlan:
+    """What a run is, before anything is trained: its config, data and directory, and for a
+    resumed run the checkpoint it continues from."""
+
+    cfg: Config
+    spec: DataSpec
+    run_dir: Path
+    recipe_note: str | None
+    resume: Checkpoint | None = None
+
+
 def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir: str | None = None,
                  out: str | Path | None = None, overrides: list[str] | None = None,
                  epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
@@ -105,57 +117,105 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     main_process = process_rank() == 0
     quiet = quiet or not main_process  # under torchrun, rank 0 alone speaks
     task_cls = TASKS[kind]
-    section = task_cls.command  # the recipe's section of the config
-    shortcuts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers, recipe=recipe)
-
     resolve_device(device)  # a missing GPU is reported before any data is read
     check_compile_mode(compile_mode)
     if validation is not None and validation not in VALIDATION:
         raise MmlitError(f"--val must be {' or '.join(VALIDATION)}, got '{validation}'")
-    resume_ckpt = None
     if resume is not None:
-        run_dir = Path(resume)
-        last = run_dir / "last.safetensors"
-        if not last.is_file():
-            raise MmlitError(f"nothing to resume in {run_dir}: no last.safetensors")
-        resume_ckpt = load_checkpoint(last, with_train_state=True)
-        if resume_ckpt.train_info is None:
-            raise MmlitError(f"{last} holds no training state (it is not a run's last checkpoint)")
-        if resume_ckpt.task != task_cls.kind:
-            raise MmlitError(f"{run_dir} is a {resume_ckpt.task} run; resume it with the matching command")
-        check_resume_world_size(int(resume_ckpt.train_info.get("world_size", 1)))
-        cfg = resume_ckpt.config
-        if preset is not None and load_config(preset).name != cfg.name:
-            raise MmlitError(f"{run_dir} was trained with preset '{cfg.name}', not '{preset}'")
-        if overrides:
-            raise MmlitError("--set cannot change a run being resumed; its config is in the checkpoint")
-        cfg = _apply_shortcuts(cfg, section, epochs=epochs, workers=workers)
-        recipe_note = resume_ckpt.train_info.get("recipe_note")
-        spec = DataSpec(**resume_ckpt.train_info["dataset"])
-        if dataset is not None and dataset != spec.dataset:
-            raise MmlitError(f"{run_dir} was trained on '{spec.dataset}', not '{dataset}'")
-        if validation is not None and validation != spec.validation:
-            raise MmlitError(f"{run_dir} was trained with --val {spec.validation}; a resumed run keeps it")
+        plan = _resumed_run(Path(resume), task_cls, preset, dataset, overrides, validation, epochs, workers)
     else:
-        if dataset is None:
-            raise MmlitError("--dataset is required (a dataset name or an image folder)")
-        cfg = _apply_shortcuts(load_config(preset or "xs", overrides), section, **shortcuts)
-        # The preset's own length is the one its recipe was written for; fit it to this run.
-        reference_epochs = getattr(load_config(preset or "xs"), section).epochs
-        pinned = pinned_keys(parse_overrides(overrides)) | {f"{section}.{k}" for k, v in shortcuts.items() if v is not None}
-        cfg = fit_recipe(cfg, section, reference_epochs, process_count(), pinned)
-        recipe_note = describe(cfg, section, reference_epochs)
-        spec = DataSpec(dataset, data_dir, download, validation or "auto")
-        run_dir = new_run_dir(out, kind, cfg.name)
-        _check_writable(run_dir)
+        shortcuts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers, recipe=recipe)
+        plan = _new_run(kind, task_cls, preset, dataset, data_dir, download, validation, overrides, shortcuts, out)
 
-    require_labels = task_cls.needs_labels
+    train, val = _load_data(plan.spec, plan.cfg, task_cls.needs_labels, console if main_process else None)
+    cfg = plan.cfg if plan.resume is not None else task_cls.fit_config(plan.cfg, train)
+    if not quiet:
+        console.print(escape(f"data: {train.source}; validation: {_validation_note(plan.spec, val)}"),
+                      highlight=False)
+
+    train_cfg = getattr(cfg, task_cls.command)
+    torch.manual_seed(train_cfg.seed)  # the initial weights depend on the seed alone
+    task = task_cls(cfg, train.classes)
+    layer_decay = 1.0 if plan.resume is None else layer_decay_of_run(plan.resume.train_info, train_cfg)
+    if init is not None and plan.resume is None:
+        _load_init(task, init, None if quiet else console)
+        layer_decay = train_cfg.layer_decay  # fine-tuning a pre-trained encoder: BEiT/MAE layer-wise lr decay
+
+    opts = RunOptions(out_dir=plan.run_dir, dataset=dataclasses.asdict(plan.spec), device=device, compile=compile,
+                      compile_mode=compile_mode, save_every=save_every, max_steps=max_steps,
+                      layer_decay=layer_decay, quiet=quiet, save_best=plan.spec.validation != "test",
+                      recipe_note=plan.recipe_note)
+    trainer = Trainer(task, cfg, train, val, opts, console)
+    if plan.resume is not None:
+        trainer.resume_from(plan.resume)
+        if not quiet:
+            console.print(escape(f"resuming {plan.run_dir} at epoch {trainer.epoch + 1}, step {trainer.global_step}"),
+                          highlight=False)
+    result = trainer.fit()
+    result["out_dir"] = str(plan.run_dir)
+    result["main_process"] = main_process
+    if trainer.dist.is_main and result["stopped"] is None:
+        _plot_curves(plan.run_dir, result)
+    end_distributed(trainer.dist)
+    return result
+
+
+def _resumed_run(run_dir: Path, task_cls, preset: str | None, dataset: str | None, overrides: list[str] | None,
+                 validation: str | None, epochs: int | None, workers: int | None) -> RunPlan:
+    """`--resume DIR`: the run as its last.safetensors recorded it (only --epochs and --workers
+    may change); every option that contradicts it is an error."""
+    last = run_dir / "last.safetensors"
+    if not last.is_file():
+        raise MmlitError(f"nothing to resume in {run_dir}: no last.safetensors")
+    ckpt = load_checkpoint(last, with_train_state=True)
+    if ckpt.train_info is None:
+        raise MmlitError(f"{last} holds no training state (it is not a run's last checkpoint)")
+    if ckpt.task != task_cls.kind:
+        raise MmlitError(f"{run_dir} is a {ckpt.task} run; resume it with the matching command")
+    check_resume_world_size(int(ckpt.train_info.get("world_size", 1)))
+    cfg = ckpt.config
+    if preset is not None and load_config(preset).name != cfg.name:
+        raise MmlitError(f"{run_dir} was trained with preset '{cfg.name}', not '{preset}'")
+    if overrides:
+        raise MmlitError("--set cannot change a run being resumed; its config is in the checkpoint")
+    cfg = _apply_shortcuts(cfg, task_cls.command, epochs=epochs, workers=workers)
+    spec = DataSpec(**ckpt.train_info["dataset"])
+    if dataset is not None and dataset != spec.dataset:
+        raise MmlitError(f"{run_dir} was trained on '{spec.dataset}', not '{dataset}'")
+    if validation is not None and validation != spec.validation:
+        raise MmlitError(f"{run_dir} was trained with --val {spec.validation}; a resumed run keeps it")
+    return RunPlan(cfg, spec, run_dir, ckpt.train_info.get("recipe_note"), ckpt)
+
+
+def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_dir: str | None, download: bool,
+             validation: str | None, overrides: list[str] | None, shortcuts: dict[str, Any],
+             out: str | Path | None) -> RunPlan:
+    """A new run: the preset with the user's overrides, its recipe fitted to this run."""
+    if dataset is None:
+        raise MmlitError("--dataset is required (a dataset name or an image folder)")
+    section = task_cls.command
+    cfg = _apply_shortcuts(load_config(preset or "xs", overrides), section, **shortcuts)
+    # The preset's own length is the one its recipe was written for; fit it to this run.
+    reference_epochs = getattr(load_config(preset or "xs"), section).epochs
+    pinned = pinned_keys(parse_overrides(overrides)) | {f"{section}.{k}" for k, v in shortcuts.items() if v is not None}
+    cfg = fit_recipe(cfg, section, reference_epochs, process_count(), pinned)
+    recipe_note = describe(cfg, section, reference_epochs)
+    spec = DataSpec(dataset, data_dir, download, validation or "auto")
+    run_dir = new_run_dir(out, kind, cfg.name)
+    _check_writable(run_dir)
+    return RunPlan(cfg, spec, run_dir, recipe_note)
+
+
+def _load_data(spec: DataSpec, cfg: Config, require_labels: bool,
+               console: Console | None) -> tuple[ImageData, ImageData | None]:
+    """The training split and the validation split (None: an unlabelled folder with nothing
+    to hold out); skipped files are reported on `console` when given."""
     train = spec.load("train", cfg, require_labels)
-    if main_process:
+    if console is not None:
         _warn_skipped(console, train)
     try:
         val = spec.load(spec.val_split, cfg, require_labels)
-        if main_process:
+        if console is not None:
             _warn_skipped(console, val)
     except MmlitError as e:
         if spec.validation == "test":
@@ -164,49 +224,28 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
         if require_labels:
             raise
         val = None  # an unlabelled folder for pre-training may have no held-out part
-    if resume_ckpt is None:
-        cfg = task_cls.fit_config(cfg, train)
-    if not quiet:
-        console.print(escape(f"data: {train.source}; validation: {_validation_note(spec, val)}"), highlight=False)
+    return train, val
 
-    train_cfg = getattr(cfg, section)
-    torch.manual_seed(train_cfg.seed)  # the initial weights depend on the seed alone
-    task = task_cls(cfg, train.classes)
-    layer_decay = 1.0 if resume_ckpt is None else layer_decay_of_run(resume_ckpt.train_info, train_cfg)
-    if init is not None and resume_ckpt is None:
-        init_ckpt = load_checkpoint(init)
-        init_report = load_weights_into(task.init_target, init_ckpt)
-        if not init_report.loaded:
-            raise MmlitError(f"--init {init}: no tensor of that checkpoint fits this model")
-        if not quiet:
-            console.print(escape(f"--init {init}: loaded {len(init_report.loaded)} tensors; skipped "
-                                 f"{len(init_report.skipped)} ({_short(init_report.skipped)}); new "
-                                 f"{len(init_report.missing)} ({_short(init_report.missing)})"), highlight=False)
-        layer_decay = train_cfg.layer_decay  # fine-tuning a pre-trained encoder: BEiT/MAE layer-wise lr decay
 
-    opts = RunOptions(out_dir=run_dir, dataset=dataclasses.asdict(spec), device=device, compile=compile,
-                      compile_mode=compile_mode,
-                      save_every=save_every, max_steps=max_steps, layer_decay=layer_decay, quiet=quiet,
-                      save_best=spec.validation != "test",
-                      recipe_note=recipe_note)
-    trainer = Trainer(task, cfg, train, val, opts, console)
-    if resume_ckpt is not None:
-        trainer.resume_from(resume_ckpt)
-        if not quiet:
-            console.print(escape(f"resuming {run_dir} at epoch {trainer.epoch + 1}, step {trainer.global_step}"),
-                          highlight=False)
-    result = trainer.fit()
-    result["out_dir"] = str(run_dir)
-    result["main_process"] = main_process
-    if trainer.dist.is_main and result["stopped"] is None:
-        from .plots import PlotUnavailable, plot_curves
+def _load_init(task, init: str | Path, console: Console | None) -> None:
+    """`--init`: the checkpoint's weights into the task's model (see `load_weights_into`)."""
+    report = load_weights_into(task.init_target, load_checkpoint(init))
+    if not report.loaded:
+        raise MmlitError(f"--init {init}: no tensor of that checkpoint fits this model")
+    if console is not None:
+        console.print(escape(f"--init {init}: loaded {len(report.loaded)} tensors; skipped "
+                             f"{len(report.skipped)} ({_short(report.skipped)}); new "
+                             f"{len(report.missing)} ({_short(report.missing)})"), highlight=False)
 
-        try:
-            result["curves"] = plot_curves(run_dir)
-        except PlotUnavailable as e:  # matplotlib is an optional extra
-            result["curves_note"] = str(e)
-    end_distributed(trainer.dist)
-    return result
+
+def _plot_curves(run_dir: Path, result: dict) -> None:
+    """curves.png into the run, noted in `result` (or why there is none)."""
+    from .plots import PlotUnavailable, plot_curves
+
+    try:
+        result["curves"] = plot_curves(run_dir)
+    except PlotUnavailable as e:  # matplotlib is an optional extra
+        result["curves_note"] = str(e)
 
 
 def _validation_note(spec: DataSpec, val: ImageData | None) -> str:
