@@ -4,6 +4,7 @@ directory, then hand everything to the engine."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ def _apply_shortcuts(cfg: Config, section: str, **values: Any) -> Config:
 
 def _check_writable(path: Path) -> None:
     parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
-    probe = parent / ".mmlit-write-test"
+    probe = parent / f".mmlit-write-test-{os.getpid()}"  # one per process: torchrun's ranks probe at once
     try:
         probe.write_text("")
         probe.unlink()
