@@ -46,6 +46,9 @@ def test_short_runs_get_a_proportional_warmup_and_no_heavy_regularisation():
     assert r.augment.auto_augment == "none" and cfg.model.drop_path == 0
     # cheap augmentation and label smoothing stay
     assert r.augment.crop_padding == 4 and r.augment.hflip == 0.5 and r.label_smoothing == 0.1
+    # MAE pre-training: the same warm-up rule (20 of 400 epochs) and lr per 256 images
+    pre = fitted("xs", ["pretrain.epochs=8", "pretrain.batch_size=64"], section="pretrain").pretrain
+    assert pre.warmup_epochs == pytest.approx(8 * 20 / 400) and pre.lr == pytest.approx(1.5e-3 * 64 / 256)
 
 
 def test_regularisation_grows_with_the_run_and_never_exceeds_the_preset():
