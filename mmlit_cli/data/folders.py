@@ -1,8 +1,8 @@
 """Image folders: one sub-folder per class, optionally split into train/ and val/ or test/.
 
-    root/<class>/*.jpg                      one folder of labelled images
-    root/train/<class>/*.jpg  (+ val/, test/)  the split layout
-    root/*.jpg                              unlabelled (pre-training only)
+    root/<class>/*.jpg                          labelled images, one folder per class
+    root/train/<class>/*.jpg (+ val/, test/)    the split layout (val/ may be valid/, validation/)
+    root/*.jpg                                  unlabelled (pre-training only)
 
 The train (or only) folder decides the classes, in sorted order; val/ and test/ must not have
 classes of their own. Without a val/ folder, validation is a stratified part held out of

@@ -39,12 +39,15 @@ class ImageData:
 
 
 def split_note(name: str, split: str, official: str, why: str) -> str:
+    """How a requested split is named in `ImageData.source`, saying `why` when it is read
+    from another official split."""
     if split == official:
         return f"{name} '{split}' split"
     return f"{name} '{split}' split (= official {official} split; {why})"
 
 
 def source_line(note: str, where: Path, n: int) -> str:
+    """`ImageData.source` of a named dataset: the split's note, where its files are, how many."""
     return f"{note}, {where} ({n} images)"
 
 
