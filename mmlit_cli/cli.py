@@ -340,17 +340,19 @@ def benchmark(
         return
     m = report.machine
     table = Table(title=f"{escape(report.source)}: {report.images} images, {report.threads} thread(s)")
-    heads = ("format", "MB", "top-1 %", "agrees %", "router %", "batch-1 ms", "p10-p90 ms", f"img/s b{report.batch_size}")
-    for col in heads:
-        table.add_column(col, justify="left" if col == "format" else "right")
+    heads = ["format", "MB", "top-1 %", "agrees %", "router %", "batch-1 ms", "p10-p90 ms", f"img/s b{report.batch_size}"]
+    missing = [r for r in report.rows if not r.available]
+    for col in heads + (["why not measured"] if missing else []):
+        table.add_column(col, justify="left" if col in ("format", "why not measured") else "right")
     for r in report.rows:
         if not r.available:
-            table.add_row(r.label, f"[yellow]{escape(r.note or 'unavailable')}[/yellow]", *[""] * 6)
+            table.add_row(r.label, *["-"] * (len(heads) - 1), f"[yellow]{escape(r.note or 'unavailable')}[/yellow]")
             continue
         spread = f"{r.latency_p10_ms:.2f}-{r.latency_p90_ms:.2f}" if r.latency_p10_ms is not None else ""
         table.add_row(r.label, f"{r.size_bytes / 1e6:.2f}", _fmt(r.top1, ".2f"), _fmt(r.agreement, ".2f"),
-                      _fmt(r.router_agreement, ".2f"), _fmt(r.latency_ms, ".2f"), spread, _fmt(r.images_per_s, ",.0f"))
-    (console if console.is_terminal else Console(width=120)).print(table)  # a pipe or file: no wrapping
+                      _fmt(r.router_agreement, ".2f"), _fmt(r.latency_ms, ".2f"), spread, _fmt(r.images_per_s, ",.0f"),
+                      *([""] if missing else []))
+    (console if console.is_terminal else Console(width=160)).print(table)  # a pipe or file: no wrapping
     ratios = [f"{k.replace('onnx-', '')}: {v:.2f}x" for k, v in report.as_dict()["ratios"].items() if v is not None]
     if ratios:
         console.print("latency ratios  " + "  ".join(ratios), highlight=False)

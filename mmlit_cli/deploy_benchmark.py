@@ -162,7 +162,7 @@ def _onnx_runners(model, ckpt, calib: np.ndarray, work: Path, threads: int, say)
 
     missing = _missing_onnx_packages()
     if missing:
-        note = f"needs {PIP_HINT} ({', '.join(missing)} missing)"
+        note = f"needs {PIP_HINT} (missing: {', '.join(missing)})"
         return [_Runner(Row(k, FORMATS[k], available=False, note=note), None) for k in list(FORMATS)[2:]]
     say("exporting ONNX fp32")
     fp32 = work / "fp32.onnx"
