@@ -18,10 +18,11 @@ Exporter: `torch.onnx.export(..., dynamo=True)` (needs `onnxscript`). The legacy
 exporter (`dynamo=False`) cannot export this model: it fails with "conversion of
 scaled_dot_product_attention not implemented if enable_gqa is True" (its opset-14 SDPA
 symbolic). The dynamo exporter decomposes grouped-query SDPA into repeated K/V (Unsqueeze,
-Expand, Reshape), a transposed K rebuilt from runtime shapes, MatMul and Softmax: 501 nodes
-for `xxs`. The graph is therefore traced with `_ExportAttention`, the same function written
-as one matmul per key/value head group and batch-free reshapes: 375 nodes, and batch-1 time
-in ONNX Runtime 0.96x (fp32) and 0.92x (int8) of the decomposed form (docs/BENCHMARKS.md).
+Expand, Reshape), a transposed K rebuilt from runtime shapes, MatMul and Softmax. The graph
+is therefore traced with `_ExportAttention`, the same function written as one matmul per
+key/value head group with batch-free reshapes: 375 nodes instead of 501 for `xxs`, and
+batch-1 time in ONNX Runtime 0.96-0.99x (fp32) and 0.91-0.92x (int8) of the decomposed form
+(docs/BENCHMARKS.md, "Deployment").
 
 int8 (`int8=True`): see `quantize.py` for what is quantized and why the router stays float.
 Its check compares top-1 predictions and accuracy with PyTorch, and reports router agreement,
