@@ -281,7 +281,11 @@ def _run(ckpt_path, dataset, split, data_dir, threads, batch_size, calls, limit,
             train = data if split == "train" else load_split(dataset, "train", ckpt.image_size, data_dir=data_dir,
                                                               val_fraction=cfg.data.val_fraction)
             calib = _sample(train, CALIBRATION_IMAGES)[0]
-        runners += _onnx_runners(model, ckpt, calib, Path(work), threads, say)
+        try:
+            runners += _onnx_runners(model, ckpt, calib, Path(work), threads, say)
+        except MmlitError as exc:  # an export or quantization that fails here is a row, not the end
+            runners += [_Runner(Row(k, FORMATS[k], available=False, note=f"export failed: {exc}"), None)
+                        for k in list(FORMATS)[2:]]
         live = []
         for r in runners:
             if r.run is None:

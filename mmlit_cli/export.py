@@ -41,13 +41,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import __version__
 from .checkpoint import Checkpoint, atomic_write
 from .data import load_split, normalize
 from .errors import MmlitError
 from .inference import load_classifier
-from .model import GroupedQueryAttention
+from .model import GroupedQueryAttention, MoEFeedForward
 from .runtime import PIP_HINT, one_line
 
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; lower ones go through a converter
@@ -80,6 +81,13 @@ class _Preprocessed(torch.nn.Module):
         return self.model(normalize(images, self.mean, self.std))
 
 
+def _linear_2d(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` for x [B, N, D], computed on [B * N, D]: ONNX Runtime fuses a 2-D MatMul and
+    its bias Add into one Gemm (a 3-D MatMul keeps a separate Add)."""
+    n = x.shape[1]
+    return layer(x.reshape(-1, x.shape[-1])).view(-1, n, layer.out_features)
+
+
 class _ExportAttention(GroupedQueryAttention):
     """`GroupedQueryAttention.forward`'s function, written for a lean ONNX graph: the query
     heads that share a key/value head are stacked along the token axis, so each group is one
@@ -91,25 +99,41 @@ class _ExportAttention(GroupedQueryAttention):
         n = x.shape[1]
         heads, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         group = heads // kv
-        q, k, v = self.qkv(x).view(-1, n, heads + 2 * kv, d).split([heads, kv, kv], dim=2)
+        q, k, v = _linear_2d(self.qkv, x).view(-1, n, heads + 2 * kv, d).split([heads, kv, kv], dim=2)
         q = q.reshape(-1, n, kv, group, d).permute(0, 2, 3, 1, 4).reshape(-1, kv, group * n, d)
         scores = (q * d ** -0.5) @ k.permute(0, 2, 3, 1)  # [B, kv, group * n, n]
         out = scores.softmax(dim=-1) @ v.permute(0, 2, 1, 3)  # [B, kv, group * n, d]
         out = out.reshape(-1, kv, group, n, d).permute(0, 3, 1, 2, 4).reshape(-1, n, heads * d)
-        return self.proj(out)
+        return _linear_2d(self.proj, out)
+
+
+class _ExportMoE(MoEFeedForward):
+    """`MoEFeedForward.forward` (same routing: `route` is not touched) with W1/V and W2 on 2-D
+    activations (`_linear_2d`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates, _ = self.route(x)
+        a, v = _linear_2d(self.w1v, x).split([self.num_experts * self.hidden, self.hidden], dim=-1)
+        a = F.silu(a).unflatten(-1, (self.num_experts, self.hidden))
+        mixed = (gates.unsqueeze(-2) @ a).squeeze(-2)
+        return _linear_2d(self.w2, mixed * v)
+
+
+_EXPORT_FORMS = {GroupedQueryAttention: _ExportAttention, MoEFeedForward: _ExportMoE}
 
 
 @contextmanager
 def export_forms(model: torch.nn.Module):
-    """Trace `model` with `_ExportAttention` (same weights, same function); restored after."""
-    swapped = [m for m in model.modules() if type(m) is GroupedQueryAttention]
-    for m in swapped:
-        m.__class__ = _ExportAttention
+    """Trace `model` with `_ExportAttention` and `_ExportMoE` (same weights, same function);
+    the original classes are restored after."""
+    swapped = [(m, type(m)) for m in model.modules() if type(m) in _EXPORT_FORMS]
+    for m, cls in swapped:
+        m.__class__ = _EXPORT_FORMS[cls]
     try:
         yield model
     finally:
-        for m in swapped:
-            m.__class__ = GroupedQueryAttention
+        for m, cls in swapped:
+            m.__class__ = cls
 
 
 def _require(module: str, what: str):

@@ -206,6 +206,22 @@ def test_benchmark_lists_onnx_formats_as_missing_without_onnxruntime(world, tmp_
     assert table.stdout.count('needs pip install "mmlit[onnx]"') == 3 and "ONNX int8 static" in table.stdout
 
 
+def test_benchmark_reports_a_failed_export_as_rows(world, monkeypatch):
+    from mmlit_cli import export
+    from mmlit_cli.deploy_benchmark import run_benchmark
+
+    def fail(*args, **kwargs):
+        raise MmlitError("ONNX export of the checkpoint failed (RuntimeError: planted)")
+
+    monkeypatch.setattr(export, "trace_to_onnx", fail)
+    report = run_benchmark(world["ckpt"], str(world["data"]), calls=2, limit=4, batch_size=4)
+    rows = {r.format: r for r in report.rows}
+    assert list(rows) == list(FORMATS) and rows["pytorch-eager"].available
+    for key in ("onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static"):
+        assert not rows[key].available
+        assert rows[key].note == "export failed: ONNX export of the checkpoint failed (RuntimeError: planted)"
+
+
 BAD = [
     # (id, argv builder, modules to hide, expected text in the one-line message)
     ("int8 without onnxruntime", lambda w: ["export", w["ckpt"], "--int8", "--out", w["root"] / "n1.onnx"],
@@ -247,20 +263,22 @@ def test_bad_deploy_input_is_one_line_nonzero_and_changes_nothing(case, world, t
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("heads,kv", [(6, 3), (4, 2), (4, 4), (4, 1)])
-def test_export_attention_is_the_same_function_as_sdpa_attention(heads, kv):
-    from mmlit_cli.export import _ExportAttention, export_forms
-    from mmlit_cli.model import GroupedQueryAttention
+def test_export_forms_compute_the_same_function_as_the_model(heads, kv):
+    from mmlit_cli.export import _ExportAttention, _ExportMoE, export_forms
+    from mmlit_cli.model import GroupedQueryAttention, MoEFeedForward
 
     torch.manual_seed(heads * 10 + kv)
-    attn = GroupedQueryAttention(24, heads, kv).double()
-    model = torch.nn.Sequential(attn)
+    attn, moe = GroupedQueryAttention(24, heads, kv).double(), MoEFeedForward(24, 8, kv + 2, top_k=2).double()
+    torch.nn.init.normal_(moe.router.weight)  # spread router logits: distinct top-k per token
+    model = torch.nn.Sequential(attn, moe).eval()
     x = torch.randn(3, 17, 24, dtype=torch.float64)
-    ref = attn(x)
+    ref = (attn(x), moe(x))
     with export_forms(model):
-        assert type(attn) is _ExportAttention
-        got = attn(x)
-    assert type(attn) is GroupedQueryAttention
-    assert torch.allclose(got, ref, atol=1e-12)
+        assert type(attn) is _ExportAttention and type(moe) is _ExportMoE
+        got = (attn(x), moe(x))
+    assert type(attn) is GroupedQueryAttention and type(moe) is MoEFeedForward
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, atol=1e-12)
 
 
 def test_route_agreement_compares_expert_sets_not_orders():
