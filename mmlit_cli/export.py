@@ -19,10 +19,11 @@ exporter (`dynamo=False`) cannot export this model: it fails with "conversion of
 scaled_dot_product_attention not implemented if enable_gqa is True" (its opset-14 SDPA
 symbolic). The dynamo exporter decomposes grouped-query SDPA into repeated K/V (Unsqueeze,
 Expand, Reshape), a transposed K rebuilt from runtime shapes, MatMul and Softmax. The graph
-is therefore traced with `_ExportAttention`, the same function written as one matmul per
-key/value head group with batch-free reshapes: 375 nodes instead of 501 for `xxs`, and
-batch-1 time in ONNX Runtime 0.96-0.99x (fp32) and 0.91-0.92x (int8) of the decomposed form
-(docs/BENCHMARKS.md, "Deployment").
+is therefore traced with `_ExportAttention` and `_ExportMoE`, the same functions written as
+one matmul per key/value head group, batch-free reshapes, and linear layers on 2-D
+activations (which ONNX Runtime fuses with their bias into Gemm): 393 nodes instead of 501
+for `xxs`, and batch-1 time in ONNX Runtime 0.88-0.95x (fp32) and 0.87-0.95x (int8) of the
+decomposed form (docs/BENCHMARKS.md, "Deployment").
 
 int8 (`int8=True`): see `quantize.py` for what is quantized and why the router stays float.
 Its check compares top-1 predictions and accuracy with PyTorch, and reports router agreement,

@@ -10,15 +10,15 @@ get int8 weights. What stays float, on purpose:
 * matmuls of two activations (attention scores and values, the gate-weighted expert sum):
   they have no weights to shrink, and quantizing attention probabilities to 8 bits is lossy;
 * in static mode, also the **head**: QDQ quantizes an op's output, and 8-bit logits collapse
-  near-ties (measured on CIFAR-10: 97.9 % top-1 agreement with the head quantized, 99.6 %
+  near-ties (measured on CIFAR-10: 97.85 % top-1 agreement with the head quantized, 99.60 %
   without; see docs/BENCHMARKS.md).
 
 Two schemes: "dynamic" (weights int8, activations quantized per call from their own range;
 no data needed) and "static" (QDQ, activation ranges calibrated once on training images).
-`mmlit export --int8` uses dynamic: on ONNX Runtime's CPU provider it was faster and at least
-as faithful as static (figures in docs/BENCHMARKS.md); `--calibrate DATASET` builds the static
-model for runtimes that want fixed activation scales and falls back to dynamic when static
-fails the check.
+`mmlit export --int8` uses dynamic: on ONNX Runtime's CPU provider it was faster (about 0.81x
+the fp32 time at batch 1 against 0.87x for static) and as faithful (figures in
+docs/BENCHMARKS.md). `--calibrate DATASET` builds the static model for runtimes that want
+fixed activation scales, and falls back to dynamic when static fails the check.
 
 Faithfulness is measured, not assumed: top-1 agreement with PyTorch, top-1 accuracy when
 labels are known, and **router agreement**, the fraction of (image, token, layer) slots whose
