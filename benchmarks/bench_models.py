@@ -58,7 +58,7 @@ from torch import nn  # noqa: E402
 
 from mmlit_cli import create_model  # noqa: E402
 from mmlit_cli.config import load_config  # noqa: E402
-from mmlit_cli.data import normalize  # noqa: E402
+from mmlit_cli.data import Normalize  # noqa: E402
 from mmlit_cli.engine import build_adamw, param_groups  # noqa: E402
 from mmlit_cli.model import MLiT, MoEFeedForward  # noqa: E402
 
@@ -331,9 +331,10 @@ def make_fns(v: Variant, device: torch.device, amp: torch.dtype | None, mean, st
     opt = build_adamw(param_groups(v.base, 0.05), 1e-3, (0.9, 0.999), device)  # as the engine builds it
     params = [p for p in v.base.parameters() if p.requires_grad]
     model = v.model
+    normalize = Normalize(mean, std, device)  # made once, as the engine's trainer does
 
     def fwd_bwd(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        x = normalize(images.to(device, non_blocking=True), mean, std)
+        x = normalize(images.to(device, non_blocking=True))
         y = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = F.cross_entropy(model(x).float(), y, label_smoothing=0.1)
@@ -356,7 +357,7 @@ def make_fns(v: Variant, device: torch.device, amp: torch.dtype | None, mean, st
     def infer(images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), torch.autocast(device.type, dtype=amp or torch.float32,
                                                     enabled=amp is not None):
-            return model(normalize(images.to(device, non_blocking=True), mean, std))
+            return model(normalize(images.to(device, non_blocking=True)))
 
     v.step, v.fwd_bwd, v.update, v.infer_fn = step, fwd_bwd, update, infer
 

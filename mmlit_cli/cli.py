@@ -17,6 +17,24 @@ from rich.table import Table
 from . import __version__
 from .errors import MmlitError
 
+def _flags_show_no_type() -> None:
+    """Typer's rich help prints a type after every option, `<bool>` after flags too, as if they
+    took a value (typer 0.29; earlier versions left flags bare). A flag takes no value: show
+    nothing there, as plain click help does."""
+    option = getattr(getattr(typer, "core", None), "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None or getattr(shown, "_mmlit_flags_bare", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag and not self.count else shown(self, ctx)
+
+    display_type_rich._mmlit_flags_bare = True
+    option.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
+
 app = typer.Typer(
     name="mmlit",
     help="Train, evaluate and ship ultra-light vision transformers (mLiT / mmLiT, arXiv 2407.17783).\n\n"
@@ -104,8 +122,12 @@ def _train_command(kind: str, **options) -> None:
     if result["stopped"] == "interrupt":
         raise typer.Exit(130)
     out_dir = result["out_dir"]
-    console.print(f"done: {out_dir}/last.safetensors, {out_dir}/best.safetensors, {out_dir}/metrics.jsonl",
-                  highlight=False)
+    if result.get("best_saved", True):
+        console.print(f"done: {out_dir}/last.safetensors, {out_dir}/best.safetensors, {out_dir}/metrics.jsonl",
+                      highlight=False)
+    else:
+        console.print(f"done: {out_dir}/last.safetensors, {out_dir}/metrics.jsonl (no best.safetensors: the "
+                      f"validation split is the test split)", highlight=False)
     if result.get("curves"):
         console.print(f"curves: {result['curves']}", highlight=False)
     elif result.get("curves_note"):
@@ -126,6 +148,10 @@ CompileModeOpt = typer.Option(None, "--compile-mode", help="torch.compile mode: 
                               "max-autotune (CUDA graphs; implies --compile).")
 SaveEveryOpt = typer.Option(200, "--save-every", help="Also checkpoint every N steps within an epoch (0 = off).")
 DownloadOpt = typer.Option(False, "--download", help="Download a named dataset if it is missing.")
+ValOpt = typer.Option(None, "--val", help="Where validation and best.safetensors come from: auto (default: the "
+                      "dataset's validation split, else a stratified data.val_fraction held out of train; the test "
+                      "split is never looked at) or test (the paper protocol: train on all of train, validate on the "
+                      "test split each epoch, keep no best.safetensors). A resumed run keeps its own.")
 
 
 @app.command()
@@ -136,7 +162,7 @@ def finetune(
     device: str = DeviceOpt, workers: Optional[int] = WorkersOpt,
     init: Optional[str] = typer.Option(None, "--init", help="Start from a checkpoint's weights (MAE encoder or classifier)."),
     resume: Optional[str] = ResumeOpt, compile: bool = CompileOpt, compile_mode: Optional[str] = CompileModeOpt,
-    save_every: int = SaveEveryOpt, download: bool = DownloadOpt,
+    save_every: int = SaveEveryOpt, download: bool = DownloadOpt, validation: Optional[str] = ValOpt,
 ) -> None:
     """Supervised training, from scratch or from a checkpoint (--init). The head gets the dataset's classes.
 
@@ -152,7 +178,7 @@ def pretrain(
     batch_size: Optional[int] = BatchOpt, lr: Optional[float] = LrOpt, seed: Optional[int] = SeedOpt,
     device: str = DeviceOpt, workers: Optional[int] = WorkersOpt,
     resume: Optional[str] = ResumeOpt, compile: bool = CompileOpt, compile_mode: Optional[str] = CompileModeOpt,
-    save_every: int = SaveEveryOpt, download: bool = DownloadOpt,
+    save_every: int = SaveEveryOpt, download: bool = DownloadOpt, validation: Optional[str] = ValOpt,
 ) -> None:
     """MAE pre-training (mmLiT). Labels are not needed: a folder of images works.
 
@@ -173,6 +199,10 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (writes confusion.png only with --out)."),
     compile: bool = CompileOpt,
     compile_mode: Optional[str] = CompileModeOpt,
+    classes_by_position: bool = typer.Option(
+        False, "--classes-by-position",
+        help="Score a relabelled dataset whose class names differ from the checkpoint's, taking its classes in "
+             "order (without it, differing names are an error; the same names in another order are matched)."),
 ) -> None:
     """Top-1, top-5, loss, per-class accuracy, confusion matrix and expert usage of a checkpoint.
 
@@ -182,7 +212,7 @@ def eval_(
     from .train import new_run_dir
 
     report = evaluate_checkpoint(checkpoint, dataset, split, data_dir, batch_size, device,
-                                 compile=compile, compile_mode=compile_mode)
+                                 compile=compile, compile_mode=compile_mode, classes_by_position=classes_by_position)
     confusion_path = None
     if out is not None or not as_json:
         from .plots import PlotUnavailable, plot_confusion
@@ -278,7 +308,7 @@ def export(
     data_dir: Optional[str] = DataDirOpt,
 ) -> None:
     """Export a classifier to ONNX (dynamic batch; class names and preprocessing in the
-    metadata) and check it against PyTorch with onnxruntime. Needs: pip install "mmlit[onnx]".
+    metadata) and check it against PyTorch with onnxruntime. Needs: pip install "mmlit\\[onnx]".
 
     Example:  mmlit export runs/finetune/xxs/best.safetensors --int8 --calibrate ./my-images
     """
@@ -291,14 +321,14 @@ def export(
         raise MmlitError(f"{target} already exists: choose another --out")
     result = export_onnx(checkpoint, out, int8=int8, calibrate=calibrate, data_dir=data_dir, replace=False)
     size = result.path.stat().st_size
-    console.print(f"wrote {result.path} ({result.quantization}, {size / 1e6:.2f} MB; opset {result.opset}; "
-                  f"input: {result.input_format})", highlight=False)
+    console.print(f"wrote {escape(str(result.path))} ({result.quantization}, {size / 1e6:.2f} MB; opset "
+                  f"{result.opset}; input: {result.input_format})", highlight=False)
     if result.note:
-        console.print(f"note: {result.note}", highlight=False)
+        console.print(f"note: {escape(result.note)}", highlight=False)
     fid = result.fidelity
     if fid is not None:
         acc = (f"; top-1 {fid.top1_onnx:.2f} % vs PyTorch {fid.top1_torch:.2f} %" if fid.labelled else "")
-        console.print(f"checked with {result.checked_with} on {fid.images} {fid.source}: top-1 agrees with "
+        console.print(f"checked with {result.checked_with} on {fid.images} {escape(fid.source)}: top-1 agrees with "
                       f"PyTorch on {100 * fid.agreement:.2f} %{acc}; router agreement (same top-k experts per "
                       f"token) {100 * fid.router_agreement:.2f} %", highlight=False)
     elif result.max_abs_diff is not None:

@@ -3,7 +3,7 @@
 `load_split` reads a named dataset in its official on-disk layout (or an image folder) and
 decodes every image exactly once into one uint8 tensor `[N, 3, S, S]`. Images stay uint8 all
 the way through the `DataLoader` (per-sample augmentation works on uint8 too); the engine
-calls `normalize` on the device, then the optional batch-level MixUp/CutMix.
+normalises them on the device (`Normalize`), then applies the optional batch-level MixUp/CutMix.
 
 Reading rules worth knowing:
 
@@ -11,13 +11,14 @@ Reading rules worth knowing:
   numpy arrays; anything else in a pickle is refused with a `DataError`.
 * Non-square images are resized aspect-preserving (shorter side to S, then a centre crop),
   square ones are simply resized; nothing is resized when it already has the right size.
-* Image folders without a val/test folder get a deterministic stratified hold-out split
-  (per class, seed 0, independent of the training seed).
+* Datasets without a validation split (cifar10, cifar100, svhn, fashion-mnist, image folders
+  without val/) hold a deterministic stratified part of the training split out for
+  validation (per class, seed 0, independent of the training seed), so that model selection
+  never looks at the test split; `holdout=False` (the paper protocol) holds nothing out.
 """
 
 from __future__ import annotations
 
-import functools
 import gzip
 import math
 import multiprocessing
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATASET_NAMES", "ImageData", "load_split", "build_train_transform", "build_batch_mix",
-    "normalize", "AugmentedImages", "build_loader", "set_epoch", "default_data_dir",
+    "normalize", "Normalize", "AugmentedImages", "build_loader", "set_epoch", "default_data_dir",
 ]
 
 DATASET_NAMES = ("cifar10", "cifar100", "svhn", "flowers102", "fashion-mnist", "tiny-imagenet")
@@ -90,12 +91,19 @@ def default_data_dir() -> Path:
 
 def load_split(dataset: str, split: str, image_size: int, data_dir: str | os.PathLike | None = None,
                download: bool = False, val_fraction: float = 0.1,
-               require_labels: bool = True) -> ImageData:
+               require_labels: bool = True, holdout: bool = True) -> ImageData:
     """Load one split of a named dataset or of an image folder, decoded and resized once.
 
-    `split` is "train", "val" (official validation split, else the official test split) or
-    "test" (official test split; tiny-imagenet uses its val split). `val_fraction` is only used
-    for image folders that have no val/test folder.
+    `split` is "train", "val" or "test". "test" is the official test split (tiny-imagenet,
+    which has no labelled one, uses its val split). "val" is the official validation split
+    (tiny-imagenet, flowers102, an image folder's val/). Where there is none (cifar10,
+    cifar100, svhn, fashion-mnist, folders without val/), a stratified `val_fraction` of the
+    training split is held out (per class, seed 0): "val" is that part and "train" the rest,
+    so model selection never sees the test split.
+
+    `holdout=False` is the paper protocol: nothing is held out, "train" is the whole training
+    split and "val" (where there is no official one) is the test split. An image folder with
+    neither val/ nor test/ then has no split besides "train".
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
@@ -110,14 +118,15 @@ def load_split(dataset: str, split: str, image_size: int, data_dir: str | os.Pat
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
 
     name = _ALIASES.get(str(dataset).strip().lower(), str(dataset).strip().lower())
+    hold = float(val_fraction) if holdout else None
     if name in DATASET_NAMES:
         root = Path(data_dir).expanduser().resolve() if data_dir is not None else default_data_dir()
         loader = _NAMED_LOADERS[name]
-        return loader(root, split, image_size, download)
+        return loader(root, split, image_size, download, hold)
 
     path = Path(str(dataset)).expanduser()
     if path.is_dir():
-        return _load_folder(path.resolve(), split, image_size, float(val_fraction), require_labels)
+        return _load_folder(path.resolve(), split, image_size, hold, require_labels)
     if path.exists():
         raise DataError(f"{dataset} is a file, not a folder: pass a folder of images (one "
                         f"sub-folder per class) or one of {', '.join(DATASET_NAMES)}")
@@ -135,8 +144,35 @@ def _split_note(name: str, split: str, official: str, why: str) -> str:
     return f"{name} '{split}' split (= official {official} split; {why})"
 
 
-def _source(name: str, split: str, official: str, why: str, where: Path, n: int) -> str:
-    return f"{_split_note(name, split, official, why)}, {where} ({n} images)"
+def _source(note: str, where: Path, n: int) -> str:
+    return f"{note}, {where} ({n} images)"
+
+
+def _official_split(split: str, hold: float | None) -> str:
+    """The official split (train or test) a requested split comes from, for a dataset with no
+    validation split: "val" is a part of train held out when `hold` (its fraction) is given,
+    else the test split (the paper protocol)."""
+    return "train" if split == "train" or (split == "val" and hold is not None) else "test"
+
+
+def _requested_part(images: np.ndarray, labels: np.ndarray, name: str, split: str, official: str,
+                    hold: float | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images, labels, note) of `split` in the official split that was read: all of it, or,
+    when a validation part is held out of train, the training part or the held-out part."""
+    why = f"{name} has no validation split"
+    if official != "train" or hold is None:
+        return images, labels, _split_note(name, split, official, why)
+    train_pos, held_pos = _holdout(labels.tolist(), hold)
+    keep = train_pos if split == "train" else held_pos
+    if not keep:
+        raise DataError(f"{name}: too few images to hold out a validation split (a class needs at least 2 images)")
+    pct = f"{hold * 100:g}%"
+    if split == "train":
+        note = f"{name} 'train' split minus the {pct} held out for validation (stratified, seed 0)"
+    else:
+        note = (f"{name} 'val' split = {pct} held out of the train split (stratified, seed 0; {why}; "
+                f"the test split is untouched)")
+    return images[keep], labels[keep], note
 
 
 def _to_tensor(images: np.ndarray | torch.Tensor, image_size: int) -> torch.Tensor:
@@ -331,9 +367,10 @@ def _read_text_names(path: Path) -> list[str]:
         raise DataError(f"cannot read {path} ({_one_line(exc)})") from None
 
 
-def _load_cifar(name: str, root: Path, split: str, image_size: int, download: bool) -> ImageData:
+def _load_cifar(name: str, root: Path, split: str, image_size: int, download: bool,
+                hold: float | None) -> ImageData:
     ten = name == "cifar10"
-    official = "train" if split == "train" else "test"
+    official = _official_split(split, hold)
     if ten:
         py_dir, bin_dir = "cifar-10-batches-py", "cifar-10-batches-bin"
         py_files = ([f"data_batch_{i}" for i in range(1, 6)] if official == "train"
@@ -357,7 +394,7 @@ def _load_cifar(name: str, root: Path, split: str, image_size: int, download: bo
         return None
 
     kind, base = _find_or_download(
-        name, root, split, download, locate,
+        name, root, official, download, locate,
         lambda: [root / py_dir / f for f in py_files if not (root / py_dir / f).is_file()],
         hint)
 
@@ -379,9 +416,9 @@ def _load_cifar(name: str, root: Path, split: str, image_size: int, download: bo
         raise DataError(f"{base}: expected {n_cls} class names in the meta file, got {len(classes)}")
     if labels.size and (labels.min() < 0 or labels.max() >= n_cls):
         raise DataError(f"{base}: labels out of range 0..{n_cls - 1}")
+    images, labels, note = _requested_part(images, labels, name, split, official, hold)
     return ImageData(_to_tensor(images, image_size), torch.from_numpy(labels), classes,
-                     _source(name, split, official, f"{name} has no validation split", base,
-                             len(labels)), [])
+                     _source(note, base, len(labels)), [])
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,8 +440,8 @@ def _loadmat(path: Path, names: list[str]) -> dict:
     return d
 
 
-def _load_svhn(root: Path, split: str, image_size: int, download: bool) -> ImageData:
-    official = "train" if split == "train" else "test"
+def _load_svhn(root: Path, split: str, image_size: int, download: bool, hold: float | None) -> ImageData:
+    official = _official_split(split, hold)
     fname = f"{official}_32x32.mat"
     hint = (f"Download {fname} (format 2, cropped digits) from http://ufldl.stanford.edu/"
             f"housenumbers/ into {root}")
@@ -415,7 +452,7 @@ def _load_svhn(root: Path, split: str, image_size: int, download: bool) -> Image
                 return base / fname
         return None
 
-    path = _find_or_download("svhn", root, split, download, locate, lambda: [root / fname], hint)
+    path = _find_or_download("svhn", root, official, download, locate, lambda: [root / fname], hint)
     d = _loadmat(path, ["X", "y"])
     x, y = np.asarray(d["X"]), np.asarray(d["y"]).reshape(-1).astype(np.int64)
     if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y) or x.dtype != np.uint8:
@@ -424,11 +461,9 @@ def _load_svhn(root: Path, split: str, image_size: int, download: bool) -> Image
     y[y == 10] = 0
     if y.size and (y.min() < 0 or y.max() > 9):
         raise DataError(f"{path}: labels out of range 1..10")
-    images = np.ascontiguousarray(x.transpose(3, 2, 0, 1))
-    return ImageData(_to_tensor(images, image_size), torch.from_numpy(y),
-                     [str(i) for i in range(10)],
-                     _source("svhn", split, official, "svhn has no validation split", path,
-                             len(y)), [])
+    images, y, note = _requested_part(x.transpose(3, 2, 0, 1), y, "svhn", split, official, hold)
+    return ImageData(_to_tensor(np.ascontiguousarray(images), image_size), torch.from_numpy(y),
+                     [str(i) for i in range(10)], _source(note, path, len(y)), [])
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,8 +499,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return arr.astype(dtype.newbyteorder("="))
 
 
-def _load_fashion_mnist(root: Path, split: str, image_size: int, download: bool) -> ImageData:
-    official = "train" if split == "train" else "test"
+def _load_fashion_mnist(root: Path, split: str, image_size: int, download: bool,
+                        hold: float | None) -> ImageData:
+    official = _official_split(split, hold)
     prefix = "train" if official == "train" else "t10k"
     stems = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
     dirs = [root, root / "FashionMNIST" / "raw", root / "fashion-mnist"]
@@ -485,7 +521,7 @@ def _load_fashion_mnist(root: Path, split: str, image_size: int, download: bool)
         return None
 
     expected = lambda: [root / f"{s}(.gz)" for s in stems]  # noqa: E731
-    img_path, lab_path = _find_or_download("fashion-mnist", root, split, download, locate,
+    img_path, lab_path = _find_or_download("fashion-mnist", root, official, download, locate,
                                            expected, hint + f" (or {dirs[1]}, {dirs[2]})")
     images, labels = read_idx(img_path), read_idx(lab_path).astype(np.int64)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or images.dtype != np.uint8:
@@ -493,11 +529,10 @@ def _load_fashion_mnist(root: Path, split: str, image_size: int, download: bool)
                         f"{images.dtype} {list(images.shape)} and {list(labels.shape)} labels")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise DataError(f"{lab_path}: labels out of range 0..9")
+    images, labels, note = _requested_part(images, labels, "fashion-mnist", split, official, hold)
     tensor = _to_tensor(images[:, None], image_size)
     return ImageData(tensor, torch.from_numpy(labels), list(FASHION_MNIST_CLASSES),
-                     _source("fashion-mnist", split, official,
-                             "fashion-mnist has no validation split", img_path.parent,
-                             len(labels)), [])
+                     _source(note, img_path.parent, len(labels)), [])
 
 
 # --------------------------------------------------------------------------------------------
@@ -778,13 +813,15 @@ def _load_tiny_imagenet(root: Path, split: str, image_size: int, download: bool)
                      skipped)
 
 
-_NAMED_LOADERS: dict[str, Callable[[Path, str, int, bool], ImageData]] = {
-    "cifar10": lambda r, s, n, d: _load_cifar("cifar10", r, s, n, d),
-    "cifar100": lambda r, s, n, d: _load_cifar("cifar100", r, s, n, d),
+# (root, split, image_size, download, held-out fraction or None) -> ImageData. Flowers102 and
+# Tiny-ImageNet have a validation split of their own: nothing is ever held out of theirs.
+_NAMED_LOADERS: dict[str, Callable[[Path, str, int, bool, float | None], ImageData]] = {
+    "cifar10": lambda r, s, n, d, h: _load_cifar("cifar10", r, s, n, d, h),
+    "cifar100": lambda r, s, n, d, h: _load_cifar("cifar100", r, s, n, d, h),
     "svhn": _load_svhn,
-    "flowers102": _load_flowers102,
+    "flowers102": lambda r, s, n, d, h: _load_flowers102(r, s, n, d),
     "fashion-mnist": _load_fashion_mnist,
-    "tiny-imagenet": _load_tiny_imagenet,
+    "tiny-imagenet": lambda r, s, n, d, h: _load_tiny_imagenet(r, s, n, d),
 }
 
 
@@ -880,8 +917,10 @@ def _holdout(labels: list[int], val_fraction: float) -> tuple[list[int], list[in
     return sorted(train), sorted(held)
 
 
-def _load_folder(root: Path, split: str, image_size: int, val_fraction: float,
+def _load_folder(root: Path, split: str, image_size: int, hold: float | None,
                  require_labels: bool) -> ImageData:
+    """`hold`: the fraction of train held out for validation when there is no val/ folder
+    (None: nothing held out, the paper protocol)."""
     dirs = _subdirs(root)
     split_names = {n for names in _SPLIT_DIRS.values() for n in names}
     # root/train/<class>/ (+ val/ or test/); other folders next to train/ and val/ are ignored
@@ -895,26 +934,31 @@ def _load_folder(root: Path, split: str, image_size: int, val_fraction: float,
         return None
 
     val_dir, test_dir = find("val"), find("test")
-    pct = f"{val_fraction * 100:g}%"
     classes, files, labels = _scan_part(train_root, None, require_labels)
     part_dir = train_root
+    # Without a val/ folder, validation is held out of train; a test/ folder stays the test
+    # split. A folder with neither uses its held-out part for "test" too.
+    held = val_dir is None and hold is not None
+    pct = f"{hold * 100:g}%" if hold is not None else ""
     if split == "train":
-        holdout = val_dir is None and test_dir is None
-        note = f"'train' split (minus the held-out {pct} used for val/test)" if holdout \
-            else "'train' split"
+        use = "val/test" if test_dir is None else "val; test/ is the test split"
+        note = f"'train' split (minus the held-out {pct} used for {use})" if held else "'train' split"
+    elif held and (split == "val" or test_dir is None):
+        untouched = "; test/ untouched" if test_dir is not None else ""
+        note = f"'{split}' split = held-out {pct} of train (stratified, seed 0{untouched})"
     else:
+        held = False
         own, other = (val_dir, test_dir) if split == "val" else (test_dir, val_dir)
-        holdout = own is None and other is None
         if own is not None:
             part_dir, note = own, f"'{split}' split"
         elif other is not None:
             part_dir, note = other, f"'{split}' split (no {split} folder: using {other.name}/)"
         else:
-            note = f"'{split}' split = held-out {pct} of train (stratified, seed 0)"
-        if not holdout:
-            _, files, labels = _scan_part(part_dir, classes, require_labels)
-    if holdout:
-        train_pos, held_pos = _holdout(labels, val_fraction)
+            raise DataError(f"image folder {root} has no val/ or test/ folder: with nothing held out of its "
+                            f"training images it has no '{split}' split")
+        _, files, labels = _scan_part(part_dir, classes, require_labels)
+    if held:
+        train_pos, held_pos = _holdout(labels, hold)
         keep = train_pos if split == "train" else held_pos
         if not keep:
             raise DataError(f"{train_root}: too few images to hold out a validation split "
@@ -1025,24 +1069,36 @@ def build_batch_mix(aug: AugmentConfig, num_classes: int
     return _BatchMix(mix, float(aug.mix_prob), num_classes)
 
 
-def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [B, 3, S, S] (or [3, S, S]) -> float32 (x/255 - mean) / std, on the input's device.
+class Normalize(torch.nn.Module):
+    """uint8 [B, 3, S, S] (or [3, S, S]) -> float32 (x/255 - mean) / std.
+
+    The mean/std tensors belong to this module and are made once, on `device`, by whoever
+    normalises many batches (the trainer, an evaluation, the exported graph): no small
+    host-to-device copies per step. There is deliberately no process-wide cache of them: a
+    cache filled while `torch.export` (the ONNX exporter) traces would hand the tracer's
+    tensors to every later eager call in the process.
 
     Floating-point input is taken to be already scaled to [0, 1].
     """
-    x = images_uint8
-    x = x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
-    m, s = _stats_on(x.device, tuple(map(float, mean)), tuple(map(float, std)))
-    return x.sub_(m).div_(s)
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device | str | None = None):
+        super().__init__()
+        shape = (-1, 1, 1)
+        self.register_buffer("mean", torch.tensor([float(m) for m in mean], dtype=torch.float32,
+                                                  device=device).view(shape), persistent=False)
+        self.register_buffer("std", torch.tensor([float(s) for s in std], dtype=torch.float32,
+                                                 device=device).view(shape), persistent=False)
+
+    def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        x = images_uint8
+        x = x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
+        return x.sub_(self.mean).div_(self.std)
 
 
-@functools.lru_cache(maxsize=16)
-def _stats_on(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean/std as [C, 1, 1] tensors on `device`, made once: `normalize` runs every training
-    step, and building them from lists each time meant two small host-to-device copies."""
-    shape = (-1, 1, 1)
-    return (torch.tensor(mean, dtype=torch.float32, device=device).view(shape),
-            torch.tensor(std, dtype=torch.float32, device=device).view(shape))
+def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """`Normalize(mean, std)` applied once, on the input's device. For one-off calls; a loop
+    over many batches keeps one `Normalize` instead (see there)."""
+    return Normalize(mean, std, images_uint8.device)(images_uint8)
 
 
 # --------------------------------------------------------------------------------------------

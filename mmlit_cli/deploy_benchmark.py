@@ -31,9 +31,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .data import load_split, normalize
+from .data import Normalize, load_split
 from .errors import MmlitError
-from .inference import load_classifier
+from .inference import load_classifier, match_classes
 from .runtime import PIP_HINT, one_line
 
 FORMATS = {
@@ -129,10 +129,12 @@ def _torch_runners(model, ckpt) -> list[_Runner]:
     size = len(save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}))
     compiled = torch.compile(model)
 
+    normalize = Normalize(ckpt.mean, ckpt.std)
+
     def runner(m):
         def run(x: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
-                return m(normalize(torch.from_numpy(x), ckpt.mean, ckpt.std)).float().numpy()
+                return m(normalize(torch.from_numpy(x))).float().numpy()
         return run
 
     note = "size: the weights as safetensors"
@@ -263,9 +265,7 @@ def _run(ckpt_path, dataset, split, data_dir, threads, batch_size, calls, limit,
     model, ckpt = load_classifier(ckpt_path, "cpu")
     cfg = ckpt.config
     data = load_split(dataset, split, ckpt.image_size, data_dir=data_dir, val_fraction=cfg.data.val_fraction)
-    if data.num_classes != cfg.model.num_classes:
-        raise MmlitError(f"the checkpoint predicts {cfg.model.num_classes} classes but {dataset} has "
-                         f"{data.num_classes}")
+    data, _ = match_classes(data, ckpt.classes, cfg.model.num_classes, dataset)  # labels as the model means them
     images, labels = _sample(data, limit)
     if len(images) == 0:
         raise MmlitError(f"{dataset} '{split}' has no images")

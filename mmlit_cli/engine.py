@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import __version__
 from .checkpoint import Checkpoint, atomic_write_text, save_checkpoint
 from .config import Config, TrainConfig, dump_config
-from .data import ImageData, build_batch_mix, build_loader, build_train_transform, normalize, set_epoch
+from .data import ImageData, Normalize, build_batch_mix, build_loader, build_train_transform, set_epoch
 from .errors import MmlitError
 from .metrics import collapsed_layers, evaluate_classifier, finish_usage_tracking, unwrap_model
 
@@ -89,6 +89,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # the process group was started here (and is ended by `end_distributed`)
 
     @property
     def enabled(self) -> bool:
@@ -101,7 +102,7 @@ class Dist:
 
 def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
     """Read torchrun's environment; start the process group (nccl on CUDA, gloo otherwise)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = process_count()
     if world <= 1:
         return Dist(), resolve_device(device_name)
     dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
@@ -111,7 +112,36 @@ def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.owns_group = True
     return dist, device
+
+
+def end_distributed(dist: Dist) -> None:
+    """End the process group `setup_distributed` started, once every rank got here: a process
+    leaving with its group alive may abort at exit ("terminate called without an active
+    exception"), e.g. when it stops before rank 0 has written the last checkpoint."""
+    if dist.owns_group and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        dist.owns_group = False
+
+
+def process_count() -> int:
+    """Processes in this run: torchrun's WORLD_SIZE, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_resume_world_size(saved: int) -> None:
+    """A run resumes with the process count it was trained with: each process's random
+    generators and data shard are part of its state."""
+    now = process_count()
+    if saved != now:
+        how = f"torchrun --nproc-per-node {saved}" if saved > 1 else "a single process, without torchrun"
+        raise MmlitError(f"this run was trained with {_processes(saved)}, not {now}: resume it with {how}")
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" + ("es" if n != 1 else "")
 
 
 def all_reduce_mean(t: torch.Tensor, dist: Dist) -> torch.Tensor:
@@ -158,17 +188,32 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: flo
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+EMA_WARMUP_POWER = 2 / 3
+
+
+def ema_decay_at(decay: float, updates: int) -> float:
+    """The decay of the EMA update that follows `updates` earlier ones: timm's exponential
+    warm-up (`ModelEmaV3(use_warmup=True)`, gamma 1, power 2/3), `1 - (1 + n) ** -2/3`, capped
+    at `decay`. The first update copies the weights (0); the 10th uses 0.80, the 1000th 0.99.
+    Without it a decay of 0.9998 keeps ~exp(-0.0002 n) of the initial weights after n steps:
+    a short run's average (and its best.safetensors) stayed close to the initialisation."""
+    return min(decay, 1.0 - (1.0 + updates) ** -EMA_WARMUP_POWER)
+
+
 class ModelEMA:
-    """Exponential moving average of the weights (evaluated and saved as best when enabled).
+    """Exponential moving average of the weights (evaluated and saved as best when enabled),
+    with the decay warmed up over the first updates (`ema_decay_at`).
 
     `module` is a copy of the model made once; `shadow` is its state dict (same storage), so
     evaluating the average needs no copy and updating it is one multi-tensor lerp per step.
+    `updates` (the warm-up's clock) is part of the training state.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
         from copy import deepcopy
 
         self.decay = decay
+        self.updates = 0
         self.module = deepcopy(model).requires_grad_(False)
         self.shadow = self.module.state_dict()
         live = model.state_dict()  # detached views of the live tensors: updated in place by the optimizer
@@ -178,10 +223,12 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self) -> None:
+        decay = ema_decay_at(self.decay, self.updates)
         if self._float[0]:
-            torch._foreach_lerp_(self._float[0], self._float[1], 1.0 - self.decay)
+            torch._foreach_lerp_(self._float[0], self._float[1], 1.0 - decay)
         for s, v in self._other:
             s.copy_(v)
+        self.updates += 1
 
 
 # --------------------------------------------------------------------------- tasks
@@ -242,10 +289,11 @@ class MAETask:
         encoder = unwrap_model(model).encoder
         encoder.set_usage_tracking(True)
         total = torch.zeros(2, dtype=torch.float64, device=device)
+        normalize = Normalize(self.cfg.data.mean, self.cfg.data.std, device)
         with torch.random.fork_rng(devices=_rng_devices(device)):
             torch.manual_seed(1234)  # the same masks every epoch, so val losses are comparable
             for images, _ in loader:
-                images = normalize(images.to(device, non_blocking=True), self.cfg.data.mean, self.cfg.data.std)
+                images = normalize(images.to(device, non_blocking=True))
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss, _, _ = model(images)
                 total += torch.stack([loss.double() * images.shape[0],
@@ -300,9 +348,15 @@ class RunOptions:
     save_every: int = 200  # steps between in-epoch checkpoints (0 = only at epoch ends)
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests, benchmarks)
     log_every: int = 10
-    init_report: Any = None
+    # Layer-wise lr decay of the param groups: the recipe's when the run started from a
+    # pre-trained encoder (--init), else 1. Kept in the training state: --resume must rebuild
+    # the very groups the saved optimizer state belongs to.
+    layer_decay: float = 1.0
     on_epoch_end: Callable[..., None] | None = None  # e.g. write reconstruction.png
     quiet: bool = False
+    # False when validation is the test split (the paper protocol): a checkpoint picked on it
+    # would be selected on the test set, so only last.safetensors is kept.
+    save_best: bool = True
 
 
 def _rng_devices(device: torch.device) -> list:
@@ -310,16 +364,28 @@ def _rng_devices(device: torch.device) -> list:
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"rng/cpu": torch.get_rng_state()}
+    """This process's generators: {"cpu": state, "cuda": state of its own device}."""
+    state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
-        state["rng/cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(tensors["rng/cpu"])
-    if device.type == "cuda" and "rng/cuda" in tensors:
-        torch.cuda.set_rng_state_all(list(tensors["rng/cuda"]))
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _rank_rng_state(tensors: dict[str, torch.Tensor], rank: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """One rank's saved generators (`rng/<kind>/<rank>`). Single-process runs saved before the
+    states were per rank hold `rng/cpu` and `rng/cuda` (every device's state, stacked)."""
+    if f"rng/cpu/{rank}" in tensors:
+        return {kind: tensors[f"rng/{kind}/{rank}"] for kind in ("cpu", "cuda") if f"rng/{kind}/{rank}" in tensors}
+    state = {"cpu": tensors["rng/cpu"]}
+    if "rng/cuda" in tensors and device.type == "cuda":
+        state["cuda"] = tensors["rng/cuda"][device.index or 0]
+    return state
 
 
 def _optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -335,6 +401,15 @@ def _optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.T
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
+def layer_decay_of_run(train_info: dict, recipe: TrainConfig) -> float:
+    """The layer-wise lr decay a saved run's param groups were built with. Runs saved before it
+    was stored: the recipe's if their groups carry lr scales below 1, else none (1)."""
+    if "layer_decay" in train_info:
+        return float(train_info["layer_decay"])
+    scaled = any(g.get("lr_scale", 1.0) != 1.0 for g in train_info["optimizer"]["param_groups"])
+    return recipe.layer_decay if scaled else 1.0
+
+
 def _optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict) -> None:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
@@ -345,6 +420,9 @@ def _optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch
         idx, name = key.split("/", 1)
         state.setdefault(int(idx), {})[name] = value
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in info["param_groups"]]
+    if len(groups) != len(opt.param_groups):
+        raise MmlitError(f"the saved optimizer state has {len(groups)} parameter groups where this run builds "
+                         f"{len(opt.param_groups)}: the checkpoint does not fit this model or recipe")
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -359,6 +437,7 @@ class Trainer:
         torch.manual_seed(self.recipe.seed + self.dist.rank)
 
         self.model = task.model.to(self.device)
+        self.normalize = Normalize(cfg.data.mean, cfg.data.std, self.device)  # made once: no per-step copies
         transform = build_train_transform(self.recipe.augment, cfg.model.image_size)
         self.train_loader = build_loader(train_data, self.recipe.batch_size, transform, shuffle=True,
                                          workers=self.recipe.workers, drop_last=len(train_data.labels) >= self.recipe.batch_size * self.dist.world_size,
@@ -376,8 +455,8 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * self.recipe.epochs
         self.warmup_steps = min(int(self.recipe.warmup_epochs * self.steps_per_epoch), self.total_steps // 2)
 
-        layer_decay = self.recipe.layer_decay if opts.init_report is not None else 1.0
-        self.optimizer = build_adamw(param_groups(self.model, self.recipe.weight_decay, layer_decay),
+        self.layer_decay = opts.layer_decay
+        self.optimizer = build_adamw(param_groups(self.model, self.recipe.weight_decay, self.layer_decay),
                                      self.recipe.lr, self.recipe.betas, self.device)
         self.ema = ModelEMA(self.model, self.recipe.ema_decay) if self.recipe.ema else None
         self.train_model = self.model
@@ -396,29 +475,55 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _train_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+    def _gather_rng(self) -> dict[str, torch.Tensor]:
+        """Every rank's generators as `rng/<kind>/<rank>`, gathered to all ranks: a collective,
+        so every rank calls it at the same step (`save_last`)."""
+        own = _rng_state(self.device)
+        if not self.dist.enabled:
+            return {f"rng/{kind}/0": state for kind, state in own.items()}
+        gathered = {}
+        for kind, state in own.items():  # NCCL gathers device tensors only
+            parts = [torch.empty_like(state, device=self.device) for _ in range(self.dist.world_size)]
+            torch.distributed.all_gather(parts, state.to(self.device))
+            gathered.update({f"rng/{kind}/{rank}": part.cpu() for rank, part in enumerate(parts)})
+        return gathered
+
+    def _bank_partial_loss(self, loss_sum: torch.Tensor) -> None:
+        """This epoch's loss sum so far, for an in-epoch checkpoint: the mean over ranks (a
+        collective), which each rank resumes from, so the epoch's all-reduced mean comes out
+        as in an uninterrupted run."""
+        self.partial_loss_sum = all_reduce_mean(loss_sum.detach().clone(), self.dist).item()
+
+    def _train_state(self, rng: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
         tensors, opt_info = _optimizer_to_tensors(self.optimizer)
-        tensors.update(_rng_state(self.device))
+        tensors.update(rng)
+        info: dict[str, Any] = {
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            "best": self.best, "elapsed": self.elapsed, "optimizer": opt_info,
+            "epoch_loss_sum": self.partial_loss_sum if self.step_in_epoch else 0.0, "dataset": self.opts.dataset,
+            "world_size": self.dist.world_size, "layer_decay": self.layer_decay}
         if self.ema is not None:
             tensors.update({f"ema/{k}": v for k, v in self.ema.shadow.items()})
-        info = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "best": self.best, "elapsed": self.elapsed, "optimizer": opt_info,
-                "epoch_loss_sum": self.partial_loss_sum if self.step_in_epoch else 0.0, "dataset": self.opts.dataset,
-                "world_size": self.dist.world_size}
+            info["ema_updates"] = self.ema.updates
         return tensors, info
 
-    def _checkpoint(self, weights: dict[str, torch.Tensor], with_state: bool, metrics: dict | None) -> Checkpoint:
+    def _checkpoint(self, weights: dict[str, torch.Tensor], metrics: dict | None,
+                    rng: dict[str, torch.Tensor] | None = None) -> Checkpoint:
+        """A checkpoint; with the training state when given every rank's generators (`rng`)."""
         info = {"epoch": self.epoch, "global_step": self.global_step, "metrics": metrics or {},
                 "mmlit_version": __version__}
         ckpt = Checkpoint(weights, self.cfg, self.task.kind, list(self.task.classes), info)
-        if with_state:
-            ckpt.train_tensors, ckpt.train_info = self._train_state()
+        if rng is not None:
+            ckpt.train_tensors, ckpt.train_info = self._train_state(rng)
         return ckpt
 
     def save_last(self, metrics: dict | None = None) -> None:
+        """last.safetensors, with the training state. Every rank calls it (the generators are
+        gathered); rank 0 writes."""
+        rng = self._gather_rng()
         if self.dist.is_main:
             save_checkpoint(self.opts.out_dir / "last.safetensors",
-                            self._checkpoint(self.model.state_dict(), True, metrics))
+                            self._checkpoint(self.model.state_dict(), metrics, rng))
 
     def resume_from(self, ckpt: Checkpoint) -> None:
         if ckpt.train_info is None:
@@ -430,10 +535,13 @@ class Trainer:
             ema = {k[4:]: v.to(self.device) for k, v in ckpt.train_tensors.items() if k.startswith("ema/")}
             if ema:
                 self.ema.module.load_state_dict(ema)
+            # Runs saved before the warm-up existed: the EMA was updated once per step.
+            self.ema.updates = int(info.get("ema_updates", info["global_step"]))
         self.epoch, self.step_in_epoch = int(info["epoch"]), int(info["step_in_epoch"])
         self.global_step, self.best, self.elapsed = int(info["global_step"]), info["best"], float(info["elapsed"])
         self._resume_loss_sum = float(info.get("epoch_loss_sum", 0.0))
-        self._resume_rng = {k: v for k, v in ckpt.train_tensors.items() if k.startswith("rng/")}
+        check_resume_world_size(int(info.get("world_size", 1)))
+        self._resume_rng = _rank_rng_state(ckpt.train_tensors, self.dist.rank, self.device)
         history = self.opts.out_dir / "metrics.jsonl"
         if history.exists():
             self.history = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
@@ -482,7 +590,7 @@ class Trainer:
         lr = lr_at(self.global_step, self.total_steps, self.warmup_steps, self.recipe.lr, self.recipe.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        images = normalize(images.to(self.device, non_blocking=True), self.cfg.data.mean, self.cfg.data.std)
+        images = self.normalize(images.to(self.device, non_blocking=True))
         labels = labels.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             loss = self.task.loss(self.train_model, images, labels)
@@ -564,7 +672,7 @@ class Trainer:
                         stopped = "interrupt"
                         break
                     if self.opts.save_every and self.global_step % self.opts.save_every == 0 and not at_end:
-                        self.partial_loss_sum = loss_sum.item()
+                        self._bank_partial_loss(loss_sum)
                         if self._diverged(self.partial_loss_sum):  # never checkpoint a diverged model
                             stopped = "nan"
                             break
@@ -577,7 +685,7 @@ class Trainer:
                 if stopped == "nan":
                     break
                 if stopped in ("interrupt", "max_steps") and self.step_in_epoch < self.steps_per_epoch:
-                    self.partial_loss_sum = loss_sum.item()
+                    self._bank_partial_loss(loss_sum)
                     if self._diverged(self.partial_loss_sum):
                         stopped = "nan"
                         break
@@ -605,9 +713,9 @@ class Trainer:
                 if improved:
                     self.best = row.get(self.task.monitor, train_loss)
                 self.save_last(row)
-                if improved and self.dist.is_main:
+                if improved and self.opts.save_best and self.dist.is_main:
                     weights = self.ema.shadow if self.ema is not None else self.model.state_dict()
-                    save_checkpoint(out / "best.safetensors", self._checkpoint(weights, False, row))
+                    save_checkpoint(out / "best.safetensors", self._checkpoint(weights, row))
                 self._print(self._epoch_line(row))
                 self._report_router(row.get("expert_usage"))
                 if self.opts.on_epoch_end is not None and self.dist.is_main:
@@ -623,7 +731,7 @@ class Trainer:
             self._print(f"[yellow]interrupted[/yellow]: saved a resumable checkpoint; continue with "
                         f"--resume {escape(str(out))}")
         return {"stopped": stopped, "epoch": self.epoch, "global_step": self.global_step,
-                "history": self.history, "best": self.best}
+                "history": self.history, "best": self.best, "best_saved": self.opts.save_best}
 
     def _diverged(self, loss_value: float) -> bool:
         """A non-finite loss or weight: the state must not be checkpointed."""

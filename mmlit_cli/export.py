@@ -46,9 +46,9 @@ import torch.nn.functional as F
 
 from . import __version__
 from .checkpoint import Checkpoint, atomic_write
-from .data import load_split, normalize
+from .data import Normalize, load_split
 from .errors import MmlitError
-from .inference import load_classifier
+from .inference import load_classifier, match_classes
 from .model import GroupedQueryAttention, MoEFeedForward
 from .runtime import PIP_HINT, one_line
 
@@ -72,14 +72,15 @@ class ExportResult:
 
 
 class _Preprocessed(torch.nn.Module):
-    """uint8 images -> `data.normalize` -> classifier logits (what gets exported)."""
+    """uint8 images -> `data.Normalize` -> classifier logits (what gets exported; the mean/std
+    buffers become constants of the graph)."""
 
     def __init__(self, model: torch.nn.Module, mean: list[float], std: list[float]):
         super().__init__()
-        self.model, self.mean, self.std = model, list(mean), list(std)
+        self.model, self.normalize = model, Normalize(mean, std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(normalize(images, self.mean, self.std))
+        return self.model(self.normalize(images))
 
 
 def _linear_2d(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +117,7 @@ class _ExportMoE(MoEFeedForward):
         gates, _ = self.route(x)
         a, v = _linear_2d(self.w1v, x).split([self.num_experts * self.hidden, self.hidden], dim=-1)
         a = F.silu(a).unflatten(-1, (self.num_experts, self.hidden))
-        mixed = (gates.unsqueeze(-2) @ a).squeeze(-2)
+        mixed = (gates.to(a.dtype).unsqueeze(-2) @ a).squeeze(-2)
         return _linear_2d(self.w2, mixed * v)
 
 
@@ -216,9 +217,6 @@ def finish_file(path: str | Path, meta: dict[str, str]) -> None:
 
 def trace_to_onnx(wrapper: torch.nn.Module, image_size: int, path: str | Path, opset: int, what: str) -> None:
     """`torch.onnx.export` (dynamo) of `wrapper` with a symbolic batch axis, quietly."""
-    # The first `normalize` call fills data._stats_on's cache; made inside the trace it would
-    # cache trace-time tensors (issue 12). One call with real tensors first keeps it clean.
-    normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8), wrapper.mean, wrapper.std)
     example = torch.randint(0, 256, (2, 3, image_size, image_size), dtype=torch.uint8)  # 2: batch stays symbolic
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
@@ -263,10 +261,8 @@ def load_int8_data(ckpt: Checkpoint, dataset: str, data_dir: str | None = None
     cfg = ckpt.config
     train = load_split(dataset, "train", ckpt.image_size, data_dir=data_dir, val_fraction=cfg.data.val_fraction)
     held = load_split(dataset, "val", ckpt.image_size, data_dir=data_dir, val_fraction=cfg.data.val_fraction)
-    for data in (train, held):
-        if data.num_classes != cfg.model.num_classes:
-            raise MmlitError(f"the checkpoint predicts {cfg.model.num_classes} classes but {dataset} has "
-                             f"{data.num_classes}")
+    train, _ = match_classes(train, ckpt.classes, cfg.model.num_classes, dataset)
+    held, _ = match_classes(held, ckpt.classes, cfg.model.num_classes, dataset)  # labels as the model means them
     if len(train) == 0 or len(held) == 0:
         raise MmlitError(f"{dataset} has no images to calibrate or check with")
     rng = np.random.default_rng(0)

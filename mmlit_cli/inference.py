@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint, load_checkpoint
-from .data import build_loader, load_split
+from .data import ImageData, build_loader, load_split
 from .engine import amp_dtype, maybe_compile, resolve_device
 from .errors import CheckpointError, MmlitError
 from .metrics import EvalResult, evaluate_classifier
@@ -47,11 +47,45 @@ class EvalReport:
         return self.result.num_images / max(self.result.seconds, 1e-9)
 
 
+def _first(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def match_classes(data: ImageData, ckpt_classes: list[str], num_classes: int, dataset: str,
+                  by_position: bool = False) -> tuple[ImageData, str | None]:
+    """The data with labels that mean what the checkpoint's outputs mean, and a note on how
+    they were matched (None when the class lists are the same).
+
+    Classes are matched by name: the same names in another order are relabelled; names that
+    differ are an error, since counting matches would score shifted labels. `by_position`
+    accepts a relabelled dataset (same count, other names) and takes its classes in order.
+    """
+    if len(data.classes) != num_classes:
+        raise MmlitError(f"the checkpoint predicts {num_classes} classes but {dataset} has {len(data.classes)}")
+    if not ckpt_classes or data.classes == ckpt_classes:  # a checkpoint without names: only the count is known
+        return data, None
+    if sorted(data.classes) == sorted(ckpt_classes):
+        index = {c: i for i, c in enumerate(ckpt_classes)}
+        to_ckpt = torch.tensor([index[c] for c in data.classes])
+        relabelled = ImageData(data.images, to_ckpt[data.labels], list(ckpt_classes), data.source, data.skipped)
+        return relabelled, "classes matched by name (the dataset lists them in another order)"
+    if by_position:
+        pairs = [f"{d!r} = {c!r}" for d, c in zip(data.classes, ckpt_classes) if d != c]
+        return data, f"classes taken by position (--classes-by-position): {_first(pairs)}"
+    ckpt_set, data_set = set(ckpt_classes), set(data.classes)
+    extra = [repr(c) for c in data.classes if c not in ckpt_set]
+    missing = [repr(c) for c in ckpt_classes if c not in data_set]
+    raise MmlitError(f"{dataset} has {_first(extra)} where the checkpoint has {_first(missing)}: the class "
+                     f"names differ, so its labels would not mean what the model predicts (rename them, or "
+                     f"pass --classes-by-position to score the classes in order anyway)")
+
+
 def evaluate_checkpoint(ckpt_path: str | Path, dataset: str, split: str = "val", data_dir: str | None = None,
                         batch_size: int = 256, device: str = "auto", workers: int = 0, compile: bool = False,
-                        compile_mode: str | None = None) -> EvalReport:
+                        compile_mode: str | None = None, classes_by_position: bool = False) -> EvalReport:
     """Evaluate a classifier checkpoint on a dataset split. `compile` / `compile_mode`:
-    `torch.compile` the model first (see `engine.maybe_compile`); it pays off on large splits."""
+    `torch.compile` the model first (see `engine.maybe_compile`); it pays off on large splits.
+    The dataset's classes must be the checkpoint's, by name (`match_classes`)."""
     if split not in ("train", "val", "test"):
         raise MmlitError(f"--split must be train, val or test, got '{split}'")
     if batch_size <= 0:
@@ -61,11 +95,9 @@ def evaluate_checkpoint(ckpt_path: str | Path, dataset: str, split: str = "val",
     runner = maybe_compile(model, compile, compile_mode)
     cfg = ckpt.config
     data = load_split(dataset, split, cfg.model.image_size, data_dir=data_dir, val_fraction=cfg.data.val_fraction)
-    if len(data.classes) != cfg.model.num_classes:
-        raise MmlitError(f"the checkpoint predicts {cfg.model.num_classes} classes but {dataset} has "
-                         f"{len(data.classes)}")
+    data, note = match_classes(data, ckpt.classes, cfg.model.num_classes, dataset, classes_by_position)
     classes = ckpt.classes or data.classes
     loader = build_loader(data, batch_size, None, workers=workers)
     amp = amp_dtype(dev)
     result = evaluate_classifier(runner, loader, dev, cfg.data.mean, cfg.data.std, amp, cfg.model.num_classes)
-    return EvalReport(result, classes, data.source)
+    return EvalReport(result, classes, data.source if note is None else f"{data.source}; {note}")

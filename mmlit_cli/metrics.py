@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import normalize
+from .data import Normalize
 
 
 @dataclass
@@ -64,8 +64,9 @@ def evaluate_classifier(model: torch.nn.Module, loader, device: torch.device, me
     core = unwrap_model(model)
     core.set_usage_tracking(True)
     meter = ClassifierMeter(num_classes or core.cfg.num_classes, device)
+    normalize = Normalize(mean, std, device)
     for images, labels in loader:
-        images = normalize(images.to(device, non_blocking=True), mean, std)
+        images = normalize(images.to(device, non_blocking=True))
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)

@@ -105,16 +105,18 @@ class MoEFeedForward(nn.Module):
         if self.training and self.router_noise > 0:
             logits = logits + torch.randn_like(logits) * self.router_noise
         top_logits, top_idx = logits.topk(self.top_k, dim=-1)
-        # Gates in fp32: under CUDA autocast softmax returns fp32 whatever its input, and the
-        # mixing matmul casts them back down itself.
+        # Gate softmax in fp32 (at least): `forward` casts the gates to the activations' dtype
+        # only for the mixing matmul.
         weights = top_logits.to(torch.promote_types(top_logits.dtype, torch.float32)).softmax(dim=-1)
         gates = torch.zeros(logits.shape, dtype=weights.dtype, device=logits.device).scatter(-1, top_idx, weights)
         if self.track_usage:
             self.expert_counts += F.one_hot(top_idx, self.num_experts).flatten(0, -2).sum(0).to(self.expert_counts)
         if self.training and self.aux_loss_weight > 0:
-            # Switch-Transformer load balancing: E * sum_e (share of routed slots) * (mean router prob).
+            # Switch-Transformer load balancing, E * sum_e f_e * P_e: f_e the share of the
+            # token-to-expert assignments that went to expert e (the shares sum to 1 for any
+            # top-k), P_e its mean router probability. Perfectly balanced routing gives 1.
             probs = logits.float().softmax(dim=-1).flatten(0, -2)
-            routed = F.one_hot(top_idx, self.num_experts).flatten(0, -2).float().mean(0) / self.top_k
+            routed = F.one_hot(top_idx, self.num_experts).flatten(0, -2).float().mean(0)
             self.aux_loss = self.aux_loss_weight * self.num_experts * (routed * probs.mean(0)).sum()
         else:
             self.aux_loss = None
@@ -124,7 +126,9 @@ class MoEFeedForward(nn.Module):
         gates, _ = self.route(x)
         a, v = self.w1v(x).split([self.num_experts * self.hidden, self.hidden], dim=-1)
         a = F.silu(a).unflatten(-1, (self.num_experts, self.hidden))  # [.., E, hidden]
-        mixed = (gates.unsqueeze(-2) @ a).squeeze(-2)  # sum_e g_e silu(x W1_e)
+        # The fp32 gates meet the activations in their dtype (bf16 under autocast or in a model
+        # cast with .to(torch.bfloat16)): a matmul needs one dtype.
+        mixed = (gates.to(a.dtype).unsqueeze(-2) @ a).squeeze(-2)  # sum_e g_e silu(x W1_e)
         return self.w2(mixed * v)
 
     def expert_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -141,7 +145,7 @@ class MoEFeedForward(nn.Module):
         out = torch.zeros_like(x)
         for e in range(self.num_experts):
             expert = self.w2(F.silu(F.linear(x, w1[e], b1[e])) * F.linear(x, wv, bv))
-            out = out + gates[..., e:e + 1] * expert
+            out = out + gates[..., e:e + 1].to(expert.dtype) * expert
         return out
 
 

@@ -3,7 +3,7 @@
 Images are read and resized exactly as training and `eval` read an image folder: the same
 decoder (`data._decode_one`: Pillow, grey/RGBA/palette/16-bit -> RGB, aspect-preserving
 resize of the shorter side to the model's image size + centre crop, bilinear) and the same
-`data.normalize`. Files are decoded in chunks and run through the model in batches under
+`data.Normalize`. Files are decoded in chunks and run through the model in batches under
 `torch.inference_mode()`, so large folders stay quick and memory stays bounded. An ONNX file
 gets the same uint8 pixels (its graph normalises them itself) and runs with ONNX Runtime.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_write
-from .data import normalize
+from .data import Normalize
 # Private helpers of data.py, imported on purpose: predict must decode and resize exactly as
 # training does, so it reuses them rather than keeping a copy that could drift.
 from .data import _decode_files, _one_line, _to_rgb
@@ -165,10 +165,11 @@ def _torch_runner(ckpt_path, device: str, compile: bool, compile_mode: str | Non
     model, ckpt = load_classifier(ckpt_path, dev)
     model = maybe_compile(model, compile, compile_mode)
     amp = amp_dtype(dev)
+    normalize = Normalize(ckpt.mean, ckpt.std, dev)
 
     def probs(batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            x = normalize(batch.to(dev, non_blocking=True), ckpt.mean, ckpt.std)
+            x = normalize(batch.to(dev, non_blocking=True))
             with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
                 logits = model(x)
             return logits.float().softmax(dim=1)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import normalize
+from .data import Normalize
 from .errors import MmlitError
 from .runtime import make_session, one_line, require_onnxruntime
 
@@ -159,11 +159,12 @@ def torch_outputs(model, images: np.ndarray, mean, std, batch: int = 250) -> tup
     hooks = [m.router.register_forward_hook(lambda mod, inp, out, k=m.top_k: caught.append(out.topk(k, dim=-1)[1]))
              for m in layers]
     logits, routes = [], [[] for _ in layers]
+    normalize = Normalize(mean, std)
     try:
         with torch.inference_mode():
             for i in range(0, len(images), batch):
                 caught.clear()
-                x = normalize(torch.from_numpy(np.ascontiguousarray(images[i:i + batch])), mean, std)
+                x = normalize(torch.from_numpy(np.ascontiguousarray(images[i:i + batch])))
                 logits.append(model(x).float().numpy())
                 for layer, idx in enumerate(caught):
                     routes[layer].append(_sorted_routes(idx.numpy()))

@@ -14,22 +14,36 @@ from rich.markup import escape
 from .checkpoint import atomic_write, load_checkpoint, load_weights_into
 from .config import Config, load_config
 from .data import ImageData, load_split
-from .engine import ClassifyTask, MAETask, RunOptions, Trainer, check_compile_mode, resolve_device
+from .engine import (ClassifyTask, MAETask, RunOptions, Trainer, check_compile_mode, check_resume_world_size,
+                     end_distributed, layer_decay_of_run, resolve_device)
 from .errors import MmlitError
+
+
+VALIDATION = ("auto", "test")
 
 
 @dataclasses.dataclass
 class DataSpec:
-    """Everything needed to load the same data again (stored in the checkpoint for --resume)."""
+    """Everything needed to load the same data again (stored in the checkpoint for --resume).
+
+    `validation`: "auto" validates (and picks best.safetensors) on the official validation
+    split, else on a part held out of the training split; "test" is the paper protocol: train
+    on the whole training split, validate on the test split, keep no best.safetensors.
+    """
 
     dataset: str
     data_dir: str | None = None
     download: bool = False
+    validation: str = "auto"
+
+    @property
+    def val_split(self) -> str:
+        return "test" if self.validation == "test" else "val"
 
     def load(self, split: str, cfg: Config, require_labels: bool = True) -> ImageData:
         return load_split(self.dataset, split, cfg.model.image_size, data_dir=self.data_dir,
                           download=self.download, val_fraction=cfg.data.val_fraction,
-                          require_labels=require_labels)
+                          require_labels=require_labels, holdout=self.validation == "auto")
 
 
 def new_run_dir(out: str | Path | None, kind: str, name: str) -> Path:
@@ -80,8 +94,9 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
                  init: str | Path | None = None, resume: str | Path | None = None, compile: bool = False,
                  compile_mode: str | None = None,
                  save_every: int = 200, download: bool = False, max_steps: int | None = None,
-                 console: Console | None = None, quiet: bool = False) -> dict:
-    """Train (`kind` = "finetune" or "pretrain"); returns the engine's summary."""
+                 validation: str | None = None, console: Console | None = None, quiet: bool = False) -> dict:
+    """Train (`kind` = "finetune" or "pretrain"); returns the engine's summary. `validation`:
+    see `DataSpec` ("auto" when None; a resumed run keeps its own)."""
     console = console or Console()
     section = "finetune" if kind == "finetune" else "pretrain"
     task_cls = ClassifyTask if kind == "finetune" else MAETask
@@ -89,6 +104,8 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
 
     resolve_device(device)  # a missing GPU is reported before any data is read
     check_compile_mode(compile_mode)
+    if validation is not None and validation not in VALIDATION:
+        raise MmlitError(f"--val must be {' or '.join(VALIDATION)}, got '{validation}'")
     resume_ckpt = None
     if resume is not None:
         run_dir = Path(resume)
@@ -101,6 +118,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
         expected_task = "classify" if kind == "finetune" else "mae"
         if resume_ckpt.task != expected_task:
             raise MmlitError(f"{run_dir} is a {resume_ckpt.task} run; resume it with the matching command")
+        check_resume_world_size(int(resume_ckpt.train_info.get("world_size", 1)))
         cfg = resume_ckpt.config
         if preset is not None and load_config(preset).name != cfg.name:
             raise MmlitError(f"{run_dir} was trained with preset '{cfg.name}', not '{preset}'")
@@ -110,11 +128,13 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
         spec = DataSpec(**resume_ckpt.train_info["dataset"])
         if dataset is not None and dataset != spec.dataset:
             raise MmlitError(f"{run_dir} was trained on '{spec.dataset}', not '{dataset}'")
+        if validation is not None and validation != spec.validation:
+            raise MmlitError(f"{run_dir} was trained with --val {spec.validation}; a resumed run keeps it")
     else:
         if dataset is None:
             raise MmlitError("--dataset is required (a dataset name or an image folder)")
         cfg = _apply_shortcuts(load_config(preset or "xs", overrides), section, **shortcuts)
-        spec = DataSpec(dataset, data_dir, download)
+        spec = DataSpec(dataset, data_dir, download, validation or "auto")
         run_dir = new_run_dir(out, kind, cfg.name)
         _check_writable(run_dir)
 
@@ -122,20 +142,24 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     train = spec.load("train", cfg, require_labels)
     _warn_skipped(console, train)
     try:
-        val = spec.load("val", cfg, require_labels)
+        val = spec.load(spec.val_split, cfg, require_labels)
         _warn_skipped(console, val)
-    except MmlitError:
+    except MmlitError as e:
+        if spec.validation == "test":
+            raise MmlitError(f"{e} (--val test validates on the test split; without --val a validation part is "
+                             f"held out of train)") from None
         if require_labels:
             raise
         val = None  # an unlabelled folder for pre-training may have no held-out part
     if kind == "finetune" and resume_ckpt is None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=len(train.classes)))
     if not quiet:
-        console.print(escape(f"data: {train.source}; validation: {val.source if val else 'none'}"), highlight=False)
+        console.print(escape(f"data: {train.source}; validation: {_validation_note(spec, val)}"), highlight=False)
 
-    torch.manual_seed(getattr(cfg, section).seed)  # the initial weights depend on the seed alone
+    recipe = getattr(cfg, section)
+    torch.manual_seed(recipe.seed)  # the initial weights depend on the seed alone
     task = task_cls(cfg, train.classes)
-    init_report = None
+    layer_decay = 1.0 if resume_ckpt is None else layer_decay_of_run(resume_ckpt.train_info, recipe)
     if init is not None and resume_ckpt is None:
         init_ckpt = load_checkpoint(init)
         target = task.model if kind == "finetune" else task.model.encoder
@@ -146,10 +170,12 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
             console.print(escape(f"--init {init}: loaded {len(init_report.loaded)} tensors; skipped "
                                  f"{len(init_report.skipped)} ({_short(init_report.skipped)}); new "
                                  f"{len(init_report.missing)} ({_short(init_report.missing)})"), highlight=False)
+        layer_decay = recipe.layer_decay  # fine-tuning a pre-trained encoder: BEiT/MAE layer-wise lr decay
 
     opts = RunOptions(out_dir=run_dir, dataset=dataclasses.asdict(spec), device=device, compile=compile,
                       compile_mode=compile_mode,
-                      save_every=save_every, max_steps=max_steps, init_report=init_report, quiet=quiet,
+                      save_every=save_every, max_steps=max_steps, layer_decay=layer_decay, quiet=quiet,
+                      save_best=spec.validation != "test",
                       on_epoch_end=write_reconstruction if kind == "pretrain" else None)
     trainer = Trainer(task, cfg, train, val, opts, console)
     if resume_ckpt is not None:
@@ -166,7 +192,19 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
             result["curves"] = plot_curves(run_dir)
         except PlotUnavailable as e:  # matplotlib is an optional extra
             result["curves_note"] = str(e)
+    end_distributed(trainer.dist)
     return result
+
+
+def _validation_note(spec: DataSpec, val: ImageData | None) -> str:
+    """Where validation (and so best.safetensors) comes from, in words."""
+    if val is None:
+        return "none"
+    if spec.validation == "test":
+        return (f"{val.source} -- the paper protocol (--val test): trained on the whole training split and "
+                f"validated on the test split, so no best.safetensors is kept (it would be picked on the test "
+                f"split); use last.safetensors")
+    return val.source
 
 
 def _short(names: list[str], n: int = 4) -> str:

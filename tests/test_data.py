@@ -25,14 +25,14 @@ def as_np(images: torch.Tensor) -> np.ndarray:
 def test_cifar10_python(tmp_path, protocol, legacy):
     w = fx.write_cifar10_python(tmp_path, n_per_batch=4, n_test=6, protocol=protocol,
                                 legacy_numpy=legacy)
-    tr = load_split("cifar10", "train", 32, data_dir=tmp_path)
+    tr = load_split("cifar10", "train", 32, data_dir=tmp_path, holdout=False)  # the whole official split
     assert tr.images.dtype == torch.uint8 and tr.images.shape == (20, 3, 32, 32)
     assert tr.labels.dtype == torch.int64
     np.testing.assert_array_equal(as_np(tr.images), w["train"][0])
     np.testing.assert_array_equal(tr.labels.numpy(), w["train"][1])
     assert tr.classes == fx.CIFAR10_CLASSES and tr.skipped == []
     assert "cifar10 'train' split" in tr.source and "cifar-10-batches-py" in tr.source
-    val = load_split("cifar10", "val", 32, data_dir=tmp_path)  # no official val: the test split
+    val = load_split("cifar10", "val", 32, data_dir=tmp_path, holdout=False)  # no official val: the test split
     te = load_split("cifar10", "test", 36, data_dir=tmp_path)
     np.testing.assert_array_equal(as_np(val.images), w["test"][0])
     assert "test split" in val.source and "(6 images)" in val.source
@@ -43,7 +43,7 @@ def test_cifar10_python(tmp_path, protocol, legacy):
 def test_cifar10_binary_and_data_dir_env(tmp_path, monkeypatch):
     w = fx.write_cifar10_binary(tmp_path)
     monkeypatch.setenv("MMLIT_DATA", str(tmp_path))
-    tr = load_split("cifar10", "train", 32)
+    tr = load_split("cifar10", "train", 32, holdout=False)
     np.testing.assert_array_equal(as_np(tr.images), w["train"][0])
     assert tr.labels.tolist() == w["train"][1].tolist()
     assert tr.classes == fx.CIFAR10_CLASSES
@@ -85,11 +85,11 @@ def test_malformed_cifar_pickle(tmp_path):
 
 def test_svhn(tmp_path):
     w = fx.write_svhn(tmp_path / "svhn", n_train=7, n_test=12)
-    tr = load_split("svhn", "train", 32, data_dir=tmp_path)  # found in data_dir/svhn too
+    tr = load_split("svhn", "train", 32, data_dir=tmp_path, holdout=False)  # found in data_dir/svhn too
     np.testing.assert_array_equal(as_np(tr.images), w["train"][0])
     assert tr.labels.tolist() == w["train"][1].tolist()  # label 10 -> digit 0
     assert 0 in tr.labels.tolist() and tr.labels.max() <= 9
-    te = load_split("svhn", "val", 36, data_dir=tmp_path)
+    te = load_split("svhn", "val", 36, data_dir=tmp_path, holdout=False)
     assert te.images.shape == (12, 3, 36, 36) and te.classes == [str(i) for i in range(10)]
     assert "test split" in te.source
 
@@ -111,7 +111,7 @@ def test_flowers102(tmp_path):
 @pytest.mark.parametrize("gz,layout", [(True, "flat"), (False, "torchvision"), (True, "named")])
 def test_fashion_mnist(tmp_path, gz, layout):
     w = fx.write_fashion_mnist(tmp_path, n_train=12, n_test=6, gz=gz, layout=layout)
-    tr = load_split("fashion-mnist", "train", 28, data_dir=tmp_path)
+    tr = load_split("fashion-mnist", "train", 28, data_dir=tmp_path, holdout=False)
     assert tr.images.shape == (12, 3, 28, 28)
     for c in range(3):  # grey -> 3 identical channels
         np.testing.assert_array_equal(as_np(tr.images[:, c]), w["train"][0])
@@ -181,7 +181,10 @@ def test_folder_split_layouts(tmp_path):
 
     fx.write_image_folder(tmp_path / "b" / "train", {"x": 3, "y": 3})
     fx.write_image_folder(tmp_path / "b" / "test", {"x": 1, "y": 1})
-    assert load_split(str(tmp_path / "b"), "val", 20).labels.tolist() == [0, 1]
+    va = load_split(str(tmp_path / "b"), "val", 20)  # no val folder: held out of train, not test/
+    assert va.labels.tolist() == [0, 1] and "held-out 10% of train" in va.source
+    assert len(load_split(str(tmp_path / "b"), "train", 20)) == 4
+    assert "'test' split, test/" in load_split(str(tmp_path / "b"), "test", 20).source
 
     fx.write_image_folder(tmp_path / "b" / "notes", {"stray": 1})  # ignored next to train/ + test/
     assert load_split(str(tmp_path / "b"), "test", 20).classes == ["x", "y"]

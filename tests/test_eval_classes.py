@@ -1,0 +1,78 @@
+"""`eval` checks the dataset's classes against the checkpoint's by name, not only their count
+(issue 12, bug 3): different names are a one-line error, the same names in another order are
+matched, and --classes-by-position scores a relabelled dataset in order on request."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import TINY, write_folder
+
+from mmlit_cli.checkpoint import Checkpoint, save_checkpoint
+from mmlit_cli.config import load_config
+from mmlit_cli.errors import MmlitError
+from mmlit_cli.inference import evaluate_checkpoint
+from mmlit_cli.model import MLiT
+
+
+def constant_classifier(path, classes):
+    """A checkpoint whose model predicts its first class for every image."""
+    cfg = load_config("xxs", TINY)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=len(classes)))
+    model = MLiT(cfg.model)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([5.0] + [0.0] * (len(classes) - 1)))
+    save_checkpoint(path, Checkpoint(model.state_dict(), cfg, "classify", list(classes), {}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pets(tmp_path_factory):
+    """2 'kitten' and 6 'puppy' images; one of each class is held out, so the 'train' split
+    has 1 kitten and 5 puppies."""
+    root = tmp_path_factory.mktemp("pets") / "pets"
+    write_folder(root, classes=("kitten",), per_class=2)
+    write_folder(root, classes=("puppy",), per_class=6)
+    return root
+
+
+def test_different_class_names_are_an_error_naming_them(pets, tmp_path):
+    ckpt = constant_classifier(tmp_path / "c.safetensors", ["cat", "dog"])
+    with pytest.raises(MmlitError, match=r"has 'kitten', 'puppy' where the checkpoint has 'cat', 'dog'"):
+        evaluate_checkpoint(ckpt, str(pets), "train", device="cpu")
+
+    r = subprocess.run([sys.executable, "-m", "mmlit_cli", "eval", str(ckpt), "--dataset", str(pets), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'kitten', 'puppy' where the checkpoint has 'cat', 'dog'" in " ".join(r.stderr.split())
+    assert "--classes-by-position" in " ".join(r.stderr.split())
+
+
+def test_only_the_differing_names_are_listed(tmp_path):
+    root = write_folder(tmp_path / "f", classes=("ant", "bee", "cow"), per_class=2)
+    ckpt = constant_classifier(tmp_path / "c.safetensors", ["ant", "bat", "cow"])
+    with pytest.raises(MmlitError, match=r"has 'bee' where the checkpoint has 'bat'"):
+        evaluate_checkpoint(ckpt, str(root), "train", device="cpu")
+
+
+def test_the_same_names_in_another_order_are_matched_by_name(pets, tmp_path):
+    # trained with 'puppy' as class 0 (the folder lists 'kitten' first): every image is
+    # predicted 'puppy', so exactly the puppies are right
+    ckpt = constant_classifier(tmp_path / "c.safetensors", ["puppy", "kitten"])
+    report = evaluate_checkpoint(ckpt, str(pets), "train", device="cpu")
+    assert report.result.num_images == 6
+    assert report.result.top1 == pytest.approx(100 * 5 / 6)
+    assert report.as_dict()["per_class"] == {"puppy": 100.0, "kitten": 0.0}
+    assert "matched by name" in report.source
+
+
+def test_classes_by_position_scores_a_relabelled_folder_in_order(pets, tmp_path):
+    ckpt = constant_classifier(tmp_path / "c.safetensors", ["cat", "dog"])  # 'cat' = the folder's 'kitten'
+    report = evaluate_checkpoint(ckpt, str(pets), "train", device="cpu", classes_by_position=True)
+    assert report.result.top1 == pytest.approx(100 * 1 / 6)  # only the kitten is class 0
+    assert "'kitten' = 'cat'" in report.source and "'puppy' = 'dog'" in report.source

@@ -1,0 +1,43 @@
+"""`--help` output (issue 12, bug 9): markup in help text is not eaten, and flags are shown
+as flags, without a value type."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+
+def help_text(*args: str) -> str:
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+    r = subprocess.run([sys.executable, "-m", "mmlit_cli", *args, "--help"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def option_line(text: str, option: str) -> str:
+    """The row of the options panel that starts with `option`."""
+    lines = [line for line in text.splitlines() if re.match(rf"[│|]?\s*{re.escape(option)}\s", line)]
+    assert lines, f"{option} not in the help:\n{text}"
+    return lines[0]
+
+
+def test_the_export_extra_is_named_in_the_help():
+    assert 'pip install "mmlit[onnx]"' in help_text()
+    assert 'pip install "mmlit[onnx]"' in " ".join(help_text("export").split())
+
+
+@pytest.mark.parametrize("command,flags,valued", [
+    ((), ["--debug", "--version", "--help"], []),
+    (("finetune",), ["--compile", "--download", "--help"], [("--epochs", "<int>"), ("--dataset", "<str>")]),
+    (("eval",), ["--json", "--compile"], [("--split", "<str>")]),
+])
+def test_flags_take_no_value_and_options_show_their_type(command, flags, valued):
+    text = help_text(*command)
+    assert "<bool>" not in text
+    for flag in flags:
+        assert "<" not in option_line(text, flag), option_line(text, flag)
+    for option, shown in valued:
+        assert shown in option_line(text, option)
