@@ -15,7 +15,6 @@ import numpy as np
 import onnx  # the [onnx] extra is part of the test requirements: these tests must not be skipped
 import pytest
 import torch
-import torch.nn.functional as F
 
 from helpers import TINY, write_folder
 
@@ -220,6 +219,14 @@ def test_benchmark_reports_a_failed_export_as_rows(world, monkeypatch):
     for key in ("onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static"):
         assert not rows[key].available
         assert rows[key].note == "export failed: ONNX export of the checkpoint failed (RuntimeError: planted)"
+
+
+def test_without_the_onnx_extra_the_other_commands_still_work(world, tmp_path):
+    env = hiding(tmp_path, "onnx", "onnxruntime", "onnxscript")
+    r = mmlit("predict", world["ckpt"], world["data"] / "val" / "red", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)) == 6
+    assert mmlit("count-params", "--preset", "xxs", "--json", env=env).returncode == 0
 
 
 BAD = [
