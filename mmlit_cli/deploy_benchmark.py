@@ -34,7 +34,7 @@ import torch
 from .data import Normalize, load_split
 from .errors import MmlitError
 from .inference import load_classifier, match_classes
-from .runtime import PIP_HINT, one_line
+from .onnx_classifier import PIP_HINT, one_line
 
 FORMATS = {
     "pytorch-eager": "PyTorch eager",
@@ -160,7 +160,7 @@ def _onnx_runners(model, ckpt, calib: np.ndarray, work: Path, threads: int, say)
     """Export fp32 and both int8 models into `work` and open each with ONNX Runtime."""
     from .export import _Preprocessed, finish_file, metadata, trace_to_onnx
     from .quantize import quantize_int8, with_route_outputs
-    from .runtime import make_session
+    from .onnx_classifier import make_session
 
     missing = _missing_onnx_packages()
     if missing:

@@ -50,7 +50,7 @@ from .data import Normalize, load_split
 from .errors import MmlitError
 from .inference import load_classifier, match_classes
 from .model import GroupedQueryAttention, MoEFeedForward
-from .runtime import PIP_HINT, one_line
+from .onnx_classifier import PIP_HINT, one_line
 
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; lower ones go through a converter
 TOLERANCE = 1e-4
@@ -156,7 +156,7 @@ def _parity(onnx_path: str, wrapper: torch.nn.Module, image_size: int) -> tuple[
     """Max |ORT - PyTorch| over random uint8 batches of sizes PARITY_BATCHES."""
     import onnxruntime as ort
 
-    from .runtime import make_session
+    from .onnx_classifier import make_session
 
     session = make_session(onnx_path)
     gen = torch.Generator().manual_seed(0)
@@ -315,7 +315,7 @@ def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset
     _require("onnx", "ONNX model format")
     _require("onnxscript", "used by torch's ONNX exporter")
     if int8:
-        from .runtime import require_onnxruntime
+        from .onnx_classifier import require_onnxruntime
         require_onnxruntime("int8 export (ONNX Runtime quantization)")
     elif calibrate is not None:
         raise MmlitError("--calibrate is for int8 export: add --int8")

@@ -180,7 +180,7 @@ def _torch_runner(ckpt_path, device: str, compile: bool, compile_mode: str | Non
 def _onnx_runner(path, device: str, compile: bool, compile_mode: str | None):
     """The same for an ONNX file written by `mmlit export` (fp32 or int8), on the CPU with
     ONNX Runtime; class names and image size come from the file's metadata."""
-    from .runtime import OnnxClassifier
+    from .onnx_classifier import OnnxClassifier
 
     if compile or compile_mode:
         raise MmlitError("--compile applies to checkpoints; an ONNX file runs with ONNX Runtime as it is")

@@ -37,7 +37,7 @@ import torch
 
 from .data import Normalize
 from .errors import MmlitError
-from .runtime import make_session, one_line, require_onnxruntime
+from .onnx_classifier import make_session, one_line, require_onnxruntime
 
 SCHEMES = ("dynamic", "static")
 MIN_AGREEMENT = 0.99  # top-1 agreement with PyTorch on real images
