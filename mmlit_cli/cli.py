@@ -256,7 +256,8 @@ def eval_(
 
 @app.command()
 def predict(
-    checkpoint: str = typer.Argument(..., help="A classifier checkpoint (.safetensors)."),
+    checkpoint: str = typer.Argument(..., help="A classifier checkpoint (.safetensors) or an ONNX file written "
+                                     "by mmlit export (.onnx, run with onnxruntime)."),
     paths: List[str] = typer.Argument(..., help="Image files, folders (recursive) or glob patterns."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="How many labels per image."),
     as_json: bool = typer.Option(False, "--json", help='Print a JSON list of {"path", "top": [{"label", "prob"}]}.'),
@@ -270,6 +271,7 @@ def predict(
     reported and skipped; the exit code is 1 if any file failed.
 
     Example:  mmlit predict runs/finetune/xxs/best.safetensors photos/ --top-k 3
+              mmlit predict xxs.int8.onnx photos/ --json
     """
     from .predict import predict_paths, write_csv
 
@@ -301,27 +303,99 @@ def predict(
 def export(
     checkpoint: str = typer.Argument(..., help="A classifier checkpoint (.safetensors)."),
     format: str = typer.Option("onnx", "--format", "-f", help="Export format (onnx)."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output file (default: the checkpoint path with .onnx)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output file or folder (default: the checkpoint "
+                                      "path with .onnx, or .int8.onnx with --int8). Never overwritten."),
+    int8: bool = typer.Option(False, "--int8", help="int8 weights (ONNX Runtime dynamic quantization; the MoE "
+                              "router stays float); checked against PyTorch on top-1 and router agreement."),
+    calibrate: Optional[str] = typer.Option(None, "--calibrate", help="With --int8: static int8 calibrated on this "
+                                            "dataset's train split, checked on its held-out split (dynamic if "
+                                            "static fails the check)."),
+    data_dir: Optional[str] = DataDirOpt,
 ) -> None:
     """Export a classifier to ONNX (dynamic batch; class names and preprocessing in the
     metadata) and check it against PyTorch with onnxruntime. Needs: pip install "mmlit\\[onnx]".
 
-    Example:  mmlit export runs/finetune/xxs/best.safetensors --out xxs.onnx
+    Example:  mmlit export runs/finetune/xxs/best.safetensors --int8 --calibrate ./my-images
     """
     from .export import export_onnx, output_path
 
     if format != "onnx":
         raise MmlitError(f"unknown export format '{format}': only onnx is supported")
-    target = output_path(checkpoint, out)
+    target = output_path(checkpoint, out, int8)
     if target.exists():
         raise MmlitError(f"{target} already exists: choose another --out")
-    result = export_onnx(checkpoint, out)
-    console.print(f"wrote {result.path} (opset {result.opset}; input: {result.input_format})", highlight=False)
-    if result.max_abs_diff is not None:
+    result = export_onnx(checkpoint, out, int8=int8, calibrate=calibrate, data_dir=data_dir, replace=False)
+    size = result.path.stat().st_size
+    console.print(f"wrote {escape(str(result.path))} ({result.quantization}, {size / 1e6:.2f} MB; opset "
+                  f"{result.opset}; input: {result.input_format})", highlight=False)
+    if result.note:
+        console.print(f"note: {escape(result.note)}", highlight=False)
+    fid = result.fidelity
+    if fid is not None:
+        acc = (f"; top-1 {fid.top1_onnx:.2f} % vs PyTorch {fid.top1_torch:.2f} %" if fid.labelled else "")
+        console.print(f"checked with {result.checked_with} on {fid.images} {escape(fid.source)}: top-1 agrees with "
+                      f"PyTorch on {100 * fid.agreement:.2f} %{acc}; router agreement (same top-k experts per "
+                      f"token) {100 * fid.router_agreement:.2f} %", highlight=False)
+    elif result.max_abs_diff is not None:
         console.print(f"checked with {result.checked_with}: max |onnx - torch| = {result.max_abs_diff:.2e}",
                       highlight=False)
     else:
         console.print("not checked: onnxruntime is not installed", highlight=False)
+
+
+def _fmt(value, spec: str, unit: str = "") -> str:
+    return "" if value is None else f"{value:{spec}}{unit}"
+
+
+@app.command()
+def benchmark(
+    checkpoint: str = typer.Argument(..., help="A classifier checkpoint (.safetensors)."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset name or image folder (accuracy, calibration)."),
+    data_dir: Optional[str] = DataDirOpt,
+    split: str = typer.Option("val", "--split", help="Split to measure top-1 on: val or test (or train)."),
+    threads: int = typer.Option(1, "--threads", help="Intra-op threads for every format (default 1: lowest "
+                                "batch-1 latency on a small CPU)."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Batch for the images/s column."),
+    calls: int = typer.Option(300, "--calls", help="Timed batch-1 calls per format (latency = their median)."),
+    limit: int = typer.Option(2000, "--limit", help="Images of the split to measure on (a seeded sample)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+) -> None:
+    """Size, top-1, agreement with PyTorch, router agreement, batch-1 latency and images/s of
+    every format mmlit produces (PyTorch eager and compiled, ONNX fp32, ONNX int8 dynamic and
+    static), measured in one process on this machine.
+
+    Example:  mmlit benchmark runs/finetune/xxs/best.safetensors --dataset ./my-images --split val
+    """
+    from .deploy_benchmark import run_benchmark
+
+    progress = None if as_json else (lambda msg: err_console.print(f"[dim]{escape(msg)}...[/dim]", highlight=False))
+    report = run_benchmark(checkpoint, dataset, split, data_dir, threads, batch_size, calls, limit, progress)
+    if as_json:
+        print(json.dumps(report.as_dict()))
+        return
+    m = report.machine
+    table = Table(title=f"{escape(report.source)}: {report.images} images, {report.threads} thread(s)")
+    heads = ["format", "MB", "top-1 %", "agrees %", "router %", "batch-1 ms", "p10-p90 ms", f"img/s b{report.batch_size}"]
+    missing = [r for r in report.rows if not r.available]
+    for col in heads + (["why not measured"] if missing else []):
+        table.add_column(col, justify="left" if col in ("format", "why not measured") else "right")
+    for r in report.rows:
+        if not r.available:
+            table.add_row(r.label, *["-"] * (len(heads) - 1), f"[yellow]{escape(r.note or 'unavailable')}[/yellow]")
+            continue
+        spread = f"{r.latency_p10_ms:.2f}-{r.latency_p90_ms:.2f}" if r.latency_p10_ms is not None else ""
+        table.add_row(r.label, f"{r.size_bytes / 1e6:.2f}", _fmt(r.top1, ".2f"), _fmt(r.agreement, ".2f"),
+                      _fmt(r.router_agreement, ".2f"), _fmt(r.latency_ms, ".2f"), spread, _fmt(r.images_per_s, ",.0f"),
+                      *([""] if missing else []))
+    (console if console.is_terminal else Console(width=160)).print(table)  # a pipe or file: no wrapping
+    ratios = [f"{k.replace('onnx-', '')}: {v:.2f}x" for k, v in report.as_dict()["ratios"].items() if v is not None]
+    if ratios:
+        console.print("latency ratios  " + "  ".join(ratios), highlight=False)
+    console.print(f"latency: median of {report.calls} batch-1 calls; agrees/router: same top-1 / same top-k "
+                  f"experts per token as PyTorch eager; MB: weights as safetensors for PyTorch, the file for ONNX",
+                  highlight=False)
+    console.print(f"machine: {m['cpu']}, {m['logical_cores']} logical cores; torch {m['torch']}, onnxruntime "
+                  f"{m['onnxruntime'] or 'not installed'}", highlight=False)
 
 
 @app.command()

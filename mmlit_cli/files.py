@@ -19,22 +19,29 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write, replace: bool = True) -> None:
     """Call `write(tmp_path)`, fsync, then rename over `path`: a reader (or a SIGKILL) never
-    sees a half-written file, and the previous file stays intact until the new one is whole."""
+    sees a half-written file, and the previous file stays intact until the new one is whole.
+    With `replace=False` an existing `path` is never touched: `FileExistsError`, even if the
+    file appeared while `write` ran (the finished file is hard-linked to `path`, which fails
+    if the name is taken)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        if not replace and path.exists():
+            raise FileExistsError(f"{path} already exists")
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # atomic, and refuses an existing name
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:

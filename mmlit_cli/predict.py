@@ -1,10 +1,11 @@
-"""`predict`: class probabilities for image files, with a checkpoint.
+"""`predict`: class probabilities for image files, with a checkpoint or an exported ONNX file.
 
 Images are read and resized exactly as training and `eval` read an image folder: the same
 decoder (`data.decode_one`: Pillow, grey/RGBA/palette/16-bit -> RGB, aspect-preserving
 resize of the shorter side to the model's image size + centre crop, bilinear) and the same
 `data.Normalize`. Files are decoded in chunks and run through the model in batches under
-`torch.inference_mode()`, so large folders stay quick and memory stays bounded.
+`torch.inference_mode()`, so large folders stay quick and memory stays bounded. An ONNX file
+gets the same uint8 pixels (its graph normalises them itself) and runs with ONNX Runtime.
 
 A file that cannot be decoded (not an image, truncated, unreadable) is a failure with a
 one-line reason; the other files are still predicted.
@@ -139,13 +140,52 @@ def _chunk_size(image_size: int) -> int:
     return max(1, min(_DECODE_CHUNK, _DECODE_BYTES // (3 * image_size * image_size)))
 
 
+def is_onnx(path: str | os.PathLike) -> bool:
+    """`predict` runs a file ending in .onnx with ONNX Runtime, anything else as a checkpoint."""
+    return str(path).lower().endswith(".onnx")
+
+
+def _torch_runner(ckpt_path, device: str, compile: bool, compile_mode: str | None):
+    """(class names, image size, uint8 batch -> probabilities) for a checkpoint."""
+    dev = resolve_device(device)
+    model, ckpt = load_classifier(ckpt_path, dev)
+    model = maybe_compile(model, compile, compile_mode)
+    amp = amp_dtype(dev)
+    normalize = Normalize(ckpt.mean, ckpt.std, dev)
+
+    def probs(batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return forward_batch(model, batch, normalize, dev, amp).float().softmax(dim=1)
+
+    return ckpt.class_names, ckpt.image_size, probs
+
+
+def _onnx_runner(path, device: str, compile: bool, compile_mode: str | None):
+    """The same for an ONNX file written by `mmlit export` (fp32 or int8), on the CPU with
+    ONNX Runtime; class names and image size come from the file's metadata."""
+    from .onnx_classifier import OnnxClassifier
+
+    if compile or compile_mode:
+        raise MmlitError("--compile applies to checkpoints; an ONNX file runs with ONNX Runtime as it is")
+    if device not in ("auto", "cpu"):
+        raise MmlitError(f"an ONNX file runs on the CPU with ONNX Runtime: drop --device {device}")
+    onnx_model = OnnxClassifier.open(path, threads=0)  # 0: ONNX Runtime's default, every core
+
+    def probs(batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(onnx_model.logits(batch.numpy())).softmax(dim=1)
+
+    return onnx_model.classes, onnx_model.image_size, probs
+
+
 def predict_paths(ckpt_path: str | Path, paths: list[str], top_k: int = 5, batch_size: int = 256,
                   device: str = "auto", compile: bool = False, compile_mode: str | None = None) -> PredictResult:
     """Top-k class probabilities (softmax) for every image among `paths` (see `collect_images`).
 
-    `top_k` is capped at the number of classes. Files that cannot be decoded, and PATHs
-    that match nothing, end up in `.failures`; raises `MmlitError` for a bad checkpoint
-    (including an MAE checkpoint), bad arguments, or when no PATH yields any file at all.
+    `ckpt_path` is a checkpoint, or an ONNX file written by `mmlit export` (`*.onnx`, run with
+    ONNX Runtime; class names and preprocessing from its metadata). `top_k` is capped at the
+    number of classes. Files that cannot be decoded, and PATHs that match nothing, end up in
+    `.failures`; raises `MmlitError` for a bad checkpoint or ONNX file (including an MAE
+    checkpoint), bad arguments, or when no PATH yields any file at all.
     `compile` / `compile_mode`: `torch.compile` the model first (worth it for many images).
     """
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
@@ -156,14 +196,9 @@ def predict_paths(ckpt_path: str | Path, paths: list[str], top_k: int = 5, batch
         paths = [paths]
     if not paths:
         raise MmlitError("no image given: pass image files, folders or glob patterns")
-    dev = resolve_device(device)
-    model, ckpt = load_classifier(ckpt_path, dev)
-    model = maybe_compile(model, compile, compile_mode)
-    num_classes = ckpt.config.model.num_classes
-    classes = ckpt.class_names
-    k = min(top_k, num_classes)
-    size = ckpt.image_size
-    amp = amp_dtype(dev)
+    runner = _onnx_runner if is_onnx(ckpt_path) else _torch_runner
+    classes, size, probs_of = runner(ckpt_path, device, compile, compile_mode)
+    k = min(top_k, len(classes))
 
     files, failures = collect_images(paths)
     if not files:
@@ -173,7 +208,6 @@ def predict_paths(ckpt_path: str | Path, paths: list[str], top_k: int = 5, batch
     start = time.perf_counter()
     result = PredictResult(classes=classes, top_k=k)
     step = _chunk_size(size)
-    normalize = Normalize(ckpt.mean, ckpt.std, dev)
     for c0 in range(0, len(files), step):
         chunk = files[c0:c0 + step]
         arrays, ok = decode_files([str(f) for f in chunk], size)
@@ -185,11 +219,7 @@ def predict_paths(ckpt_path: str | Path, paths: list[str], top_k: int = 5, batch
             continue
         images = torch.from_numpy(arrays[ok]).permute(0, 3, 1, 2)
         for b0 in range(0, len(good_files), batch_size):
-            batch = images[b0:b0 + batch_size].contiguous()
-            with torch.inference_mode():
-                logits = forward_batch(model, batch, normalize, dev, amp)
-                probs = logits.float().softmax(dim=1)
-                top_p, top_i = probs.topk(k, dim=1)
+            top_p, top_i = probs_of(images[b0:b0 + batch_size].contiguous()).topk(k, dim=1)
             for f, ps, idx in zip(good_files[b0:b0 + batch_size], top_p.tolist(), top_i.tolist()):
                 result.predictions.append(
                     {"path": str(f), "top": [{"label": classes[i], "prob": p} for p, i in zip(ps, idx)]})

@@ -20,10 +20,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mmlit_cli"
 # Bottom to top, as in docs/ARCHITECTURE.md. `data` stands for the whole data/ package.
 LAYERS = [
     ["errors", "files", "config"],
-    ["model", "mae", "runtime", "data"],
+    ["model", "mae", "runtime", "onnx_classifier", "data"],
     ["checkpoint", "metrics", "summary"],
     ["evaluate", "plots"],
-    ["predict", "export"],
+    ["predict", "export", "quantize", "deploy_benchmark"],
     ["recipe", "optim", "train_state", "report", "tasks"],
     ["engine"],
     ["train"],
@@ -87,7 +87,8 @@ def test_no_module_imports_upward():
 def test_using_a_checkpoint_never_loads_the_trainer():
     """In a fresh interpreter, importing evaluation, predict and export (and running nothing)
     leaves every training module unloaded."""
-    code = ("import json, sys; import mmlit_cli.evaluate, mmlit_cli.predict, mmlit_cli.export; "
+    code = ("import json, sys; import mmlit_cli.evaluate, mmlit_cli.predict, mmlit_cli.export, "
+            "mmlit_cli.quantize, mmlit_cli.deploy_benchmark; "
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('mmlit_cli'))))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

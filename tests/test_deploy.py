@@ -1,0 +1,395 @@
+"""Deployment (issue 14): `export --int8 [--calibrate]`, `predict` on an .onnx file and
+`benchmark`, each run as a user runs it - a fresh `python -m mmlit_cli` process - on a tiny
+model; plus the library pieces they rest on."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx  # the [onnx] extra is part of the test requirements: these tests must not be skipped
+import pytest
+import torch
+
+from helpers import TINY, write_folder
+
+import mmlit_cli
+from mmlit_cli.deploy_benchmark import FORMATS
+from mmlit_cli.errors import MmlitError
+
+REPO = Path(mmlit_cli.__file__).resolve().parent.parent
+
+
+def env_with(*front: Path) -> dict:
+    """The environment for a subprocess that imports this checkout (plus `front` first)."""
+    env = dict(os.environ)
+    parts = [str(p) for p in front] + [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env["PYTHONPATH"] = os.pathsep.join(parts)
+    return env
+
+
+def hiding(tmp: Path, *modules: str) -> dict:
+    """An environment in which `import <module>` fails for `modules` (a sitecustomize shim)."""
+    shim = tmp / ("hide-" + "-".join(modules))
+    shim.mkdir(exist_ok=True)
+    (shim / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import sys
+        for name in {modules!r}:
+            sys.modules[name] = None  # import fails, importlib.util.find_spec says missing
+        """))
+    return env_with(shim)
+
+
+def mmlit(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmlit_cli", *map(str, args)], capture_output=True, text=True,
+                          env=env or env_with())
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, needle: str) -> None:
+    assert r.returncode not in (0, None), r.stdout
+    err = r.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert needle in err, err
+
+
+def props(path: Path) -> dict:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny classifier trained until its predictions are clear-cut (so int8 rounding cannot
+    flip them), and its three exports, each written by its own `mmlit export` process."""
+    root = tmp_path_factory.mktemp("deploy")
+    data = root / "colours"
+    write_folder(data / "train", per_class=16)
+    write_folder(data / "val", per_class=6)
+    from mmlit_cli.train import run_training
+
+    run_training("finetune", "xxs", str(data), out=root / "run", overrides=TINY + ["finetune.lr=3e-3"], epochs=8,
+                 batch_size=8, quiet=True)
+    ckpt = root / "model.safetensors"
+    shutil.copy(root / "run" / "last.safetensors", ckpt)
+    w = {"root": root, "data": data, "ckpt": ckpt, "fp32": root / "model.onnx", "dyn": root / "model.int8.onnx",
+         "static": root / "static.onnx"}
+    w["fp32_run"] = mmlit("export", ckpt)
+    w["dyn_run"] = mmlit("export", ckpt, "--int8")
+    w["static_run"] = mmlit("export", ckpt, "--int8", "--calibrate", data, "--out", w["static"])
+    write_folder(root / "twoclass", classes=("a", "b"), per_class=4)
+    (root / "notes.onnx").write_text("not a model")
+    if w["fp32"].exists():  # else the fp32 test reports why the export failed
+        bare = onnx.load(str(w["fp32"]))
+        del bare.metadata_props[:]
+        onnx.save(bare, str(root / "bare.onnx"))
+    return w
+
+
+def test_fp32_export_in_a_fresh_process_passes_parity_and_ships_no_debug_metadata(world):
+    r = world["fp32_run"]
+    assert r.returncode == 0, r.stderr
+    diff = float(re.search(r"max \|onnx - torch\| = (\S+)", r.stdout).group(1))
+    assert diff <= 1e-4
+    model = onnx.load(str(world["fp32"]))
+    assert not any(n.metadata_props for n in model.graph.node)
+    assert b"stack_trace" not in world["fp32"].read_bytes() and str(REPO).encode() not in world["fp32"].read_bytes()
+    assert props(world["fp32"])["quantization"] == "fp32"
+
+
+def _weight_types(model) -> dict:
+    return {i.name: i.data_type for i in model.graph.initializer}
+
+
+def test_int8_dynamic_export_keeps_the_contract_and_the_router_in_float(world):
+    import onnxruntime as ort
+
+    from mmlit_cli.quantize import graph_roles
+
+    r = world["dyn_run"]
+    assert r.returncode == 0, r.stderr
+    assert "int8 dynamic" in r.stdout and "256 random images" in r.stdout and "router agreement" in r.stdout
+    dyn, fp32 = props(world["dyn"]), props(world["fp32"])
+    assert dyn.pop("quantization") == "int8 dynamic"
+    fp32.pop("quantization")
+    assert dyn == fp32  # classes, mean/std, image size, input format, versions: all carried over
+    assert world["dyn"].stat().st_size < world["fp32"].stat().st_size
+    model = onnx.load(str(world["dyn"]))
+    types = _weight_types(model)
+    assert sum(t == onnx.TensorProto.INT8 for t in types.values()) >= 4 * 3  # qkv, proj, w1v, w2 per layer
+    nodes = {n.name: n for n in model.graph.node}
+    roles = graph_roles(model)
+    assert len(roles.topk_indices) == 3 and len(roles.router) == 6  # MatMul + Add per MoE layer
+    for name in roles.router:
+        assert nodes[name].op_type in ("MatMul", "Add")
+        assert all(types.get(i, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for i in nodes[name].input)
+    session = ort.InferenceSession(str(world["dyn"]), providers=["CPUExecutionProvider"])
+    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    assert inp.name == "images" and inp.type == "tensor(uint8)" and isinstance(inp.shape[0], str)
+    for n in (1, 5):
+        x = np.random.default_rng(n).integers(0, 256, (n, 3, 12, 12), dtype=np.uint8)
+        assert session.run(["logits"], {"images": x})[0].shape == (n, 3)
+
+
+def test_int8_static_export_is_calibrated_checked_on_held_out_images_and_keeps_the_head_float(world):
+    r = world["static_run"]
+    assert r.returncode == 0, r.stderr
+    assert "int8 static" in r.stdout and "18 held-out images" in r.stdout
+    found = re.search(r"agrees with PyTorch on ([\d.]+) %; top-1 ([\d.]+) % vs PyTorch ([\d.]+) %", r.stdout)
+    assert found and float(found.group(1)) == 100.0 and found.group(2) == found.group(3) == "100.00"
+    assert props(world["static"])["quantization"] == "int8 static"
+    model = onnx.load(str(world["static"]))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    head = next(n for n in model.graph.node if "logits" in n.output)  # no QuantizeLinear/DequantizeLinear after it
+    assert head.op_type == "Gemm" and _weight_types(model).get(head.input[1]) == onnx.TensorProto.FLOAT
+
+
+def _predict_json(*args):
+    r = mmlit("predict", *args, "--json", "--top-k", "3")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_predict_on_onnx_files_gives_the_checkpoints_predictions(world):
+    val = world["data"] / "val"
+    ref = _predict_json(world["ckpt"], val)
+    assert len(ref) == 18
+    for key, tol in (("fp32", 1e-4), ("dyn", 0.03)):
+        got = _predict_json(world[key], val)
+        assert [p["path"] for p in got] == [p["path"] for p in ref]
+        for p, q in zip(got, ref):
+            assert p["top"][0]["label"] == q["top"][0]["label"], key
+            if key == "fp32":
+                assert [t["label"] for t in p["top"]] == [t["label"] for t in q["top"]]
+            for t in p["top"]:
+                prob = next(u["prob"] for u in q["top"] if u["label"] == t["label"])
+                assert abs(t["prob"] - prob) <= tol, (key, p["path"])
+
+
+def test_benchmark_json_has_every_format_with_its_figures(world):
+    r = mmlit("benchmark", world["ckpt"], "--dataset", world["data"], "--json", "--calls", "12", "--limit", "12",
+              "--batch-size", "4")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert [row["format"] for row in rep["rows"]] == list(FORMATS)
+    assert rep["threads"] == 1 and rep["images"] == 12 and rep["calls"] == 12 and rep["batch_size"] == 4
+    rows = {row["format"]: row for row in rep["rows"]}
+    for key, row in rows.items():
+        assert row["available"], row
+        assert row["size_bytes"] > 0 and 0 <= row["top1"] <= 100 and row["agreement"] >= 90
+        assert row["latency_p10_ms"] <= row["latency_ms"] <= row["latency_p90_ms"] and row["images_per_s"] > 0
+    assert rows["pytorch-eager"]["agreement"] == 100.0
+    assert all(rows[k]["router_agreement"] > 90 for k in FORMATS if k.startswith("onnx"))
+    assert rows["onnx-int8-dynamic"]["size_bytes"] < rows["onnx-fp32"]["size_bytes"]
+    ratio = rep["ratios"]["onnx-int8-dynamic / onnx-fp32"]
+    assert ratio == pytest.approx(rows["onnx-int8-dynamic"]["latency_ms"] / rows["onnx-fp32"]["latency_ms"])
+
+
+def test_benchmark_lists_onnx_formats_as_missing_without_onnxruntime(world, tmp_path):
+    env = hiding(tmp_path, "onnxruntime")
+    r = mmlit("benchmark", world["ckpt"], "--dataset", world["data"], "--json", "--calls", "3", "--limit", "6",
+              env=env)
+    assert r.returncode == 0, r.stderr
+    rows = {row["format"]: row for row in json.loads(r.stdout)["rows"]}
+    assert list(rows) == list(FORMATS)
+    assert rows["pytorch-eager"]["available"] and rows["pytorch-eager"]["latency_ms"] > 0
+    for key in ("onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static"):
+        assert not rows[key]["available"] and 'pip install "mmlit[onnx]"' in rows[key]["note"]
+        assert "onnxruntime" in rows[key]["note"] and rows[key]["latency_ms"] is None
+    table = mmlit("benchmark", world["ckpt"], "--dataset", world["data"], "--calls", "3", "--limit", "6", env=env)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.count('needs pip install "mmlit[onnx]"') == 3 and "ONNX int8 static" in table.stdout
+
+
+def test_benchmark_reports_a_failed_export_as_rows(world, monkeypatch):
+    from mmlit_cli import export
+    from mmlit_cli.deploy_benchmark import run_benchmark
+
+    def fail(*args, **kwargs):
+        raise MmlitError("ONNX export of the checkpoint failed (RuntimeError: planted)")
+
+    monkeypatch.setattr(export, "trace_to_onnx", fail)
+    report = run_benchmark(world["ckpt"], str(world["data"]), calls=2, limit=4, batch_size=4)
+    rows = {r.format: r for r in report.rows}
+    assert list(rows) == list(FORMATS) and rows["pytorch-eager"].available
+    for key in ("onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static"):
+        assert not rows[key].available
+        assert rows[key].note == "export failed: ONNX export of the checkpoint failed (RuntimeError: planted)"
+
+
+def test_without_the_onnx_extra_the_other_commands_still_work(world, tmp_path):
+    env = hiding(tmp_path, "onnx", "onnxruntime", "onnxscript")
+    r = mmlit("predict", world["ckpt"], world["data"] / "val" / "red", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)) == 6
+    assert mmlit("count-params", "--preset", "xxs", "--json", env=env).returncode == 0
+
+
+BAD = [
+    # (id, argv builder, modules to hide, expected text in the one-line message)
+    ("int8 without onnxruntime", lambda w: ["export", w["ckpt"], "--int8", "--out", w["root"] / "n1.onnx"],
+     ("onnxruntime",), 'needs the \'onnxruntime\' package: pip install "mmlit[onnx]"'),
+    ("int8 without onnx", lambda w: ["export", w["ckpt"], "--int8", "--out", w["root"] / "n2.onnx"],
+     ("onnx",), "needs the 'onnx' package"),
+    ("calibrate: no such dataset", lambda w: ["export", w["ckpt"], "--int8", "--calibrate", w["root"] / "nope",
+                                               "--out", w["root"] / "n3.onnx"], (), "nope"),
+    ("calibrate: other classes", lambda w: ["export", w["ckpt"], "--int8", "--calibrate", w["root"] / "twoclass",
+                                             "--out", w["root"] / "n4.onnx"], (), "predicts 3 classes"),
+    ("calibrate without int8", lambda w: ["export", w["ckpt"], "--calibrate", w["data"], "--out", w["root"] / "n5.onnx"],
+     (), "add --int8"),
+    ("int8 output exists", lambda w: ["export", w["ckpt"], "--int8", "--out", w["static"]], (), "already exists"),
+    ("predict: not an onnx model", lambda w: ["predict", w["root"] / "notes.onnx", w["data"]], (), "not an ONNX model"),
+    ("predict: onnx without mmlit metadata", lambda w: ["predict", w["root"] / "bare.onnx", w["data"]], (),
+     "no usable mmlit metadata"),
+    ("predict onnx without onnxruntime", lambda w: ["predict", w["fp32"], w["data"]], ("onnxruntime",), "mmlit[onnx]"),
+    ("benchmark: bad dataset", lambda w: ["benchmark", w["ckpt"], "--dataset", w["root"] / "nope"], (), "nope"),
+    ("benchmark: zero threads", lambda w: ["benchmark", w["ckpt"], "--dataset", w["data"], "--threads", "0"], (),
+     "--threads must be"),
+]
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_deploy_input_is_one_line_nonzero_and_changes_nothing(case, world, tmp_path):
+    _, build, hidden, needle = case
+    before = _snapshot(world["root"])
+    r = mmlit(*build(world), env=hiding(tmp_path, *hidden) if hidden else None)
+    assert_one_line_error(r, needle)
+    assert _snapshot(world["root"]) == before
+
+
+# --------------------------------------------------------------------------------------------
+# The library pieces, in-process
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("heads,kv", [(6, 3), (4, 2), (4, 4), (4, 1)])
+def test_export_forms_compute_the_same_function_as_the_model(heads, kv):
+    from mmlit_cli.export import _ExportAttention, _ExportMoE, export_forms
+    from mmlit_cli.model import GroupedQueryAttention, MoEFeedForward
+
+    torch.manual_seed(heads * 10 + kv)
+    attn, moe = GroupedQueryAttention(24, heads, kv).double(), MoEFeedForward(24, 8, kv + 2, top_k=2).double()
+    torch.nn.init.normal_(moe.router.weight)  # spread router logits: distinct top-k per token
+    model = torch.nn.Sequential(attn, moe).eval()
+    x = torch.randn(3, 17, 24, dtype=torch.float64)
+    ref = (attn(x), moe(x))
+    with export_forms(model):
+        assert type(attn) is _ExportAttention and type(moe) is _ExportMoE
+        got = (attn(x), moe(x))
+    assert type(attn) is GroupedQueryAttention and type(moe) is MoEFeedForward
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_route_agreement_compares_expert_sets_not_orders():
+    from mmlit_cli.quantize import _sorted_routes, route_agreement
+
+    a = [_sorted_routes(np.array([[[0, 1], [2, 0]], [[1, 2], [0, 2]]])), _sorted_routes(np.array([[[3, 1]] * 2] * 2))]
+    b = [_sorted_routes(np.array([[[1, 0], [0, 2]], [[2, 1], [0, 2]]])), _sorted_routes(np.array([[[1, 3]] * 2] * 2))]
+    assert route_agreement(a, b) == 1.0
+    b[1][1, 0] = [0, 1]
+    assert route_agreement(a, b) == pytest.approx(7 / 8)
+    with pytest.raises(MmlitError, match="MoE layers"):
+        route_agreement(a, b[:1])
+
+
+def test_router_agreement_sees_a_changed_router(world, tmp_path):
+    from mmlit_cli.evaluate import load_classifier
+    from mmlit_cli.quantize import graph_roles, measure_fidelity
+
+    model, ckpt = load_classifier(world["ckpt"])
+    proto = onnx.load(str(world["fp32"]))
+    nodes = {n.name: n for n in proto.graph.node}
+    first = next(nodes[n] for n in graph_roles(proto).router if nodes[n].op_type == "MatMul")
+    weight = next(i for i in proto.graph.initializer if i.name == first.input[1])
+    weight.CopyFrom(onnx.numpy_helper.from_array(-onnx.numpy_helper.to_array(weight), weight.name))
+    onnx.save(proto, str(tmp_path / "flipped.onnx"))
+    images = np.random.default_rng(0).integers(0, 256, (8, 3, 12, 12), dtype=np.uint8)
+    same = measure_fidelity(world["fp32"], model, ckpt.mean, ckpt.std, images, None, "random images")
+    flipped = measure_fidelity(tmp_path / "flipped.onnx", model, ckpt.mean, ckpt.std, images, None, "random images")
+    assert same.router_agreement == 1.0 and same.agreement == 1.0
+    assert flipped.router_agreement < 0.9  # the first layer's top-2 of 3 becomes its bottom-2
+
+
+def test_fidelity_tolerances():
+    from mmlit_cli.quantize import Fidelity
+
+    assert Fidelity(1000, "held-out images of x", 0.99, 1.0, 50.0, 49.5, True).failures() == []
+    assert "agrees with PyTorch on 98.90 %" in Fidelity(1000, "held-out images of x", 0.989, 1.0).failures()[0]
+    assert Fidelity(256, "random images", 0.96, 1.0).failures() == []  # random images: a coarse check
+    assert Fidelity(256, "random images", 0.94, 1.0).failures()
+    assert "more than 0.5 points lower" in Fidelity(1000, "x", 0.995, 1.0, 50.0, 49.4, True).failures()[0]
+    assert Fidelity(1000, "x", 0.995, 1.0, 50.0, 51.0, True).failures() == []  # a gain is no failure
+
+
+def _negate_logits(path) -> None:
+    """Append a Neg to the graph output: top-1 becomes the least likely class."""
+    proto = onnx.load(str(path))
+    for node in proto.graph.node:
+        node.output[:] = ["pre_logits" if o == "logits" else o for o in node.output]
+    proto.graph.node.append(onnx.helper.make_node("Neg", ["pre_logits"], ["logits"]))
+    onnx.save(proto, str(path))
+
+
+def test_static_int8_that_fails_the_check_falls_back_to_dynamic(world, tmp_path, monkeypatch):
+    from mmlit_cli import quantize
+    from mmlit_cli.export import export_onnx
+
+    real = quantize.quantize_int8
+
+    def broken_static(src, dst, scheme="dynamic", calibration=None):
+        roles = real(src, dst, scheme, calibration)
+        if scheme == "static":
+            _negate_logits(dst)
+        return roles
+
+    monkeypatch.setattr(quantize, "quantize_int8", broken_static)
+    result = export_onnx(world["ckpt"], tmp_path / "m.onnx", int8=True, calibrate=str(world["data"]))
+    assert result.quantization == "int8 dynamic" and props(tmp_path / "m.onnx")["quantization"] == "int8 dynamic"
+    assert result.note.startswith("static int8 failed the check (top-1 agrees with PyTorch on 0.00 %")
+    assert result.fidelity.agreement == 1.0
+
+
+def test_an_int8_model_that_fails_the_check_is_not_written(world, tmp_path, monkeypatch):
+    from mmlit_cli import quantize
+    from mmlit_cli.export import export_onnx
+
+    real = quantize.quantize_int8
+
+    def broken(src, dst, scheme="dynamic", calibration=None):
+        roles = real(src, dst, scheme, calibration)
+        _negate_logits(dst)
+        return roles
+
+    monkeypatch.setattr(quantize, "quantize_int8", broken)
+    with pytest.raises(MmlitError, match="int8 check failed: top-1 agrees with PyTorch on"):
+        export_onnx(world["ckpt"], tmp_path / "m.onnx", int8=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_without_replace_never_touches_an_existing_file(tmp_path):
+    from mmlit_cli.files import atomic_write
+
+    target = tmp_path / "out.onnx"
+    target.write_text("mine")
+    with pytest.raises(FileExistsError):
+        atomic_write(target, lambda tmp: Path(tmp).write_text("new"), replace=False)
+    late = tmp_path / "late.onnx"
+
+    def write(tmp):  # another program creates the file while ours is being written
+        late.write_text("theirs")
+        Path(tmp).write_text("ours")
+
+    with pytest.raises(FileExistsError):
+        atomic_write(late, write, replace=False)
+    assert target.read_text() == "mine" and late.read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late.onnx", "out.onnx"]  # no temp file left
+    atomic_write(tmp_path / "fresh.onnx", lambda tmp: Path(tmp).write_text("ok"), replace=False)
+    assert (tmp_path / "fresh.onnx").read_text() == "ok"
