@@ -60,11 +60,14 @@ EVAL_PV = "mmlit eval runs/c10-xxs/best.safetensors --dataset pv --split val --o
 PREDICT_MIXED = "mmlit predict runs/c10-xxs/best.safetensors mixed/ --top-k 3"
 PREDICT_PV = "mmlit predict runs/c10-xxs/best.safetensors pv/val --top-k 10 --json"
 EXPORT = "mmlit export runs/c10-xxs/best.safetensors --out c10-xxs.onnx"
+EXPORT_INT8 = "mmlit export runs/c10-xxs/best.safetensors --int8"
+PREDICT_INT8 = "mmlit predict runs/c10-xxs/best.int8.onnx photos/ --top-k 3"
+BENCHMARK = "mmlit benchmark runs/c10-xxs/best.safetensors --dataset pv --split val"
 PLOT = "mmlit plot runs/mine"
 TORCHRUN = "torchrun --nproc_per_node 4 -m mmlit_cli finetune --preset s --dataset cifar100"
 
 JOURNEY_COMMANDS = [COUNT_TABLE, COUNT_JSON, FINETUNE, EVAL_MINE, RESUME, PRETRAIN, FINETUNE_INIT, C10, EVAL_PV,
-                    PREDICT_MIXED, PREDICT_PV, EXPORT, PLOT, TORCHRUN]
+                    PREDICT_MIXED, PREDICT_PV, EXPORT, EXPORT_INT8, PREDICT_INT8, BENCHMARK, PLOT, TORCHRUN]
 
 SMALL = [x for o in TINY for x in ("--set", o)]  # a 3-block model on 12x12 images, no loader processes
 APPENDED = {FINETUNE: SMALL, PRETRAIN: SMALL,
@@ -182,6 +185,7 @@ def home(tmp_path_factory):
     write_colour_classes(root / "cifar10-jpg" / "train", 8, 32, "jpg", rng)  # the 10 CIFAR-10 classes
     write_colour_classes(root / "pv" / "train", 1, 32, "jpg", rng)
     write_colour_classes(root / "pv" / "val", 2, 16, "png", rng)  # not 12x12: predict and eval resize them
+    write_colour_classes(root / "photos", 1, 20, "jpg", rng, flat=True)  # one photo per class, no class folders
     (root / "mixed").mkdir()
     for name in ("4950", "4954", "4961", "4978"):
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "mixed" / f"{name}.jpg")
@@ -200,13 +204,16 @@ def home(tmp_path_factory):
 PALETTE = [(r, g, b) for r in (40, 215) for g in (40, 215) for b in (40, 215)] + [(128, 128, 128), (200, 100, 30)]
 
 
-def write_colour_classes(root: Path, per_class: int, size: int, ext: str, rng) -> None:
-    """`root/<CIFAR-10 class>/NNN.<ext>`: each class a colour of its own, plus noise."""
+def write_colour_classes(root: Path, per_class: int, size: int, ext: str, rng, flat: bool = False) -> None:
+    """`root/<CIFAR-10 class>/NNN.<ext>` (flat: `root/<clas>N.<ext>`): each class a colour
+    of its own, plus noise."""
     for colour, name in zip(PALETTE, fx.CIFAR10_CLASSES):
-        (root / name).mkdir(parents=True)
+        folder = root if flat else root / name
+        folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             pixels = np.array(colour) + rng.integers(-40, 41, (size, size, 3))
-            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{i:03d}.{ext}")
+            file = f"{name[:4]}{i}.{ext}" if flat else f"{i:03d}.{ext}"  # flat: short names, one table line
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / file)
 
 
 def metadata(path: Path) -> dict:
@@ -419,7 +426,8 @@ def test_exported_onnx_gives_predicts_probabilities_on_the_same_decoded_pixels(h
     preds = _predict_pv(home)
     r = home.ok(EXPORT)
     wrote, checked = r.stdout.splitlines()
-    assert wrote == (f"wrote c10-xxs.onnx (opset 18; input: images: uint8 [N, 3, {S}, {S}] RGB NCHW, 0-255, resized "
+    size_mb = (home.path / "c10-xxs.onnx").stat().st_size / 1e6
+    assert wrote == (f"wrote c10-xxs.onnx (fp32, {size_mb:.2f} MB; opset 18; input: images: uint8 [N, 3, {S}, {S}] RGB NCHW, 0-255, resized "
                      f"to {S}x{S} (shorter side, bilinear, centre crop); normalisation (x/255 - mean)/std is inside "
                      "the graph; output logits: float32 [N, num_classes])")
     diff = re.fullmatch(r"checked with onnxruntime [\d.]+: max \|onnx - torch\| = (\S+)", checked)
@@ -444,6 +452,80 @@ def test_exported_onnx_gives_predicts_probabilities_on_the_same_decoded_pixels(h
         first, second = np.sort(row)[-2:][::-1]
         if first - second > 2e-4:  # closer than the tolerance, the two may rank either way
             assert classes[int(row.argmax())] == p["top"][0]["label"]
+
+
+INT8_WROTE = (r"wrote runs/c10-xxs/best\.int8\.onnx \(int8 dynamic, ([\d.]+) MB; opset 18; input: images: uint8 "
+              r"\[N, 3, {s}, {s}\] RGB NCHW, .*")
+INT8_CHECKED = (r"checked with onnxruntime [\d.]+ on 256 random images: top-1 agrees with PyTorch on ([\d.]+) %; "
+                r"router agreement \(same top-k experts per token\) ([\d.]+) %")
+
+
+def _photo_rows(stdout: str) -> dict[str, list[tuple[str, float]]]:
+    rows = re.findall(r"│ (photos/\S+)\s+│ (.+?)\s*│", stdout)
+    return {f: [(label, float(v)) for label, v in re.findall(r"(\w+) ([\d.]+)%", top)] for f, top in rows}
+
+
+def test_int8_export_then_predict_on_the_file_gives_the_checkpoints_classes(home):
+    """`export --int8` writes best.int8.onnx next to the checkpoint and checks it; predict runs
+    that file on photos/ and names the class the checkpoint names for every photo; exporting
+    again refuses and leaves the file as it was."""
+    home.ok(C10)
+    r = home.ok(EXPORT_INT8)
+    wrote, checked = r.stdout.splitlines()
+    size = re.fullmatch(INT8_WROTE.format(s=S), wrote)
+    onnx_file = home.path / "runs" / "c10-xxs" / "best.int8.onnx"
+    assert size and float(size.group(1)) == round(onnx_file.stat().st_size / 1e6, 2), wrote
+    readme_wrote, readme_checked = readme_output(EXPORT_INT8)[:2]
+    assert re.match(INT8_WROTE.format(s=36), readme_wrote) and re.fullmatch(INT8_CHECKED, readme_checked)
+    agreement = re.fullmatch(INT8_CHECKED, checked)
+    assert agreement and float(agreement.group(1)) >= 95.0, checked
+
+    before = onnx_file.read_bytes()
+    again = home._run(EXPORT_INT8)
+    assert again.returncode != 0 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    assert onnx_file.read_bytes() == before
+
+    r = home.ok(PREDICT_INT8)
+    int8_rows = _photo_rows(r.stdout)
+    torch_run = subprocess.run([sys.executable, "-m", "mmlit_cli", "predict", "runs/c10-xxs/best.safetensors",
+                                "photos/", "--top-k", "3"], cwd=home.path, env=home.env, capture_output=True,
+                               text=True, timeout=300)
+    assert torch_run.returncode == 0, torch_run.stderr
+    torch_rows = _photo_rows(torch_run.stdout)
+    assert sorted(int8_rows) == sorted(f"photos/{c[:4]}0.jpg" for c in fx.CIFAR10_CLASSES)
+    assert sorted(torch_rows) == sorted(int8_rows)
+    for f, top in int8_rows.items():
+        assert len(top) == 3 and [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+        assert top[0][0] == torch_rows[f][0][0], f  # colour classes: no close calls for int8 to flip
+        assert abs(top[0][1] - torch_rows[f][0][1]) <= 2.0, f
+
+
+def test_benchmark_measures_every_format_on_the_images_eval_scores(home):
+    """`mmlit benchmark` has a row per format; its PyTorch top-1 on pv/val is eval's top-1 on
+    the same 20 images, the ONNX fp32 row agrees with PyTorch on every image, and its file
+    sizes are the checkpoint's and a smaller int8 file's."""
+    home.ok(C10)
+    r = home.ok(BENCHMARK)
+    assert re.search(rf"image folder {re.escape(str(home.path / 'pv'))} 'val' split, val/ \(20 images, 10 classes\): "
+                     r"20 images, 1 thread\(s\)", " ".join(r.stdout.split())), r.stdout  # the title may wrap
+    assert re.search(r"image folder /\S+/pv 'val' split, val/ \(\d+ images, 10 classes\)", readme_output(BENCHMARK)[0])
+    rows = {label.strip(): [c.strip() for c in cells.split("│")]
+            for label, cells in re.findall(r"│ (PyTorch eager|PyTorch compiled|ONNX fp32|ONNX int8 dynamic|"
+                                           r"ONNX int8 static)\s*│(.+)│", r.stdout)}
+    assert sorted(rows) == sorted(["PyTorch eager", "PyTorch compiled", "ONNX fp32", "ONNX int8 dynamic",
+                                   "ONNX int8 static"]), r.stdout
+    evaluated = re.search(r"top-1 ([\d.]+)%", home.ok(EVAL_PV).stdout)
+    def mb(row): return float(row[0])
+    def top1(row): return float(row[1])
+    def agrees(row): return float(row[2])
+    assert top1(rows["PyTorch eager"]) == float(evaluated.group(1))
+    assert agrees(rows["ONNX fp32"]) == 100.0 and top1(rows["ONNX fp32"]) == top1(rows["PyTorch eager"])
+    checkpoint_mb = (home.path / "runs" / "c10-xxs" / "best.safetensors").stat().st_size / 1e6
+    assert abs(mb(rows["PyTorch eager"]) - checkpoint_mb) < checkpoint_mb  # weights, not the train state
+    assert mb(rows["ONNX int8 dynamic"]) < mb(rows["ONNX fp32"])
+    for row in rows.values():
+        latency = float(row[4])
+        assert latency > 0 and math.isfinite(latency)
 
 
 def test_predict_reports_unreadable_files_and_predicts_the_rest(home):
