@@ -15,8 +15,9 @@ recipe is `paper`, `fit_recipe` applies three rules, all in this file:
    of the preset's length to 1 (exactly the preset) for a run of the preset's length.
 3. Fine-tuning's schedule moves along the same ramp from a short-run shape to the preset's:
    at strength 0, twice the peak lr, a warm-up of 10 % of the run and no gradient clipping
-   (the one-cycle shape of the plain loops that win short runs, MLIT-SPEC's starting points); at strength 1, the
-   preset's lr, warm-up fraction (10 of 300 epochs = 1/30) and clipping.
+   (the one-cycle shape of the plain loops that win short runs, MLIT-SPEC's starting
+   points); at strength 1, the preset's lr, warm-up fraction (10 of 300 epochs = 1/30) and
+   clipping.
 
 A value the user set (`--lr`, `--set finetune.augment.mixup_alpha=0.2`, ...) is kept as set.
 """
