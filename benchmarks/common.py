@@ -201,10 +201,16 @@ def attention_op(counts: dict[str, int]) -> str:
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call as torch.utils.flop_counter counts them (matmuls, convs, attention)."""
+    """FLOPs of one call as torch.utils.flop_counter counts them (matmuls, convs, attention).
+
+    Attention runs on SDPA's math backend while counting, as `mmlit count-params` does: the
+    counter's formula for the fused kernels rejects grouped K/V heads (torch 2.11 on CUDA
+    raised "query/key/value shapes are incompatible"), and on CPU it counts them as zero.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 
