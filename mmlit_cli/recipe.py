@@ -14,7 +14,8 @@ recipe is `paper`, `fit_recipe` applies three rules, all in this file:
    random erasing, drop path) are scaled by `strength(epochs)`, from 0 for runs up to 1/15
    of the preset's length to 1 (exactly the preset) for a run of the preset's length.
 3. Fine-tuning's schedule moves along the same ramp from a short-run shape to the preset's:
-   at strength 0, twice the peak lr, a warm-up of 10 % of the run and no gradient clipping
+   at strength 0, twice the peak lr, no gradient clipping and a warm-up of 10 % of the run
+   for runs of up to 100 optimisation steps, growing to 30 % for runs of 500 steps or more
    (the one-cycle shape of the plain loops that win short runs, MLIT-SPEC's starting
    points); at strength 1, the preset's lr, warm-up fraction (10 of 300 epochs = 1/30) and
    clipping.
@@ -35,13 +36,15 @@ LR_BASE_BATCH = 256
 # 15 of 300 epochs, the preset's regularisers still cost over 10 points (docs/RESULTS.md).
 REGULARISE_FROM = 1 / 15
 # The short-run end of rule 3, measured on CIFAR-10 (docs/RESULTS.md): the optimal lr falls
-# as the run grows, so a short run under-trains at the lr tuned for 300 epochs; a 1/30
-# warm-up spends the high lr before the model can use it (at 15 epochs on 5,000 images, 30 %
-# warm-up gave +2.6 points over 1/30), while at 2 epochs (78 steps) a 30 % warm-up lost 2.8
-# points to 10 %; clipping at 1.0 caps the large gradients of every early step, an lr cut
-# that the schedule does not show.
+# as the run grows, so a short run under-trains at the lr tuned for 300 epochs; clipping at
+# 1.0 caps the large gradients of every early step, an lr cut that the schedule does not show.
 SHORT_RUN_LR_FACTOR = 2.0
-SHORT_RUN_WARMUP_FRACTION = 0.1
+# The warm-up fraction grows with the run's optimisation steps. A 1/30 warm-up hits the peak
+# lr while AdamW's second-moment estimates (beta2 0.999: a ~1,000-step average) are still
+# noisy; 30 % (one-cycle's default) gave +2.6 points at 585 steps (15 epochs of 5,000 images).
+# A run of tens of steps is over before those estimates settle either way, and there the
+# time at peak lr is what counts: at 78 steps, 30 % lost 2.8 points to 10 %.
+SHORT_RUN_WARMUP = ((100, 0.1), (500, 0.3))  # (total steps, warm-up fraction), log-linear between
 
 
 def peak_lr(recipe: TrainConfig, world_size: int = 1) -> float:
@@ -64,6 +67,13 @@ def strength(epochs: float, reference_epochs: float) -> float:
     if epochs <= start:
         return 0.0
     return math.log(epochs / start) / math.log(reference_epochs / start)
+
+
+def short_run_warmup_fraction(total_steps: int) -> float:
+    """Rule 3's warm-up fraction at strength 0 for a run of `total_steps` optimisation steps."""
+    (lo_steps, lo), (hi_steps, hi) = SHORT_RUN_WARMUP
+    t = min(max(math.log(max(total_steps, 1) / lo_steps) / math.log(hi_steps / lo_steps), 0.0), 1.0)
+    return round(lo + t * (hi - lo), 3)
 
 
 def _ramp(short: float, preset: float, s: float) -> float:
@@ -90,9 +100,10 @@ def _scaled_augment(aug: AugmentConfig, s: float, pinned: set[str]) -> AugmentCo
     return dataclasses.replace(aug, **{k: v for k, v in changes.items() if f"augment.{k}" not in pinned})
 
 
-def fit_recipe(cfg: Config, section: str, reference_epochs: int, world_size: int = 1,
+def fit_recipe(cfg: Config, section: str, reference_epochs: int, train_images: int, world_size: int = 1,
                pinned: Iterable[str] = ()) -> Config:
-    """`cfg` with `cfg.<section>` fitted to its `epochs` (see the module docstring).
+    """`cfg` with `cfg.<section>` fitted to its `epochs` of `train_images` (see the module
+    docstring).
 
     `reference_epochs` is the length the preset's recipe was written for (its own `epochs`
     before `--epochs`); `pinned` holds the dotted keys the user set (`finetune.lr`,
@@ -109,7 +120,8 @@ def fit_recipe(cfg: Config, section: str, reference_epochs: int, world_size: int
         if section == "finetune":  # rule 3 (measured for fine-tuning only)
             if recipe.lr is None:
                 changes["lr"] *= _ramp(SHORT_RUN_LR_FACTOR, 1.0, s)
-            warmup_fraction = _ramp(SHORT_RUN_WARMUP_FRACTION, warmup_fraction, s) if warmup_fraction else 0.0
+            steps = max(train_images // (recipe.batch_size * world_size), 1) * recipe.epochs
+            warmup_fraction = _ramp(short_run_warmup_fraction(steps), warmup_fraction, s) if warmup_fraction else 0.0
             if "grad_clip" not in mine and s < 1:
                 changes["grad_clip"] = round(recipe.grad_clip / s, 3) if s > 0 else 0.0
         if "warmup_epochs" not in mine:

@@ -101,6 +101,17 @@ class RunPlan:
     run_dir: Path
     recipe_note: str | None
     resume: Checkpoint | None = None
+    # A new run's recipe is fitted once its training images are counted (`fit_to`).
+    reference_epochs: int | None = None
+    pinned: set[str] = dataclasses.field(default_factory=set)
+
+    def fit_to(self, section: str, train_images: int) -> RunPlan:
+        """A new run's plan with its recipe fitted to `train_images` (a resumed run's config
+        is the one its checkpoint recorded, already fitted)."""
+        if self.resume is not None:
+            return self
+        cfg = fit_recipe(self.cfg, section, self.reference_epochs, train_images, process_count(), self.pinned)
+        return dataclasses.replace(self, cfg=cfg, recipe_note=describe(cfg, section, self.reference_epochs))
 
 
 def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir: str | None = None,
@@ -129,6 +140,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
         plan = _new_run(kind, task_cls, preset, dataset, data_dir, download, validation, overrides, shortcuts, out)
 
     train, val = _load_data(plan.spec, plan.cfg, task_cls.needs_labels, console if main_process else None)
+    plan = plan.fit_to(task_cls.command, len(train))
     cfg = plan.cfg if plan.resume is not None else task_cls.fit_config(plan.cfg, train)
     if not quiet:
         console.print(escape(f"data: {train.source}; validation: {_validation_note(plan.spec, val)}"),
@@ -191,7 +203,8 @@ def _resumed_run(run_dir: Path, task_cls, preset: str | None, dataset: str | Non
 def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_dir: str | None, download: bool,
              validation: str | None, overrides: list[str] | None, shortcuts: dict[str, Any],
              out: str | Path | None) -> RunPlan:
-    """A new run: the preset with the user's overrides, its recipe fitted to this run."""
+    """A new run: the preset with the user's overrides; its recipe is fitted to the run once
+    the data is loaded (`RunPlan.fit_to`)."""
     if dataset is None:
         raise MmlitError("--dataset is required (a dataset name or an image folder)")
     section = task_cls.command
@@ -199,12 +212,10 @@ def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_
     # The preset's own length is the one its recipe was written for; fit it to this run.
     reference_epochs = getattr(load_config(preset or "xs"), section).epochs
     pinned = pinned_keys(parse_overrides(overrides)) | {f"{section}.{k}" for k, v in shortcuts.items() if v is not None}
-    cfg = fit_recipe(cfg, section, reference_epochs, process_count(), pinned)
-    recipe_note = describe(cfg, section, reference_epochs)
     spec = DataSpec(dataset, data_dir, download, validation or "auto")
     run_dir = new_run_dir(out, kind, cfg.name)
     _check_writable(run_dir)
-    return RunPlan(cfg, spec, run_dir, recipe_note)
+    return RunPlan(cfg, spec, run_dir, None, reference_epochs=reference_epochs, pinned=pinned)
 
 
 def _load_data(spec: DataSpec, cfg: Config, require_labels: bool,

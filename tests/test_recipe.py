@@ -10,17 +10,18 @@ import yaml
 
 from mmlit_cli.config import load_config
 from mmlit_cli.errors import ConfigError
-from mmlit_cli.recipe import fit_recipe, peak_lr, strength
+from mmlit_cli.recipe import fit_recipe, peak_lr, short_run_warmup_fraction, strength
 from mmlit_cli.train import run_training
 from helpers import TINY, write_folder
 
 REGULARISERS = ("mixup_alpha", "cutmix_alpha", "mix_prob", "random_erasing")
 
 
-def fitted(preset="xxs", sets=(), section="finetune", world_size=1, pinned=()):
+def fitted(preset="xxs", sets=(), section="finetune", world_size=1, pinned=(), train_images=50_000):
+    """The preset fitted to a run on `train_images` (default: a CIFAR-sized training set)."""
     cfg = load_config(preset, list(sets))
     reference = getattr(load_config(preset), section).epochs
-    return fit_recipe(cfg, section, reference, world_size, pinned)
+    return fit_recipe(cfg, section, reference, train_images, world_size, pinned)
 
 
 @pytest.mark.parametrize("preset", ["xxs", "xs", "s"])
@@ -39,9 +40,9 @@ def test_a_paper_length_run_gets_exactly_the_presets_recipe(preset):
 
 
 def test_short_runs_get_a_proportional_warmup_and_no_heavy_regularisation():
-    cfg = fitted("xs", ["finetune.epochs=2"])
+    cfg = fitted("xs", ["finetune.epochs=2"], train_images=5_000)
     r = cfg.finetune
-    assert r.warmup_epochs == pytest.approx(2 * 0.1)  # a short run warms up for 10 % of it
+    assert r.warmup_epochs == pytest.approx(2 * 0.1)  # a run of 78 steps warms up for 10 % of it
     assert all(getattr(r.augment, k) == 0 for k in REGULARISERS)
     assert r.augment.auto_augment == "none" and cfg.model.drop_path == 0
     # cheap augmentation and label smoothing stay
@@ -69,7 +70,7 @@ def test_short_runs_get_a_one_cycle_like_schedule_that_ramps_to_the_presets():
     preset = load_config("xxs").finetune
     short = fitted("xxs", ["finetune.epochs=15"]).finetune
     assert short.lr == pytest.approx(2 * 1e-3) and short.grad_clip == 0
-    assert short.warmup_epochs == pytest.approx(0.1 * 15)
+    assert short.warmup_epochs == pytest.approx(0.3 * 15)  # 5,850 steps
     previous = (short.lr, short.warmup_epochs / 15, -1.0)
     for epochs in (21, 50, 100, 200, 299):
         r = fitted("xxs", [f"finetune.epochs={epochs}"]).finetune
@@ -82,9 +83,27 @@ def test_short_runs_get_a_one_cycle_like_schedule_that_ramps_to_the_presets():
     # set by the user: kept; MAE pre-training: not affected (rule 3 is measured for fine-tuning)
     kept = fitted("xxs", ["finetune.epochs=15", "finetune.grad_clip=0.5", "finetune.lr=3e-4"],
                   pinned={"finetune.grad_clip", "finetune.lr", "finetune.epochs"}).finetune
-    assert kept.grad_clip == 0.5 and kept.lr == 3e-4 and kept.warmup_epochs == pytest.approx(1.5)
+    assert kept.grad_clip == 0.5 and kept.lr == 3e-4 and kept.warmup_epochs == pytest.approx(4.5)
     pre = fitted("xxs", ["pretrain.epochs=8"], section="pretrain").pretrain
     assert pre.lr == pytest.approx(1.5e-3) and pre.warmup_epochs == pytest.approx(8 * 20 / 400)
+
+
+def test_the_short_run_warmup_grows_with_the_runs_optimisation_steps():
+    """Issue 11's budgets at batch 128: (a) 2 epochs of 5,000 images = 78 steps, (b) 15 epochs
+    of 5,000 = 585 steps, (c) 2 epochs of 45,000 = 702 steps."""
+    def warmup_fraction(epochs, images, sets=(), world_size=1):
+        r = fitted("xxs", [f"finetune.epochs={epochs}", *sets], world_size=world_size, train_images=images).finetune
+        return r.warmup_epochs / epochs
+
+    assert warmup_fraction(2, 5_000) == pytest.approx(0.1)
+    assert warmup_fraction(15, 5_000) == pytest.approx(0.3)
+    assert warmup_fraction(2, 45_000) == pytest.approx(0.3)
+    # the steps count, not the images: 4x the batch (or 4 processes) is 4x fewer steps
+    assert warmup_fraction(15, 5_000, ["finetune.batch_size=512"]) < 0.3
+    assert warmup_fraction(15, 5_000, world_size=4) == warmup_fraction(15, 5_000, ["finetune.batch_size=512"])
+    fractions = [short_run_warmup_fraction(t) for t in (1, 50, 100, 150, 250, 400, 500, 10_000)]
+    assert fractions[0] == fractions[2] == 0.1 and fractions[-2] == fractions[-1] == 0.3
+    assert fractions == sorted(fractions) and 0.1 < fractions[4] < 0.3
 
 
 def test_lr_follows_the_global_batch():
