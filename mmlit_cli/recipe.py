@@ -120,6 +120,7 @@ def fit_recipe(cfg: Config, section: str, reference_epochs: int, train_images: i
         if section == "finetune":  # rule 3 (measured for fine-tuning only)
             if recipe.lr is None:
                 changes["lr"] *= _ramp(SHORT_RUN_LR_FACTOR, 1.0, s)
+            # full global batches, as the engine's loader drops the last partial one (one step at least)
             steps = max(train_images // (recipe.batch_size * world_size), 1) * recipe.epochs
             warmup_fraction = _ramp(short_run_warmup_fraction(steps), warmup_fraction, s) if warmup_fraction else 0.0
             if "grad_clip" not in mine and s < 1:

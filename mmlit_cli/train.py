@@ -209,7 +209,7 @@ def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_
         raise MmlitError("--dataset is required (a dataset name or an image folder)")
     section = task_cls.command
     cfg = _apply_shortcuts(load_config(preset or "xs", overrides), section, **shortcuts)
-    # The preset's own length is the one its recipe was written for; fit it to this run.
+    # The preset's own length is the one its recipe was written for (`RunPlan.fit_to` fits it).
     reference_epochs = getattr(load_config(preset or "xs"), section).epochs
     pinned = pinned_keys(parse_overrides(overrides)) | {f"{section}.{k}" for k, v in shortcuts.items() if v is not None}
     spec = DataSpec(dataset, data_dir, download, validation or "auto")
