@@ -10,6 +10,8 @@ scored on `val/` at its last epoch (no checkpoint is picked on `val/`). Recipes:
 * `paper`    - the same with `--recipe paper` (the preset's recipe, not fitted to the run);
 * `plain`    - a plain loop written here on mmlit's model: AdamW (lr 2e-3 at batch 128, weight
   decay 0.05), one-cycle lr, random crop (padding 4) + horizontal flip, label smoothing 0.1;
+* `plain-loader` - the plain loop with its batches from mmlit's own training loader (crop and
+  flip per image in 2 worker processes, `build_loader`): tells the data path from the rest;
 * `mmlit-mae:P+F` - `mmlit pretrain` for P epochs, then `mmlit finetune --init` for F epochs
   (mmLiT); the table's time column shows whether it used the same compute as a scratch run;
 * `NAME=ARGS` - `mmlit finetune` with extra arguments, e.g. `lr3e-3=--lr 3e-3`.
@@ -34,14 +36,15 @@ import torch
 import torch.nn.functional as F
 
 from common import format_table, machine_info, machine_line
-from mmlit_cli.config import load_config
-from mmlit_cli.data import load_split, normalize
+from mmlit_cli.config import AugmentConfig, load_config
+from mmlit_cli.data import build_loader, build_train_transform, load_split, normalize, set_epoch
 from mmlit_cli.model import MLiT
 
 
 def plain_baseline(data: Path, epochs: int, seed: int, preset: str, batch_size: int = 128,
-                   lr: float = 2e-3) -> dict:
-    """The reference loop: nothing mmlit-specific except the model and the decoded pixels."""
+                   lr: float = 2e-3, mmlit_loader: bool = False) -> dict:
+    """The reference loop: nothing mmlit-specific except the model and the decoded pixels
+    (and, with `mmlit_loader`, the batches of mmlit's training loader)."""
     cfg = load_config(preset)
     train = load_split(str(data), "train", cfg.model.image_size)
     val = load_split(str(data), "val", cfg.model.image_size)
@@ -52,11 +55,27 @@ def plain_baseline(data: Path, epochs: int, seed: int, preset: str, batch_size: 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
     size, pad = cfg.model.image_size, 4
+    if mmlit_loader:
+        flip_crop = AugmentConfig(crop_padding=pad, hflip=0.5, auto_augment="none", random_erasing=0.0)
+        loader = build_loader(train, batch_size, build_train_transform(flip_crop, size), shuffle=True, workers=2,
+                              drop_last=True, seed=seed)
     start = time.perf_counter()
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(train))
+        if mmlit_loader:
+            set_epoch(loader, epoch)
+            batches = iter(loader)
         for step in range(steps_per_epoch):
+            if mmlit_loader:
+                images, labels = next(batches)
+                loss = F.cross_entropy(model(normalize(images, cfg.data.mean, cfg.data.std)), labels,
+                                       label_smoothing=0.1)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                continue
             idx = order[step * batch_size:(step + 1) * batch_size]
             padded = F.pad(train.images[idx], (pad,) * 4, mode="reflect")
             dx, dy = torch.randint(0, 2 * pad + 1, (2, len(idx))).tolist()
@@ -120,8 +139,8 @@ def mmlit_mae(data: Path, pre_epochs: int, ft_epochs: int, seed: int, preset: st
 
 def run_one(recipe: str, data: Path, epochs: int, seed: int, preset: str, out_root: Path) -> dict:
     out = out_root / f"{data.name}-e{epochs}-s{seed}-{recipe.split('=')[0].replace(':', '').replace('+', '_')}"
-    if recipe == "plain":
-        return plain_baseline(data, epochs, seed, preset)
+    if recipe in ("plain", "plain-loader"):
+        return plain_baseline(data, epochs, seed, preset, mmlit_loader=recipe == "plain-loader")
     if recipe == "default":
         return mmlit_finetune(data, epochs, seed, preset, [], out)
     if recipe == "paper":
