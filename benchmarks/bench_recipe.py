@@ -41,6 +41,19 @@ from mmlit_cli.data import build_loader, build_train_transform, load_split, norm
 from mmlit_cli.model import MLiT
 
 
+def _crop_flip_batches(train, batch_size: int, steps: int, size: int, pad: int):
+    """One epoch of the plain loop's own batches: a random order, then per image a random crop
+    (reflect padding `pad`) and a horizontal flip with probability 0.5."""
+    order = torch.randperm(len(train))
+    for step in range(steps):
+        idx = order[step * batch_size:(step + 1) * batch_size]
+        padded = F.pad(train.images[idx], (pad,) * 4, mode="reflect")
+        dx, dy = torch.randint(0, 2 * pad + 1, (2, len(idx))).tolist()
+        flip = (torch.rand(len(idx)) < 0.5).tolist()
+        crops = [padded[i, :, y:y + size, x:x + size] for i, (x, y) in enumerate(zip(dx, dy))]
+        yield torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flip)]), train.labels[idx]
+
+
 def plain_baseline(data: Path, epochs: int, seed: int, preset: str, batch_size: int = 128,
                    lr: float = 2e-3, mmlit_loader: bool = False) -> dict:
     """The reference loop: nothing mmlit-specific except the model and the decoded pixels
@@ -62,28 +75,14 @@ def plain_baseline(data: Path, epochs: int, seed: int, preset: str, batch_size: 
     start = time.perf_counter()
     for epoch in range(epochs):
         model.train()
-        order = torch.randperm(len(train))
         if mmlit_loader:
             set_epoch(loader, epoch)
-            batches = iter(loader)
-        for step in range(steps_per_epoch):
-            if mmlit_loader:
-                images, labels = next(batches)
-                loss = F.cross_entropy(model(normalize(images, cfg.data.mean, cfg.data.std)), labels,
-                                       label_smoothing=0.1)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                continue
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            padded = F.pad(train.images[idx], (pad,) * 4, mode="reflect")
-            dx, dy = torch.randint(0, 2 * pad + 1, (2, len(idx))).tolist()
-            flip = (torch.rand(len(idx)) < 0.5).tolist()
-            crops = [padded[i, :, y:y + size, x:x + size] for i, (x, y) in enumerate(zip(dx, dy))]
-            images = torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flip)])
+            batches = loader
+        else:
+            batches = _crop_flip_batches(train, batch_size, steps_per_epoch, size, pad)
+        for images, labels in batches:
             logits = model(normalize(images, cfg.data.mean, cfg.data.std))
-            loss = F.cross_entropy(logits, train.labels[idx], label_smoothing=0.1)
+            loss = F.cross_entropy(logits, labels, label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
