@@ -156,9 +156,14 @@ class TrainConfig:
     lr: Optional[float] = None
     # auto: fit warm-up and regularisation to the run's length (recipe.py); paper: as written.
     recipe: str = "auto"
+    # cosine: linear warm-up from 0, then cosine down to min_lr (the paper's). one-cycle:
+    # PyTorch's OneCycleLR, warm-up fraction warmup_epochs / epochs; it sets beta1 (0.95 at
+    # low lr, 0.85 at the peak) and ends at lr / 2.5e5, so min_lr and betas[0] are unused.
+    schedule: str = "cosine"
     min_lr: float = 1e-5
     warmup_epochs: float = 5.0
     weight_decay: float = 0.05  # not applied to norms, biases, tokens and position embeddings
+    decay_all: bool = False  # ...unless this is true, as in a plain AdamW(model.parameters())
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     label_smoothing: float = 0.1
@@ -178,6 +183,8 @@ class TrainConfig:
             raise ConfigError(f"{where}: lr_base and lr must be positive and min_lr >= 0")
         if self.recipe not in ("auto", "paper"):
             raise ConfigError(f"{where}.recipe must be auto or paper, got {self.recipe!r}")
+        if self.schedule not in ("cosine", "one-cycle"):
+            raise ConfigError(f"{where}.schedule must be cosine or one-cycle, got {self.schedule!r}")
         if self.warmup_epochs < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError(f"{where}: warmup_epochs, weight_decay and grad_clip must be >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

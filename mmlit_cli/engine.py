@@ -32,7 +32,7 @@ from .config import Config, TrainConfig, dump_config
 from .data import ImageData, Normalize, build_loader, build_train_transform, set_epoch
 from .errors import MmlitError
 from .files import atomic_write_text
-from .optim import ModelEMA, build_adamw, lr_at, param_groups
+from .optim import ModelEMA, build_adamw, lr_at, one_cycle_at, param_groups
 from .recipe import peak_lr
 from .report import StopRequest, TrainingProgress, epoch_line, router_warning
 from .runtime import all_reduce_mean, amp_dtype, forward_batch, maybe_compile, rng_devices, setup_distributed
@@ -82,8 +82,8 @@ class Trainer:
 
         self.layer_decay = opts.layer_decay
         self.peak_lr = peak_lr(self.recipe, self.dist.world_size)
-        self.optimizer = build_adamw(param_groups(self.model, self.recipe.weight_decay, self.layer_decay),
-                                     self.peak_lr, self.recipe.betas, self.device)
+        groups = param_groups(self.model, self.recipe.weight_decay, self.layer_decay, self.recipe.decay_all)
+        self.optimizer = build_adamw(groups, self.peak_lr, self.recipe.betas, self.device)
         self.ema = ModelEMA(self.model, self.recipe.ema_decay) if self.recipe.ema else None
         self.train_model = self.model
         if self.dist.enabled:
@@ -174,7 +174,13 @@ class Trainer:
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch of uint8 images; returns its loss, on the device."""
-        lr = lr_at(self.global_step, self.total_steps, self.warmup_steps, self.peak_lr, self.recipe.min_lr)
+        if self.recipe.schedule == "one-cycle":
+            warmup_fraction = min(self.recipe.warmup_epochs / self.recipe.epochs, 0.5)
+            lr, beta1 = one_cycle_at(self.global_step, self.total_steps, warmup_fraction, self.peak_lr)
+            for group in self.optimizer.param_groups:
+                group["betas"] = (beta1, self.recipe.betas[1])
+        else:
+            lr = lr_at(self.global_step, self.total_steps, self.warmup_steps, self.peak_lr, self.recipe.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         labels = labels.to(self.device, non_blocking=True)

@@ -7,16 +7,18 @@ import math
 import torch
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
-    """AdamW groups: no decay on norms, biases, tokens and position embeddings; with
-    `layer_decay < 1`, lr scale `layer_decay ** (depth + 1 - layer_id)` (BEiT/MAE fine-tuning)."""
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0,
+                 decay_all: bool = False) -> list[dict]:
+    """AdamW groups: no decay on norms, biases, tokens and position embeddings (unless
+    `decay_all`, as a plain `AdamW(model.parameters())` does); with `layer_decay < 1`, lr scale
+    `layer_decay ** (depth + 1 - layer_id)` (BEiT/MAE fine-tuning)."""
     no_decay = set(getattr(model, "no_weight_decay", lambda: set())())
     depth = getattr(getattr(model, "cfg", None), "depth", 0)
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = p.ndim > 1 and name not in no_decay
+        decay = decay_all or (p.ndim > 1 and name not in no_decay)
         layer = model.layer_id(name) if layer_decay < 1.0 and hasattr(model, "layer_id") else depth + 1
         key = (layer, decay)
         if key not in groups:
@@ -39,6 +41,32 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: flo
         return lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# PyTorch's OneCycleLR defaults (Smith, 2018): start at lr / 25, end at lr / 25 / 1e4, and
+# beta1 moving against the lr, 0.95 where the lr is low and 0.85 at its peak.
+ONE_CYCLE_DIV, ONE_CYCLE_FINAL_DIV = 25.0, 1e4
+ONE_CYCLE_BETA1 = (0.95, 0.85)
+
+
+def _cos_anneal(start: float, end: float, pct: float) -> float:
+    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+
+def one_cycle_at(step: int, total_steps: int, warmup_fraction: float, lr: float) -> tuple[float, float]:
+    """(lr, beta1) at `step` of `torch.optim.lr_scheduler.OneCycleLR(max_lr=lr,
+    total_steps=total_steps, pct_start=warmup_fraction)`: a cosine from lr / 25 up to `lr`
+    over the warm-up, then a cosine down to lr / 2.5e5, with beta1 moving the other way.
+    Computed as OneCycleLR computes it, so the two give the same floats (tested)."""
+    start_lr = lr / ONE_CYCLE_DIV
+    end_lr = start_lr / ONE_CYCLE_FINAL_DIV
+    b1_low_lr, b1_peak = ONE_CYCLE_BETA1
+    peak_step = float(warmup_fraction * total_steps) - 1  # OneCycleLR's end of phase 1
+    if peak_step > 0 and step <= peak_step:
+        pct = step / peak_step
+        return _cos_anneal(start_lr, lr, pct), _cos_anneal(b1_low_lr, b1_peak, pct)
+    pct = (step - peak_step) / max(total_steps - 1 - peak_step, 1e-12)
+    return _cos_anneal(lr, end_lr, min(pct, 1.0)), _cos_anneal(b1_peak, b1_low_lr, min(pct, 1.0))
 
 
 EMA_WARMUP_POWER = 2 / 3

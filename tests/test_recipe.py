@@ -88,6 +88,76 @@ def test_short_runs_get_a_one_cycle_like_schedule_that_ramps_to_the_presets():
     assert pre.lr == pytest.approx(1.5e-3) and pre.warmup_epochs == pytest.approx(8 * 20 / 400)
 
 
+def test_short_runs_run_the_plain_loops_optimiser_and_longer_runs_the_presets():
+    """Rule 3's switch: one-cycle and weight decay on every parameter below strength 0.5;
+    the preset's cosine (and its min_lr, betas and decay groups) from there on."""
+    preset = load_config("xxs").finetune
+    assert (preset.schedule, preset.decay_all) == ("cosine", False)
+    for epochs in (2, 15, 20, 50, 70):
+        r = fitted("xxs", [f"finetune.epochs={epochs}"]).finetune
+        assert (r.schedule, r.decay_all) == ("one-cycle", True), epochs
+    for epochs in (80, 100, 300):
+        r = fitted("xxs", [f"finetune.epochs={epochs}"]).finetune
+        assert (r.schedule, r.decay_all) == ("cosine", False), epochs
+    paper = fitted("xxs", ["finetune.epochs=2", "finetune.recipe=paper"]).finetune
+    assert (paper.schedule, paper.decay_all) == ("cosine", False)
+    # a schedule, min_lr or betas set by the user keeps the cosine they were set for
+    for key, value in (("schedule", "cosine"), ("min_lr", "1e-4"), ("betas", "[0.8,0.99]")):
+        r = fitted("xxs", ["finetune.epochs=2", f"finetune.{key}={value}"], pinned={f"finetune.{key}"}).finetune
+        assert (r.schedule, r.decay_all) == ("cosine", False), key
+    r = fitted("xxs", ["finetune.epochs=2", "finetune.decay_all=false"], pinned={"finetune.decay_all"}).finetune
+    assert (r.schedule, r.decay_all) == ("one-cycle", False)
+    assert fitted("xxs", ["pretrain.epochs=8"], section="pretrain").pretrain.schedule == "cosine"
+    with pytest.raises(ConfigError, match="schedule"):
+        load_config("xxs", ["finetune.schedule=step"])
+
+
+@pytest.mark.parametrize("total_steps,warmup_fraction", [(702, 0.3), (78, 0.1), (7, 0.3), (1, 0.3)])
+def test_one_cycle_is_pytorchs_one_cycle_lr(total_steps, warmup_fraction):
+    """The engine's one-cycle gives the floats `torch.optim.lr_scheduler.OneCycleLR` gives
+    (lr and beta1) at every step, so "the plain loop's schedule" means exactly that."""
+    import torch
+    from mmlit_cli.optim import one_cycle_at
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=2e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=total_steps,
+                                                pct_start=warmup_fraction)
+    for step in range(total_steps):
+        group = opt.param_groups[0]
+        assert one_cycle_at(step, total_steps, warmup_fraction, 2e-3) == (group["lr"], group["betas"][0]), step
+        opt.step()
+        sched.step()
+    # where OneCycleLR divides by zero (warm-up ending at step 0), the warm-up is skipped
+    assert one_cycle_at(0, 10, 0.1, 2e-3) == (2e-3, 0.85)
+
+
+def test_the_one_cycle_schedule_reaches_the_optimizer(tmp_path):
+    """A short run's optimizer state holds one-cycle's lr and beta1 for its last step and
+    decays every parameter; `--recipe paper` keeps the preset's betas and no-decay groups."""
+    from mmlit_cli.checkpoint import load_checkpoint
+    from mmlit_cli.optim import one_cycle_at
+
+    data = write_folder(tmp_path / "data", per_class=8)
+
+    def last_state(name, sets):
+        run_training("finetune", "xxs", str(data), out=tmp_path / name, overrides=TINY + sets, epochs=3,
+                     batch_size=8, max_steps=4, save_every=0, quiet=True)
+        info = load_checkpoint(tmp_path / name / "last.safetensors", with_train_state=True).train_info
+        recipe = yaml.safe_load((tmp_path / name / "config.yaml").read_text())["finetune"]
+        return info["optimizer"]["param_groups"], recipe
+
+    groups, recipe = last_state("auto", [])
+    assert recipe["schedule"] == "one-cycle" and recipe["decay_all"] is True
+    total_steps = 3 * 2  # 16 images at batch 8, 3 epochs; the last step taken is step 3 (max_steps 4)
+    lr, beta1 = one_cycle_at(3, total_steps, recipe["warmup_epochs"] / 3, recipe["lr"])
+    assert all(g["lr"] == lr and tuple(g["betas"]) == (beta1, 0.999) for g in groups)
+    assert all(g["weight_decay"] == recipe["weight_decay"] for g in groups)
+    groups, recipe = last_state("paper", ["finetune.recipe=paper"])
+    assert recipe["schedule"] == "cosine" and [tuple(g["betas"]) for g in groups] == [(0.9, 0.999)] * len(groups)
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, recipe["weight_decay"]]
+
+
 def test_the_short_run_warmup_grows_with_the_runs_optimisation_steps():
     """Issue 11's budgets at batch 128: (a) 2 epochs of 5,000 images = 78 steps, (b) 15 epochs
     of 5,000 = 585 steps, (c) 2 epochs of 45,000 = 702 steps."""
