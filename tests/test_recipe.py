@@ -45,8 +45,19 @@ def test_short_runs_get_a_proportional_warmup_and_no_heavy_regularisation():
     assert r.warmup_epochs == pytest.approx(2 * 0.1)  # a run of 78 steps warms up for 10 % of it
     assert all(getattr(r.augment, k) == 0 for k in REGULARISERS)
     assert r.augment.auto_augment == "none" and cfg.model.drop_path == 0
-    # cheap augmentation and label smoothing stay
-    assert r.augment.crop_padding == 4 and r.augment.hflip == 0.5 and r.label_smoothing == 0.1
+    assert r.label_smoothing == 0.1  # label smoothing stays at any length
+    # at most two epochs: no crop or flip either; from three on, the preset's (unless set)
+    assert (r.augment.crop_padding, r.augment.hflip) == (0, 0)
+    three = fitted("xs", ["finetune.epochs=3"], train_images=5_000).finetune.augment
+    assert (three.crop_padding, three.hflip) == (4, 0.5)
+    kept = fitted("xs", ["finetune.epochs=2", "finetune.augment.hflip=0.5"], train_images=5_000,
+                  pinned={"finetune.augment.hflip"}).finetune.augment
+    assert (kept.crop_padding, kept.hflip) == (0, 0.5)
+    paper = fitted("xs", ["finetune.epochs=2", "finetune.recipe=paper"], train_images=5_000).finetune.augment
+    assert (paper.crop_padding, paper.hflip) == (4, 0.5)
+    pre = fitted("xs", ["pretrain.epochs=2"], section="pretrain").pretrain.augment  # measured for fine-tuning only
+    preset_pre = load_config("xs").pretrain.augment
+    assert (pre.crop_padding, pre.hflip) == (preset_pre.crop_padding, preset_pre.hflip) != (0, 0)
     # MAE pre-training: the same warm-up rule (20 of 400 epochs) and lr per 256 images
     pre = fitted("xs", ["pretrain.epochs=8", "pretrain.batch_size=64"], section="pretrain").pretrain
     assert pre.warmup_epochs == pytest.approx(8 * 20 / 400) and pre.lr == pytest.approx(1.5e-3 * 64 / 256)
