@@ -46,19 +46,15 @@ SHORT_RUN_LR_FACTOR = 2.0
 # A run of tens of steps is over before those estimates settle either way, and there the
 # time at peak lr is what counts: at 78 steps, 30 % lost 2.8 points to 10 %.
 SHORT_RUN_WARMUP = ((100, 0.1), (500, 0.3))  # (total steps, warm-up fraction), log-linear between
-# A fine-tuning run of at most this many epochs sees each image too few times to over-fit it,
-# and crop and flip only make its images harder to fit: on 45,000 CIFAR-10 images x 2
-# epochs, turning them off gave +0.8 points (seeds 0 and 1, docs/RESULTS.md). From 15
-# epochs on they pay; between 3 and 14 epochs nothing is measured, and they stay on.
-NO_CROP_FLIP_UP_TO_EPOCHS = 2
-# A fine-tuning run of at most this many epochs runs the plain loop's optimiser: `schedule:
-# one-cycle` (cosine warm-up from lr/25, cosine down to ~0, beta1 0.95-0.85 against the lr)
-# and weight decay on every parameter. On 45,000 images x 2 epochs, mmlit with the preset's
-# linear warm-up, cosine to min_lr and fixed beta1 trailed the plain loop by 1.0 point over
-# five seeds; with these switches (and no crop/flip) it is level (docs/RESULTS.md). At 15
-# epochs on 5,000 images they cost 0.6 points against the cosine (two seeds), so longer runs
-# keep the preset's schedule shape. Between 3 and 14 epochs nothing is measured.
-ONE_CYCLE_UP_TO_EPOCHS = 2
+# A fine-tuning run of at most this many epochs trains as the plain loop does: `schedule:
+# one-cycle` (cosine warm-up from lr/25, cosine down to ~0, beta1 0.95-0.85 against the lr),
+# weight decay on every parameter, and no random crop or flip (it sees each image too few
+# times to over-fit it; crop and flip only make its images harder to fit). On 45,000
+# CIFAR-10 images x 2 epochs, the preset's linear warm-up, cosine and crop/flip trailed the
+# plain loop by 1.0 point over five seeds; with these it is level (docs/RESULTS.md). At 15
+# epochs on 5,000 images one-cycle cost 0.6 points against the cosine and crop/flip pay, so
+# longer runs keep the preset's. Between 3 and 14 epochs nothing is measured.
+PLAIN_LOOP_UP_TO_EPOCHS = 2
 
 
 def peak_lr(recipe: TrainConfig, world_size: int = 1) -> float:
@@ -99,9 +95,10 @@ def _scale(value: float, s: float) -> float:
     return value if s >= 1 else round(value * s, 3)  # 3 decimals keep config.yaml readable
 
 
-def _scaled_augment(aug: AugmentConfig, s: float, pinned: set[str]) -> AugmentConfig:
-    """The preset's augmentation at strength `s`. Crop and flip stay: they are the plain
-    baseline's own augmentation, cheap and useful at any length but the shortest."""
+def _scaled_augment(aug: AugmentConfig, s: float, pinned: set[str], crop_flip: bool = True) -> AugmentConfig:
+    """The preset's augmentation at strength `s`. Crop and flip stay unless `crop_flip` is
+    False: they are the plain baseline's own augmentation, cheap and useful at any length but
+    the shortest."""
     changes: dict[str, Any] = {
         "mixup_alpha": _scale(aug.mixup_alpha, s),
         "cutmix_alpha": _scale(aug.cutmix_alpha, s),
@@ -111,6 +108,8 @@ def _scaled_augment(aug: AugmentConfig, s: float, pinned: set[str]) -> AugmentCo
         # TrivialAugment has no magnitude to turn down: on for the longer half of the ramp.
         "auto_augment": aug.auto_augment if s >= 0.5 or aug.auto_augment == "rand" and s > 0 else "none",
     }
+    if not crop_flip:
+        changes |= {"crop_padding": 0, "hflip": 0.0}
     return dataclasses.replace(aug, **{k: v for k, v in changes.items() if f"augment.{k}" not in pinned})
 
 
@@ -130,6 +129,7 @@ def fit_recipe(cfg: Config, section: str, reference_epochs: int, train_images: i
     model = cfg.model
     if recipe.recipe == "auto":
         s = strength(recipe.epochs, reference_epochs)
+        plain_loop = section == "finetune" and recipe.epochs <= PLAIN_LOOP_UP_TO_EPOCHS
         warmup_fraction = recipe.warmup_epochs / reference_epochs
         if section == "finetune":  # rule 3 (measured for fine-tuning only)
             if recipe.lr is None:
@@ -140,16 +140,13 @@ def fit_recipe(cfg: Config, section: str, reference_epochs: int, train_images: i
             if "grad_clip" not in mine and s < 1:
                 changes["grad_clip"] = round(recipe.grad_clip / s, 3) if s > 0 else 0.0
             # a schedule, min_lr or betas the user set keeps the schedule they were set for
-            if recipe.epochs <= ONE_CYCLE_UP_TO_EPOCHS and not mine & {"schedule", "min_lr", "betas"}:
+            if plain_loop and not mine & {"schedule", "min_lr", "betas"}:
                 changes["schedule"] = "one-cycle"
                 if "decay_all" not in mine:
                     changes["decay_all"] = True
         if "warmup_epochs" not in mine:
             changes["warmup_epochs"] = warmup_fraction * recipe.epochs
-        changes["augment"] = _scaled_augment(recipe.augment, s, mine)
-        if section == "finetune" and recipe.epochs <= NO_CROP_FLIP_UP_TO_EPOCHS:
-            changes["augment"] = dataclasses.replace(changes["augment"], **{
-                k: off for k, off in (("crop_padding", 0), ("hflip", 0.0)) if f"augment.{k}" not in mine})
+        changes["augment"] = _scaled_augment(recipe.augment, s, mine, crop_flip=not plain_loop)
         if "model.drop_path" not in pinned:
             model = dataclasses.replace(model, drop_path=_scale(model.drop_path, s))
     recipe = dataclasses.replace(recipe, **changes)
