@@ -394,7 +394,8 @@ def benchmark(
     console.print(f"latency: median of {report.calls} batch-1 calls; agrees/router: same top-1 / same top-k "
                   f"experts per token as PyTorch eager; MB: weights as safetensors for PyTorch, the file for ONNX",
                   highlight=False)
-    console.print(f"machine: {m['cpu']}, {m['logical_cores']} logical cores; torch {m['torch']}, onnxruntime "
+    cpu = f"{m['cpu']} ({m['cpu_id']})" if m.get("cpu_id") else m["cpu"]
+    console.print(f"machine: {cpu}, {m['logical_cores']} logical cores; torch {m['torch']}, onnxruntime "
                   f"{m['onnxruntime'] or 'not installed'}", highlight=False)
 
 

@@ -100,14 +100,25 @@ class _Runner:
     route_model: bytes | None = None  # ONNX with the TopK outputs, for router agreement
 
 
+# the widest SIMD extension for int8 / fp32 matmuls, best first: latency ratios depend on it
+_SIMD = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512f", "avx2", "asimddp", "asimd")
+
+
 def machine_info(threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
+    """The CPU (model name, and on Linux its family/model and widest SIMD extension: the same
+    model name can hide different microarchitectures), core count and library versions."""
+    cpu, cpu_id = platform.processor() or platform.machine(), None
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        cpu = fields.get("model name", cpu)
+        flags = set((fields.get("flags") or fields.get("Features") or "").split())
+        ident = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields else []
+        cpu_id = ", ".join(ident + [next((x for x in _SIMD if x in flags), "")]).strip(", ") or None
+    except (OSError, ValueError, KeyError):
         pass
-    info = {"cpu": cpu, "logical_cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+    info = {"cpu": cpu, "cpu_id": cpu_id, "logical_cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "python": platform.python_version()}
     try:
         import onnxruntime

@@ -144,6 +144,16 @@ def test_int8_static_export_is_calibrated_checked_on_held_out_images_and_keeps_t
     model = onnx.load(str(world["static"]))
     ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # each int8 matmul gives a float result: its output is never re-quantized (that would add a
+    # QuantizeLinear -> DequantizeLinear pass per matmul at run time)
+    consumers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    weight_matmuls = [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul")
+                      and n.input[0] in {d.output[0] for d in model.graph.node if d.op_type == "DequantizeLinear"}]
+    assert len(weight_matmuls) >= 4 * 3  # qkv, proj, w1v, w2 per layer
+    assert not [n.name for n in weight_matmuls if "QuantizeLinear" in consumers.get(n.output[0], [])]
     head = next(n for n in model.graph.node if "logits" in n.output)  # no QuantizeLinear/DequantizeLinear after it
     assert head.op_type == "Gemm" and _weight_types(model).get(head.input[1]) == onnx.TensorProto.FLOAT
 
@@ -187,6 +197,10 @@ def test_benchmark_json_has_every_format_with_its_figures(world):
     assert rows["onnx-int8-dynamic"]["size_bytes"] < rows["onnx-fp32"]["size_bytes"]
     ratio = rep["ratios"]["onnx-int8-dynamic / onnx-fp32"]
     assert ratio == pytest.approx(rows["onnx-int8-dynamic"]["latency_ms"] / rows["onnx-fp32"]["latency_ms"])
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "cpu family" in cpuinfo.read_text():  # Linux x86: the microarchitecture is named
+        family = re.search(r"cpu family\s*:\s*(\d+)", cpuinfo.read_text()).group(1)
+        assert re.fullmatch(rf"family {family} model \d+(, \w+)?", rep["machine"]["cpu_id"])
 
 
 def test_benchmark_lists_onnx_formats_as_missing_without_onnxruntime(world, tmp_path):
