@@ -114,8 +114,9 @@ def machine_info(threads: int) -> dict:
         fields = {k.strip(): v.strip() for k, v in fields.items()}
         cpu = fields.get("model name", cpu)
         flags = set((fields.get("flags") or fields.get("Features") or "").split())
-        ident = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields else []
-        cpu_id = ", ".join(ident + [next((x for x in _SIMD if x in flags), "")]).strip(", ") or None
+        simd = next((x for x in _SIMD if x in flags), None)
+        parts = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields else []
+        cpu_id = ", ".join(parts + ([simd] if simd else [])) or None
     except (OSError, ValueError, KeyError):
         pass
     info = {"cpu": cpu, "cpu_id": cpu_id, "logical_cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
