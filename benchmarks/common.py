@@ -27,6 +27,8 @@ if str(REPO) not in sys.path:  # benchmark the checkout, also when it is not pip
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+from mmlit_cli.runtime import cpu_info  # noqa: E402
+
 DEFAULT_CIFAR = Path("/tmp/cifar10/train")
 CIFAR_TARBALLS = (REPO / "shared/data/cifar10-train-jpeg.tar.gz",
                   REPO.parent / "shared/data/cifar10-train-jpeg.tar.gz",
@@ -49,24 +51,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(device: torch.device) -> dict[str, Any]:
     """What ran the benchmark: CPU, cores, torch, threads and (on CUDA) the GPU."""
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         usable = os.cpu_count()
+    cpu, cpu_id = cpu_info()
     info: dict[str, Any] = {
-        "cpu": _cpu_model(), "logical_cores": os.cpu_count(), "usable_cores": usable,
+        "cpu": cpu, "cpu_id": cpu_id, "logical_cores": os.cpu_count(), "usable_cores": usable,
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "device": str(device),
     }
@@ -90,7 +83,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 def machine_line(info: dict[str, Any]) -> str:
-    text = (f"machine: {info['cpu']}, {info['usable_cores']} usable / {info['logical_cores']} logical cores, "
+    cpu = f"{info['cpu']} ({info['cpu_id']})" if info.get("cpu_id") else info["cpu"]
+    text = (f"machine: {cpu}, {info['usable_cores']} usable / {info['logical_cores']} logical cores, "
             f"torch {info['torch']}, {info['torch_threads']} intra-op threads, device {info['device']}")
     if "gpu" in info:
         text += (f"\n         GPU {info['gpu']} ({info['gpu_memory_gib']} GiB, sm {info['gpu_capability']}, "

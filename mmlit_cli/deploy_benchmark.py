@@ -35,7 +35,7 @@ from .data import Normalize, load_split
 from .errors import MmlitError, one_line
 from .evaluate import load_classifier, match_classes
 from .onnx_classifier import PIP_HINT
-from .runtime import forward_batch
+from .runtime import cpu_info, forward_batch
 
 FORMATS = {
     "pytorch-eager": "PyTorch eager",
@@ -100,25 +100,9 @@ class _Runner:
     route_model: bytes | None = None  # ONNX with the TopK outputs, for router agreement
 
 
-# the widest SIMD extension for int8 / fp32 matmuls, best first: latency ratios depend on it
-_SIMD = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512f", "avx2", "asimddp", "asimd")
-
-
 def machine_info(threads: int) -> dict:
-    """The CPU (model name, and on Linux its family/model and widest SIMD extension: the same
-    model name can hide different microarchitectures), core count and library versions."""
-    cpu, cpu_id = platform.processor() or platform.machine(), None
-    try:
-        with open("/proc/cpuinfo") as f:
-            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        cpu = fields.get("model name", cpu)
-        flags = set((fields.get("flags") or fields.get("Features") or "").split())
-        simd = next((x for x in _SIMD if x in flags), None)
-        parts = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields else []
-        cpu_id = ", ".join(parts + ([simd] if simd else [])) or None
-    except (OSError, ValueError, KeyError):
-        pass
+    """The CPU (`runtime.cpu_info`), core count and library versions."""
+    cpu, cpu_id = cpu_info()
     info = {"cpu": cpu, "cpu_id": cpu_id, "logical_cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "python": platform.python_version()}
     try:

@@ -1,5 +1,6 @@
 """Where and how a model runs: the device, the autocast dtype, torch.compile, the process
-group under torchrun, and the one way a batch goes through a model (`forward_batch`).
+group under torchrun, the one way a batch goes through a model (`forward_batch`), and which
+CPU it runs on (`cpu_info`).
 
 Training, evaluation, `predict` and `export` all take these from here, so evaluation never
 needs the training engine, and every path feeds a model the same way.
@@ -8,6 +9,7 @@ needs the training engine, and every path feeds a model the same way.
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -151,3 +153,24 @@ def forward_batch(forward: Callable[[torch.Tensor], T], images: torch.Tensor, no
     x = normalize(images.to(device, non_blocking=True))
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         return forward(x)
+
+
+# the widest SIMD extension for int8 / fp32 matmuls, best first: latency ratios depend on it
+_SIMD = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512f", "avx2", "asimddp", "asimd")
+
+
+def cpu_info() -> tuple[str, str | None]:
+    """The CPU's model name and, on Linux, its family/model and widest SIMD extension, e.g.
+    ("AMD EPYC", "family 25 model 17, avx512_vnni"): one model name can hide different
+    microarchitectures, and speed ratios move with them."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            first_cpu = f.read().split("\n\n")[0]
+    except OSError:
+        return name, None
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first_cpu.splitlines() if ":" in line)}
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    simd = next((x for x in _SIMD if x in flags), None)
+    parts = [f"family {fields['cpu family']} model {fields.get('model', '?')}"] if "cpu family" in fields else []
+    return fields.get("model name", name), ", ".join(parts + ([simd] if simd else [])) or None
