@@ -19,11 +19,19 @@ exporter (`dynamo=False`) cannot export this model: it fails with "conversion of
 scaled_dot_product_attention not implemented if enable_gqa is True" (its opset-14 SDPA
 symbolic). The dynamo exporter decomposes grouped-query SDPA into repeated K/V (Unsqueeze,
 Expand, Reshape), a transposed K rebuilt from runtime shapes, MatMul and Softmax. The graph
-is therefore traced with `_ExportAttention` and `_ExportMoE`, the same functions written as
-one matmul per key/value head group, batch-free reshapes, and linear layers on 2-D
-activations (which ONNX Runtime fuses with their bias into Gemm): 393 nodes instead of 501
-for `xxs`, and batch-1 time in ONNX Runtime 0.88-0.95x (fp32) and 0.87-0.95x (int8) of the
-decomposed form (docs/BENCHMARKS.md, "Deployment").
+is therefore traced with export forms of the model (`export_forms`), the same function and
+weights written for ONNX Runtime:
+
+* `_ExportAttention`: one matmul per key/value head group, values applied as V^T P^T (wide
+  rows) with `proj`'s columns permuted to match, batch-free reshapes;
+* `_ExportMoE` and both: linear layers on 2-D activations (ONNX Runtime fuses a 2-D MatMul
+  and its bias into Gemm);
+* `_ExportMLiT`: the last block computes only the class token, the one the head reads
+  (`_ClassTokenAttention`).
+
+For `xxs` the decomposed form took 1.09-1.16x the time of the first two alone, and the
+last two changes take a further 14 % (fp32) and 20 % (int8) off (docs/BENCHMARKS.md,
+"Deployment").
 
 int8 (`int8=True`): see `quantize.py` for what is quantized and why the router stays float.
 Its check compares top-1 predictions and accuracy with PyTorch, and reports router agreement,
@@ -50,7 +58,7 @@ from .data import Normalize, load_split
 from .errors import MmlitError, one_line
 from .evaluate import load_classifier, match_classes
 from .files import atomic_write
-from .model import GroupedQueryAttention, MoEFeedForward
+from .model import GroupedQueryAttention, MLiT, MoEFeedForward
 from .onnx_classifier import PIP_HINT
 
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; lower ones go through a converter
@@ -91,12 +99,39 @@ def _linear_2d(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return layer(x.reshape(-1, x.shape[-1])).view(-1, n, layer.out_features)
 
 
-class _ExportAttention(GroupedQueryAttention):
-    """`GroupedQueryAttention.forward`'s function, written for a lean ONNX graph: the query
-    heads that share a key/value head are stacked along the token axis, so each group is one
-    matmul against its K (no repeated K/V), and every reshape uses -1 for the batch axis (no
-    runtime shape arithmetic). Query head h uses kv head h // (heads / kv_heads), as SDPA's
-    `enable_gqa` does."""
+def _linear_with(layer: torch.nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
+    """A `Linear` holding a copy of `weight` and `bias` (rows or columns of `layer`'s)."""
+    out = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    out = out.to(device=layer.weight.device, dtype=layer.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias)
+    return out.eval()
+
+
+class _ExportAttention(torch.nn.Module):
+    """`GroupedQueryAttention.forward`'s function, written for a lean ONNX graph:
+
+    * the query heads that share a key/value head are stacked along the token axis, so each
+      group is one matmul against its K (no repeated K/V);
+    * values are applied as V^T P^T, which gives each group's output as [head_dim, group * n]:
+      rows as wide as the sequence instead of head_dim (18 for `xxs`) wide, where the matmul
+      kernel wastes most of its 16-float registers' second pass;
+    * that output, rows ordered (kv head, head_dim, query head in group), becomes token-major
+      with one transpose of a [features, tokens] matrix, and `proj`'s input columns are
+      permuted to the same order here, once, instead of moving the activations back;
+    * every reshape uses -1 for the batch axis (no runtime shape arithmetic).
+
+    Query head h uses kv head h // (heads / kv_heads), as SDPA's `enable_gqa` does."""
+
+    def __init__(self, attn: GroupedQueryAttention):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.qkv = attn.qkv
+        group, dim = self.num_heads // self.num_kv_heads, attn.proj.out_features
+        by_kv_d_group = attn.proj.weight.view(dim, self.num_kv_heads, group, self.head_dim).transpose(2, 3)
+        self.proj = _linear_with(attn.proj, by_kv_d_group.reshape(dim, -1), attn.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[1]
@@ -105,9 +140,32 @@ class _ExportAttention(GroupedQueryAttention):
         q, k, v = _linear_2d(self.qkv, x).view(-1, n, heads + 2 * kv, d).split([heads, kv, kv], dim=2)
         q = q.reshape(-1, n, kv, group, d).permute(0, 2, 3, 1, 4).reshape(-1, kv, group * n, d)
         scores = (q * d ** -0.5) @ k.permute(0, 2, 3, 1)  # [B, kv, group * n, n]
-        out = scores.softmax(dim=-1) @ v.permute(0, 2, 1, 3)  # [B, kv, group * n, d]
-        out = out.reshape(-1, kv, group, n, d).permute(0, 3, 1, 2, 4).reshape(-1, n, heads * d)
+        out_t = v.permute(0, 2, 3, 1) @ scores.softmax(dim=-1).transpose(-1, -2)  # [B, kv, d, group * n]
+        out = out_t.reshape(-1, kv * d * group, n).transpose(1, 2)  # [B, n, (kv, d, group)]
         return _linear_2d(self.proj, out)
+
+
+class _ClassTokenAttention(torch.nn.Module):
+    """A `GroupedQueryAttention`'s output for the class token alone, [B, 1, D]: its query
+    against every token's key and value. `qkv` is split into a query projection (run on one
+    token) and a key/value projection (run on all), two weight matmuls for int8 to quantize."""
+
+    def __init__(self, attn: GroupedQueryAttention):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        width, (w, b) = self.num_heads * self.head_dim, (attn.qkv.weight, attn.qkv.bias)
+        self.q = _linear_with(attn.qkv, w[:width], None if b is None else b[:width])
+        self.kv = _linear_with(attn.qkv, w[width:], None if b is None else b[width:])
+        self.proj = attn.proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        kv, d = self.num_kv_heads, self.head_dim
+        k, v = _linear_2d(self.kv, x).view(-1, n, 2 * kv, d).split([kv, kv], dim=2)
+        q = self.q(x[:, 0]).view(-1, kv, self.num_heads // kv, d)
+        scores = (q * d ** -0.5) @ k.permute(0, 2, 3, 1)  # [B, kv, group, n]
+        out = scores.softmax(dim=-1) @ v.permute(0, 2, 1, 3)  # [B, kv, group, d]
+        return self.proj(out.reshape(-1, 1, self.num_heads * d))
 
 
 class _ExportMoE(MoEFeedForward):
@@ -122,21 +180,39 @@ class _ExportMoE(MoEFeedForward):
         return _linear_2d(self.w2, mixed * v)
 
 
-_EXPORT_FORMS = {GroupedQueryAttention: _ExportAttention, MoEFeedForward: _ExportMoE}
+class _ExportMLiT(MLiT):
+    """`MLiT.forward` with a last block that computes the class token only. The head reads
+    nothing else, so the other tokens' last-block outputs never reach the logits: the last
+    attention keeps one query row (`_ClassTokenAttention`), and the last norm, MoE layer and
+    the final norm run on one token. For `xxs` this takes about a tenth off the graph's time."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.cls_embed(x.shape[0]), self.embed(x)], dim=1)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        last = self.blocks[-1]
+        cls = x[:, :1] + last.attn(last.norm1(x))
+        cls = cls + last.ffn(last.norm2(cls))
+        return self.head(self.norm(cls[:, 0]))
 
 
 @contextmanager
-def export_forms(model: torch.nn.Module):
-    """Trace `model` with `_ExportAttention` and `_ExportMoE` (same weights, same function);
-    the original classes are restored after."""
-    swapped = [(m, type(m)) for m in model.modules() if type(m) in _EXPORT_FORMS]
-    for m, cls in swapped:
-        m.__class__ = _EXPORT_FORMS[cls]
+def export_forms(model: MLiT):
+    """Trace `model` as `_ExportMLiT`, with `_ExportAttention` (`_ClassTokenAttention` in the
+    last block) and `_ExportMoE`: the same function and weights; the model is restored after."""
+    if type(model) is not MLiT:
+        raise MmlitError(f"ONNX export takes an mLiT classifier, not {type(model).__name__}")
+    attentions = [block.attn for block in model.blocks]
+    for i, block in enumerate(model.blocks):
+        block.attn = (_ClassTokenAttention if i == len(model.blocks) - 1 else _ExportAttention)(block.attn)
+        block.ffn.__class__ = _ExportMoE
+    model.__class__ = _ExportMLiT
     try:
         yield model
     finally:
-        for m, cls in swapped:
-            m.__class__ = cls
+        model.__class__ = MLiT
+        for block, attn in zip(model.blocks, attentions):
+            block.attn, block.ffn.__class__ = attn, MoEFeedForward
 
 
 def _require(module: str, what: str):

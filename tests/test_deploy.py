@@ -283,23 +283,31 @@ def test_bad_deploy_input_is_one_line_nonzero_and_changes_nothing(case, world, t
 # The library pieces, in-process
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("heads,kv", [(6, 3), (4, 2), (4, 4), (4, 1)])
-def test_export_forms_compute_the_same_function_as_the_model(heads, kv):
-    from mmlit_cli.export import _ExportAttention, _ExportMoE, export_forms
-    from mmlit_cli.model import GroupedQueryAttention, MoEFeedForward
+@pytest.mark.parametrize("heads,kv,depth", [(6, 3, 3), (4, 2, 2), (4, 4, 1), (4, 1, 2)])
+def test_export_forms_compute_the_same_function_as_the_model(heads, kv, depth):
+    from mmlit_cli.config import ModelConfig
+    from mmlit_cli.export import _ClassTokenAttention, _ExportAttention, _ExportMLiT, _ExportMoE, export_forms
+    from mmlit_cli.model import MLiT, GroupedQueryAttention, MoEFeedForward
 
     torch.manual_seed(heads * 10 + kv)
-    attn, moe = GroupedQueryAttention(24, heads, kv).double(), MoEFeedForward(24, 8, kv + 2, top_k=2).double()
-    torch.nn.init.normal_(moe.router.weight)  # spread router logits: distinct top-k per token
-    model = torch.nn.Sequential(attn, moe).eval()
-    x = torch.randn(3, 17, 24, dtype=torch.float64)
-    ref = (attn(x), moe(x))
+    cfg = ModelConfig(image_size=12, patch_size=3, num_classes=7, embed_dim=24, depth=depth, num_heads=heads,
+                      num_kv_heads=kv, mlp_hidden_first=8, mlp_hidden_last=8, expert_stages=[kv + 2])
+    model = MLiT(cfg).double().eval()
+    for p in model.parameters():  # spread router logits and attention: distinct top-k, no uniform softmax
+        torch.nn.init.normal_(p, std=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 3, 12, 12, dtype=torch.float64)
+    ref = model(x)
     with export_forms(model):
-        assert type(attn) is _ExportAttention and type(moe) is _ExportMoE
-        got = (attn(x), moe(x))
-    assert type(attn) is GroupedQueryAttention and type(moe) is MoEFeedForward
-    for a, b in zip(got, ref):
-        assert torch.allclose(a, b, atol=1e-12)
+        assert type(model) is _ExportMLiT
+        assert [type(b.attn) for b in model.blocks] == [_ExportAttention] * (depth - 1) + [_ClassTokenAttention]
+        assert all(type(b.ffn) is _ExportMoE for b in model.blocks)
+        got = model(x)
+    assert type(model) is MLiT
+    assert all(type(b.attn) is GroupedQueryAttention and type(b.ffn) is MoEFeedForward for b in model.blocks)
+    assert torch.allclose(got, ref, atol=1e-12)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_route_agreement_compares_expert_sets_not_orders():
@@ -310,6 +318,9 @@ def test_route_agreement_compares_expert_sets_not_orders():
     assert route_agreement(a, b) == 1.0
     b[1][1, 0] = [0, 1]
     assert route_agreement(a, b) == pytest.approx(7 / 8)
+    # an export's last layer routes the class token (the first) only: the slots both have count
+    assert route_agreement(a, [b[0], b[1][:, :1]]) == pytest.approx(5 / 6)
+    assert route_agreement([a[0], a[1][:, :1]], b) == pytest.approx(5 / 6)
     with pytest.raises(MmlitError, match="MoE layers"):
         route_agreement(a, b[:1])
 
