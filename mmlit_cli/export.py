@@ -29,9 +29,9 @@ weights written for ONNX Runtime:
 * `_ExportMLiT`: the last block computes only the class token, the one the head reads
   (`_ClassTokenAttention`).
 
-For `xxs` the decomposed form took 1.09-1.16x the time of the first two alone, and the
-last two changes take a further 14 % (fp32) and 20 % (int8) off (docs/BENCHMARKS.md,
-"Deployment").
+For `xxs`, the decomposed form took 1.09-1.16x the time of the grouped attention on 2-D
+linear layers, and V^T P^T with the class-token block take a further 14 % (fp32) and 20 %
+(int8) off that (docs/BENCHMARKS.md, "Deployment").
 
 int8 (`int8=True`): see `quantize.py` for what is quantized and why the router stays float.
 Its check compares top-1 predictions and accuracy with PyTorch, and reports router agreement,
@@ -116,8 +116,8 @@ class _ExportAttention(torch.nn.Module):
     * the query heads that share a key/value head are stacked along the token axis, so each
       group is one matmul against its K (no repeated K/V);
     * values are applied as V^T P^T, which gives each group's output as [head_dim, group * n]:
-      rows as wide as the sequence instead of head_dim (18 for `xxs`) wide, where the matmul
-      kernel wastes most of its 16-float registers' second pass;
+      rows as wide as the sequence rather than head_dim (18 for `xxs`) wide, which ONNX Runtime
+      computes faster (57 against 74 µs per `xxs` layer, docs/BENCHMARKS.md);
     * that output, rows ordered (kv head, head_dim, query head in group), becomes token-major
       with one transpose of a [features, tokens] matrix, and `proj`'s input columns are
       permuted to the same order here, once, instead of moving the activations back;
