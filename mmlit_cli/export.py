@@ -24,8 +24,8 @@ weights written for ONNX Runtime:
 
 * `_ExportAttention`: one matmul per key/value head group, values applied as V^T P^T (wide
   rows) with `proj`'s columns permuted to match, batch-free reshapes;
-* `_ExportMoE` and both: linear layers on 2-D activations (ONNX Runtime fuses a 2-D MatMul
-  and its bias into Gemm);
+* `_ExportMoE` and the attention forms: their weight matmuls (qkv, proj, W1/V, W2) run on
+  2-D activations [B * N, D], which ONNX Runtime fuses with their bias into one Gemm;
 * `_ExportMLiT`: the last block computes only the class token, the one the head reads
   (`_ClassTokenAttention`).
 
@@ -58,7 +58,7 @@ from .data import Normalize, load_split
 from .errors import MmlitError, one_line
 from .evaluate import load_classifier, match_classes
 from .files import atomic_write
-from .model import GroupedQueryAttention, MLiT, MoEFeedForward
+from .model import Block, GroupedQueryAttention, MLiT, MoEFeedForward
 from .onnx_classifier import PIP_HINT
 
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; lower ones go through a converter
@@ -116,7 +116,7 @@ class _ExportAttention(torch.nn.Module):
     * the query heads that share a key/value head are stacked along the token axis, so each
       group is one matmul against its K (no repeated K/V);
     * values are applied as V^T P^T, which gives each group's output as [head_dim, group * n]:
-      rows as wide as the sequence rather than head_dim (18 for `xxs`) wide, which ONNX Runtime
+      rows group * n wide (290 for `xxs`) rather than head_dim (18) wide, which ONNX Runtime
       computes faster (57 against 74 µs per `xxs` layer, docs/BENCHMARKS.md);
     * that output, rows ordered (kv head, head_dim, query head in group), becomes token-major
       with one transpose of a [features, tokens] matrix, and `proj`'s input columns are
@@ -165,7 +165,7 @@ class _ClassTokenAttention(torch.nn.Module):
         q = self.q(x[:, 0]).view(-1, kv, self.num_heads // kv, d)
         scores = (q * d ** -0.5) @ k.permute(0, 2, 3, 1)  # [B, kv, group, n]
         out = scores.softmax(dim=-1) @ v.permute(0, 2, 1, 3)  # [B, kv, group, d]
-        return self.proj(out.reshape(-1, 1, self.num_heads * d))
+        return self.proj(out.reshape(-1, self.num_heads * d)).unsqueeze(1)  # 2-D: one Gemm
 
 
 class _ExportMoE(MoEFeedForward):
@@ -199,19 +199,22 @@ class _ExportMLiT(MLiT):
 @contextmanager
 def export_forms(model: MLiT):
     """Trace `model` as `_ExportMLiT`, with `_ExportAttention` (`_ClassTokenAttention` in the
-    last block) and `_ExportMoE`: the same function and weights; the model is restored after."""
+    last block) and `_ExportMoE`: the same function and weights; the model is restored after.
+    The permuted and split weights are copies made on entry: changing the model's weights
+    inside the context does not reach them."""
     if type(model) is not MLiT:
         raise MmlitError(f"ONNX export takes an mLiT classifier, not {type(model).__name__}")
-    attentions = [block.attn for block in model.blocks]
-    for i, block in enumerate(model.blocks):
-        block.attn = (_ClassTokenAttention if i == len(model.blocks) - 1 else _ExportAttention)(block.attn)
-        block.ffn.__class__ = _ExportMoE
-    model.__class__ = _ExportMLiT
+    swapped: list[tuple[Block, GroupedQueryAttention]] = []
     try:
+        for i, block in enumerate(model.blocks):
+            form = _ClassTokenAttention if i == len(model.blocks) - 1 else _ExportAttention
+            swapped.append((block, block.attn))
+            block.attn, block.ffn.__class__ = form(block.attn), _ExportMoE
+        model.__class__ = _ExportMLiT
         yield model
     finally:
         model.__class__ = MLiT
-        for block, attn in zip(model.blocks, attentions):
+        for block, attn in swapped:
             block.attn, block.ffn.__class__ = attn, MoEFeedForward
 
 

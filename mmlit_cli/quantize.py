@@ -195,11 +195,16 @@ def onnx_outputs(route_model: bytes, images: np.ndarray, batch: int = 250) -> tu
 
 def route_agreement(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     """Fraction of (image, token, layer) slots with the same top-k expert set. Where one side
-    routes fewer tokens in a layer (an export's last MoE layer routes only the class token,
-    the first), the slots both have are compared."""
+    routes one token in a layer and the other all of them (an export's last MoE layer routes
+    only the class token, the first), that token's slot is compared."""
     if len(a) != len(b) or not a:
         raise MmlitError(f"cannot compare routes of {len(a)} and {len(b)} MoE layers")
-    pairs = [(x[:, :min(x.shape[1], y.shape[1])], y[:, :min(x.shape[1], y.shape[1])]) for x, y in zip(a, b)]
+    pairs = []
+    for layer, (x, y) in enumerate(zip(a, b)):
+        tokens = min(x.shape[1], y.shape[1])
+        if x.shape[0] != y.shape[0] or x.shape[1] != y.shape[1] and tokens != 1:
+            raise MmlitError(f"cannot compare routes of MoE layer {layer}: shapes {list(x.shape)} and {list(y.shape)}")
+        pairs.append((x[:, :tokens], y[:, :tokens]))
     same = sum(int((x == y).all(-1).sum()) for x, y in pairs)
     return same / sum(x.shape[0] * x.shape[1] for x, _ in pairs)
 

@@ -283,20 +283,22 @@ def test_bad_deploy_input_is_one_line_nonzero_and_changes_nothing(case, world, t
 # The library pieces, in-process
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("heads,kv,depth", [(6, 3, 3), (4, 2, 2), (4, 4, 1), (4, 1, 2)])
-def test_export_forms_compute_the_same_function_as_the_model(heads, kv, depth):
+@pytest.mark.parametrize("heads,kv,depth,qkv_bias,batch",
+                         [(6, 3, 3, True, 3), (4, 2, 2, False, 1), (4, 4, 1, True, 1), (4, 1, 2, False, 5)])
+def test_export_forms_compute_the_same_function_as_the_model(heads, kv, depth, qkv_bias, batch):
     from mmlit_cli.config import ModelConfig
     from mmlit_cli.export import _ClassTokenAttention, _ExportAttention, _ExportMLiT, _ExportMoE, export_forms
     from mmlit_cli.model import MLiT, GroupedQueryAttention, MoEFeedForward
 
     torch.manual_seed(heads * 10 + kv)
     cfg = ModelConfig(image_size=12, patch_size=3, num_classes=7, embed_dim=24, depth=depth, num_heads=heads,
-                      num_kv_heads=kv, mlp_hidden_first=8, mlp_hidden_last=8, expert_stages=[kv + 2])
+                      num_kv_heads=kv, qkv_bias=qkv_bias, mlp_hidden_first=8, mlp_hidden_last=8,
+                      expert_stages=[kv + 2])
     model = MLiT(cfg).double().eval()
     for p in model.parameters():  # spread router logits and attention: distinct top-k, no uniform softmax
         torch.nn.init.normal_(p, std=0.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    x = torch.randn(3, 3, 12, 12, dtype=torch.float64)
+    x = torch.randn(batch, 3, 12, 12, dtype=torch.float64)
     ref = model(x)
     with export_forms(model):
         assert type(model) is _ExportMLiT
@@ -321,6 +323,10 @@ def test_route_agreement_compares_expert_sets_not_orders():
     # an export's last layer routes the class token (the first) only: the slots both have count
     assert route_agreement(a, [b[0], b[1][:, :1]]) == pytest.approx(5 / 6)
     assert route_agreement([a[0], a[1][:, :1]], b) == pytest.approx(5 / 6)
+    with pytest.raises(MmlitError, match="MoE layer 1"):  # 2 tokens against 3: not an export's last layer
+        route_agreement(a, [b[0], np.concatenate([b[1], b[1][:, :1]], axis=1)])
+    with pytest.raises(MmlitError, match="MoE layer 1"):
+        route_agreement(a, [b[0], b[1][:1]])
     with pytest.raises(MmlitError, match="MoE layers"):
         route_agreement(a, b[:1])
 
