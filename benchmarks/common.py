@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:  # benchmark the checkout, also when it is not pip
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from mmlit_cli.runtime import cpu_info  # noqa: E402
+from mmlit_cli.runtime import cpu_info, cpu_label  # noqa: E402
 
 DEFAULT_CIFAR = Path("/tmp/cifar10/train")
 CIFAR_TARBALLS = (REPO / "shared/data/cifar10-train-jpeg.tar.gz",
@@ -83,8 +83,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 def machine_line(info: dict[str, Any]) -> str:
-    cpu = f"{info['cpu']} ({info['cpu_id']})" if info.get("cpu_id") else info["cpu"]
-    text = (f"machine: {cpu}, {info['usable_cores']} usable / {info['logical_cores']} logical cores, "
+    text = (f"machine: {cpu_label(info['cpu'], info.get('cpu_id'))}, {info['usable_cores']} usable / {info['logical_cores']} logical cores, "
             f"torch {info['torch']}, {info['torch_threads']} intra-op threads, device {info['device']}")
     if "gpu" in info:
         text += (f"\n         GPU {info['gpu']} ({info['gpu_memory_gib']} GiB, sm {info['gpu_capability']}, "

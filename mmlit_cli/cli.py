@@ -367,6 +367,7 @@ def benchmark(
     Example:  mmlit benchmark runs/finetune/xxs/best.safetensors --dataset ./my-images --split val
     """
     from .deploy_benchmark import run_benchmark
+    from .runtime import cpu_label
 
     progress = None if as_json else (lambda msg: err_console.print(f"[dim]{escape(msg)}...[/dim]", highlight=False))
     report = run_benchmark(checkpoint, dataset, split, data_dir, threads, batch_size, calls, limit, progress)
@@ -394,8 +395,7 @@ def benchmark(
     console.print(f"latency: median of {report.calls} batch-1 calls; agrees/router: same top-1 / same top-k "
                   f"experts per token as PyTorch eager; MB: weights as safetensors for PyTorch, the file for ONNX",
                   highlight=False)
-    cpu = f"{m['cpu']} ({m['cpu_id']})" if m.get("cpu_id") else m["cpu"]
-    console.print(f"machine: {cpu}, {m['logical_cores']} logical cores; torch {m['torch']}, onnxruntime "
+    console.print(f"machine: {cpu_label(m['cpu'], m.get('cpu_id'))}, {m['logical_cores']} logical cores; torch {m['torch']}, onnxruntime "
                   f"{m['onnxruntime'] or 'not installed'}", highlight=False)
 
 

@@ -174,3 +174,8 @@ def cpu_info() -> tuple[str, str | None]:
     simd = next((x for x in _SIMD if x in flags), None)
     parts = [f"family {fields['cpu family']} model {fields.get('model', '?')}"] if "cpu family" in fields else []
     return fields.get("model name", name), ", ".join(parts + ([simd] if simd else [])) or None
+
+
+def cpu_label(cpu: str, cpu_id: str | None) -> str:
+    """`cpu_info` as one phrase for a machine line: "AMD EPYC (family 25 model 17, avx512_vnni)"."""
+    return f"{cpu} ({cpu_id})" if cpu_id else cpu

@@ -150,8 +150,8 @@ def test_int8_static_export_is_calibrated_checked_on_held_out_images_and_keeps_t
     for n in model.graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n.op_type)
-    weight_matmuls = [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul")
-                      and n.input[0] in {d.output[0] for d in model.graph.node if d.op_type == "DequantizeLinear"}]
+    dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    weight_matmuls = [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul") and n.input[0] in dequantized]
     assert len(weight_matmuls) >= 4 * 3  # qkv, proj, w1v, w2 per layer
     assert not [n.name for n in weight_matmuls if "QuantizeLinear" in consumers.get(n.output[0], [])]
     head = next(n for n in model.graph.node if "logits" in n.output)  # no QuantizeLinear/DequantizeLinear after it
