@@ -509,6 +509,10 @@ def test_benchmark_measures_every_format_on_the_images_eval_scores(home):
     assert re.search(rf"image folder {re.escape(str(home.path / 'pv'))} 'val' split, val/ \(20 images, 10 classes\): "
                      r"20 images, 1 thread\(s\)", " ".join(r.stdout.split())), r.stdout  # the title may wrap
     assert re.search(r"image folder /\S+/pv 'val' split, val/ \(\d+ images, 10 classes\)", readme_output(BENCHMARK)[0])
+    from mmlit_cli.runtime import cpu_info
+    cpu, cpu_id = cpu_info()  # the machine line names the microarchitecture where the OS tells it
+    expected = f"machine: {cpu} ({cpu_id}), " if cpu_id else f"machine: {cpu}, "
+    assert expected in " ".join(r.stdout.split()), r.stdout
     rows = {label.strip(): [c.strip() for c in cells.split("│")]
             for label, cells in re.findall(r"│ (PyTorch eager|PyTorch compiled|ONNX fp32|ONNX int8 dynamic|"
                                            r"ONNX int8 static)\s*│(.+)│", r.stdout)}
