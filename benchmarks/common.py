@@ -268,3 +268,22 @@ def subset_folder(src: Path, per_class: int, dst_root: Path) -> Path:
             if not link.exists():
                 link.symlink_to(f.resolve())
     return dst
+
+
+def holdout_folder(src: Path, per_class: int, holdout: int, dst_root: Path) -> Path:
+    """`dst_root/<src.name>-<per_class>+<holdout>/{train,val}/<class>/`: symlinks to the first
+    `per_class` images of each class of `src` (sorted by name) in train/ and the last
+    `holdout` in val/ (issue 11's split: CIFAR-10's last 500 per class held out)."""
+    dst = dst_root / f"{src.name}-{per_class}+{holdout}"
+    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+        files = sorted(cls.iterdir())
+        if per_class + holdout > len(files):
+            raise SystemExit(f"{cls} has {len(files)} images, fewer than {per_class} + {holdout}")
+        for part, chosen in (("train", files[:per_class]), ("val", files[len(files) - holdout:])):
+            out = dst / part / cls.name
+            out.mkdir(parents=True, exist_ok=True)
+            for f in chosen:
+                link = out / f.name
+                if not link.exists():
+                    link.symlink_to(f.resolve())
+    return dst

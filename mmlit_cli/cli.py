@@ -146,7 +146,10 @@ LrOpt = typer.Option(None, "--lr", help="Peak learning rate, used as given at an
 RecipeOpt = typer.Option(None, "--recipe", help="auto (default): warm-up and regularisation fitted to the run's "
                          "length; paper: the preset's recipe as written.")
 SeedOpt = typer.Option(None, "--seed", help="Override the recipe's seed.")
-WorkersOpt = typer.Option(None, "--workers", "-j", help="Data-loading processes.")
+WorkersOpt = typer.Option(None, "--workers", "-j", help="Data-loading processes (with --loader workers).")
+LoaderOpt = typer.Option(None, "--loader", help="Where batches come from: auto (default: the device where the "
+                         "split fits), device (the decoded split on the training device, shuffled and augmented "
+                         "there in batches; no workers) or workers (a DataLoader augmenting image by image).")
 ResumeOpt = typer.Option(None, "--resume", help="Continue the run in this directory from last.safetensors.")
 CompileOpt = typer.Option(False, "--compile", help="torch.compile the model.")
 CompileModeOpt = typer.Option(None, "--compile-mode", help="torch.compile mode: default, reduce-overhead or "
@@ -165,6 +168,7 @@ def finetune(
     out: Optional[str] = OutOpt, overrides: Optional[List[str]] = SetOpt, epochs: Optional[int] = EpochsOpt,
     batch_size: Optional[int] = BatchOpt, lr: Optional[float] = LrOpt, recipe: Optional[str] = RecipeOpt,
     seed: Optional[int] = SeedOpt, device: str = DeviceOpt, workers: Optional[int] = WorkersOpt,
+    loader: Optional[str] = LoaderOpt,
     init: Optional[str] = typer.Option(None, "--init", help="Start from a checkpoint's weights (MAE encoder or classifier)."),
     resume: Optional[str] = ResumeOpt, compile: bool = CompileOpt, compile_mode: Optional[str] = CompileModeOpt,
     save_every: int = SaveEveryOpt, download: bool = DownloadOpt, validation: Optional[str] = ValOpt,
@@ -182,6 +186,7 @@ def pretrain(
     out: Optional[str] = OutOpt, overrides: Optional[List[str]] = SetOpt, epochs: Optional[int] = EpochsOpt,
     batch_size: Optional[int] = BatchOpt, lr: Optional[float] = LrOpt, recipe: Optional[str] = RecipeOpt,
     seed: Optional[int] = SeedOpt, device: str = DeviceOpt, workers: Optional[int] = WorkersOpt,
+    loader: Optional[str] = LoaderOpt,
     resume: Optional[str] = ResumeOpt, compile: bool = CompileOpt, compile_mode: Optional[str] = CompileModeOpt,
     save_every: int = SaveEveryOpt, download: bool = DownloadOpt, validation: Optional[str] = ValOpt,
 ) -> None:

@@ -144,6 +144,9 @@ class AugmentConfig:
             raise ConfigError(f"{where}.augment: crop_padding and mix alphas must be >= 0")
 
 
+LOADERS = ("auto", "device", "workers")
+
+
 @dataclass
 class TrainConfig:
     """A training recipe (used by `finetune` and `pretrain`)."""
@@ -172,6 +175,11 @@ class TrainConfig:
     layer_decay: float = 1.0  # layer-wise lr decay; applied when starting from a pre-trained encoder
     seed: int = 0
     workers: int = 2
+    # Where batches come from. device: the decoded split lives on the training device and is
+    # shuffled, batched and augmented there (data/device_loader.py); workers: a DataLoader
+    # with `workers` processes augmenting image by image; auto: device where the split fits.
+    # A run records what auto chose, so --resume replays the same batches.
+    loader: str = "auto"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, where: str) -> None:
@@ -195,6 +203,8 @@ class TrainConfig:
             raise ConfigError(f"{where}.layer_decay must be in (0, 1]")
         if self.workers < 0:
             raise ConfigError(f"{where}.workers must be >= 0")
+        if self.loader not in LOADERS:
+            raise ConfigError(f"{where}.loader must be {', '.join(LOADERS)}, got {self.loader!r}")
         self.augment.validate(where)
 
 

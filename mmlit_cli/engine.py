@@ -14,6 +14,7 @@ hot loop keeps losses on the device and syncs with the host only when it prints
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -29,7 +30,8 @@ from rich.markup import escape
 from . import __version__
 from .checkpoint import Checkpoint, save_checkpoint
 from .config import Config, TrainConfig, dump_config
-from .data import ImageData, Normalize, build_loader, build_train_transform, set_epoch
+from .data import (BatchAugment, DeviceLoader, ImageData, Normalize, build_loader, build_train_transform,
+                   choose_loader, set_epoch)
 from .errors import MmlitError
 from .files import atomic_write_text
 from .optim import ModelEMA, build_adamw, lr_at, one_cycle_at, param_groups
@@ -73,6 +75,7 @@ class Trainer:
 
         self.model = task.model.to(self.device)
         self.normalize = Normalize(cfg.data.mean, cfg.data.std, self.device)  # made once: no per-step copies
+        self.loader_note = self._choose_loader(train_data, val_data)
         self.train_loader, self.val_loader = self._build_loaders(train_data, val_data)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
@@ -100,20 +103,39 @@ class Trainer:
         self._resume_loss_sum = 0.0
         self._resume_rng: dict[str, torch.Tensor] | None = None
 
+    def _choose_loader(self, train_data: ImageData, val_data: ImageData | None) -> str:
+        """Resolve `loader: auto` for this device (the config then records the choice, so a
+        resumed run replays the same batches); returns the choice in words."""
+        if self.recipe.loader != "auto":
+            return "data on the device" if self.recipe.loader == "device" else f"{self.recipe.workers} loader workers"
+        nbytes = train_data.images.nbytes + (val_data.images.nbytes if val_data is not None else 0)
+        kind, why = choose_loader(self.device, nbytes)
+        self.recipe = dataclasses.replace(self.recipe, loader=kind)
+        self.cfg = dataclasses.replace(self.cfg, **{self.task.command: self.recipe})
+        return f"data on the device ({why})" if kind == "device" else why
+
     def _build_loaders(self, train_data: ImageData, val_data: ImageData | None):
         """The training loader (shuffled, augmented, sharded under DDP) and the validation
         loader, or None without validation images."""
         recipe, world = self.recipe, self.dist.world_size
-        transform = build_train_transform(recipe.augment, self.cfg.model.image_size)
-        train = build_loader(train_data, recipe.batch_size, transform, shuffle=True, workers=recipe.workers,
-                             drop_last=len(train_data.labels) >= recipe.batch_size * world, seed=recipe.seed,
-                             distributed=self.dist.enabled)
+        drop_last = len(train_data.labels) >= recipe.batch_size * world
+        on_device = recipe.loader == "device"
+        if on_device:
+            augment = BatchAugment.from_config(recipe.augment, self.cfg.model.image_size)
+            train = DeviceLoader(train_data, recipe.batch_size, self.device, augment, shuffle=True,
+                                 drop_last=drop_last, seed=recipe.seed, rank=self.dist.rank, world_size=world)
+        else:
+            transform = build_train_transform(recipe.augment, self.cfg.model.image_size)
+            train = build_loader(train_data, recipe.batch_size, transform, shuffle=True, workers=recipe.workers,
+                                 drop_last=drop_last, seed=recipe.seed, distributed=self.dist.enabled)
         if val_data is None or len(val_data.labels) == 0:
             return train, None
         if self.dist.enabled:  # every rank takes an exact, disjoint share; sums are all-reduced
             r = self.dist.rank
             val_data = ImageData(val_data.images[r::world], val_data.labels[r::world], val_data.classes,
                                  val_data.source, [])
+        if on_device:
+            return train, DeviceLoader(val_data, recipe.batch_size * 2, self.device)
         return train, build_loader(val_data, recipe.batch_size * 2, None, workers=0)
 
     # ------------------------------------------------------------------ the loop
@@ -148,15 +170,15 @@ class Trainer:
         set_epoch(self.train_loader, self.epoch)
         self._elapsed_mark = time.perf_counter()  # `elapsed` (total training time) is banked at every checkpoint
         self.progress.start_epoch(self.epoch, self.recipe.epochs, self.steps_per_epoch)
-        skip = self.step_in_epoch  # resuming mid-epoch: replay the data order, skip what was done
+        batches, skip = self._epoch_batches()
         # A resumed epoch starts from the loss sum saved with its checkpoint, so the epoch's
         # train_loss is the same as in an uninterrupted run.
         loss_sum = torch.full((), self._resume_loss_sum, device=self.device)
         self._resume_loss_sum = 0.0
         seen, stopped = 0, None
-        if skip == 0:  # resumed at an epoch boundary
+        if skip == 0:  # resumed at an epoch boundary, or at the batch a DeviceLoader starts from
             self._restore_resumed_rng()
-        for i, (images, labels) in enumerate(self.train_loader):
+        for i, (images, labels) in batches:
             if i < skip:
                 if i == skip - 1:  # where the RNG was saved: after batch skip-1, before batch skip is drawn
                     self._restore_resumed_rng()
@@ -171,6 +193,17 @@ class Trainer:
         self.progress.end_epoch()
         self._bank_elapsed()
         return loss_sum, seen, stopped
+
+    def _epoch_batches(self):
+        """(enumerated batches of this epoch, how many of them to skip). Resuming mid-epoch, a
+        DeviceLoader starts at the next batch; a DataLoader replays the epoch's order and the
+        loop skips the batches already done."""
+        done = self.step_in_epoch
+        if isinstance(self.train_loader, DeviceLoader):
+            for _ in range(done):
+                self.progress.skip()
+            return enumerate(self.train_loader.batches(done), start=done), 0
+        return enumerate(self.train_loader), done
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch of uint8 images; returns its loss, on the device."""
@@ -386,7 +419,7 @@ class Trainer:
         self._print(f"[bold]{self.task.kind}[/bold] {self.cfg.name}: {self.steps_per_epoch} steps/epoch x "
                     f"{recipe.epochs} epochs, batch {recipe.batch_size} x {self.dist.world_size} process(es), "
                     f"device {self.device}{', bf16' if self.amp_dtype else ''}{', compiled' if self.opts.compile else ''}"
-                    f" -> {escape(str(out))}")
+                    f", {escape(self.loader_note)} -> {escape(str(out))}")
         if self.opts.recipe_note:
             self._print(escape(self.opts.recipe_note))
 

@@ -118,7 +118,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
                  out: str | Path | None = None, overrides: list[str] | None = None,
                  epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
                  seed: int | None = None, workers: int | None = None, recipe: str | None = None,
-                 device: str = "auto",
+                 loader: str | None = None, device: str = "auto",
                  init: str | Path | None = None, resume: str | Path | None = None, compile: bool = False,
                  compile_mode: str | None = None,
                  save_every: int = 200, download: bool = False, max_steps: int | None = None,
@@ -134,9 +134,10 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     if validation is not None and validation not in VALIDATION:
         raise MmlitError(f"--val must be {' or '.join(VALIDATION)}, got '{validation}'")
     if resume is not None:
-        plan = _resumed_run(Path(resume), task_cls, preset, dataset, overrides, validation, epochs, workers)
+        plan = _resumed_run(Path(resume), task_cls, preset, dataset, overrides, validation, epochs, workers, loader)
     else:
-        shortcuts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers, recipe=recipe)
+        shortcuts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers, recipe=recipe,
+                         loader=loader)
         plan = _new_run(kind, task_cls, preset, dataset, data_dir, download, validation, overrides, shortcuts, out)
 
     train, val = _load_data(plan.spec, plan.cfg, task_cls.needs_labels, console if main_process else None)
@@ -174,7 +175,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
 
 
 def _resumed_run(run_dir: Path, task_cls, preset: str | None, dataset: str | None, overrides: list[str] | None,
-                 validation: str | None, epochs: int | None, workers: int | None) -> RunPlan:
+                 validation: str | None, epochs: int | None, workers: int | None, loader: str | None) -> RunPlan:
     """`--resume DIR`: the run as its last.safetensors recorded it (only --epochs and --workers
     may change); every option that contradicts it is an error."""
     last = run_dir / "last.safetensors"
@@ -191,7 +192,14 @@ def _resumed_run(run_dir: Path, task_cls, preset: str | None, dataset: str | Non
         raise MmlitError(f"{run_dir} was trained with preset '{cfg.name}', not '{preset}'")
     if overrides:
         raise MmlitError("--set cannot change a run being resumed; its config is in the checkpoint")
-    cfg = _apply_shortcuts(cfg, task_cls.command, epochs=epochs, workers=workers)
+    recorded = getattr(cfg, task_cls.command).loader
+    # A run records the loader it chose; "auto" in a checkpoint means the run predates the
+    # device loader, so its batches came from loader workers.
+    recorded = "workers" if recorded == "auto" else recorded
+    if loader is not None and loader != recorded:
+        raise MmlitError(f"{run_dir} was trained with --loader {recorded}; a resumed run keeps it (the other "
+                         f"loader draws other batches)")
+    cfg = _apply_shortcuts(cfg, task_cls.command, epochs=epochs, workers=workers, loader=recorded)
     spec = DataSpec(**ckpt.train_info["dataset"])
     if dataset is not None and dataset != spec.dataset:
         raise MmlitError(f"{run_dir} was trained on '{spec.dataset}', not '{dataset}'")

@@ -168,7 +168,9 @@ def test_predict_on_onnx_files_gives_the_checkpoints_predictions(world):
     val = world["data"] / "val"
     ref = _predict_json(world["ckpt"], val)
     assert len(ref) == 18
-    for key, tol in (("fp32", 1e-4), ("dyn", 0.03)):
+    # int8 dynamic quantization moves this tiny model's probabilities by a few points (0.055 at
+    # most on the fixture trained from device-resident batches; 0.03 on the one before)
+    for key, tol in (("fp32", 1e-4), ("dyn", 0.08)):
         got = _predict_json(world[key], val)
         assert [p["path"] for p in got] == [p["path"] for p in ref]
         for p, q in zip(got, ref):

@@ -69,12 +69,16 @@ def test_existing_output_dir_is_never_overwritten(folder, tmp_path):
     assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
 
 
-def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(folder, tmp_path):
+@pytest.mark.parametrize("loader", ["device", "workers"])
+def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(folder, tmp_path, loader):
     full = tmp_path / "full"
-    finetune(folder, full, epochs=3, seed=3)
+    # crop, flip and TrivialAugment on: the resumed batches must be augmented as the uninterrupted ones
+    aug = ["finetune.augment.crop_padding=2", "finetune.augment.hflip=0.5", "finetune.augment.auto_augment=trivial"]
+    finetune(folder, full, epochs=3, seed=3, loader=loader, overrides=TINY + aug)
     part = tmp_path / "part"
     # stop in the middle of epoch 2 (each epoch has 4 steps of batch 8 over 32 images)
-    stopped = finetune(folder, part, epochs=3, seed=3, max_steps=6, save_every=0)
+    stopped = finetune(folder, part, epochs=3, seed=3, max_steps=6, save_every=0, loader=loader,
+                       overrides=TINY + aug)
     assert stopped["stopped"] == "max_steps" and stopped["global_step"] == 6
     state = load_checkpoint(part / "last.safetensors", with_train_state=True).train_info
     assert state["epoch"] == 1 and state["step_in_epoch"] == 2

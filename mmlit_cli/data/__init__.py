@@ -14,8 +14,10 @@ The modules, bottom up:
     datasets.py   the named datasets, their downloads, and the registry NAMED_LOADERS
     folders.py    image folders: class sub-folders, train/val/test layouts
     registry.py   load_split: a name or a folder -> ImageData
-    augment.py    per-sample augmentation, MixUp/CutMix, Normalize
+    augment.py    per-sample augmentation (one image, loader workers), MixUp/CutMix, Normalize
+    batch_augment.py  the same per-sample augmentation for a whole batch, on its device
     loader.py     the dataset, samplers (order and augmentation seeds) and the DataLoader
+    device_loader.py  batches of a split held on the training device (no workers)
 
 Reading rules worth knowing:
 
@@ -30,6 +32,8 @@ Reading rules worth knowing:
 """
 
 from ..errors import DataError
+from .batch_augment import BatchAugment
+from .device_loader import DeviceLoader, choose_loader
 from .augment import Normalize, RandomErasingUint8, build_batch_mix, build_train_transform, normalize
 from .decode import decode_files, decode_one, to_rgb
 from .formats import read_idx
@@ -40,6 +44,7 @@ from .splits import SPLITS, ImageData
 __all__ = [
     "DATASET_NAMES", "ImageData", "load_split", "build_train_transform", "build_batch_mix",
     "normalize", "Normalize", "AugmentedImages", "build_loader", "set_epoch", "default_data_dir",
+    "BatchAugment", "DeviceLoader", "choose_loader",
     # also public: what predict decodes files with, and the parts tests and tools use
     "DataError", "SPLITS", "decode_files", "decode_one", "to_rgb", "read_idx", "sample_seed",
     "EpochSampler", "RandomErasingUint8",

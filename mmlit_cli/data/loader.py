@@ -165,8 +165,9 @@ def build_loader(data: ImageData, batch_size: int, transform: Callable | None = 
                       generator=g)
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Fix the epoch of a loader from `build_loader` (shuffle order and augmentation seeds)."""
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
+def set_epoch(loader, epoch: int) -> None:
+    """Fix the epoch of a loader from `build_loader`, or of a `DeviceLoader` (shuffle order
+    and augmentation seeds)."""
+    target = loader if hasattr(loader, "set_epoch") else getattr(loader, "sampler", None)
+    if hasattr(target, "set_epoch"):
+        target.set_epoch(epoch)
