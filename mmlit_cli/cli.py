@@ -140,18 +140,22 @@ def _train_command(kind: str, **options) -> None:
 TrainPresetOpt = typer.Option(None, "--preset", "-p", help="Preset name (xxs, xs, s) or YAML path (default: xs).")
 OutOpt = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<command>/<preset>, numbered).")
 EpochsOpt = typer.Option(None, "--epochs", help="Override the recipe's epochs.")
-BatchOpt = typer.Option(None, "--batch-size", "-b", help="Override the recipe's batch_size (per process).")
+BatchOpt = typer.Option(None, "--batch-size", "-b", help="Override the recipe's batch_size (per process; "
+                        "default: the preset's, raised to 512 on a CUDA GPU when an epoch still has 32 steps).")
 LrOpt = typer.Option(None, "--lr", help="Peak learning rate, used as given at any batch size (default: the "
                      "recipe's lr_base per 256 images x global batch / 256).")
 RecipeOpt = typer.Option(None, "--recipe", help="auto (default): warm-up and regularisation fitted to the run's "
                          "length; paper: the preset's recipe as written.")
 SeedOpt = typer.Option(None, "--seed", help="Override the recipe's seed.")
-WorkersOpt = typer.Option(None, "--workers", "-j", help="Data-loading processes (with --loader workers).")
+WorkersOpt = typer.Option(None, "--workers", "-j", help="Data-loading processes (with --loader workers; default: "
+                          "the preset's, as many as the machine has up to 8 on a CUDA GPU).")
 LoaderOpt = typer.Option(None, "--loader", help="Where batches come from: auto (default: the device where the "
                          "split fits), device (the decoded split on the training device, shuffled and augmented "
                          "there in batches; no workers) or workers (a DataLoader augmenting image by image).")
 ResumeOpt = typer.Option(None, "--resume", help="Continue the run in this directory from last.safetensors.")
 CompileOpt = typer.Option(False, "--compile", help="torch.compile the model.")
+TrainCompileOpt = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: on a CUDA "
+                               "GPU for runs of 3,200 steps or more, which repay its compilation; off elsewhere).")
 CompileModeOpt = typer.Option(None, "--compile-mode", help="torch.compile mode: default, reduce-overhead or "
                               "max-autotune (CUDA graphs; implies --compile).")
 SaveEveryOpt = typer.Option(200, "--save-every", help="Also checkpoint every N steps within an epoch (0 = off).")
@@ -170,7 +174,7 @@ def finetune(
     seed: Optional[int] = SeedOpt, device: str = DeviceOpt, workers: Optional[int] = WorkersOpt,
     loader: Optional[str] = LoaderOpt,
     init: Optional[str] = typer.Option(None, "--init", help="Start from a checkpoint's weights (MAE encoder or classifier)."),
-    resume: Optional[str] = ResumeOpt, compile: bool = CompileOpt, compile_mode: Optional[str] = CompileModeOpt,
+    resume: Optional[str] = ResumeOpt, compile: Optional[bool] = TrainCompileOpt, compile_mode: Optional[str] = CompileModeOpt,
     save_every: int = SaveEveryOpt, download: bool = DownloadOpt, validation: Optional[str] = ValOpt,
 ) -> None:
     """Supervised training, from scratch or from a checkpoint (--init). The head gets the dataset's classes.
@@ -187,7 +191,7 @@ def pretrain(
     batch_size: Optional[int] = BatchOpt, lr: Optional[float] = LrOpt, recipe: Optional[str] = RecipeOpt,
     seed: Optional[int] = SeedOpt, device: str = DeviceOpt, workers: Optional[int] = WorkersOpt,
     loader: Optional[str] = LoaderOpt,
-    resume: Optional[str] = ResumeOpt, compile: bool = CompileOpt, compile_mode: Optional[str] = CompileModeOpt,
+    resume: Optional[str] = ResumeOpt, compile: Optional[bool] = TrainCompileOpt, compile_mode: Optional[str] = CompileModeOpt,
     save_every: int = SaveEveryOpt, download: bool = DownloadOpt, validation: Optional[str] = ValOpt,
 ) -> None:
     """MAE pre-training (mmLiT). Labels are not needed: a folder of images works.

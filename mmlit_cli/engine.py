@@ -42,12 +42,23 @@ from .train_state import (check_resume_world_size, gather_rng_states, optimizer_
                           optimizer_to_tensors, rank_rng_state, set_rng_state)
 
 
+# torch.compile of the s training step on an H200 took ~80 s and saved ~25 ms per step at batch
+# 512 (6,562 -> 9,636 img/s, docs/BENCHMARKS.md "GPU: first measurements"): repaid after
+# ~3,200 steps. On CPU it brought no gain at these sizes, so it is never on by default there.
+COMPILE_PAYS_AFTER_STEPS = 3200
+
+
+def compile_pays(device: torch.device, total_steps: int) -> bool:
+    """Whether `--compile` is on by default: on a CUDA GPU, for runs long enough to repay it."""
+    return device.type == "cuda" and total_steps >= COMPILE_PAYS_AFTER_STEPS
+
+
 @dataclass
 class RunOptions:
     out_dir: Path
     dataset: dict[str, Any]  # how to load the data again on --resume
     device: str = "auto"
-    compile: bool = False
+    compile: bool | None = False  # None: compile when it pays (`compile_pays`)
     compile_mode: str | None = None  # torch.compile mode: None/"default", "reduce-overhead", "max-autotune"
     save_every: int = 200  # steps between in-epoch checkpoints (0 = only at epoch ends)
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests, benchmarks)
@@ -92,7 +103,9 @@ class Trainer:
         if self.dist.enabled:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.train_model = maybe_compile(self.train_model, opts.compile, opts.compile_mode)
+        self.compiled = compile_pays(self.device, self.total_steps) if opts.compile is None and not opts.compile_mode \
+            else bool(opts.compile or opts.compile_mode)
+        self.train_model = maybe_compile(self.train_model, self.compiled, opts.compile_mode)
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best: float | None = None
@@ -418,7 +431,7 @@ class Trainer:
             atomic_write_text(out / "config.yaml", note + dump_config(self.cfg))
         self._print(f"[bold]{self.task.kind}[/bold] {self.cfg.name}: {self.steps_per_epoch} steps/epoch x "
                     f"{recipe.epochs} epochs, batch {recipe.batch_size} x {self.dist.world_size} process(es), "
-                    f"device {self.device}{', bf16' if self.amp_dtype else ''}{', compiled' if self.opts.compile else ''}"
+                    f"device {self.device}{', bf16' if self.amp_dtype else ''}{', compiled' if self.compiled else ''}"
                     f", {escape(self.loader_note)} -> {escape(str(out))}")
         if self.opts.recipe_note:
             self._print(escape(self.opts.recipe_note))

@@ -21,7 +21,9 @@ recipe is `paper`, `fit_recipe` applies three rules, all in this file:
    A fine-tuning run of one or two epochs runs PyTorch's one-cycle and AdamW decays every
    parameter: exactly the plain loops that win short runs (MLIT-SPEC's starting points).
 
-A value the user set (`--lr`, `--set finetune.augment.mixup_alpha=0.2`, ...) is kept as set.
+Before these rules, `fit_to_device` sets what the device decides (batch size and loader
+workers on a CUDA GPU). A value the user set (`--lr`, `--batch-size`, `--set
+finetune.augment.mixup_alpha=0.2`, ...) is kept as set.
 """
 
 from __future__ import annotations
@@ -55,6 +57,32 @@ SHORT_RUN_WARMUP = ((100, 0.1), (500, 0.3))  # (total steps, warm-up fraction), 
 # epochs on 5,000 images one-cycle cost 0.6 points against the cosine and crop/flip pay, so
 # longer runs keep the preset's. Between 3 and 14 epochs nothing is measured.
 PLAIN_LOOP_UP_TO_EPOCHS = 2
+
+
+# On a CUDA GPU a batch of 128 tiny images leaves the card idle between kernel launches
+# (docs/BENCHMARKS.md, "GPU: first measurements": the compiled s step is launch-bound), so an
+# unset batch grows to GPU_BATCH when the epoch still has GPU_MIN_STEPS steps at that size;
+# the lr follows by rule 1. The worker loader (data too large for the card) gets GPU_WORKERS
+# processes, as many as the machine has up to that.
+GPU_BATCH = 512
+GPU_MIN_STEPS = 32
+GPU_WORKERS = 8
+
+
+def fit_to_device(cfg: Config, section: str, device_type: str, train_images: int, world_size: int = 1,
+                  cpus: int = 1, pinned: Iterable[str] = ()) -> Config:
+    """`cfg` with the batch size and loader workers of `cfg.<section>` chosen for the device
+    (CUDA only; other devices keep the preset's). Keys in `pinned` are kept as set."""
+    recipe: TrainConfig = getattr(cfg, section)
+    if device_type != "cuda":
+        return cfg
+    changes: dict[str, Any] = {}
+    if (f"{section}.batch_size" not in pinned and recipe.batch_size < GPU_BATCH
+            and train_images // (GPU_BATCH * world_size) >= GPU_MIN_STEPS):
+        changes["batch_size"] = GPU_BATCH
+    if f"{section}.workers" not in pinned:
+        changes["workers"] = max(min(GPU_WORKERS, cpus), recipe.workers)
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(recipe, **changes)})
 
 
 def peak_lr(recipe: TrainConfig, world_size: int = 1) -> float:
@@ -171,7 +199,7 @@ def describe(cfg: Config, section: str, reference_epochs: int) -> str:
         else f"cosine to {r.min_lr:g}"
     decay = f"weight decay {r.weight_decay:g}" + (" on every parameter" if r.decay_all else "")
     return (f"recipe {fitted}\n"
-            f"  lr {r.lr:.3g} (lr_base {r.lr_base:g} per {LR_BASE_BATCH} images), warm-up {r.warmup_epochs:.3g} "
+            f"  batch {r.batch_size}, lr {r.lr:.3g} (lr_base {r.lr_base:g} per {LR_BASE_BATCH} images), warm-up {r.warmup_epochs:.3g} "
             f"epochs, {shape}, {decay}, {clip}; {', '.join(x for x in aug if x) or 'no augmentation'}")
 
 

@@ -17,7 +17,7 @@ from .config import Config, load_config, parse_overrides
 from .data import ImageData, load_split
 from .engine import RunOptions, Trainer
 from .errors import MmlitError
-from .recipe import describe, fit_recipe, pinned_keys
+from .recipe import describe, fit_recipe, fit_to_device, pinned_keys
 from .runtime import check_compile_mode, end_distributed, process_count, process_rank, resolve_device
 from .tasks import TASKS
 from .train_state import check_resume_world_size, layer_decay_of_run
@@ -105,12 +105,17 @@ class RunPlan:
     reference_epochs: int | None = None
     pinned: set[str] = dataclasses.field(default_factory=set)
 
-    def fit_to(self, section: str, train_images: int) -> RunPlan:
-        """A new run's plan with its recipe fitted to `train_images` (a resumed run's config
-        is the one its checkpoint recorded, already fitted)."""
+    def fit_to(self, section: str, train_images: int, device_type: str) -> RunPlan:
+        """A new run's plan with its recipe fitted to `train_images` on a `device_type` device
+        (a resumed run's config is the one its checkpoint recorded, already fitted)."""
         if self.resume is not None:
             return self
-        cfg = fit_recipe(self.cfg, section, self.reference_epochs, train_images, process_count(), self.pinned)
+        world = process_count()
+        cpus = max(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 1)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: processes sharing these cores
+        cfg = fit_to_device(self.cfg, section, device_type, train_images, world, max(cpus // local_world, 1),
+                            self.pinned)
+        cfg = fit_recipe(cfg, section, self.reference_epochs, train_images, world, self.pinned)
         return dataclasses.replace(self, cfg=cfg, recipe_note=describe(cfg, section, self.reference_epochs))
 
 
@@ -119,7 +124,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
                  epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
                  seed: int | None = None, workers: int | None = None, recipe: str | None = None,
                  loader: str | None = None, device: str = "auto",
-                 init: str | Path | None = None, resume: str | Path | None = None, compile: bool = False,
+                 init: str | Path | None = None, resume: str | Path | None = None, compile: bool | None = None,
                  compile_mode: str | None = None,
                  save_every: int = 200, download: bool = False, max_steps: int | None = None,
                  validation: str | None = None, console: Console | None = None, quiet: bool = False) -> dict:
@@ -129,7 +134,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     main_process = process_rank() == 0
     quiet = quiet or not main_process  # under torchrun, rank 0 alone speaks
     task_cls = TASKS[kind]
-    resolve_device(device)  # a missing GPU is reported before any data is read
+    device_type = resolve_device(device).type  # a missing GPU is reported before any data is read
     check_compile_mode(compile_mode)
     if validation is not None and validation not in VALIDATION:
         raise MmlitError(f"--val must be {' or '.join(VALIDATION)}, got '{validation}'")
@@ -141,7 +146,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
         plan = _new_run(kind, task_cls, preset, dataset, data_dir, download, validation, overrides, shortcuts, out)
 
     train, val = _load_data(plan.spec, plan.cfg, task_cls.needs_labels, console if main_process else None)
-    plan = plan.fit_to(task_cls.command, len(train))
+    plan = plan.fit_to(task_cls.command, len(train), device_type)
     cfg = plan.cfg if plan.resume is not None else task_cls.fit_config(plan.cfg, train)
     if not quiet:
         console.print(escape(f"data: {train.source}; validation: {_validation_note(plan.spec, val)}"),

@@ -148,3 +148,37 @@ def test_a_run_from_before_the_device_loader_resumes_on_loader_workers(folder, t
     a = [json.loads(x)["train_loss"] for x in (full / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x)["train_loss"] for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert a == pytest.approx(b, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- GPU defaults
+
+
+def _plan_on(tmp_path, device_type: str, train_images: int, **shortcuts):
+    """A new finetune run's config as `run_training` fits it on a `device_type` device."""
+    from mmlit_cli.tasks import TASKS
+    from mmlit_cli.train import _new_run
+    full = dict(epochs=None, batch_size=None, lr=None, seed=None, workers=None, recipe=None, loader=None) | shortcuts
+    plan = _new_run("finetune", TASKS["finetune"], "xxs", "unused", None, False, None, None, full, tmp_path / "run")
+    return plan.fit_to("finetune", train_images, device_type).cfg.finetune
+
+
+def test_cuda_raises_an_unset_batch_and_the_lr_follows(tmp_path):
+    cpu = _plan_on(tmp_path, "cpu", 45_000)
+    cuda = _plan_on(tmp_path, "cuda", 45_000)
+    assert cpu.batch_size == 128 and cuda.batch_size == 512
+    assert cuda.lr == pytest.approx(cpu.lr * 4)  # rule 1: lr_base per 256 images x global batch
+    assert cuda.workers >= cpu.workers
+
+
+def test_cuda_keeps_the_batch_when_the_epoch_would_be_too_short_or_it_was_set(tmp_path):
+    assert _plan_on(tmp_path, "cuda", 512 * 31).batch_size == 128  # 31 steps at 512: stays
+    assert _plan_on(tmp_path, "cuda", 512 * 32).batch_size == 512
+    assert _plan_on(tmp_path, "cuda", 45_000, batch_size=256).batch_size == 256
+    assert _plan_on(tmp_path, "cuda", 45_000, workers=1).workers == 1
+
+
+def test_compile_is_on_by_default_only_on_cuda_for_long_runs():
+    from mmlit_cli.engine import COMPILE_PAYS_AFTER_STEPS, compile_pays
+    assert compile_pays(torch.device("cuda"), COMPILE_PAYS_AFTER_STEPS)
+    assert not compile_pays(torch.device("cuda"), COMPILE_PAYS_AFTER_STEPS - 1)
+    assert not compile_pays(torch.device("cpu"), 10 ** 6)
