@@ -189,9 +189,7 @@ def main(argv=None) -> int:
             f"({args.steps} timed steps, {args.rounds} alternating rounds)"))
         print("   aug/bare: the augmentation's share of a step's time were it run serially before the step "
               "(= bare img/s / aug device img/s)")
-        if args.json:
-            common.write_json(args.json, {"machine": info, "args": vars(args), "results": results})
-            print(f"raw numbers: {args.json}")
+        common.save_raw(args.json, info, args, results)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

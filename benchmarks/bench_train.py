@@ -266,9 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         print("   verdict: loader-bound = the loader alone is < 1.2x the model's rate; contended / overhead = "
               "the loader is fast alone but the run is slower (CPU shared by workers and the training process, "
               "or per-step overhead)")
-        if args.json:
-            common.write_json(args.json, {"machine": info, "args": vars(args), "results": results})
-            print(f"raw numbers: {args.json}")
+        common.save_raw(args.json, info, args, results)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

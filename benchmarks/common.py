@@ -154,6 +154,13 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def save_raw(path: str | os.PathLike | None, info: dict[str, Any], args: Any, results: Any) -> None:
+    """A benchmark's raw numbers (machine, arguments, results) as JSON at `path`, when given."""
+    if path:
+        write_json(path, {"machine": info, "args": vars(args), "results": results})
+        print(f"raw numbers: {path}")
+
+
 # --------------------------------------------------------------------------- op and FLOP counting
 
 # aten ops that make the host wait for the device on CUDA (value-dependent output or a read-back).

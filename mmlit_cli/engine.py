@@ -30,8 +30,7 @@ from rich.markup import escape
 from . import __version__
 from .checkpoint import Checkpoint, save_checkpoint
 from .config import Config, TrainConfig, dump_config
-from .data import (BatchAugment, DeviceLoader, ImageData, Normalize, build_loader, build_train_transform,
-                   choose_loader, set_epoch)
+from .data import DeviceLoader, ImageData, Normalize, build_loaders, resolve_loader, set_epoch
 from .errors import MmlitError
 from .files import atomic_write_text
 from .optim import ModelEMA, build_adamw, lr_at, one_cycle_at, param_groups
@@ -86,8 +85,14 @@ class Trainer:
 
         self.model = task.model.to(self.device)
         self.normalize = Normalize(cfg.data.mean, cfg.data.std, self.device)  # made once: no per-step copies
-        self.loader_note = self._choose_loader(train_data, val_data)
-        self.train_loader, self.val_loader = self._build_loaders(train_data, val_data)
+        # the config records what `loader: auto` chose, so a resumed run replays the same batches
+        loader, self.loader_note = resolve_loader(self.recipe.loader, self.recipe.workers, self.device,
+                                                  train_data, val_data)
+        self.recipe = dataclasses.replace(self.recipe, loader=loader)
+        self.cfg = dataclasses.replace(self.cfg, **{task.command: self.recipe})
+        self.train_loader, self.val_loader = build_loaders(self.recipe, cfg.model.image_size, train_data, val_data,
+                                                           self.device, self.dist.rank, self.dist.world_size,
+                                                           self.dist.enabled)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
             raise MmlitError("the training split is empty")
@@ -115,41 +120,6 @@ class Trainer:
         self.partial_loss_sum = 0.0  # sum of this epoch's step losses at the last in-epoch checkpoint
         self._resume_loss_sum = 0.0
         self._resume_rng: dict[str, torch.Tensor] | None = None
-
-    def _choose_loader(self, train_data: ImageData, val_data: ImageData | None) -> str:
-        """Resolve `loader: auto` for this device (the config then records the choice, so a
-        resumed run replays the same batches); returns the choice in words."""
-        if self.recipe.loader != "auto":
-            return "data on the device" if self.recipe.loader == "device" else f"{self.recipe.workers} loader workers"
-        nbytes = train_data.images.nbytes + (val_data.images.nbytes if val_data is not None else 0)
-        kind, why = choose_loader(self.device, nbytes)
-        self.recipe = dataclasses.replace(self.recipe, loader=kind)
-        self.cfg = dataclasses.replace(self.cfg, **{self.task.command: self.recipe})
-        return f"data on the device ({why})" if kind == "device" else why
-
-    def _build_loaders(self, train_data: ImageData, val_data: ImageData | None):
-        """The training loader (shuffled, augmented, sharded under DDP) and the validation
-        loader, or None without validation images."""
-        recipe, world = self.recipe, self.dist.world_size
-        drop_last = len(train_data.labels) >= recipe.batch_size * world
-        on_device = recipe.loader == "device"
-        if on_device:
-            augment = BatchAugment.from_config(recipe.augment, self.cfg.model.image_size)
-            train = DeviceLoader(train_data, recipe.batch_size, self.device, augment, shuffle=True,
-                                 drop_last=drop_last, seed=recipe.seed, rank=self.dist.rank, world_size=world)
-        else:
-            transform = build_train_transform(recipe.augment, self.cfg.model.image_size)
-            train = build_loader(train_data, recipe.batch_size, transform, shuffle=True, workers=recipe.workers,
-                                 drop_last=drop_last, seed=recipe.seed, distributed=self.dist.enabled)
-        if val_data is None or len(val_data.labels) == 0:
-            return train, None
-        if self.dist.enabled:  # every rank takes an exact, disjoint share; sums are all-reduced
-            r = self.dist.rank
-            val_data = ImageData(val_data.images[r::world], val_data.labels[r::world], val_data.classes,
-                                 val_data.source, [])
-        if on_device:
-            return train, DeviceLoader(val_data, recipe.batch_size * 2, self.device)
-        return train, build_loader(val_data, recipe.batch_size * 2, None, workers=0)
 
     # ------------------------------------------------------------------ the loop
 

@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from .checkpoint import Checkpoint, load_checkpoint, load_weights_into
 from .config import Config, load_config, parse_overrides
-from .data import ImageData, load_split
+from .data import ImageData, load_split, usable_cpus
 from .engine import RunOptions, Trainer
 from .errors import MmlitError
 from .recipe import describe, fit_recipe, fit_to_device, pinned_keys
@@ -111,10 +111,9 @@ class RunPlan:
         if self.resume is not None:
             return self
         world = process_count()
-        cpus = max(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 1)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: processes sharing these cores
-        cfg = fit_to_device(self.cfg, section, device_type, train_images, world, max(cpus // local_world, 1),
-                            self.pinned)
+        cfg = fit_to_device(self.cfg, section, device_type, train_images, world,
+                            max(usable_cpus() // local_world, 1), self.pinned)
         cfg = fit_recipe(cfg, section, self.reference_epochs, train_images, world, self.pinned)
         return dataclasses.replace(self, cfg=cfg, recipe_note=describe(cfg, section, self.reference_epochs))
 

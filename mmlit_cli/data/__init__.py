@@ -18,6 +18,7 @@ The modules, bottom up:
     batch_augment.py  the same per-sample augmentation for a whole batch, on its device
     loader.py     the dataset, samplers (order and augmentation seeds) and the DataLoader
     device_loader.py  batches of a split held on the training device (no workers)
+    pipeline.py   a run's loaders: which path (auto/device/workers), then both loaders
 
 Reading rules worth knowing:
 
@@ -33,18 +34,19 @@ Reading rules worth knowing:
 
 from ..errors import DataError
 from .batch_augment import BatchAugment
-from .device_loader import DeviceLoader, choose_loader
+from .device_loader import DeviceLoader
 from .augment import Normalize, RandomErasingUint8, build_batch_mix, build_train_transform, normalize
-from .decode import decode_files, decode_one, to_rgb
+from .decode import decode_files, decode_one, to_rgb, usable_cpus
 from .formats import read_idx
 from .loader import AugmentedImages, EpochSampler, build_loader, sample_seed, set_epoch
+from .pipeline import build_loaders, choose_loader, resolve_loader
 from .registry import DATASET_NAMES, default_data_dir, load_split
 from .splits import SPLITS, ImageData
 
 __all__ = [
     "DATASET_NAMES", "ImageData", "load_split", "build_train_transform", "build_batch_mix",
     "normalize", "Normalize", "AugmentedImages", "build_loader", "set_epoch", "default_data_dir",
-    "BatchAugment", "DeviceLoader", "choose_loader",
+    "BatchAugment", "DeviceLoader", "choose_loader", "resolve_loader", "build_loaders", "usable_cpus",
     # also public: what predict decodes files with, and the parts tests and tools use
     "DataError", "SPLITS", "decode_files", "decode_one", "to_rgb", "read_idx", "sample_seed",
     "EpochSampler", "RandomErasingUint8",

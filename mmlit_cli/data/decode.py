@@ -149,11 +149,15 @@ def _decode_workers(n: int) -> int:
         return 1
     if "fork" not in multiprocessing.get_all_start_methods():
         return 1
+    return min(usable_cpus(), 8)
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return max(len(os.sched_getaffinity(0)), 1)
     except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, 8))
+        return os.cpu_count() or 1
 
 
 def decode_files(paths: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 
 from .batch_augment import BatchAugment
-from .loader import _mix64, sample_seed
+from .loader import epoch_seed, sample_seed
 from .splits import ImageData
 
 
@@ -59,7 +59,7 @@ class DeviceLoader:
         """This process's indices for the epoch, on the device."""
         n = len(self.labels)
         if self.shuffle:
-            self._generator.manual_seed(_mix64(_mix64(self.seed & (2**64 - 1)) ^ self.epoch) >> 1)
+            self._generator.manual_seed(epoch_seed(self.seed, self.epoch))
             order = torch.randperm(n, generator=self._generator, device=self.device)
         else:
             order = torch.arange(n, device=self.device)
@@ -81,25 +81,3 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.batches(0)
-
-
-# The decoded splits may take up to this share of a GPU's free memory; the model, its
-# activations and the optimizer state need the rest (an s step at batch 1024 takes ~3 GB).
-DEVICE_MEMORY_SHARE = 0.25
-
-
-def choose_loader(device: torch.device, nbytes: int) -> tuple[str, str]:
-    """What `loader: auto` means on `device` for `nbytes` of decoded images: ("device" or
-    "workers", the reason in words)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if nbytes <= DEVICE_MEMORY_SHARE * free:
-            return "device", f"the split ({nbytes / 2**20:.0f} MB) is on the GPU"
-        return "workers", (f"the split ({nbytes / 2**20:.0f} MB) is over {DEVICE_MEMORY_SHARE:.0%} of the GPU's "
-                           f"free memory: loader workers")
-    if device.type == "cpu":
-        # the images are in memory already; batched augmentation costs a fraction of per-image
-        # transforms in worker processes, which compete with the model for the same cores
-        # (docs/BENCHMARKS.md, "Device-resident data")
-        return "device", "batched in the training process"
-    return "workers", f"loader workers (the device-resident path is not tested on {device.type})"

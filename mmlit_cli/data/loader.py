@@ -26,9 +26,18 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def _epoch_key(seed: int, epoch: int) -> int:
+    return _mix64(_mix64(seed & _MASK64) ^ (epoch & _MASK64))
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Shuffle seed of one epoch."""
+    return _epoch_key(seed, epoch) >> 1
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """Augmentation seed of one sample in one epoch (independent of worker count)."""
-    return _mix64(_mix64(_mix64(seed & _MASK64) ^ (epoch & _MASK64)) ^ (index & _MASK64)) >> 1
+    return _mix64(_epoch_key(seed, epoch) ^ (index & _MASK64)) >> 1
 
 
 def _in_worker() -> bool:
