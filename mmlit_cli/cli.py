@@ -16,6 +16,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import MmlitError
+from .recipe import SAMPLE_EPOCHS
 
 def _flags_show_no_type() -> None:
     """Typer's rich help prints a type after every option, `<bool>` after flags too, as if they
@@ -38,7 +39,7 @@ _flags_show_no_type()
 app = typer.Typer(
     name="mmlit",
     help="Train, evaluate and ship ultra-light vision transformers (mLiT / mmLiT, arXiv 2407.17783).\n\n"
-         "Example:  mmlit count-params --preset xxs",
+         "Example:  mmlit finetune --preset xxs   (offline, on the CIFAR-10 sample bundled with mmlit)",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -109,7 +110,12 @@ def count_params(
 
 
 DatasetOpt = typer.Option(None, "--dataset", "-d",
-                           help="cifar10, cifar100, svhn, flowers102, fashion-mnist, tiny-imagenet, or an image folder.")
+                           help="cifar10, cifar100, svhn, flowers102, fashion-mnist, tiny-imagenet, sample, or an "
+                                "image folder (default: sample, the 1,000 CIFAR-10 images bundled with mmlit, for "
+                                f"trying it out: {SAMPLE_EPOCHS['finetune']} fine-tuning or {SAMPLE_EPOCHS['pretrain']} "
+                                f"pre-training epochs unless --epochs).")
+CkptDatasetOpt = typer.Option(None, "--dataset", "-d", help="Dataset name (as for finetune) or image folder "
+                              "(default: the dataset the checkpoint was trained on).")
 DataDirOpt = typer.Option(None, "--data-dir", help="Where named datasets live (default: $MMLIT_DATA or ./data).")
 DeviceOpt = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
 
@@ -179,7 +185,8 @@ def finetune(
 ) -> None:
     """Supervised training, from scratch or from a checkpoint (--init). The head gets the dataset's classes.
 
-    Example:  mmlit finetune --preset xxs --dataset ./cifar10-folder --epochs 1 --out runs/c10
+    Example:  mmlit finetune --preset xxs   (the bundled sample, about a minute on a CPU)
+              mmlit finetune --preset xxs --dataset ./my-images --epochs 30 --out runs/mine
     """
     _train_command("finetune", **locals())
 
@@ -196,7 +203,8 @@ def pretrain(
 ) -> None:
     """MAE pre-training (mmLiT). Labels are not needed: a folder of images works.
 
-    Example:  mmlit pretrain --preset xs --dataset ./images --epochs 100
+    Example:  mmlit pretrain --preset xs   (the bundled sample)
+              mmlit pretrain --preset xs --dataset ./images --epochs 100
     """
     _train_command("pretrain", **locals())
 
@@ -204,7 +212,7 @@ def pretrain(
 @app.command("eval")
 def eval_(
     checkpoint: str = typer.Argument(..., help="A .safetensors checkpoint written by mmlit."),
-    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset name or image folder."),
+    dataset: Optional[str] = CkptDatasetOpt,
     data_dir: Optional[str] = DataDirOpt,
     split: str = typer.Option("val", "--split", help="val or test (or train)."),
     batch_size: int = typer.Option(256, "--batch-size", "-b"),
@@ -220,13 +228,16 @@ def eval_(
 ) -> None:
     """Top-1, top-5, loss, per-class accuracy, confusion matrix and expert usage of a checkpoint.
 
-    Example:  mmlit eval runs/finetune/xxs/best.safetensors --dataset cifar100 --split test
+    Example:  mmlit eval runs/finetune/xxs/best.safetensors   (the dataset it was trained on)
+              mmlit eval runs/finetune/xxs/best.safetensors --dataset cifar100 --split test
     """
     from .evaluate import evaluate_checkpoint
     from .train import new_run_dir
 
     report = evaluate_checkpoint(checkpoint, dataset, split, data_dir, batch_size, device,
                                  compile=compile, compile_mode=compile_mode, classes_by_position=classes_by_position)
+    if report.dataset_note:
+        (err_console if as_json else console).print(escape(report.dataset_note), highlight=False)
     confusion_path = None
     if out is not None or not as_json:
         from .plots import PlotUnavailable, plot_confusion
@@ -267,7 +278,8 @@ def eval_(
 def predict(
     checkpoint: str = typer.Argument(..., help="A classifier checkpoint (.safetensors) or an ONNX file written "
                                      "by mmlit export (.onnx, run with onnxruntime)."),
-    paths: List[str] = typer.Argument(..., help="Image files, folders (recursive) or glob patterns."),
+    paths: Optional[List[str]] = typer.Argument(None, help="Image files, folders (recursive) or glob patterns "
+                                                "(default: one test image per class of the bundled sample)."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="How many labels per image."),
     as_json: bool = typer.Option(False, "--json", help='Print a JSON list of {"path", "top": [{"label", "prob"}]}.'),
     csv_path: Optional[str] = typer.Option(None, "--csv", help="Write the predictions to this CSV file."),
@@ -282,8 +294,14 @@ def predict(
     Example:  mmlit predict runs/finetune/xxs/best.safetensors photos/ --top-k 3
               mmlit predict xxs.int8.onnx photos/ --json
     """
-    from .predict import predict_paths, write_csv
+    from .predict import predict_paths, sample_images, write_csv
 
+    shown_from = None  # the table shows the sample's files relative to its folder, named once above it
+    if not paths:
+        paths = sample_images()
+        shown_from = Path(paths[0]).parent.parent
+        err_console.print(escape(f"no images given: predicting one test image per class of the bundled sample, "
+                                 f"in {shown_from}"), highlight=False)
     if as_json and csv_path:
         raise MmlitError("use --json or --csv, not both")
     if csv_path and Path(csv_path).exists():
@@ -302,7 +320,8 @@ def predict(
         table.add_column("file", overflow="fold")
         table.add_column(f"top-{result.top_k}")
         for p in result.predictions:
-            table.add_row(escape(p["path"]), "  ".join(f"{t['label']} {100 * t['prob']:.1f}%" for t in p["top"]))
+            shown = os.path.relpath(p["path"], shown_from) if shown_from else p["path"]
+            table.add_row(escape(shown), "  ".join(f"{t['label']} {100 * t['prob']:.1f}%" for t in p["top"]))
         console.print(table)
     if result.failures:
         raise typer.Exit(1)
@@ -359,7 +378,7 @@ def _fmt(value, spec: str, unit: str = "") -> str:
 @app.command()
 def benchmark(
     checkpoint: str = typer.Argument(..., help="A classifier checkpoint (.safetensors)."),
-    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset name or image folder (accuracy, calibration)."),
+    dataset: Optional[str] = CkptDatasetOpt,
     data_dir: Optional[str] = DataDirOpt,
     split: str = typer.Option("val", "--split", help="Split to measure top-1 on: val or test (or train)."),
     threads: int = typer.Option(1, "--threads", help="Intra-op threads for every format (default 1: lowest "

@@ -31,9 +31,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .data import Normalize, load_split
+from .data import Normalize
 from .errors import MmlitError, one_line
-from .evaluate import load_classifier, match_classes
+from .evaluate import load_classifier, load_eval_split, match_classes
 from .onnx_classifier import PIP_HINT
 from .runtime import cpu_info, forward_batch
 
@@ -242,10 +242,11 @@ def _check_args(threads, batch_size, calls, limit, split) -> None:
         raise MmlitError(f"--split must be train, val or test, got '{split}'")
 
 
-def run_benchmark(ckpt_path: str | Path, dataset: str, split: str = "val", data_dir: str | None = None,
+def run_benchmark(ckpt_path: str | Path, dataset: str | None, split: str = "val", data_dir: str | None = None,
                   threads: int = 1, batch_size: int = 64, calls: int = 300, limit: int | None = 2000,
                   progress: Callable[[str], None] | None = None) -> BenchmarkReport:
-    """Measure every format (see the module docstring); `progress` gets one line per stage."""
+    """Measure every format (see the module docstring); `progress` gets one line per stage.
+    Without a `dataset`, the one the checkpoint was trained on (`evaluate.load_eval_split`)."""
     _check_args(threads, batch_size, calls, limit, split)
     say = progress or (lambda _msg: None)
     before = torch.get_num_threads()
@@ -261,11 +262,13 @@ def _run(ckpt_path, dataset, split, data_dir, threads, batch_size, calls, limit,
 
     model, ckpt = load_classifier(ckpt_path, "cpu")
     cfg = ckpt.config
-    data = load_split(dataset, split, ckpt.image_size, data_dir=data_dir, val_fraction=cfg.data.val_fraction)
-    data, _ = match_classes(data, ckpt.classes, cfg.model.num_classes, dataset)  # labels as the model means them
+    data, name, note = load_eval_split(ckpt, ckpt_path, dataset, split, data_dir)
+    if note is not None:
+        say(note)
+    data, _ = match_classes(data, ckpt.classes, cfg.model.num_classes, name)  # labels as the model means them
     images, labels = _sample(data, limit)
     if len(images) == 0:
-        raise MmlitError(f"{dataset} '{split}' has no images")
+        raise MmlitError(f"{name} '{split}' has no images")
     report = BenchmarkReport(ckpt_path, data.source, split, len(images), threads, batch_size, calls,
                              machine_info(threads))
     say(f"reference: PyTorch eager on {len(images)} images")
@@ -275,8 +278,7 @@ def _run(ckpt_path, dataset, split, data_dir, threads, batch_size, calls, limit,
     with tempfile.TemporaryDirectory(prefix="mmlit-benchmark-") as work:
         calib = None
         if not _missing_onnx_packages():
-            train = data if split == "train" else load_split(dataset, "train", ckpt.image_size, data_dir=data_dir,
-                                                              val_fraction=cfg.data.val_fraction)
+            train = data if split == "train" else load_eval_split(ckpt, ckpt_path, dataset, "train", data_dir)[0]
             calib = _sample(train, CALIBRATION_IMAGES)[0]
         try:
             runners += _onnx_runners(model, ckpt, calib, Path(work), threads, say)

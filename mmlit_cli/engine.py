@@ -56,6 +56,9 @@ def compile_pays(device: torch.device, total_steps: int) -> bool:
 class RunOptions:
     out_dir: Path
     dataset: dict[str, Any]  # how to load the data again on --resume
+    # The same with absolute paths, recorded in every checkpoint: what `eval` and `benchmark`
+    # score on when no --dataset is given.
+    data_source: dict[str, Any] | None = None
     device: str = "auto"
     compile: bool | None = False  # None: compile when it pays (`compile_pays`)
     compile_mode: str | None = None  # torch.compile mode: None/"default", "reduce-overhead", "max-autotune"
@@ -349,6 +352,8 @@ class Trainer:
         """A checkpoint; with the training state when given every rank's generators (`rng`)."""
         info = {"epoch": self.epoch, "global_step": self.global_step, "metrics": metrics or {},
                 "mmlit_version": __version__}
+        if self.opts.data_source is not None:
+            info["dataset"] = self.opts.data_source
         ckpt = Checkpoint(weights, self.cfg, self.task.kind, list(self.task.classes), info)
         if rng is not None:
             ckpt.train_tensors, ckpt.train_info = self._train_state(rng)

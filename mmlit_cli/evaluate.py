@@ -36,11 +36,37 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tup
     return model.to(device).eval(), ckpt
 
 
+def load_eval_split(ckpt: Checkpoint, path: str | Path, dataset: str | None, split: str,
+                    data_dir: str | None) -> tuple[ImageData, str, str | None]:
+    """(data, dataset, note): `split` of `dataset` when given; else of the dataset the
+    checkpoint was trained on, as its run recorded it (absolute paths), with a note saying so."""
+    note = None
+    if dataset is None:
+        recorded = ckpt.info.get("dataset")
+        dataset = recorded.get("dataset") if isinstance(recorded, dict) else None
+        if not isinstance(dataset, str) or not dataset:
+            raise MmlitError(f"--dataset is required: {path} does not record the dataset it was trained on "
+                             f"(a name such as cifar10, or an image folder)")
+        recorded_dir = recorded.get("data_dir")
+        if data_dir is None and isinstance(recorded_dir, str):
+            data_dir = recorded_dir
+        where = f" in {recorded_dir}" if recorded_dir and data_dir == recorded_dir else ""
+        note = f"no --dataset: using {dataset}{where}, the dataset {Path(path).name} was trained on"
+    try:
+        data = load_split(dataset, split, ckpt.image_size, data_dir=data_dir, val_fraction=ckpt.config.data.val_fraction)
+    except MmlitError as e:
+        if note is None:
+            raise
+        raise MmlitError(f"{e} (the dataset {Path(path).name} was trained on; pass --dataset)") from None
+    return data, dataset, note
+
+
 @dataclass
 class EvalReport:
     result: EvalResult
     classes: list[str]
     source: str
+    dataset_note: str | None = None  # set when the dataset is the checkpoint's own (no --dataset)
 
     def as_dict(self) -> dict:
         per_class = dict(zip(self.classes, self.result.per_class_accuracy()))
@@ -84,12 +110,13 @@ def match_classes(data: ImageData, ckpt_classes: list[str], num_classes: int, da
                      f"pass --classes-by-position to score the classes in order anyway)")
 
 
-def evaluate_checkpoint(ckpt_path: str | Path, dataset: str, split: str = "val", data_dir: str | None = None,
+def evaluate_checkpoint(ckpt_path: str | Path, dataset: str | None, split: str = "val", data_dir: str | None = None,
                         batch_size: int = 256, device: str = "auto", workers: int = 0, compile: bool = False,
                         compile_mode: str | None = None, classes_by_position: bool = False) -> EvalReport:
     """Evaluate a classifier checkpoint on a dataset split. `compile` / `compile_mode`:
     `torch.compile` the model first (see `runtime.maybe_compile`); it pays off on large splits.
-    The dataset's classes must be the checkpoint's, by name (`match_classes`)."""
+    The dataset's classes must be the checkpoint's, by name (`match_classes`); without a
+    `dataset`, the one the checkpoint was trained on (`load_eval_split`)."""
     if split not in ("train", "val", "test"):
         raise MmlitError(f"--split must be train, val or test, got '{split}'")
     if batch_size <= 0:
@@ -98,10 +125,10 @@ def evaluate_checkpoint(ckpt_path: str | Path, dataset: str, split: str = "val",
     model, ckpt = load_classifier(ckpt_path, dev)
     runner = maybe_compile(model, compile, compile_mode)
     cfg = ckpt.config
-    data = load_split(dataset, split, cfg.model.image_size, data_dir=data_dir, val_fraction=cfg.data.val_fraction)
+    data, dataset, dataset_note = load_eval_split(ckpt, ckpt_path, dataset, split, data_dir)
     data, note = match_classes(data, ckpt.classes, cfg.model.num_classes, dataset, classes_by_position)
     classes = ckpt.classes or data.classes
     loader = build_loader(data, batch_size, None, workers=workers)
     amp = amp_dtype(dev)
     result = evaluate_classifier(runner, loader, dev, cfg.data.mean, cfg.data.std, amp, cfg.model.num_classes)
-    return EvalReport(result, classes, data.source if note is None else f"{data.source}; {note}")
+    return EvalReport(result, classes, data.source if note is None else f"{data.source}; {note}", dataset_note)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .data import Normalize, decode_files, to_rgb
+from .data import SAMPLE_DIR, Normalize, decode_files, to_rgb
 from .errors import MmlitError, one_line
 from .evaluate import load_classifier
 from .files import atomic_write, walk_files
@@ -175,6 +175,16 @@ def _onnx_runner(path, device: str, compile: bool, compile_mode: str | None):
         return torch.from_numpy(onnx_model.logits(batch.numpy())).softmax(dim=1)
 
     return onnx_model.classes, onnx_model.image_size, probs
+
+
+def sample_images() -> list[str]:
+    """What `predict` runs on when it is given no image (as Ultralytics predicts its bundled
+    assets): the first test image of each class of the bundled sample."""
+    test = SAMPLE_DIR / "test"
+    if not test.is_dir():
+        raise MmlitError(f"no image given, and the bundled sample is missing ({test}): pass image files, "
+                         f"folders or glob patterns")
+    return [str(min(d.glob("*.jpg"))) for d in sorted(test.iterdir()) if d.is_dir() and any(d.glob("*.jpg"))]
 
 
 def predict_paths(ckpt_path: str | Path, paths: list[str], top_k: int = 5, batch_size: int = 256,

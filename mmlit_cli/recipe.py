@@ -59,6 +59,14 @@ SHORT_RUN_WARMUP = ((100, 0.1), (500, 0.3))  # (total steps, warm-up fraction), 
 PLAIN_LOOP_UP_TO_EPOCHS = 2
 
 
+# The bundled sample (1,000 training images) is for trying mmlit: without --epochs a run on it
+# lasts this many epochs, not the preset's 300/400, so that `mmlit finetune --preset xxs` and
+# `mmlit pretrain --preset xs` each end within two minutes, start to finish, on a 2-core CPU
+# (docs/BENCHMARKS.md, "The card's commands"); the recipe is then fitted to that length as
+# for any other run.
+SAMPLE_EPOCHS = {"finetune": 4, "pretrain": 8}
+
+
 # On a CUDA GPU a batch of 128 tiny images leaves the card idle between kernel launches
 # (docs/BENCHMARKS.md, "GPU: first measurements": the compiled s step is launch-bound), so an
 # unset batch grows to GPU_BATCH when the epoch still has GPU_MIN_STEPS steps at that size;

@@ -14,10 +14,11 @@ from rich.markup import escape
 
 from .checkpoint import Checkpoint, load_checkpoint, load_weights_into
 from .config import Config, load_config, parse_overrides
-from .data import ImageData, load_split, usable_cpus
+from .data import DATASET_NAMES, SAMPLE_DIR, ImageData, canonical_name, default_data_dir, is_sample, load_split, \
+    usable_cpus
 from .engine import RunOptions, Trainer
 from .errors import MmlitError
-from .recipe import describe, fit_recipe, fit_to_device, pinned_keys
+from .recipe import SAMPLE_EPOCHS, describe, fit_recipe, fit_to_device, pinned_keys
 from .runtime import check_compile_mode, end_distributed, process_count, process_rank, resolve_device
 from .tasks import TASKS
 from .train_state import check_resume_world_size, layer_decay_of_run
@@ -43,6 +44,17 @@ class DataSpec:
     @property
     def val_split(self) -> str:
         return "test" if self.validation == "test" else "val"
+
+    def located(self) -> dict[str, Any]:
+        """This spec with absolute paths, as every checkpoint records it: `eval` and `benchmark`
+        without --dataset read the data from there, whatever folder they are run in."""
+        name = canonical_name(self.dataset)
+        if name == "sample":
+            return dataclasses.asdict(dataclasses.replace(self, dataset=name, data_dir=None))
+        if name in DATASET_NAMES:
+            root = Path(self.data_dir).expanduser().resolve() if self.data_dir else default_data_dir()
+            return dataclasses.asdict(dataclasses.replace(self, dataset=name, data_dir=str(root)))
+        return dataclasses.asdict(dataclasses.replace(self, dataset=str(Path(self.dataset).expanduser().resolve())))
 
     def load(self, split: str, cfg: Config, require_labels: bool = True) -> ImageData:
         return load_split(self.dataset, split, cfg.model.image_size, data_dir=self.data_dir,
@@ -143,6 +155,11 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
         shortcuts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers, recipe=recipe,
                          loader=loader)
         plan = _new_run(kind, task_cls, preset, dataset, data_dir, download, validation, overrides, shortcuts, out)
+        if dataset is None and not quiet:
+            console.print(escape(f"no --dataset: training on the bundled sample ({SAMPLE_DIR}; 1,000 CIFAR-10 "
+                                 f"images), {getattr(plan.cfg, task_cls.command).epochs} epochs. For real data "
+                                 f"pass --dataset: a name (cifar10, cifar100, ...) or an image folder"),
+                          highlight=False)
 
     train, val = _load_data(plan.spec, plan.cfg, task_cls.needs_labels, console if main_process else None)
     plan = plan.fit_to(task_cls.command, len(train), device_type)
@@ -159,7 +176,8 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
         _load_init(task, init, None if quiet else console)
         layer_decay = train_cfg.layer_decay  # fine-tuning a pre-trained encoder: BEiT/MAE layer-wise lr decay
 
-    opts = RunOptions(out_dir=plan.run_dir, dataset=dataclasses.asdict(plan.spec), device=device, compile=compile,
+    opts = RunOptions(out_dir=plan.run_dir, dataset=dataclasses.asdict(plan.spec), data_source=plan.spec.located(),
+                      device=device, compile=compile,
                       compile_mode=compile_mode, save_every=save_every, max_steps=max_steps,
                       layer_decay=layer_decay, quiet=quiet, save_best=plan.spec.validation != "test",
                       recipe_note=plan.recipe_note)
@@ -217,13 +235,14 @@ def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_
              out: str | Path | None) -> RunPlan:
     """A new run: the preset with the user's overrides; its recipe is fitted to the run once
     the data is loaded (`RunPlan.fit_to`)."""
-    if dataset is None:
-        raise MmlitError("--dataset is required (a dataset name or an image folder)")
     section = task_cls.command
+    dataset = "sample" if dataset is None else dataset
+    pinned = pinned_keys(parse_overrides(overrides)) | {f"{section}.{k}" for k, v in shortcuts.items() if v is not None}
+    if is_sample(dataset) and f"{section}.epochs" not in pinned:
+        shortcuts = {**shortcuts, "epochs": SAMPLE_EPOCHS[section]}
     cfg = _apply_shortcuts(load_config(preset or "xs", overrides), section, **shortcuts)
     # The preset's own length is the one its recipe was written for (`RunPlan.fit_to` fits it).
     reference_epochs = getattr(load_config(preset or "xs"), section).epochs
-    pinned = pinned_keys(parse_overrides(overrides)) | {f"{section}.{k}" for k, v in shortcuts.items() if v is not None}
     spec = DataSpec(dataset, data_dir, download, validation or "auto")
     run_dir = new_run_dir(out, kind, cfg.name)
     _check_writable(run_dir)

@@ -3,12 +3,14 @@ that existed before changed."""
 
 import hashlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
 from mmlit_cli import cli
+from mmlit_cli.checkpoint import load_checkpoint, save_checkpoint
 from mmlit_cli.train import run_training
 from helpers import TINY, write_folder
 
@@ -23,6 +25,13 @@ def world(tmp_path_factory):
                  quiet=True)
     run_training("pretrain", "xxs", str(w["folder"]), out=root / "mae", overrides=TINY, epochs=1, batch_size=8,
                  quiet=True)
+    gone = write_folder(root / "gone", per_class=6)  # trained on, then deleted: eval without --dataset
+    run_training("finetune", "xxs", str(gone), out=root / "moved", overrides=TINY, epochs=1, batch_size=8,
+                 quiet=True)
+    shutil.rmtree(gone)
+    old = load_checkpoint(root / "clf" / "best.safetensors")  # as written before checkpoints recorded their data
+    del old.info["dataset"]
+    save_checkpoint(root / "old.safetensors", old)
     (root / "empty").mkdir()
     write_folder(root / "oneclass", classes=("only",), per_class=4)
     write_folder(root / "twoclass", classes=("a", "b"), per_class=4)
@@ -93,7 +102,8 @@ CASES = [
     ("resume missing dir", lambda w: ["finetune", "--resume", str(w["root"] / "nothing")], "nothing to resume"),
     ("resume with --set", lambda w: ["finetune", "--resume", str(w["root"] / "clf"), "--set", "model.depth=2"], "--set"),
     ("init not a checkpoint", lambda w: ["finetune", "--dataset", str(w["folder"]), "--init", str(w["root"] / "notes.safetensors"), "--out", str(w["root"] / "never3"), *SETS], "safetensors"),
-    ("no dataset", lambda w: ["finetune", *SETS], "--dataset is required"),
+    ("eval: the run's data has gone", lambda w: ["eval", str(w["root"] / "moved" / "best.safetensors")], "pass --dataset"),
+    ("eval: old checkpoint, no dataset", lambda w: ["eval", str(w["root"] / "old.safetensors")], "--dataset is required"),
 ]
 
 

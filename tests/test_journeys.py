@@ -41,6 +41,7 @@ from safetensors import safe_open
 
 import datafixtures as fx
 from helpers import TINY, write_folder
+from test_card import CARD_COMMANDS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -66,8 +67,10 @@ BENCHMARK = "mmlit benchmark runs/c10-xxs/best.safetensors --dataset pv --split 
 PLOT = "mmlit plot runs/mine"
 TORCHRUN = "torchrun --nproc_per_node 4 -m mmlit_cli finetune --preset s --dataset cifar100"
 
+# The Quick start's commands on the bundled sample run as written, in an empty folder: test_card.py.
 JOURNEY_COMMANDS = [COUNT_TABLE, COUNT_JSON, FINETUNE, EVAL_MINE, RESUME, PRETRAIN, FINETUNE_INIT, C10, EVAL_PV,
-                    PREDICT_MIXED, PREDICT_PV, EXPORT, EXPORT_INT8, PREDICT_INT8, BENCHMARK, PLOT, TORCHRUN]
+                    PREDICT_MIXED, PREDICT_PV, EXPORT, EXPORT_INT8, PREDICT_INT8, BENCHMARK, PLOT, TORCHRUN,
+                    *CARD_COMMANDS]
 
 SMALL = [x for o in TINY for x in ("--set", o)]  # a 3-block model on 12x12 images, no loader processes
 APPENDED = {FINETUNE: SMALL, PRETRAIN: SMALL,

@@ -11,7 +11,7 @@ The modules, bottom up:
     splits.py     ImageData; the stratified hold-out and how a split is carved
     decode.py     files (Pillow, a process pool) and arrays -> uint8 [N, 3, S, S]
     formats.py    CIFAR pickles (safe unpickler) and binaries, .mat, idx, text files
-    datasets.py   the named datasets, their downloads, and the registry NAMED_LOADERS
+    datasets.py   the named datasets (the bundled sample too), their downloads, and the registry NAMED_LOADERS
     folders.py    image folders: class sub-folders, train/val/test layouts
     registry.py   load_split: a name or a folder -> ImageData
     augment.py    per-sample augmentation (one image, loader workers), MixUp/CutMix, Normalize
@@ -40,7 +40,8 @@ from .decode import decode_files, decode_one, to_rgb, usable_cpus
 from .formats import read_idx
 from .loader import AugmentedImages, EpochSampler, build_loader, sample_seed, set_epoch
 from .pipeline import build_loaders, choose_loader, resolve_loader
-from .registry import DATASET_NAMES, default_data_dir, load_split
+from .datasets import SAMPLE_DIR
+from .registry import DATASET_NAMES, canonical_name, default_data_dir, is_sample, load_split
 from .splits import SPLITS, ImageData
 
 __all__ = [
@@ -49,5 +50,5 @@ __all__ = [
     "BatchAugment", "DeviceLoader", "choose_loader", "resolve_loader", "build_loaders", "usable_cpus",
     # also public: what predict decodes files with, and the parts tests and tools use
     "DataError", "SPLITS", "decode_files", "decode_one", "to_rgb", "read_idx", "sample_seed",
-    "EpochSampler", "RandomErasingUint8",
+    "EpochSampler", "RandomErasingUint8", "SAMPLE_DIR", "canonical_name", "is_sample",
 ]

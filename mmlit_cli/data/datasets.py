@@ -20,6 +20,7 @@ import torch
 
 from ..errors import DataError, one_line
 from .decode import decode_labelled, list_images, to_uint8_images
+from .folders import load_folder
 from .formats import (cifar_binary_batch, cifar_pickle_batch, cifar_pickle_names, read_idx, read_mat,
                       read_text_names)
 from .splits import ImageData, official_split, requested_part, source_line, split_note
@@ -335,6 +336,25 @@ def _load_tiny_imagenet(root: Path, split: str, image_size: int, download: bool)
 
 
 # --------------------------------------------------------------------------------------------
+# The bundled sample: 1,400 real CIFAR-10 JPEGs shipped inside the package (sample/README.md)
+# --------------------------------------------------------------------------------------------
+
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample"
+
+
+def _load_sample(split: str, image_size: int, hold: float | None) -> ImageData:
+    """The bundled sample, an image folder in the train/val/test layout (100/20/20 images per
+    class): what `finetune` and `pretrain` train on when no --dataset is given. It needs no
+    data directory and no download, so the README's first commands run anywhere."""
+    if not (SAMPLE_DIR / "train").is_dir():
+        raise DataError(f"the bundled sample is missing from this installation ({SAMPLE_DIR}): "
+                        f"reinstall mmlit")
+    data = load_folder(SAMPLE_DIR, split, image_size, hold, True)
+    data.source = data.source.replace(f"image folder {SAMPLE_DIR}", "sample (bundled CIFAR-10 subset)", 1)
+    return data
+
+
+# --------------------------------------------------------------------------------------------
 # The registry: name -> loader, in the order the names are shown to users
 # --------------------------------------------------------------------------------------------
 
@@ -347,4 +367,5 @@ NAMED_LOADERS: dict[str, Callable[[Path, str, int, bool, float | None], ImageDat
     "flowers102": lambda r, s, n, d, h: _load_flowers102(r, s, n, d),
     "fashion-mnist": _load_fashion_mnist,
     "tiny-imagenet": lambda r, s, n, d, h: _load_tiny_imagenet(r, s, n, d),
+    "sample": lambda r, s, n, d, h: _load_sample(s, n, h),
 }

@@ -25,6 +25,18 @@ _ALIASES.update({"cifar-10": "cifar10", "cifar-100": "cifar100", "fashionmnist":
                  "flowers-102": "flowers102"})
 
 
+def canonical_name(dataset: str) -> str:
+    """A dataset name as the registry spells it ("CIFAR-10" -> "cifar10"); a path is returned
+    as given (lower-cased only when it is a known name)."""
+    name = str(dataset).strip().lower()
+    return _ALIASES.get(name, name) if _ALIASES.get(name, name) in DATASET_NAMES else str(dataset)
+
+
+def is_sample(dataset: str | None) -> bool:
+    """Whether `dataset` names the bundled sample (what a run without --dataset trains on)."""
+    return dataset is not None and canonical_name(dataset) == "sample"
+
+
 def default_data_dir() -> Path:
     """`$MMLIT_DATA`, else `./data`."""
     return Path(os.environ.get("MMLIT_DATA") or "data").expanduser().resolve()
