@@ -237,7 +237,7 @@ def eval_(
     report = evaluate_checkpoint(checkpoint, dataset, split, data_dir, batch_size, device,
                                  compile=compile, compile_mode=compile_mode, classes_by_position=classes_by_position)
     if report.dataset_note:
-        (err_console if as_json else console).print(escape(report.dataset_note), highlight=False)
+        (err_console if as_json else console).print(escape(report.dataset_note), highlight=False, soft_wrap=True)
     confusion_path = None
     if out is not None or not as_json:
         from .plots import PlotUnavailable, plot_confusion
@@ -301,7 +301,7 @@ def predict(
         paths = sample_images()
         shown_from = Path(paths[0]).parent.parent
         err_console.print(escape(f"no images given: predicting one test image per class of the bundled sample, "
-                                 f"in {shown_from}"), highlight=False)
+                                 f"in {shown_from}"), highlight=False, soft_wrap=True)
     if as_json and csv_path:
         raise MmlitError("use --json or --csv, not both")
     if csv_path and Path(csv_path).exists():

@@ -11,6 +11,7 @@ sample from that copy.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shlex
 import shutil
@@ -130,6 +131,30 @@ def test_pretrain_without_dataset_pretrains_on_the_sample(card):
     assert [m["epoch"] for m in jsonl(run_dir / "metrics.jsonl") if "val_loss" in m] == list(range(1, n + 1))
     with safe_open(str(run_dir / "last.safetensors"), "pt") as f:
         assert f.metadata()["task"] == "mae"
+
+
+def readme_output(command: str) -> list[str]:
+    """The lines the README's Quick start shows under `$ command`."""
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    start = lines.index(f"$ {command}") + 1
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith(("$ ", "```")))
+    return lines[start:end]
+
+
+@pytest.mark.parametrize("command", CARD_COMMANDS)
+def test_the_readme_shows_what_the_command_prints(card, command):
+    """The lines that do not depend on timing or floating point are the README's, word for
+    word (the sample's folder aside: it is wherever mmlit is installed)."""
+    _, results = card
+    r = ok(results[command])
+    shown = readme_output(command)
+    printed = (r.stderr + r.stdout).splitlines()
+    folder = re.compile(r"\S*/mmlit_cli/sample")
+    fixed = [line for line in printed  # not timings, figures, or table lines (their widths follow the figures)
+             if not re.search(r"\d+ img/s|\d%|%  | loss \d", line) and not line.startswith(tuple("┏┃┡│├└"))]
+    assert fixed, command
+    for line in fixed:
+        assert folder.sub("SAMPLE", line) in [folder.sub("SAMPLE", x) for x in shown], (command, line)
 
 
 def test_count_params_runs_in_an_empty_folder(card):
