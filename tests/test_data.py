@@ -4,6 +4,7 @@ batch mixing and loaders. No network; the whole file runs in a few seconds."""
 from __future__ import annotations
 
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -247,14 +248,36 @@ def test_class_lost_to_corrupt_files(tmp_path):
 
 
 def test_decode_pool_matches_inline(tmp_path, monkeypatch):
-    fx.write_image_folder(tmp_path, {"a": 6, "b": 6}, size=24, ext="jpg")
-    fx.write_corrupt_jpeg(tmp_path / "b" / "x.jpg")
+    shutil.copytree(D.SAMPLE_DIR / "val", tmp_path / "val")  # 200 real CIFAR-10 JPEGs, 10 classes
+    fx.write_corrupt_jpeg(tmp_path / "val" / "cat" / "x.jpg")
     monkeypatch.setenv("MMLIT_DECODE_WORKERS", "1")
-    inline = load_split(str(tmp_path), "train", 16)
+    inline = load_split(str(tmp_path / "val"), "train", 16, holdout=False)
     monkeypatch.setenv("MMLIT_DECODE_WORKERS", "2")
-    pooled = load_split(str(tmp_path), "train", 16)
+    pooled = load_split(str(tmp_path / "val"), "train", 16, holdout=False)
     assert torch.equal(inline.images, pooled.images) and inline.skipped == pooled.skipped
-    assert len(inline.skipped) == 1
+    assert len(inline.skipped) == 1 and len(inline) == 200
+
+
+def test_the_bundled_sample_is_a_train_val_test_folder_of_real_cifar10():
+    """`--dataset sample`: the package's own folder, whatever the data directory, in any
+    spelling; its three splits are disjoint files, 100/20/20 per class, decoded like any folder."""
+    splits = {s: load_split("sample", s, 32, data_dir="/nonexistent") for s in ("train", "val", "test")}
+    assert load_split("Sample", "val", 32).images.equal(splits["val"].images)
+    for name, per_class in (("train", 100), ("val", 20), ("test", 20)):
+        data = splits[name]
+        assert data.classes == fx.CIFAR10_CLASSES and data.images.shape == (10 * per_class, 3, 32, 32)
+        assert torch.bincount(data.labels).tolist() == [per_class] * 10
+        assert data.source.startswith(f"sample (bundled CIFAR-10 subset) '{name}' split")
+    files = {s: {p.relative_to(D.SAMPLE_DIR / s) for p in (D.SAMPLE_DIR / s).rglob("*.jpg")} for s in splits}
+    assert not (files["train"] & files["val"] or files["train"] & files["test"] or files["val"] & files["test"])
+    # 32x32 JPEGs decoded at their own size: the pixels Pillow gives, not a resize
+    from PIL import Image
+
+    first = sorted((D.SAMPLE_DIR / "test" / "airplane").glob("*.jpg"))[0]
+    assert np.array_equal(splits["test"].images[0].permute(1, 2, 0).numpy(), np.asarray(Image.open(first).convert("RGB")))
+    paper = load_split("sample", "val", 32, holdout=False)  # --val test keeps the sample's own splits
+    assert paper.images.equal(splits["val"].images)
+    assert D.is_sample("SAMPLE") and not D.is_sample("./sample-images") and not D.is_sample(None)
 
 
 # ------------------------------------------------------------------------------------ errors
