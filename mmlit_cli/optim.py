@@ -72,6 +72,21 @@ def one_cycle_at(step: int, total_steps: int, warmup_fraction: float, lr: float)
 EMA_WARMUP_POWER = 2 / 3
 
 
+def set_schedule(optimizer: torch.optim.Optimizer, schedule: str, step: int, total_steps: int,
+                 warmup_steps: float, lr: float, min_lr: float, beta2: float) -> None:
+    """The lr of `schedule` at `step` (and one-cycle's beta1) into every param group, each
+    scaled by its `lr_scale` (layer-wise decay). `schedule`: "one-cycle" (peaking after
+    `warmup_steps`), or else a linear warm-up over its whole steps then cosine (`lr_at`)."""
+    if schedule == "one-cycle":
+        lr_now, beta1 = one_cycle_at(step, total_steps, warmup_steps / max(total_steps, 1), lr)
+        for group in optimizer.param_groups:
+            group["betas"] = (beta1, beta2)
+    else:
+        lr_now = lr_at(step, total_steps, int(warmup_steps), lr, min_lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_now * group.get("lr_scale", 1.0)
+
+
 def ema_decay_at(decay: float, updates: int) -> float:
     """The decay of the EMA update that follows `updates` earlier ones: timm's exponential
     warm-up (`ModelEmaV3(use_warmup=True)`, gamma 1, power 2/3), `1 - (1 + n) ** -2/3`, capped

@@ -100,6 +100,13 @@ def peak_lr(recipe: TrainConfig, world_size: int = 1) -> float:
     return recipe.lr_base * recipe.batch_size * world_size / LR_BASE_BATCH
 
 
+def warmup_steps(recipe: TrainConfig, steps_per_epoch: int) -> float:
+    """The warm-up in optimisation steps, at most half the run: one-cycle peaks there (a
+    fraction of a step is kept), the linear warm-up of the cosine schedule ramps over its
+    whole steps."""
+    return min(recipe.warmup_epochs * steps_per_epoch, steps_per_epoch * recipe.epochs / 2)
+
+
 def strength(epochs: float, reference_epochs: float) -> float:
     """How much of the preset's regularisation a run of `epochs` gets, 0..1.
 

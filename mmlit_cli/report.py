@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .metrics import collapsed_layers
@@ -124,6 +125,14 @@ class StopRequest:
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+def run_header(kind: str, name: str, steps_per_epoch: int, epochs: int, batch_size: int, world_size: int,
+               device, bf16: bool, compiled: bool, loader_note: str, out_dir) -> str:
+    """The first line of a run (rich markup)."""
+    return (f"[bold]{kind}[/bold] {name}: {steps_per_epoch} steps/epoch x {epochs} epochs, batch {batch_size} x "
+            f"{world_size} process(es), device {device}{', bf16' if bf16 else ''}{', compiled' if compiled else ''}"
+            f", {escape(loader_note)} -> {escape(str(out_dir))}")
 
 
 def epoch_line(row: dict, epochs: int) -> str:

@@ -131,6 +131,22 @@ def all_reduce_mean(t: torch.Tensor, dist: Dist) -> torch.Tensor:
     return t
 
 
+def wrap_ddp(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.Module:
+    """`model` under DistributedDataParallel when this is a torchrun process, else itself."""
+    if not dist.enabled:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def ranks_in_sync(model: torch.nn.Module, dist: Dist) -> bool:
+    """Whether every rank holds the same weights (two checksums, gathered; a collective)."""
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    checksum = torch.stack([flat.sum(), flat.abs().sum()]).double()
+    gathered = [torch.zeros_like(checksum) for _ in range(dist.world_size)]
+    torch.distributed.all_gather(gathered, checksum)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The module under DDP (`.module`) and `torch.compile` (`._orig_mod`) wrappers."""
     model = getattr(model, "module", model)

@@ -183,7 +183,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
                       recipe_note=plan.recipe_note)
     trainer = Trainer(task, cfg, train, val, opts, console)
     if plan.resume is not None:
-        trainer.resume_from(plan.resume)
+        trainer.record.resume_from(plan.resume)
         if not quiet:
             console.print(escape(f"resuming {plan.run_dir} at epoch {trainer.epoch + 1}, step {trainer.global_step}"),
                           highlight=False)

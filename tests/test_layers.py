@@ -24,13 +24,13 @@ LAYERS = [
     ["checkpoint", "metrics", "summary"],
     ["evaluate", "plots"],
     ["predict", "export", "quantize", "deploy_benchmark"],
-    ["recipe", "optim", "train_state", "report", "tasks"],
+    ["recipe", "optim", "train_state", "run_record", "report", "tasks"],
     ["engine"],
     ["train"],
     ["cli", "__main__"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
-TRAINING = {"optim", "train_state", "report", "tasks", "engine", "train", "recipe"}
+TRAINING = {"optim", "train_state", "run_record", "report", "tasks", "engine", "train", "recipe"}
 
 
 def room(module: str) -> str:

@@ -1,0 +1,215 @@
+"""A run's bookkeeping: where it stands, what it writes, and how it continues.
+
+The engine's loop (`engine.Trainer`) moves the counters forward; `RunRecord` turns them into
+the run directory's files and back:
+
+    config.yaml                       at the start (the fitted recipe atop, as comments)
+    metrics.jsonl / metrics.csv       a row per epoch
+    last.safetensors                  weights + training state (optimizer, EMA, every rank's
+                                      generators, the counters), at epoch ends and every
+                                      --save-every steps; what --resume reads
+    best.safetensors                  weights (EMA's when on) of the best validated epoch
+
+Every rank calls `save_last` (the generators are gathered, a collective); rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .checkpoint import Checkpoint, save_checkpoint
+from .config import Config, dump_config
+from .errors import MmlitError
+from .files import atomic_write_text
+from .runtime import Dist, all_reduce_mean
+from .train_state import (check_resume_world_size, gather_rng_states, optimizer_from_tensors,
+                          optimizer_to_tensors, rank_rng_state, set_rng_state)
+
+
+def diverged(loss_value: float, model: torch.nn.Module) -> bool:
+    """A non-finite loss or weight: such a state is never checkpointed."""
+    if not math.isfinite(loss_value):
+        return True
+    return not bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
+
+
+@dataclass
+class RunFacts:
+    """What a run records about itself besides its counters (the part of `engine.RunOptions`
+    that goes into its files)."""
+
+    out_dir: Path
+    dataset: dict[str, Any]  # how to load the data again on --resume
+    # The same with absolute paths, recorded in every checkpoint: what `eval` and `benchmark`
+    # score on when no --dataset is given.
+    data_source: dict[str, Any] | None = None
+    # Layer-wise lr decay of the param groups: the recipe's when the run started from a
+    # pre-trained encoder (--init), else 1. Kept in the training state: --resume must rebuild
+    # the very groups the saved optimizer state belongs to.
+    layer_decay: float = 1.0
+    recipe_note: str | None = None  # the fitted recipe in words: printed, and atop config.yaml
+    # False when validation is the test split (the paper protocol): a checkpoint picked on it
+    # would be selected on the test set, so only last.safetensors is kept.
+    save_best: bool = True
+
+
+class RunRecord:
+    """The counters of a run (epoch, step, best, training time), its files, and --resume."""
+
+    def __init__(self, facts: RunFacts, cfg: Config, task, model: torch.nn.Module, optimizer, ema,
+                 dist: Dist, device: torch.device):
+        self.facts, self.cfg, self.task = facts, cfg, task
+        self.model, self.optimizer, self.ema = model, optimizer, ema
+        self.dist, self.device = dist, device
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.best: float | None = None
+        self.history: list[dict] = []
+        self.elapsed = 0.0  # seconds of training, banked at every checkpoint
+        self._clock = time.perf_counter()
+        self.partial_loss_sum = 0.0  # this epoch's loss sum at its last in-epoch checkpoint
+        self.resume_loss_sum = 0.0  # where a resumed epoch's loss sum starts (taken once)
+        self._resume_rng: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ the run directory
+
+    def start(self) -> None:
+        """config.yaml (rank 0), with the fitted recipe in words atop it."""
+        out = self.facts.out_dir
+        if self.dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            note = "".join(f"# {line}\n" for line in (self.facts.recipe_note or "").splitlines())
+            atomic_write_text(out / "config.yaml", note + dump_config(self.cfg))
+
+    def write_metrics(self, row: dict) -> None:
+        """The epoch's row, appended to metrics.jsonl and metrics.csv (rewritten atomically)."""
+        self.history.append(row)
+        if not self.dist.is_main:
+            return
+        out = self.facts.out_dir
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
+        columns = [k for k in self.history[-1] if not isinstance(self.history[-1][k], (list, dict))]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(out / "metrics.csv", buf.getvalue())
+
+    # ------------------------------------------------------------------ counters
+
+    def restart_clock(self) -> None:
+        self._clock = time.perf_counter()
+
+    def bank_elapsed(self) -> None:
+        now = time.perf_counter()
+        self.elapsed += now - self._clock
+        self._clock = now
+
+    def is_better(self, row: dict) -> bool:
+        value = row.get(self.task.monitor)
+        if value is None or self.best is None:
+            return True  # no validation split: the latest is the best we know
+        return value > self.best if self.task.higher_is_better else value < self.best
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_last(self, metrics: dict | None = None) -> None:
+        """last.safetensors, with the training state. Every rank calls it; rank 0 writes."""
+        rng = gather_rng_states(self.device, self.dist)
+        if self.dist.is_main:
+            save_checkpoint(self.facts.out_dir / "last.safetensors",
+                            self._checkpoint(self.model.state_dict(), metrics, rng))
+
+    def save_within_epoch(self, loss_sum: torch.Tensor) -> bool:
+        """last.safetensors within an epoch, with the epoch's loss sum so far: its mean over
+        ranks (a collective), which each rank resumes from, so the epoch's all-reduced mean
+        comes out as in an uninterrupted run. False, and nothing saved, when the state has
+        diverged."""
+        self.partial_loss_sum = all_reduce_mean(loss_sum.detach().clone(), self.dist).item()
+        if diverged(self.partial_loss_sum, self.model):
+            return False
+        self.bank_elapsed()
+        self.save_last()
+        return True
+
+    def save_epoch(self, row: dict, train_loss: float) -> None:
+        """last.safetensors, and best.safetensors when the monitored figure improved."""
+        improved = self.is_better(row)
+        if improved:
+            self.best = row.get(self.task.monitor, train_loss)
+        self.save_last(row)
+        if improved and self.facts.save_best and self.dist.is_main:
+            weights = self.ema.shadow if self.ema is not None else self.model.state_dict()
+            save_checkpoint(self.facts.out_dir / "best.safetensors", self._checkpoint(weights, row))
+
+    def _checkpoint(self, weights: dict[str, torch.Tensor], metrics: dict | None,
+                    rng: dict[str, torch.Tensor] | None = None) -> Checkpoint:
+        """A checkpoint; with the training state when given every rank's generators (`rng`)."""
+        info = {"epoch": self.epoch, "global_step": self.global_step, "metrics": metrics or {},
+                "mmlit_version": __version__}
+        if self.facts.data_source is not None:
+            info["dataset"] = self.facts.data_source
+        ckpt = Checkpoint(weights, self.cfg, self.task.kind, list(self.task.classes), info)
+        if rng is not None:
+            ckpt.train_tensors, ckpt.train_info = self._train_state(rng)
+        return ckpt
+
+    def _train_state(self, rng: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, opt_info = optimizer_to_tensors(self.optimizer)
+        tensors.update(rng)
+        info: dict[str, Any] = {
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            "best": self.best, "elapsed": self.elapsed, "optimizer": opt_info,
+            "epoch_loss_sum": self.partial_loss_sum if self.step_in_epoch else 0.0,
+            "dataset": self.facts.dataset, "world_size": self.dist.world_size,
+            "layer_decay": self.facts.layer_decay, "recipe_note": self.facts.recipe_note}
+        if self.ema is not None:
+            tensors.update({f"ema/{k}": v for k, v in self.ema.shadow.items()})
+            info["ema_updates"] = self.ema.updates
+        return tensors, info
+
+    # ------------------------------------------------------------------ --resume
+
+    def resume_from(self, ckpt: Checkpoint) -> None:
+        """Weights, optimizer, EMA and counters from a last.safetensors; this rank's generators
+        are put back by `restore_rng` when the loop reaches the batch they were saved at."""
+        if ckpt.train_info is None:
+            raise MmlitError("the checkpoint has no training state to resume from")
+        info = ckpt.train_info
+        self.model.load_state_dict(ckpt.tensors)
+        optimizer_from_tensors(self.optimizer, ckpt.train_tensors, info["optimizer"])
+        if self.ema is not None:
+            ema = {k[4:]: v.to(self.device) for k, v in ckpt.train_tensors.items() if k.startswith("ema/")}
+            if ema:
+                self.ema.module.load_state_dict(ema)
+            # Runs saved before the warm-up existed: the EMA was updated once per step.
+            self.ema.updates = int(info.get("ema_updates", info["global_step"]))
+        self.epoch, self.step_in_epoch = int(info["epoch"]), int(info["step_in_epoch"])
+        self.global_step, self.best, self.elapsed = int(info["global_step"]), info["best"], float(info["elapsed"])
+        self.resume_loss_sum = float(info.get("epoch_loss_sum", 0.0))
+        check_resume_world_size(int(info.get("world_size", 1)))
+        self._resume_rng = rank_rng_state(ckpt.train_tensors, self.dist.rank, self.device)
+        history = self.facts.out_dir / "metrics.jsonl"
+        if history.exists():
+            rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+            self.history = [h for h in rows if h["epoch"] <= self.epoch]
+
+    def take_resume_loss_sum(self) -> float:
+        """Where this epoch's loss sum starts: the saved partial sum once after a resume, else 0."""
+        value, self.resume_loss_sum = self.resume_loss_sum, 0.0
+        return value
+
+    def restore_rng(self) -> None:
+        """Put the generators back where the checkpoint resumed from saved them (once)."""
+        if self._resume_rng is not None:
+            set_rng_state(self._resume_rng, self.device)
+            self._resume_rng = None
