@@ -122,7 +122,13 @@ DeviceOpt = typer.Option("auto", "--device", help="auto (cuda, then mps, then cp
 
 def _train_command(kind: str, **options) -> None:
     """`options`: the command's parameters by name, which are `run_training`'s keywords."""
-    from .train import run_training
+    from .train import resolved_config, run_training
+
+    if options.pop("print_config"):
+        keep = ("preset", "dataset", "data_dir", "overrides", "validation", "device", "resume", "epochs",
+                "batch_size", "lr", "seed", "workers", "recipe", "loader")
+        print(resolved_config(kind, **{k: options[k] for k in keep}), end="")
+        return
 
     result = run_training(kind, console=console, **options)
     if result["stopped"] == "interrupt":
@@ -148,10 +154,12 @@ OutOpt = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<c
 EpochsOpt = typer.Option(None, "--epochs", help="Override the recipe's epochs.")
 BatchOpt = typer.Option(None, "--batch-size", "-b", help="Override the recipe's batch_size (per process; "
                         "default: the preset's, raised to 512 on a CUDA GPU when an epoch still has 32 steps).")
-LrOpt = typer.Option(None, "--lr", help="Peak learning rate, used as given at any batch size (default: the "
-                     "recipe's lr_base per 256 images x global batch / 256).")
-RecipeOpt = typer.Option(None, "--recipe", help="auto (default): warm-up and regularisation fitted to the run's "
-                         "length; paper: the preset's recipe as written.")
+LrOpt = typer.Option(None, "--lr", help="Peak learning rate, used as given at any batch size and length "
+                     "(default: lr_base x global batch / 256, times up to 2 for a short run with --recipe auto; the "
+                     "run's first lines, and --print-config, show it with its factors).")
+RecipeOpt = typer.Option(None, "--recipe", help="auto (default): lr, warm-up, schedule, clipping and "
+                         "regularisation fitted to the run's length (README, \"Training\"); paper: the preset's "
+                         "recipe as written. --print-config shows what either gives.")
 SeedOpt = typer.Option(None, "--seed", help="Override the recipe's seed.")
 WorkersOpt = typer.Option(None, "--workers", "-j", help="Data-loading processes (with --loader workers; default: "
                           "the preset's, as many as the machine has up to 8 on a CUDA GPU).")
@@ -166,6 +174,9 @@ CompileModeOpt = typer.Option(None, "--compile-mode", help="torch.compile mode: 
                               "max-autotune (CUDA graphs; implies --compile).")
 SaveEveryOpt = typer.Option(200, "--save-every", help="Also checkpoint every N steps within an epoch (0 = off).")
 DownloadOpt = typer.Option(False, "--download", help="Download a named dataset if it is missing.")
+PrintConfigOpt = typer.Option(False, "--print-config", help="Print the config the run would use, its recipe fitted "
+                              "to the run, as YAML, and exit: nothing is read or written (the training images are "
+                              "counted).")
 ValOpt = typer.Option(None, "--val", help="Where validation and best.safetensors come from: auto (default: the "
                       "dataset's validation split, else a stratified data.val_fraction held out of train; the test "
                       "split is never looked at) or test (the paper protocol: train on all of train, validate on the "
@@ -182,6 +193,7 @@ def finetune(
     init: Optional[str] = typer.Option(None, "--init", help="Start from a checkpoint's weights (MAE encoder or classifier)."),
     resume: Optional[str] = ResumeOpt, compile: Optional[bool] = TrainCompileOpt, compile_mode: Optional[str] = CompileModeOpt,
     save_every: int = SaveEveryOpt, download: bool = DownloadOpt, validation: Optional[str] = ValOpt,
+    print_config: bool = PrintConfigOpt,
 ) -> None:
     """Supervised training, from scratch or from a checkpoint (--init). The head gets the dataset's classes.
 
@@ -200,6 +212,7 @@ def pretrain(
     loader: Optional[str] = LoaderOpt,
     resume: Optional[str] = ResumeOpt, compile: Optional[bool] = TrainCompileOpt, compile_mode: Optional[str] = CompileModeOpt,
     save_every: int = SaveEveryOpt, download: bool = DownloadOpt, validation: Optional[str] = ValOpt,
+    print_config: bool = PrintConfigOpt,
 ) -> None:
     """MAE pre-training (mmLiT). Labels are not needed: a folder of images works.
 
@@ -215,7 +228,8 @@ def eval_(
     dataset: Optional[str] = CkptDatasetOpt,
     data_dir: Optional[str] = DataDirOpt,
     split: str = typer.Option("val", "--split", help="val or test (or train)."),
-    batch_size: int = typer.Option(256, "--batch-size", "-b"),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass: memory and speed "
+                                   "only (the figures are the same to float rounding)."),
     device: str = DeviceOpt,
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Where confusion.png goes (default: runs/eval/<name>, numbered)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (writes confusion.png only with --out)."),
@@ -283,7 +297,8 @@ def predict(
     top_k: int = typer.Option(5, "--top-k", "-k", help="How many labels per image."),
     as_json: bool = typer.Option(False, "--json", help='Print a JSON list of {"path", "top": [{"label", "prob"}]}.'),
     csv_path: Optional[str] = typer.Option(None, "--csv", help="Write the predictions to this CSV file."),
-    batch_size: int = typer.Option(256, "--batch-size", "-b"),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass: memory and speed "
+                                   "only (the probabilities are the same to float rounding)."),
     device: str = DeviceOpt,
     compile: bool = CompileOpt,
     compile_mode: Optional[str] = CompileModeOpt,

@@ -192,12 +192,17 @@ def fit_recipe(cfg: Config, section: str, reference_epochs: int, train_images: i
         changes["augment"] = _scaled_augment(recipe.augment, s, mine, crop_flip=not plain_loop)
         if "model.drop_path" not in pinned:
             model = dataclasses.replace(model, drop_path=_scale(model.drop_path, s))
+    # The schedules warm up for at most half the run (`warmup_steps`): the config says so too.
+    changes["warmup_epochs"] = min(changes.get("warmup_epochs", recipe.warmup_epochs), recipe.epochs / 2)
     recipe = dataclasses.replace(recipe, **changes)
     return dataclasses.replace(cfg, model=model, **{section: recipe}).validate()
 
 
-def describe(cfg: Config, section: str, reference_epochs: int) -> str:
-    """The recipe a run will use, in two lines (printed at the start of a run)."""
+def describe(cfg: Config, section: str, reference_epochs: int, train_images: int | None = None,
+             world_size: int = 1, lr_given: bool = False) -> str:
+    """The recipe a run will use, in two lines (printed at the start of a run, and atop its
+    config.yaml): the values the optimizer and the loader get, the peak lr with its factors,
+    the warm-up in epochs and in steps (for `train_images` split over `world_size` processes)."""
     r: TrainConfig = getattr(cfg, section)
     a = r.augment
     s = strength(r.epochs, reference_epochs) if r.recipe == "auto" else 1.0
@@ -213,9 +218,26 @@ def describe(cfg: Config, section: str, reference_epochs: int) -> str:
     shape = "one-cycle (cosine up from lr/25, down to ~0; beta1 0.95-0.85)" if r.schedule == "one-cycle" \
         else f"cosine to {r.min_lr:g}"
     decay = f"weight decay {r.weight_decay:g}" + (" on every parameter" if r.decay_all else "")
+    warm = f"warm-up {r.warmup_epochs:.3g} epochs"
+    if train_images:
+        steps_per_epoch = max(train_images // (r.batch_size * world_size), 1)
+        steps = warmup_steps(r, steps_per_epoch)
+        warm += f" = {steps:,.0f}" if steps >= 100 else f" = {steps:.3g}"
+        warm += f" of {steps_per_epoch * r.epochs:,} steps"
     return (f"recipe {fitted}\n"
-            f"  batch {r.batch_size}, lr {r.lr:.3g} (lr_base {r.lr_base:g} per {LR_BASE_BATCH} images), warm-up {r.warmup_epochs:.3g} "
-            f"epochs, {shape}, {decay}, {clip}; {', '.join(x for x in aug if x) or 'no augmentation'}")
+            f"  batch {r.batch_size} x {world_size} process(es), lr {r.lr:.3g} ({lr_factors(r, world_size, lr_given)}), {warm}, "
+            f"{shape}, {decay}, {clip}; {', '.join(x for x in aug if x) or 'no augmentation'}")
+
+
+def lr_factors(recipe: TrainConfig, world_size: int = 1, given: bool = False) -> str:
+    """How the peak lr came about, in words: as given (`--lr`, `--set`), or the linear rule
+    (rule 1) times rule 3's short-run factor when there is one."""
+    if given:
+        return "as given"
+    rule = recipe.lr_base * recipe.batch_size * world_size / LR_BASE_BATCH
+    words = f"lr_base {recipe.lr_base:g} x {recipe.batch_size * world_size}/{LR_BASE_BATCH}"
+    factor = recipe.lr / rule if rule > 0 else 1.0
+    return words if abs(factor - 1.0) < 1e-6 else f"{words} x {factor:.3g} short-run factor"
 
 
 def pinned_keys(overrides: dict[str, Any], prefix: str = "") -> set[str]:

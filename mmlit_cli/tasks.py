@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config
-from .data import ImageData, build_batch_mix
+from .data import build_batch_mix
 from .metrics import evaluate_classifier, evaluate_mae
 
 
@@ -37,9 +37,9 @@ class ClassifyTask:
         self.mix = build_batch_mix(self.recipe.augment, cfg.model.num_classes)
 
     @staticmethod
-    def fit_config(cfg: Config, train: ImageData) -> Config:
-        """The config of a new run on `train`: the head gets the dataset's classes."""
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=len(train.classes)))
+    def fit_config(cfg: Config, num_classes: int) -> Config:
+        """The config of a new run on data of `num_classes` classes: the head gets them."""
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))
 
     @property
     def init_target(self) -> torch.nn.Module:
@@ -83,7 +83,7 @@ class MAETask:
         self.recipe = cfg.pretrain
 
     @staticmethod
-    def fit_config(cfg: Config, train: ImageData) -> Config:
+    def fit_config(cfg: Config, num_classes: int) -> Config:
         return cfg
 
     @property

@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from .checkpoint import Checkpoint, load_checkpoint, load_weights_into
-from .config import Config, load_config, parse_overrides
+from .config import Config, dump_config, load_config, parse_overrides
 from .data import DATASET_NAMES, SAMPLE_DIR, ImageData, canonical_name, default_data_dir, is_sample, load_split, \
-    usable_cpus
+    train_split_size, usable_cpus
 from .engine import RunOptions, Trainer
 from .errors import MmlitError
 from .recipe import SAMPLE_EPOCHS, describe, fit_recipe, fit_to_device, pinned_keys
@@ -127,7 +127,8 @@ class RunPlan:
         cfg = fit_to_device(self.cfg, section, device_type, train_images, world,
                             max(usable_cpus() // local_world, 1), self.pinned)
         cfg = fit_recipe(cfg, section, self.reference_epochs, train_images, world, self.pinned)
-        return dataclasses.replace(self, cfg=cfg, recipe_note=describe(cfg, section, self.reference_epochs))
+        note = describe(cfg, section, self.reference_epochs, train_images, world, f"{section}.lr" in self.pinned)
+        return dataclasses.replace(self, cfg=cfg, recipe_note=note)
 
 
 def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir: str | None = None,
@@ -163,7 +164,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
 
     train, val = _load_data(plan.spec, plan.cfg, task_cls.needs_labels, console if main_process else None)
     plan = plan.fit_to(task_cls.command, len(train), device_type)
-    cfg = plan.cfg if plan.resume is not None else task_cls.fit_config(plan.cfg, train)
+    cfg = plan.cfg if plan.resume is not None else task_cls.fit_config(plan.cfg, len(train.classes))
     if not quiet:
         console.print(escape(f"data: {train.source}; validation: {_validation_note(plan.spec, val)}"),
                       highlight=False)
@@ -235,8 +236,20 @@ def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_
              out: str | Path | None) -> RunPlan:
     """A new run: the preset with the user's overrides; its recipe is fitted to the run once
     the data is loaded (`RunPlan.fit_to`)."""
+    plan = _new_plan(task_cls, preset, dataset, data_dir, download, validation, overrides, shortcuts)
+    run_dir = new_run_dir(out, kind, plan.cfg.name)
+    _check_writable(run_dir)
+    return dataclasses.replace(plan, run_dir=run_dir)
+
+
+def _new_plan(task_cls, preset: str | None, dataset: str | None, data_dir: str | None, download: bool,
+              validation: str | None, overrides: list[str] | None, shortcuts: dict[str, Any]) -> RunPlan:
+    """A new run's plan before its directory is chosen: no --dataset means the sample, whose
+    runs are short unless --epochs says otherwise (`SAMPLE_EPOCHS`)."""
     section = task_cls.command
     dataset = "sample" if dataset is None else dataset
+    if shortcuts.get("recipe") not in (None, "auto", "paper"):
+        raise MmlitError(f"--recipe must be auto or paper, got '{shortcuts['recipe']}'")
     pinned = pinned_keys(parse_overrides(overrides)) | {f"{section}.{k}" for k, v in shortcuts.items() if v is not None}
     if is_sample(dataset) and f"{section}.epochs" not in pinned:
         shortcuts = {**shortcuts, "epochs": SAMPLE_EPOCHS[section]}
@@ -244,9 +257,31 @@ def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_
     # The preset's own length is the one its recipe was written for (`RunPlan.fit_to` fits it).
     reference_epochs = getattr(load_config(preset or "xs"), section).epochs
     spec = DataSpec(dataset, data_dir, download, validation or "auto")
-    run_dir = new_run_dir(out, kind, cfg.name)
-    _check_writable(run_dir)
-    return RunPlan(cfg, spec, run_dir, None, reference_epochs=reference_epochs, pinned=pinned)
+    return RunPlan(cfg, spec, Path("."), None, reference_epochs=reference_epochs, pinned=pinned)
+
+
+def resolved_config(kind: str, preset: str | None, dataset: str | None, *, data_dir: str | None = None,
+                    overrides: list[str] | None = None, validation: str | None = None, device: str = "auto",
+                    resume: str | Path | None = None, **shortcuts: Any) -> str:
+    """`--print-config`: the config a run would use, as YAML (the fitted recipe in words atop,
+    as comments), without reading an image or writing a file. The training images are counted
+    (`data.train_split_size`: a folder is listed, a named dataset is its official size); with
+    `resume`, the config the run recorded."""
+    task_cls = TASKS[kind]
+    if resume is not None:
+        ckpt = load_checkpoint(Path(resume) / "last.safetensors")
+        return f"# the config {resume} recorded\n" + dump_config(ckpt.config)
+    if validation is not None and validation not in VALIDATION:
+        raise MmlitError(f"--val must be {' or '.join(VALIDATION)}, got '{validation}'")
+    shortcuts = {k: shortcuts.get(k) for k in ("epochs", "batch_size", "lr", "seed", "workers", "recipe", "loader")}
+    plan = _new_plan(task_cls, preset, dataset, data_dir, False, validation, overrides, shortcuts)
+    images, classes = train_split_size(plan.spec.dataset, plan.cfg.data.val_fraction, plan.spec.validation == "auto",
+                                       task_cls.needs_labels)
+    plan = plan.fit_to(task_cls.command, images, resolve_device(device).type)
+    cfg = task_cls.fit_config(plan.cfg, classes)
+    head = [f"{plan.spec.dataset}: {images:,} training images, {classes} classes (counted, not read)",
+            *(plan.recipe_note or "").splitlines()]
+    return "".join(f"# {line}\n" for line in head) + dump_config(cfg)
 
 
 def _load_data(spec: DataSpec, cfg: Config, require_labels: bool,

@@ -42,6 +42,7 @@ from safetensors import safe_open
 import datafixtures as fx
 from helpers import TINY, write_folder
 from test_card import CARD_COMMANDS
+from test_print_config import README_PRINT
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -70,7 +71,7 @@ TORCHRUN = "torchrun --nproc_per_node 4 -m mmlit_cli finetune --preset s --datas
 # The Quick start's commands on the bundled sample run as written, in an empty folder: test_card.py.
 JOURNEY_COMMANDS = [COUNT_TABLE, COUNT_JSON, FINETUNE, EVAL_MINE, RESUME, PRETRAIN, FINETUNE_INIT, C10, EVAL_PV,
                     PREDICT_MIXED, PREDICT_PV, EXPORT, EXPORT_INT8, PREDICT_INT8, BENCHMARK, PLOT, TORCHRUN,
-                    *CARD_COMMANDS]
+                    *CARD_COMMANDS, README_PRINT]
 
 SMALL = [x for o in TINY for x in ("--set", o)]  # a 3-block model on 12x12 images, no loader processes
 APPENDED = {FINETUNE: SMALL, PRETRAIN: SMALL,

@@ -12,6 +12,7 @@ train (`splits.stratified_holdout`); a test/ folder stays the test split.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError, one_line
@@ -72,10 +73,21 @@ def _scan_part(folder: Path, classes: list[str] | None,
     return classes, files, labels
 
 
-def load_folder(root: Path, split: str, image_size: int, hold: float | None,
-                require_labels: bool) -> ImageData:
-    """`hold`: the fraction of train held out for validation when there is no val/ folder
-    (None: nothing held out, the paper protocol)."""
+@dataclass
+class FolderSplit:
+    """The files of one split of an image folder, before decoding."""
+
+    classes: list[str]
+    files: list[str]
+    labels: list[int]
+    note: str  # how the split was carved ("'val' split = held-out 10% of train ...")
+    part_dir: Path  # the folder its files are in
+
+
+def folder_split(root: Path, split: str, hold: float | None, require_labels: bool) -> FolderSplit:
+    """Which files make `split` of the image folder `root` (nothing is decoded). `hold`: the
+    fraction of train held out for validation when there is no val/ folder (None: nothing
+    held out, the paper protocol)."""
     dirs = _subdirs(root)
     split_names = {n for names in _SPLIT_DIRS.values() for n in names}
     # root/train/<class>/ (+ val/ or test/); other folders next to train/ and val/ are ignored
@@ -120,11 +132,17 @@ def load_folder(root: Path, split: str, image_size: int, hold: float | None,
                             f"(a class needs at least 2 images)")
         files = [files[i] for i in keep]
         labels = [labels[i] for i in keep]
+    return FolderSplit(list(classes), files, labels, note, part_dir)
 
-    images, labels_t, skipped = decode_labelled(files, labels, classes, image_size,
-                                                f"image folder {part_dir}")
-    kind = f"{len(classes)} classes" if classes else "unlabeled"
-    where = f", {part_dir.relative_to(root)}/" if part_dir != root else ""
-    return ImageData(images, labels_t, list(classes),
-                     f"image folder {root} {note}{where} ({len(labels_t)} images, {kind})",
+
+def load_folder(root: Path, split: str, image_size: int, hold: float | None,
+                require_labels: bool) -> ImageData:
+    """`split` of the image folder `root` (see `folder_split`), decoded."""
+    part = folder_split(root, split, hold, require_labels)
+    images, labels_t, skipped = decode_labelled(part.files, part.labels, part.classes, image_size,
+                                                f"image folder {part.part_dir}")
+    kind = f"{len(part.classes)} classes" if part.classes else "unlabeled"
+    where = f", {part.part_dir.relative_to(root)}/" if part.part_dir != root else ""
+    return ImageData(images, labels_t, part.classes,
+                     f"image folder {root} {part.note}{where} ({len(labels_t)} images, {kind})",
                      skipped)

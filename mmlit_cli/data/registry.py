@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 
 from ..errors import DataError
-from .datasets import NAMED_LOADERS
-from .folders import load_folder
-from .splits import SPLITS, ImageData
+from .datasets import NAMED_LOADERS, SAMPLE_DIR
+from .folders import folder_split, load_folder
+from .splits import SPLITS, ImageData, held_out_count
 
 DATASET_NAMES = tuple(NAMED_LOADERS)
 
@@ -35,6 +35,38 @@ def canonical_name(dataset: str) -> str:
 def is_sample(dataset: str | None) -> bool:
     """Whether `dataset` names the bundled sample (what a run without --dataset trains on)."""
     return dataset is not None and canonical_name(dataset) == "sample"
+
+
+# The named datasets' official training splits, images per class: what `train_split_size`
+# counts without reading them. Flowers102 and Tiny-ImageNet have a validation split of their
+# own, so nothing is held out of theirs.
+OFFICIAL_TRAIN_COUNTS = {
+    "cifar10": [5000] * 10,
+    "cifar100": [500] * 100,
+    "svhn": [4948, 13861, 10585, 8497, 7458, 6882, 5727, 5595, 5045, 4659],  # digits 0-9, 73,257 in all
+    "flowers102": [10] * 102,
+    "fashion-mnist": [6000] * 10,
+    "tiny-imagenet": [500] * 200,
+}
+_OWN_VALIDATION = {"flowers102", "tiny-imagenet"}
+
+
+def train_split_size(dataset: str, val_fraction: float = 0.1, holdout: bool = True,
+                     require_labels: bool = True) -> tuple[int, int]:
+    """(images, classes) of the "train" split `load_split` gives, counted without decoding
+    anything: an image folder (the sample too) is listed; a named dataset is its official
+    size, less the stratified hold-out. Files that turn out undecodable are not known here."""
+    name = canonical_name(dataset)
+    if name in OFFICIAL_TRAIN_COUNTS:
+        counts = OFFICIAL_TRAIN_COUNTS[name]
+        if holdout and name not in _OWN_VALIDATION:
+            counts = [n - held_out_count(n, val_fraction) for n in counts]
+        return sum(counts), len(counts)
+    root = SAMPLE_DIR if name == "sample" else Path(str(dataset)).expanduser()
+    if not root.is_dir():
+        load_split(dataset, "train", 1)  # the error load_split gives for this name or path
+    part = folder_split(root.resolve(), "train", val_fraction if holdout else None, require_labels)
+    return len(part.files), len(part.classes)
 
 
 def default_data_dir() -> Path:

@@ -78,6 +78,11 @@ def requested_part(images: np.ndarray, labels: np.ndarray, name: str, split: str
     return images[keep], labels[keep], note
 
 
+def held_out_count(n: int, val_fraction: float) -> int:
+    """How many of a class's `n` training images `stratified_holdout` holds out."""
+    return 0 if n < 2 else min(n - 1, max(1, round(val_fraction * n)))
+
+
 def stratified_holdout(labels: list[int], val_fraction: float) -> tuple[list[int], list[int]]:
     """Deterministic stratified split of positions -> (train positions, held-out positions)."""
     by_class: dict[int, list[int]] = {}
@@ -87,7 +92,7 @@ def stratified_holdout(labels: list[int], val_fraction: float) -> tuple[list[int
     for lab in sorted(by_class):
         pos = by_class[lab]
         n = len(pos)
-        k = 0 if n < 2 else min(n - 1, max(1, round(val_fraction * n)))
+        k = held_out_count(n, val_fraction)
         perm = np.random.default_rng(0).permutation(n)
         out = set(perm[:k].tolist())
         held += [pos[i] for i in range(n) if i in out]

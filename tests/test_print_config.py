@@ -1,0 +1,112 @@
+"""Printed = saved = run (issue 26): what `--print-config` prints is what a run saves in its
+config.yaml, and the recipe line a run prints is what its optimizer and loader do."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+
+from helpers import TINY, write_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = [x for o in TINY for x in ("--set", o)]
+
+
+def mmlit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MMLIT_DATA"}
+    env.update(PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, "-m", "mmlit_cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def comments(text: str) -> list[str]:
+    return [line[2:] for line in text.splitlines() if line.startswith("# ")]
+
+
+@pytest.mark.parametrize("kind,sets", [("finetune", ["--epochs", "3", "--batch-size", "8"]),
+                                       ("finetune", ["--epochs", "2", "--recipe", "paper", "--batch-size", "8"]),
+                                       ("pretrain", ["--epochs", "2", "--batch-size", "8"])])
+def test_print_config_is_the_config_the_run_saves_and_touches_nothing(tmp_path, kind, sets):
+    data = write_folder(tmp_path / "data", per_class=12)
+    home = tmp_path / "home"
+    home.mkdir()
+    args = [kind, "--preset", "xxs", "--dataset", str(data), *sets, *SMALL]
+    printed = mmlit(*args, "--print-config", cwd=home)
+    assert printed.returncode == 0, printed.stderr
+    assert list(home.iterdir()) == []  # nothing written, not even a run directory
+    head = comments(printed.stdout)
+    assert head[0] == f"{data}: 33 training images, 3 classes (counted, not read)"  # 36 less 1 held out per class
+
+    ran = mmlit(*args, "--out", "run", cwd=home)
+    assert ran.returncode == 0, ran.stderr
+    saved = (home / "run" / "config.yaml").read_text()
+    printed_cfg, saved_cfg = yaml.safe_load(printed.stdout), yaml.safe_load(saved)
+    section = kind
+    assert printed_cfg[section].pop("loader") == "auto" and saved_cfg[section].pop("loader") == "device"
+    assert printed_cfg == saved_cfg  # the loader aside: the run chooses it once the data is loaded
+    assert head[1:] == comments(saved)  # the fitted recipe in words, as the run wrote it
+    assert all(line.strip() in ran.stdout for line in head[1:])  # and printed it
+
+
+def test_the_printed_recipe_is_what_the_optimizer_and_the_loader_do(tmp_path, monkeypatch):
+    """A real short run: its peak lr (with factors), warm-up steps and augmentation, as printed,
+    read back from the optimizer at every step and from the loader's batch augmentation."""
+    from mmlit_cli import engine
+    from mmlit_cli.train import run_training
+
+    data = write_folder(tmp_path / "data", per_class=24)  # 69 training images: 8 steps/epoch at batch 8
+    lrs, loaders = [], []
+    step = engine.Trainer._train_step
+
+    def recorded(self, images, labels):
+        loss = step(self, images, labels)
+        lrs.append(self.optimizer.param_groups[-1]["lr"])
+        loaders.append(self.train_loader)
+        return loss
+
+    monkeypatch.setattr(engine.Trainer, "_train_step", recorded)
+    out = Console(record=True, width=400)
+    run_training("finetune", "xxs", str(data), out=tmp_path / "run", overrides=TINY, epochs=6, batch_size=8,
+                 console=out)
+    text = out.export_text()
+    line = next(x for x in text.splitlines() if x.startswith("  batch 8 x 1 process(es), lr "))
+    lr, base, factor = re.search(r"lr ([\d.e-]+) \(lr_base ([\d.e-]+) x 8/256 x ([\d.]+) short-run factor\)",
+                                 line).groups()
+    assert float(lr) == pytest.approx(float(base) * 8 / 256 * float(factor), rel=1e-3)
+    assert max(lrs) == pytest.approx(float(lr), rel=1e-3)  # the peak the optimizer reached
+    warm_epochs, warm_steps, total = re.search(r"warm-up ([\d.]+) epochs = ([\d.]+) of (\d+) steps", line).groups()
+    assert int(total) == len(lrs) == 6 * 8
+    assert float(warm_steps) == pytest.approx(float(warm_epochs) * 8, abs=0.01)
+    w = int(float(warm_steps))  # linear warm-up over its whole steps: the peak at step w - 1 (and w, the
+    assert w >= 2 and all(lrs[i] < lrs[i + 1] for i in range(w - 1))  # cosine's start), then down
+    assert lrs[w - 1] == lrs[w] == max(lrs) and all(lrs[i] > lrs[i + 1] for i in range(w, len(lrs) - 1))
+    augment = loaders[0].augment  # the run's batches come from the device, augmented there
+    shown = line.split("; ", 1)[1]
+    assert ("crop pad 4" in shown) == (augment.crop_padding == 4) and ("flip" in shown) == (augment.hflip == 0.5)
+    assert ("TrivialAugment" in shown) == (augment.auto_augment == "trivial")
+    assert ("erasing" in shown) == (augment.random_erasing > 0)
+
+
+README_PRINT = "mmlit finetune --preset xxs --dataset cifar10 --epochs 50 --print-config"  # the README's
+
+
+def test_the_readme_s_print_config_needs_no_data(tmp_path):
+    """As the README runs it, in an empty folder with no ./data: the recipe of a 50-epoch
+    CIFAR-10 run, fitted to the official 45,000 training images (50,000 less the hold-out)."""
+    r = mmlit(*README_PRINT.split()[1:], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert list(tmp_path.iterdir()) == []
+    head = comments(r.stdout)
+    assert head[0] == "cifar10: 45,000 training images, 10 classes (counted, not read)"
+    assert head[1] == "recipe auto, fitted to 50 of 300 epochs: regularisation x0.34"  # log(50/20) / log(300/20)
+    # warm-up 0.3^(1-s) x (1/30)^s of the run (rule 3's ramp) = 7.13 epochs of 351 steps at batch 128
+    assert "warm-up 7.13 epochs = 2,503 of 17,550 steps" in head[2]
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["model"]["num_classes"] == 10 and cfg["finetune"]["epochs"] == 50
