@@ -16,7 +16,6 @@ from rich.console import Console
 from helpers import TINY, write_folder
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = [x for o in TINY for x in ("--set", o)]
 
 
 def mmlit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -30,29 +29,29 @@ def comments(text: str) -> list[str]:
     return [line[2:] for line in text.splitlines() if line.startswith("# ")]
 
 
-@pytest.mark.parametrize("kind,sets", [("finetune", ["--epochs", "3", "--batch-size", "8"]),
-                                       ("finetune", ["--epochs", "2", "--recipe", "paper", "--batch-size", "8"]),
-                                       ("pretrain", ["--epochs", "2", "--batch-size", "8"])])
-def test_print_config_is_the_config_the_run_saves_and_touches_nothing(tmp_path, kind, sets):
+@pytest.mark.parametrize("kind,options", [("finetune", {"epochs": 3}), ("finetune", {"epochs": 2, "recipe": "paper"}),
+                                          ("pretrain", {"epochs": 2})])
+def test_print_config_is_the_config_the_run_saves_and_touches_nothing(tmp_path, monkeypatch, kind, options):
+    from mmlit_cli.train import resolved_config, run_training
+
     data = write_folder(tmp_path / "data", per_class=12)
     home = tmp_path / "home"
     home.mkdir()
-    args = [kind, "--preset", "xxs", "--dataset", str(data), *sets, *SMALL]
-    printed = mmlit(*args, "--print-config", cwd=home)
-    assert printed.returncode == 0, printed.stderr
+    monkeypatch.chdir(home)
+    printed = resolved_config(kind, "xxs", str(data), overrides=TINY, batch_size=8, **options)
     assert list(home.iterdir()) == []  # nothing written, not even a run directory
-    head = comments(printed.stdout)
+    head = comments(printed)
     assert head[0] == f"{data}: 33 training images, 3 classes (counted, not read)"  # 36 less 1 held out per class
 
-    ran = mmlit(*args, "--out", "run", cwd=home)
-    assert ran.returncode == 0, ran.stderr
+    out = Console(record=True, width=400)
+    run_training(kind, "xxs", str(data), out="run", overrides=TINY, batch_size=8, console=out, **options)
     saved = (home / "run" / "config.yaml").read_text()
-    printed_cfg, saved_cfg = yaml.safe_load(printed.stdout), yaml.safe_load(saved)
-    section = kind
-    assert printed_cfg[section].pop("loader") == "auto" and saved_cfg[section].pop("loader") == "device"
+    printed_cfg, saved_cfg = yaml.safe_load(printed), yaml.safe_load(saved)
+    assert printed_cfg[kind].pop("loader") == "auto" and saved_cfg[kind].pop("loader") == "device"
     assert printed_cfg == saved_cfg  # the loader aside: the run chooses it once the data is loaded
     assert head[1:] == comments(saved)  # the fitted recipe in words, as the run wrote it
-    assert all(line.strip() in ran.stdout for line in head[1:])  # and printed it
+    text = out.export_text()
+    assert all(line.strip() in text for line in head[1:]), (head, text)  # and printed it
 
 
 def test_the_printed_recipe_is_what_the_optimizer_and_the_loader_do(tmp_path, monkeypatch):
@@ -98,8 +97,9 @@ README_PRINT = "mmlit finetune --preset xxs --dataset cifar10 --epochs 50 --prin
 
 
 def test_the_readme_s_print_config_needs_no_data(tmp_path):
-    """As the README runs it, in an empty folder with no ./data: the recipe of a 50-epoch
-    CIFAR-10 run, fitted to the official 45,000 training images (50,000 less the hold-out)."""
+    """As the README runs it, a process in an empty folder with no ./data: the recipe of a
+    50-epoch CIFAR-10 run, fitted to the official 45,000 training images (50,000 less the
+    hold-out)."""
     r = mmlit(*README_PRINT.split()[1:], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert list(tmp_path.iterdir()) == []
