@@ -110,11 +110,12 @@ def count_params(
 
 
 DatasetOpt = typer.Option(None, "--dataset", "-d",
-                           help="cifar10, cifar100, svhn, flowers102, fashion-mnist, tiny-imagenet, sample, or an "
-                                "image folder (default: sample, the 1,000 CIFAR-10 images bundled with mmlit, for "
+                           help="cifar10, cifar100, svhn, flowers102, fashion-mnist, tiny-imagenet, sample, an image "
+                                "folder, or a label file (.csv: path,label[,split]) (default: sample, the 1,000 CIFAR-10 images bundled with mmlit, for "
                                 f"trying it out: {SAMPLE_EPOCHS['finetune']} fine-tuning or {SAMPLE_EPOCHS['pretrain']} "
                                 f"pre-training epochs unless --epochs).")
-CkptDatasetOpt = typer.Option(None, "--dataset", "-d", help="Dataset name (as for finetune) or image folder "
+CkptDatasetOpt = typer.Option(None, "--dataset", "-d", help="Dataset name (as for finetune), image folder or label "
+                              "file "
                               "(default: the dataset the checkpoint was trained on).")
 DataDirOpt = typer.Option(None, "--data-dir", help="Where named datasets live (default: $MMLIT_DATA or ./data).")
 DeviceOpt = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")

@@ -159,7 +159,8 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
         if dataset is None and not quiet:
             console.print(escape(f"no --dataset: training on the bundled sample ({SAMPLE_DIR}; 1,000 CIFAR-10 "
                                  f"images), {getattr(plan.cfg, task_cls.command).epochs} epochs. For real data "
-                                 f"pass --dataset: a name (cifar10, cifar100, ...) or an image folder"),
+                                 f"pass --dataset: a name (cifar10, cifar100, ...), an image folder or a "
+                                 f"label file (.csv)"),
                           highlight=False)
 
     train, val = _load_data(plan.spec, plan.cfg, task_cls.needs_labels, console if main_process else None)

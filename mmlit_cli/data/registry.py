@@ -14,6 +14,7 @@ from pathlib import Path
 from ..errors import DataError
 from .datasets import NAMED_LOADERS, SAMPLE_DIR
 from .folders import folder_split, load_folder
+from .labelfile import is_label_file, label_file_split, load_label_file
 from .splits import SPLITS, ImageData, held_out_count
 
 DATASET_NAMES = tuple(NAMED_LOADERS)
@@ -54,8 +55,8 @@ _OWN_VALIDATION = {"flowers102", "tiny-imagenet"}
 def train_split_size(dataset: str, val_fraction: float = 0.1, holdout: bool = True,
                      require_labels: bool = True) -> tuple[int, int]:
     """(images, classes) of the "train" split `load_split` gives, counted without decoding
-    anything: an image folder (the sample too) is listed; a named dataset is its official
-    size, less the stratified hold-out. Files that turn out undecodable are not known here."""
+    anything: an image folder (the sample too) is listed, a label file read; a named dataset
+    is its official size, less the stratified hold-out. Undecodable files are not known here."""
     name = canonical_name(dataset)
     if name in OFFICIAL_TRAIN_COUNTS:
         counts = OFFICIAL_TRAIN_COUNTS[name]
@@ -63,6 +64,9 @@ def train_split_size(dataset: str, val_fraction: float = 0.1, holdout: bool = Tr
             counts = [n - held_out_count(n, val_fraction) for n in counts]
         return sum(counts), len(counts)
     root = SAMPLE_DIR if name == "sample" else Path(str(dataset)).expanduser()
+    if is_label_file(root):
+        rows, classes, _ = label_file_split(root.resolve(), "train", val_fraction if holdout else None, require_labels)
+        return len(rows), len(classes)
     if not root.is_dir():
         load_split(dataset, "train", 1)  # the error load_split gives for this name or path
     part = folder_split(root.resolve(), "train", val_fraction if holdout else None, require_labels)
@@ -112,9 +116,11 @@ def load_split(dataset: str, split: str, image_size: int, data_dir: str | os.Pat
     path = Path(str(dataset)).expanduser()
     if path.is_dir():
         return load_folder(path.resolve(), split, image_size, hold, require_labels)
+    if is_label_file(path):
+        return load_label_file(path.resolve(), split, image_size, hold, require_labels)
     if path.exists():
-        raise DataError(f"{dataset} is a file, not a folder: pass a folder of images (one "
-                        f"sub-folder per class) or one of {', '.join(DATASET_NAMES)}")
+        raise DataError(f"{dataset} is not a folder or a .csv label file: pass a folder of images (one "
+                        f"sub-folder per class), a CSV of path,label rows, or one of {', '.join(DATASET_NAMES)}")
     looks_like_path = os.sep in str(dataset) or str(dataset).startswith((".", "~"))
     if looks_like_path:
         raise DataError(f"image folder {path.resolve()} does not exist (known dataset names: "

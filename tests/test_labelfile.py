@@ -1,0 +1,117 @@
+"""Label files (`--dataset labels.csv`): the same images as a folder give the same pixels,
+labels and splits; every bad row is reported with its line number; the commands take them."""
+
+from __future__ import annotations
+
+import csv
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import datafixtures as fx
+from helpers import TINY
+
+from mmlit_cli.data import SAMPLE_DIR, DataError, load_split, train_split_size
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def sample_rows(base: Path, with_split: bool) -> list[list[str]]:
+    """One row per image of the bundled sample, paths relative to `base`, rows shuffled."""
+    rows = []
+    for split in ("train", "val", "test") if with_split else ("train",):
+        for image in sorted((SAMPLE_DIR / split).rglob("*.jpg")):
+            rel = Path("..") / "sample-copy" / image.relative_to(SAMPLE_DIR)
+            rows.append([str(rel), image.parent.name] + ([split] if with_split else []))
+    random.Random(0).shuffle(rows)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    root = tmp_path_factory.mktemp("labels")
+    shutil.copytree(SAMPLE_DIR, root / "sample-copy")
+    (root / "csv").mkdir()
+    with_split = write_csv(root / "csv" / "split.csv", ["path", "label", "split"], sample_rows(root / "csv", True))
+    plain = write_csv(root / "csv" / "plain.csv", ["Filename", "Label"], sample_rows(root / "csv", False))
+    return root, with_split, plain
+
+
+def assert_same(a, b) -> None:
+    assert a.classes == b.classes and torch.equal(a.labels, b.labels) and torch.equal(a.images, b.images)
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_a_label_file_with_splits_is_the_folder_it_describes(tables, split):
+    _, with_split, _ = tables
+    from_csv = load_split(str(with_split), split, 32)
+    assert_same(from_csv, load_split("sample", split, 32))
+    assert from_csv.source.startswith(f"label file {with_split} '{split}' split")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_without_a_split_column_validation_is_held_out_as_for_a_folder(tables, split):
+    root, _, plain = tables
+    assert_same(load_split(str(plain), split, 32), load_split(str(root / "sample-copy" / "train"), split, 32))
+    assert train_split_size(str(plain)) == (900, 10)  # counted for --print-config: 1,000 less 10 % per class
+
+
+def test_the_paper_protocol_validates_on_the_test_rows(tables):
+    _, with_split, plain = tables
+    assert_same(load_split(str(with_split), "val", 32, holdout=False), load_split("sample", "val", 32))
+    assert len(load_split(str(plain), "train", 32, holdout=False)) == 1000
+    with pytest.raises(DataError, match="no row is in the val or test split"):
+        load_split(str(plain), "val", 32, holdout=False)
+
+
+def test_every_bad_row_is_reported_with_its_line_number(tmp_path):
+    fx.write_image_folder(tmp_path / "img", {"a": 3, "b": 3}, ext="png")
+    fx.write_corrupt_jpeg(tmp_path / "img" / "a" / "broken.jpg")
+    good = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "img").rglob("*.png"))
+    rows = [[good[0], "a", "train"], [good[1], "a", "train"],
+            ["img/a/missing.png", "a", "train"],  # line 4: no such file
+            [good[2], "", "train"],  # line 5: empty label
+            [good[3], "b", "dev"],  # line 6: unknown split
+            ["", "b", "train"],  # line 7: no path
+            [good[4], "b", "train"], [good[5], "b", "val"]]
+    bad = write_csv(tmp_path / "bad.csv", ["image", "label", "split"], rows)
+    with pytest.raises(DataError) as e:
+        load_split(str(bad), "train", 16)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{bad}: 4 bad row(s): ")
+    for needle in ("line 4: img/a/missing.png not found", "line 5: empty label",
+                   "line 6: split 'dev' is not train, val or test", "line 7: no image path"):
+        assert needle in message
+    undecodable = write_csv(tmp_path / "undecodable.csv", ["file", "label"],
+                            [[good[0], "a"], ["img/a/broken.jpg", "a"], [good[4], "b"], [good[5], "b"]])
+    with pytest.raises(DataError, match=r"1 bad row\(s\): line 3: broken.jpg does not decode as an image"):
+        load_split(str(undecodable), "train", 16, holdout=False)  # never skipped: the run would not say
+    with pytest.raises(DataError, match="no image column in the header"):
+        load_split(str(write_csv(tmp_path / "h.csv", ["picture", "label"], [[good[0], "a"]])), "train", 16)
+    with pytest.raises(DataError, match="no 'label' column"):
+        load_split(str(write_csv(tmp_path / "l.csv", ["path"], [[good[0]]])), "train", 16)
+    unlabelled = load_split(str(tmp_path / "l.csv"), "train", 16, require_labels=False, holdout=False)
+    assert unlabelled.classes == [] and unlabelled.labels.tolist() == [-1]  # pre-training needs no labels
+
+
+def test_finetune_eval_and_print_config_take_a_label_file(tables, tmp_path):
+    from mmlit_cli.evaluate import evaluate_checkpoint
+    from mmlit_cli.train import resolved_config, run_training
+
+    _, with_split, _ = tables
+    run_training("finetune", "xxs", str(with_split), out=tmp_path / "run", overrides=TINY, epochs=1,
+                 batch_size=50, quiet=True)
+    report = evaluate_checkpoint(tmp_path / "run" / "best.safetensors", None, "test", device="cpu")
+    same = evaluate_checkpoint(tmp_path / "run" / "best.safetensors", "sample", "test", device="cpu")
+    assert report.result.num_images == 200 and report.result.top1 == same.result.top1
+    assert resolved_config("finetune", "xxs", str(with_split)).startswith(
+        f"# {with_split}: 1,000 training images, 10 classes (counted, not read)")
