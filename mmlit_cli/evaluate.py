@@ -69,8 +69,12 @@ class EvalReport:
     dataset_note: str | None = None  # set when the dataset is the checkpoint's own (no --dataset)
 
     def as_dict(self) -> dict:
-        per_class = dict(zip(self.classes, self.result.per_class_accuracy()))
-        return {**self.result.as_dict(), "per_class": per_class, "images_per_s": self.images_per_s}
+        """JSON-ready: the figures (percent), `per_class` accuracy (= recall), and per-class
+        `precision` and `recall`."""
+        r = self.result
+        recall = dict(zip(self.classes, r.per_class_accuracy()))
+        return {**r.as_dict(), "per_class": recall, "recall": recall,
+                "precision": dict(zip(self.classes, r.per_class_precision())), "images_per_s": self.images_per_s}
 
     @property
     def images_per_s(self) -> float:

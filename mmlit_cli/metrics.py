@@ -24,11 +24,36 @@ class EvalResult:
     seconds: float
 
     def per_class_accuracy(self) -> list[float]:
+        """Recall of each class, percent (0 for a class with no images)."""
         totals = self.confusion.sum(1).clamp_min(1)
         return (100.0 * self.confusion.diag() / totals).tolist()
 
+    def per_class_precision(self) -> list[float]:
+        """Of the images predicted as each class, the share that is, percent (0 when none is)."""
+        predicted = self.confusion.sum(0).clamp_min(1)
+        return (100.0 * self.confusion.diag() / predicted).tolist()
+
+    @property
+    def balanced_accuracy(self) -> float:
+        """Mean recall over the classes that have images, percent (scikit-learn's
+        `balanced_accuracy_score`): every class counts the same, however many images it has."""
+        present = self.confusion.sum(1) > 0
+        recall = torch.tensor(self.per_class_accuracy(), dtype=torch.float64)
+        return float(recall[present].mean()) if present.any() else 0.0
+
+    @property
+    def macro_f1(self) -> float:
+        """Mean F1 over the classes that have images or predictions, percent (scikit-learn's
+        `f1_score(average="macro", zero_division=0)`)."""
+        tp = self.confusion.diag().double()
+        support, predicted = self.confusion.sum(1).double(), self.confusion.sum(0).double()
+        seen = (support + predicted) > 0
+        f1 = 2 * tp / (support + predicted).clamp_min(1)  # = 2PR / (P + R)
+        return float(100.0 * f1[seen].mean()) if seen.any() else 0.0
+
     def as_dict(self) -> dict:
-        return {"loss": self.loss, "top1": self.top1, "top5": self.top5, "num_images": self.num_images}
+        return {"loss": self.loss, "top1": self.top1, "top5": self.top5, "balanced_accuracy": self.balanced_accuracy,
+                "macro_f1": self.macro_f1, "num_images": self.num_images}
 
 
 class ClassifierMeter:

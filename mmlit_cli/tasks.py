@@ -59,7 +59,9 @@ class ClassifyTask:
     def validate(self, model, loader, device, amp_dtype) -> dict[str, Any]:
         r = evaluate_classifier(model, loader, device, self.cfg.data.mean, self.cfg.data.std, amp_dtype,
                                 self.cfg.model.num_classes)
-        return {"val_loss": r.loss, "val_top1": r.top1, "val_top5": r.top5, "expert_usage": r.expert_usage}
+        return {"val_loss": r.loss, "val_top1": r.top1, "val_top5": r.top5,
+                "val_balanced_accuracy": r.balanced_accuracy, "val_macro_f1": r.macro_f1,
+                "expert_usage": r.expert_usage}
 
     def after_epoch(self, model, loader, device, out_dir: Path) -> str | None:
         """Nothing besides validation: a classifier's figures are its metrics."""

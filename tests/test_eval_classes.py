@@ -76,3 +76,23 @@ def test_classes_by_position_scores_a_relabelled_folder_in_order(pets, tmp_path)
     report = evaluate_checkpoint(ckpt, str(pets), "train", device="cpu", classes_by_position=True)
     assert report.result.top1 == pytest.approx(100 * 1 / 6)  # only the kitten is class 0
     assert "'kitten' = 'cat'" in report.source and "'puppy' = 'dog'" in report.source
+
+
+def test_balanced_accuracy_and_macro_f1_from_a_hand_computed_confusion_matrix():
+    """3 classes, rows = true class, columns = predicted; the third class has no images but is
+    predicted once (it counts in macro-F1, as scikit-learn counts it, not in balanced accuracy)."""
+    import torch
+
+    from mmlit_cli.metrics import EvalResult
+
+    confusion = torch.tensor([[8, 2, 0],   # class 0: 10 images, recall 0.8
+                              [3, 6, 1],   # class 1: 10 images, recall 0.6
+                              [0, 0, 0]])  # class 2: none
+    r = EvalResult(0.0, 70.0, 100.0, 20, confusion, [], 1.0)
+    assert r.balanced_accuracy == pytest.approx(100 * (0.8 + 0.6) / 2)
+    # precision: 8/11, 6/8, 0/1; F1 = 2PR/(P+R): 2*8/(10+11), 2*6/(10+8), 0
+    assert r.macro_f1 == pytest.approx(100 * (16 / 21 + 12 / 18 + 0) / 3)
+    assert r.per_class_precision() == pytest.approx([100 * 8 / 11, 100 * 6 / 8, 0.0])
+    imbalanced = EvalResult(0.0, 90.0, 100.0, 100, torch.tensor([[90, 0], [10, 0]]), [], 1.0)
+    assert imbalanced.top1 == 90.0 and imbalanced.balanced_accuracy == 50.0  # the rare class ignored
+    assert imbalanced.macro_f1 == pytest.approx(100 * (2 * 90 / 190) / 2)

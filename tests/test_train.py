@@ -58,6 +58,9 @@ def test_finetune_writes_the_run_directory_and_eval_reads_it(folder, tmp_path):
     assert d["num_images"] == 3 * round(0.1 * 12)
     best_row = max(rows, key=lambda r: r["val_top1"])
     assert abs(d["top1"] - best_row["val_top1"]) < 1e-6
+    # the balanced figures too: what eval reports on the split training validated on
+    assert abs(d["balanced_accuracy"] - best_row["val_balanced_accuracy"]) < 1e-6
+    assert abs(d["macro_f1"] - best_row["val_macro_f1"]) < 1e-6
 
 
 def test_existing_output_dir_is_never_overwritten(folder, tmp_path):
