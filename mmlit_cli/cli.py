@@ -127,7 +127,7 @@ def _train_command(kind: str, **options) -> None:
 
     if options.pop("print_config"):
         keep = ("preset", "dataset", "data_dir", "overrides", "validation", "device", "resume", "epochs",
-                "batch_size", "lr", "seed", "workers", "recipe", "loader")
+                "batch_size", "lr", "seed", "workers", "recipe", "loader", "patience")
         print(resolved_config(kind, **{k: options[k] for k in keep}), end="")
         return
 
@@ -175,6 +175,8 @@ CompileModeOpt = typer.Option(None, "--compile-mode", help="torch.compile mode: 
                               "max-autotune (CUDA graphs; implies --compile).")
 SaveEveryOpt = typer.Option(200, "--save-every", help="Also checkpoint every N steps within an epoch (0 = off).")
 DownloadOpt = typer.Option(False, "--download", help="Download a named dataset if it is missing.")
+PatienceOpt = typer.Option(None, "--patience", help="Stop early when the validation figure (top-1; MAE: loss) "
+                           "has not improved for N epochs; best.safetensors stays the best epoch (default: 0, never).")
 PrintConfigOpt = typer.Option(False, "--print-config", help="Print the config the run would use, its recipe fitted "
                               "to the run, as YAML, and exit: nothing is read or written (the training images are "
                               "counted).")
@@ -194,7 +196,7 @@ def finetune(
     init: Optional[str] = typer.Option(None, "--init", help="Start from a checkpoint's weights (MAE encoder or classifier)."),
     resume: Optional[str] = ResumeOpt, compile: Optional[bool] = TrainCompileOpt, compile_mode: Optional[str] = CompileModeOpt,
     save_every: int = SaveEveryOpt, download: bool = DownloadOpt, validation: Optional[str] = ValOpt,
-    print_config: bool = PrintConfigOpt,
+    patience: Optional[int] = PatienceOpt, print_config: bool = PrintConfigOpt,
 ) -> None:
     """Supervised training, from scratch or from a checkpoint (--init). The head gets the dataset's classes.
 
@@ -213,7 +215,7 @@ def pretrain(
     loader: Optional[str] = LoaderOpt,
     resume: Optional[str] = ResumeOpt, compile: Optional[bool] = TrainCompileOpt, compile_mode: Optional[str] = CompileModeOpt,
     save_every: int = SaveEveryOpt, download: bool = DownloadOpt, validation: Optional[str] = ValOpt,
-    print_config: bool = PrintConfigOpt,
+    patience: Optional[int] = PatienceOpt, print_config: bool = PrintConfigOpt,
 ) -> None:
     """MAE pre-training (mmLiT). Labels are not needed: a folder of images works.
 
@@ -266,6 +268,13 @@ def eval_(
     if as_json:
         print(json.dumps(report.as_dict()))
         return
+    _print_eval(report)
+    if confusion_path is not None:
+        console.print(f"confusion matrix: {confusion_path}", highlight=False)
+
+
+def _print_eval(report) -> None:
+    """eval's tables: per-class accuracy (worst first), expert usage, the summary line."""
     r = report.result
     console.print(escape(report.source), highlight=False)
     per_class = sorted(zip(report.classes, r.per_class_accuracy(), r.confusion.sum(1).tolist()), key=lambda t: t[1])
@@ -285,8 +294,6 @@ def eval_(
     console.print(usage)
     console.print(f"[bold]top-1 {r.top1:.2f}%[/bold]  top-5 {r.top5:.2f}%  loss {r.loss:.4f}  "
                   f"({r.num_images} images, {report.images_per_s:,.0f} img/s)", highlight=False)
-    if confusion_path is not None:
-        console.print(f"confusion matrix: {confusion_path}", highlight=False)
 
 
 @app.command()

@@ -180,6 +180,9 @@ class TrainConfig:
     # with `workers` processes augmenting image by image; auto: device where the split fits.
     # A run records what auto chose, so --resume replays the same batches.
     loader: str = "auto"
+    # Early stopping: end the run when its monitored validation figure (top-1; MAE: loss) has
+    # not improved for this many epochs; 0 = never.
+    patience: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, where: str) -> None:
@@ -203,6 +206,8 @@ class TrainConfig:
             raise ConfigError(f"{where}.layer_decay must be in (0, 1]")
         if self.workers < 0:
             raise ConfigError(f"{where}.workers must be >= 0")
+        if self.patience < 0:
+            raise ConfigError(f"{where}.patience must be >= 0 (0 = no early stopping)")
         if self.loader not in LOADERS:
             raise ConfigError(f"{where}.loader must be {', '.join(LOADERS)}, got {self.loader!r}")
         self.augment.validate(where)

@@ -133,7 +133,7 @@ class Trainer:
         with self.stop:
             self.record.start()
             self._print_start()
-            stopped = None
+            stopped = "patience" if self.record.early_stop else None  # a resumed run that had stopped early
             with self.progress:
                 while self.epoch < self.recipe.epochs and stopped is None:
                     stopped = self._run_epoch()
@@ -235,14 +235,17 @@ class Trainer:
                "world_size": world}
         if self.dist.enabled:
             row["ranks_in_sync"] = ranks_in_sync(self.model, self.dist)
-        record.write_metrics(row)
-        record.save_epoch(row, train_loss)
+        improved = record.update_best(row, train_loss)
+        if self.epoch < self.recipe.epochs:
+            record.early_stop = row["stopped"] = record.patience_spent(self.recipe.patience)
+        record.write_metrics({k: v for k, v in row.items() if v is not None})
+        record.save_epoch(row, improved)
         self._print(epoch_line(row, self.recipe.epochs))
         if self.dist.is_main:
             for note in epoch_notes(self.task, self.model, self.val_loader or self.train_loader, self.device,
                                     self.opts.out_dir, row):
                 self._print(note)
-        return None
+        return "patience" if record.early_stop else None
 
     def _finish(self, stopped: str | None) -> dict:
         out = self.opts.out_dir
@@ -250,6 +253,9 @@ class Trainer:
             raise MmlitError(f"the loss became {self.bad_loss} at step {self.global_step}; stopped. The last good "
                              f"checkpoint is {out / 'last.safetensors'} (try a lower --lr or --set "
                              f"{self.task.command}.grad_clip=1.0)")
+        if stopped == "patience":
+            self._print(f"stopped early after epoch {self.epoch}: {escape(self.record.early_stop)}; the run is "
+                        f"finished (best.safetensors is epoch {self.record.best_epoch})")
         if stopped == "interrupt":
             self._print(f"[yellow]interrupted[/yellow]: saved a resumable checkpoint; continue with "
                         f"--resume {escape(str(out))}")

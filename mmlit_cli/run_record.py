@@ -73,6 +73,8 @@ class RunRecord:
         self.dist, self.device = dist, device
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best: float | None = None
+        self.best_epoch = 0  # the epoch that set `best`
+        self.early_stop: str | None = None  # why --patience ended the run, once it has
         self.history: list[dict] = []
         self.elapsed = 0.0  # seconds of training, banked at every checkpoint
         self._clock = time.perf_counter()
@@ -114,11 +116,21 @@ class RunRecord:
         self.elapsed += now - self._clock
         self._clock = now
 
-    def is_better(self, row: dict) -> bool:
+    def update_best(self, row: dict, train_loss: float) -> bool:
+        """Whether the epoch of `row` improved the monitored figure (then it is the best)."""
         value = row.get(self.task.monitor)
-        if value is None or self.best is None:
-            return True  # no validation split: the latest is the best we know
-        return value > self.best if self.task.higher_is_better else value < self.best
+        improved = value is None or self.best is None or (  # no validation split: the latest is the best we know
+            value > self.best if self.task.higher_is_better else value < self.best)
+        if improved:
+            self.best, self.best_epoch = row.get(self.task.monitor, train_loss), self.epoch
+        return improved
+
+    def patience_spent(self, patience: int) -> str | None:
+        """Why the run stops early, when `patience` epochs have passed since its best (0: never)."""
+        if patience and self.epoch - self.best_epoch >= patience:
+            return (f"{self.task.monitor} has not improved for {patience} epochs (best {self.best:.4g} at epoch "
+                    f"{self.best_epoch}; --patience {patience})")
+        return None
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -141,11 +153,8 @@ class RunRecord:
         self.save_last()
         return True
 
-    def save_epoch(self, row: dict, train_loss: float) -> None:
+    def save_epoch(self, row: dict, improved: bool) -> None:
         """last.safetensors, and best.safetensors when the monitored figure improved."""
-        improved = self.is_better(row)
-        if improved:
-            self.best = row.get(self.task.monitor, train_loss)
         self.save_last(row)
         if improved and self.facts.save_best and self.dist.is_main:
             weights = self.ema.shadow if self.ema is not None else self.model.state_dict()
@@ -168,7 +177,8 @@ class RunRecord:
         tensors.update(rng)
         info: dict[str, Any] = {
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-            "best": self.best, "elapsed": self.elapsed, "optimizer": opt_info,
+            "best": self.best, "best_epoch": self.best_epoch, "early_stop": self.early_stop,
+            "elapsed": self.elapsed, "optimizer": opt_info,
             "epoch_loss_sum": self.partial_loss_sum if self.step_in_epoch else 0.0,
             "dataset": self.facts.dataset, "world_size": self.dist.world_size,
             "layer_decay": self.facts.layer_decay, "recipe_note": self.facts.recipe_note}
@@ -195,6 +205,7 @@ class RunRecord:
             self.ema.updates = int(info.get("ema_updates", info["global_step"]))
         self.epoch, self.step_in_epoch = int(info["epoch"]), int(info["step_in_epoch"])
         self.global_step, self.best, self.elapsed = int(info["global_step"]), info["best"], float(info["elapsed"])
+        self.best_epoch, self.early_stop = int(info.get("best_epoch", self.epoch)), info.get("early_stop")
         self.resume_loss_sum = float(info.get("epoch_loss_sum", 0.0))
         check_resume_world_size(int(info.get("world_size", 1)))
         self._resume_rng = rank_rng_state(ckpt.train_tensors, self.dist.rank, self.device)

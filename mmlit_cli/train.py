@@ -135,7 +135,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
                  out: str | Path | None = None, overrides: list[str] | None = None,
                  epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
                  seed: int | None = None, workers: int | None = None, recipe: str | None = None,
-                 loader: str | None = None, device: str = "auto",
+                 loader: str | None = None, patience: int | None = None, device: str = "auto",
                  init: str | Path | None = None, resume: str | Path | None = None, compile: bool | None = None,
                  compile_mode: str | None = None,
                  save_every: int = 200, download: bool = False, max_steps: int | None = None,
@@ -151,17 +151,14 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     if validation is not None and validation not in VALIDATION:
         raise MmlitError(f"--val must be {' or '.join(VALIDATION)}, got '{validation}'")
     if resume is not None:
-        plan = _resumed_run(Path(resume), task_cls, preset, dataset, overrides, validation, epochs, workers, loader)
+        plan = _resumed_run(Path(resume), task_cls, preset, dataset, overrides, validation, epochs, workers, loader,
+                            patience)
     else:
         shortcuts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers, recipe=recipe,
-                         loader=loader)
+                         loader=loader, patience=patience)
         plan = _new_run(kind, task_cls, preset, dataset, data_dir, download, validation, overrides, shortcuts, out)
         if dataset is None and not quiet:
-            console.print(escape(f"no --dataset: training on the bundled sample ({SAMPLE_DIR}; 1,000 CIFAR-10 "
-                                 f"images), {getattr(plan.cfg, task_cls.command).epochs} epochs. For real data "
-                                 f"pass --dataset: a name (cifar10, cifar100, ...), an image folder or a "
-                                 f"label file (.csv)"),
-                          highlight=False)
+            console.print(escape(_sample_note(getattr(plan.cfg, task_cls.command).epochs)), highlight=False)
 
     train, val = _load_data(plan.spec, plan.cfg, task_cls.needs_labels, console if main_process else None)
     plan = plan.fit_to(task_cls.command, len(train), device_type)
@@ -170,19 +167,11 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
         console.print(escape(f"data: {train.source}; validation: {_validation_note(plan.spec, val)}"),
                       highlight=False)
 
-    train_cfg = getattr(cfg, task_cls.command)
-    torch.manual_seed(train_cfg.seed)  # the initial weights depend on the seed alone
-    task = task_cls(cfg, train.classes)
-    layer_decay = 1.0 if plan.resume is None else layer_decay_of_run(plan.resume.train_info, train_cfg)
-    if init is not None and plan.resume is None:
-        _load_init(task, init, None if quiet else console)
-        layer_decay = train_cfg.layer_decay  # fine-tuning a pre-trained encoder: BEiT/MAE layer-wise lr decay
-
+    task, layer_decay = _new_task(task_cls, cfg, train.classes, plan, init, None if quiet else console)
     opts = RunOptions(out_dir=plan.run_dir, dataset=dataclasses.asdict(plan.spec), data_source=plan.spec.located(),
-                      device=device, compile=compile,
-                      compile_mode=compile_mode, save_every=save_every, max_steps=max_steps,
-                      layer_decay=layer_decay, quiet=quiet, save_best=plan.spec.validation != "test",
-                      recipe_note=plan.recipe_note)
+                      device=device, compile=compile, compile_mode=compile_mode, save_every=save_every,
+                      max_steps=max_steps, layer_decay=layer_decay, quiet=quiet,
+                      save_best=plan.spec.validation != "test", recipe_note=plan.recipe_note)
     trainer = Trainer(task, cfg, train, val, opts, console)
     if plan.resume is not None:
         trainer.record.resume_from(plan.resume)
@@ -192,16 +181,37 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     result = trainer.fit()
     result["out_dir"] = str(plan.run_dir)
     result["main_process"] = main_process
-    if trainer.dist.is_main and result["stopped"] is None:
+    if trainer.dist.is_main and result["stopped"] in (None, "patience"):
         _plot_curves(plan.run_dir, result)
     end_distributed(trainer.dist)
     return result
 
 
+def _sample_note(epochs: int) -> str:
+    return (f"no --dataset: training on the bundled sample ({SAMPLE_DIR}; 1,000 CIFAR-10 images), {epochs} "
+            f"epochs. For real data pass --dataset: a name (cifar10, cifar100, ...), an image folder or a label "
+            f"file (.csv)")
+
+
+def _new_task(task_cls, cfg: Config, classes: list[str], plan: RunPlan, init: str | Path | None,
+              console: Console | None):
+    """(the task with its model, the layer-wise lr decay of its param groups). The initial
+    weights depend on the seed alone; `--init` loads a checkpoint's into a new run's model."""
+    train_cfg = getattr(cfg, task_cls.command)
+    torch.manual_seed(train_cfg.seed)
+    task = task_cls(cfg, classes)
+    layer_decay = 1.0 if plan.resume is None else layer_decay_of_run(plan.resume.train_info, train_cfg)
+    if init is not None and plan.resume is None:
+        _load_init(task, init, console)
+        layer_decay = train_cfg.layer_decay  # fine-tuning a pre-trained encoder: BEiT/MAE layer-wise lr decay
+    return task, layer_decay
+
+
 def _resumed_run(run_dir: Path, task_cls, preset: str | None, dataset: str | None, overrides: list[str] | None,
-                 validation: str | None, epochs: int | None, workers: int | None, loader: str | None) -> RunPlan:
-    """`--resume DIR`: the run as its last.safetensors recorded it (only --epochs and --workers
-    may change); every option that contradicts it is an error."""
+                 validation: str | None, epochs: int | None, workers: int | None, loader: str | None,
+                 patience: int | None = None) -> RunPlan:
+    """`--resume DIR`: the run as its last.safetensors recorded it (only --epochs, --workers and
+    --patience may change); every option that contradicts it is an error."""
     last = run_dir / "last.safetensors"
     if not last.is_file():
         raise MmlitError(f"nothing to resume in {run_dir}: no last.safetensors")
@@ -223,7 +233,7 @@ def _resumed_run(run_dir: Path, task_cls, preset: str | None, dataset: str | Non
     if loader is not None and loader != recorded:
         raise MmlitError(f"{run_dir} was trained with --loader {recorded}; a resumed run keeps it (the other "
                          f"loader draws other batches)")
-    cfg = _apply_shortcuts(cfg, task_cls.command, epochs=epochs, workers=workers, loader=recorded)
+    cfg = _apply_shortcuts(cfg, task_cls.command, epochs=epochs, workers=workers, loader=recorded, patience=patience)
     spec = DataSpec(**ckpt.train_info["dataset"])
     if dataset is not None and dataset != spec.dataset:
         raise MmlitError(f"{run_dir} was trained on '{spec.dataset}', not '{dataset}'")
@@ -274,7 +284,8 @@ def resolved_config(kind: str, preset: str | None, dataset: str | None, *, data_
         return f"# the config {resume} recorded\n" + dump_config(ckpt.config)
     if validation is not None and validation not in VALIDATION:
         raise MmlitError(f"--val must be {' or '.join(VALIDATION)}, got '{validation}'")
-    shortcuts = {k: shortcuts.get(k) for k in ("epochs", "batch_size", "lr", "seed", "workers", "recipe", "loader")}
+    shortcuts = {k: shortcuts.get(k) for k in ("epochs", "batch_size", "lr", "seed", "workers", "recipe", "loader",
+                                               "patience")}
     plan = _new_plan(task_cls, preset, dataset, data_dir, False, validation, overrides, shortcuts)
     images, classes = train_split_size(plan.spec.dataset, plan.cfg.data.val_fraction, plan.spec.validation == "auto",
                                        task_cls.needs_labels)
