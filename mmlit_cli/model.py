@@ -39,6 +39,16 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+def split_fused_qkv(fused: torch.Tensor, num_heads: int, num_kv_heads: int, dim: int, per_head: int = 1
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k and v out of `GroupedQueryAttention.qkv`, whose outputs are q's `num_heads` heads,
+    then k's and v's `num_kv_heads` each, in that order along axis `dim` of `fused`. `per_head`
+    is that axis's length per head: 1 for an axis of heads (the outputs viewed as [.., heads,
+    head_dim]), head_dim for one of features (the weight's rows, the bias). The one place that
+    layout is written: the attention and its export forms (`export_forms`) split with it."""
+    return fused.split([num_heads * per_head, num_kv_heads * per_head, num_kv_heads * per_head], dim=dim)
+
+
 class GroupedQueryAttention(nn.Module):
     """Multi-head attention where `num_kv_heads` key/value heads serve `num_heads` query heads."""
 
@@ -53,8 +63,7 @@ class GroupedQueryAttention(nn.Module):
     def split_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, _ = x.shape
         qkv = self.qkv(x).view(B, N, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        q, k, v = qkv.transpose(1, 2).split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
-        return q, k, v
+        return split_fused_qkv(qkv.transpose(1, 2), self.num_heads, self.num_kv_heads, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape

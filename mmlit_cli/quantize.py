@@ -25,8 +25,8 @@ the check.
 Faithfulness is measured, not assumed: top-1 agreement with PyTorch, top-1 accuracy when
 labels are known, and **router agreement**, the fraction of (image, token, layer) slots whose
 top-k expert set is the same as PyTorch's (read from extra graph outputs on the TopK nodes).
-An export's last MoE layer routes the class token only (see `export._ExportMLiT`), so there
-that one slot per image is compared.
+An export's last MoE layer routes the class token only (see `export_forms._ExportMLiT`), so
+there that one slot per image is compared.
 """
 
 from __future__ import annotations

@@ -182,27 +182,85 @@ def test_predict_on_onnx_files_gives_the_checkpoints_predictions(world):
                 assert abs(t["prob"] - prob) <= tol, (key, p["path"])
 
 
-def test_benchmark_json_has_every_format_with_its_figures(world):
-    r = mmlit("benchmark", world["ckpt"], "--dataset", world["data"], "--json", "--calls", "12", "--limit", "12",
+def _relabelled(world, root: Path) -> Path:
+    """The world's dataset with 3 of its 18 val images filed under another class: top-1 is then
+    neither 0 nor 100 %, while every format still gives PyTorch's prediction on every image."""
+    data = root / "relabelled"
+    shutil.copytree(world["data"], data)
+    for name, to in (("red/red_000.png", "green"), ("red/red_001.png", "green"), ("blue/blue_000.png", "red")):
+        shutil.move(data / "val" / name, data / "val" / to / Path(name).name)
+    return data
+
+
+def _weights_as_safetensors(ckpt: Path) -> tuple[int, int]:
+    """(bytes of the checkpoint's weights - its tensors but the train state - saved alone as a
+    safetensors file, bytes of those tensors' data alone)."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    with safe_open(str(ckpt), "pt") as f:
+        weights = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("train_state/")}
+    return len(save(weights)), sum(v.numel() * v.element_size() for v in weights.values())
+
+
+def test_benchmark_json_has_every_format_with_its_figures(world, tmp_path):
+    """Each figure checked against one measured without the benchmark: top-1 against `eval` on
+    the same (whole) split, PyTorch's MB against the checkpoint's weights, ONNX MB against the
+    files `mmlit export` wrote, the ratios against the docs' formula (ratio of median latencies)."""
+    from mmlit_cli.evaluate import evaluate_checkpoint
+
+    from helpers import cpu_as_linux_tells_it
+
+    data = _relabelled(world, tmp_path)
+    r = mmlit("benchmark", world["ckpt"], "--dataset", data, "--json", "--calls", "12", "--limit", "100",
               "--batch-size", "4")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert [row["format"] for row in rep["rows"]] == list(FORMATS)
-    assert rep["threads"] == 1 and rep["images"] == 12 and rep["calls"] == 12 and rep["batch_size"] == 4
+    # --limit above the split's 18 images: the whole split, as eval scores it
+    assert rep["threads"] == 1 and rep["images"] == 18 and rep["calls"] == 12 and rep["batch_size"] == 4
     rows = {row["format"]: row for row in rep["rows"]}
     for key, row in rows.items():
         assert row["available"], row
-        assert row["size_bytes"] > 0 and 0 <= row["top1"] <= 100 and row["agreement"] >= 90
-        assert row["latency_p10_ms"] <= row["latency_ms"] <= row["latency_p90_ms"] and row["images_per_s"] > 0
-    assert rows["pytorch-eager"]["agreement"] == 100.0
+        assert row["agreement"] >= 90 and row["images_per_s"] > 0
+        assert 0 < row["latency_p10_ms"] <= row["latency_ms"] <= row["latency_p90_ms"], key  # median inside p10-p90
+
+    # top-1: eval's on the same split (3 of 18 images filed under a class they are not)
+    evaluated = evaluate_checkpoint(world["ckpt"], str(data), "val", device="cpu").result
+    assert evaluated.num_images == 18 and 0 < evaluated.top1 < 100
+    assert rows["pytorch-eager"]["top1"] == pytest.approx(evaluated.top1, abs=1e-9)
+    assert rows["pytorch-eager"]["agreement"] == rows["pytorch-eager"]["router_agreement"] == 100.0
+    for key, row in rows.items():  # each image predicted otherwise moves top-1 by 100/18 points at most
+        assert abs(row["top1"] - evaluated.top1) <= 100.0 - row["agreement"] + 1e-9, key
+    for key in ("pytorch-compiled", "onnx-fp32"):  # the same function: the same predictions
+        assert rows[key]["agreement"] == 100.0 and rows[key]["top1"] == rows["pytorch-eager"]["top1"], key
+    assert rows["onnx-fp32"]["router_agreement"] == 100.0
     assert all(rows[k]["router_agreement"] > 90 for k in FORMATS if k.startswith("onnx"))
+
+    # MB: PyTorch's = the checkpoint's weights saved alone as safetensors (not the train state the
+    # checkpoint also holds); ONNX = the file, as `mmlit export` writes it for the same checkpoint
+    weights_file, weights_data = _weights_as_safetensors(world["ckpt"])
+    # the tensors' data plus a header of names, dtypes and shapes (8 KiB at most for this tiny model's ~100
+    # tensors); the checkpoint file is over twice that: it also holds AdamW's two moments per weight
+    assert weights_data < weights_file <= weights_data + 8192 and 2 * weights_file < world["ckpt"].stat().st_size
+    assert rows["pytorch-eager"]["size_bytes"] == rows["pytorch-compiled"]["size_bytes"] == weights_file
+    assert rows["onnx-fp32"]["size_bytes"] == world["fp32"].stat().st_size
+    assert rows["onnx-int8-dynamic"]["size_bytes"] == world["dyn"].stat().st_size
+    # static: calibrated on other images than the exported file (other scales, the same graph)
+    assert rows["onnx-int8-static"]["size_bytes"] == pytest.approx(world["static"].stat().st_size, rel=0.01)
     assert rows["onnx-int8-dynamic"]["size_bytes"] < rows["onnx-fp32"]["size_bytes"]
-    ratio = rep["ratios"]["onnx-int8-dynamic / onnx-fp32"]
-    assert ratio == pytest.approx(rows["onnx-int8-dynamic"]["latency_ms"] / rows["onnx-fp32"]["latency_ms"])
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    family = re.search(r"cpu family\s*:\s*(\d+)", cpuinfo)
-    if family:  # Linux x86: the microarchitecture is named
-        assert re.fullmatch(rf"family {family.group(1)} model \d+(, \w+)?", rep["machine"]["cpu_id"])
+
+    # the ratios, as the docs define them: the int8 row's median latency over the base row's
+    assert set(rep["ratios"]) == {f"{k} / {b}" for k in ("onnx-int8-dynamic", "onnx-int8-static")
+                                  for b in ("onnx-fp32", "pytorch-eager")}
+    for name, ratio in rep["ratios"].items():
+        k, b = name.split(" / ")
+        assert ratio == pytest.approx(rows[k]["latency_ms"] / rows[b]["latency_ms"], rel=1e-12), name
+
+    linux = cpu_as_linux_tells_it()
+    if linux is not None:  # the machine as /proc/cpuinfo names it
+        assert (rep["machine"]["cpu"], rep["machine"]["cpu_id"]) == linux
+    assert rep["machine"]["logical_cores"] == os.cpu_count() and rep["machine"]["torch"] == torch.__version__
 
 
 def test_benchmark_lists_onnx_formats_as_missing_without_onnxruntime(world, tmp_path):
@@ -212,7 +270,9 @@ def test_benchmark_lists_onnx_formats_as_missing_without_onnxruntime(world, tmp_
     assert r.returncode == 0, r.stderr
     rows = {row["format"]: row for row in json.loads(r.stdout)["rows"]}
     assert list(rows) == list(FORMATS)
-    assert rows["pytorch-eager"]["available"] and rows["pytorch-eager"]["latency_ms"] > 0
+    for key in ("pytorch-eager", "pytorch-compiled"):  # measured: a median inside its own p10-p90
+        row = rows[key]
+        assert row["available"] and 0 < row["latency_p10_ms"] <= row["latency_ms"] <= row["latency_p90_ms"], key
     for key in ("onnx-fp32", "onnx-int8-dynamic", "onnx-int8-static"):
         assert not rows[key]["available"] and 'pip install "mmlit[onnx]"' in rows[key]["note"]
         assert "onnxruntime" in rows[key]["note"] and rows[key]["latency_ms"] is None
@@ -289,7 +349,7 @@ def test_bad_deploy_input_is_one_line_nonzero_and_changes_nothing(case, world, t
                          [(6, 3, 3, True, 3), (4, 2, 2, False, 1), (4, 4, 1, True, 1), (4, 1, 2, False, 5)])
 def test_export_forms_compute_the_same_function_as_the_model(heads, kv, depth, qkv_bias, batch):
     from mmlit_cli.config import ModelConfig
-    from mmlit_cli.export import _ClassTokenAttention, _ExportAttention, _ExportMLiT, _ExportMoE, export_forms
+    from mmlit_cli.export_forms import _ClassTokenAttention, _ExportAttention, _ExportMLiT, _ExportMoE, export_forms
     from mmlit_cli.model import MLiT, GroupedQueryAttention, MoEFeedForward
 
     torch.manual_seed(heads * 10 + kv)

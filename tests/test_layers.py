@@ -23,7 +23,7 @@ LAYERS = [
     ["model", "mae", "runtime", "onnx_classifier", "data"],
     ["checkpoint", "metrics", "summary"],
     ["evaluate", "plots"],
-    ["predict", "export", "quantize", "deploy_benchmark"],
+    ["predict", "export", "export_forms", "quantize", "deploy_benchmark"],
     ["recipe", "optim", "train_state", "run_record", "report", "tasks"],
     ["engine"],
     ["train"],
