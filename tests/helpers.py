@@ -31,3 +31,31 @@ def write_folder(root: Path, classes=("red", "green", "blue"), per_class=12, siz
             pixels[..., c] += 150  # class-dependent colour: learnable in a few steps
             Image.fromarray(pixels).save(folder / f"{name}_{i:03d}.png")
     return root
+
+
+# The SIMD extensions a machine line may name, widest first (int8 / fp32 matmul speed depends on them).
+SIMD_WIDEST_FIRST = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512f", "avx2", "asimddp", "asimd")
+
+
+def cpu_as_linux_tells_it() -> tuple[str, str | None] | None:
+    """The first CPU in /proc/cpuinfo as a user reads it there: ("AMD EPYC", "family 25 model 1,
+    avx2") - its model name; its family and model (x86) and the widest SIMD extension among its
+    flags, when it has those. None where there is no /proc/cpuinfo. Written from the file's
+    format, not with `mmlit_cli.runtime.cpu_info`, so that tests can check that function."""
+    import platform
+    import re
+
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    first = text.strip().split("\n\n")[0]
+
+    def field(key):
+        found = re.search(rf"^{re.escape(key)}\s*:[ \t]*(.*)$", first, re.M)
+        return found.group(1).strip() if found else None
+
+    flags = (field("flags") or field("Features") or "").split()
+    parts = [f"family {field('cpu family')} model {field('model') or '?'}"] if field("cpu family") else []
+    parts += [s for s in SIMD_WIDEST_FIRST if s in flags][:1]
+    return field("model name") or platform.processor() or platform.machine(), ", ".join(parts) or None

@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 from safetensors import safe_open
 
 import datafixtures as fx
-from helpers import TINY, write_folder
+from helpers import TINY, cpu_as_linux_tells_it, write_folder
 from test_card import CARD_COMMANDS
 from test_print_config import README_PRINT
 
@@ -344,14 +344,34 @@ def test_finetune_killed_with_sigkill_then_resumed_ends_as_the_uninterrupted_run
 
 
 def test_plot_draws_the_curves_again(home):
+    """`mmlit plot runs/mine` draws curves.png anew from metrics.jsonl, over whatever file is
+    there: the figure training drew, byte for byte, with its two panels side by side (loss;
+    accuracy), each holding its curves (train and val loss; val top-1 and top-5) in
+    matplotlib's first two line colours across the 30 epochs, not just in the legend."""
     home.ok(FINETUNE)
     curves = home.path / "runs" / "mine" / "curves.png"
-    before = curves.stat()
+    drawn = curves.read_bytes()  # by training, from the same metrics.jsonl
+    Image.new("RGB", (200, 100), "white").save(curves)  # a stand-in that plot must replace
     r = home.ok(PLOT)
     assert r.stdout.strip() == "curves: runs/mine/curves.png"
-    after = curves.stat()
-    assert (after.st_ino, after.st_mtime_ns) != (before.st_ino, before.st_mtime_ns)  # written anew
     assert_png(curves)
+    assert curves.read_bytes() == drawn
+    with Image.open(curves) as im:
+        pixels = np.asarray(im.convert("RGB")).astype(int)
+    height, width, _ = pixels.shape
+    assert width > 2 * height  # two panels of 5 x 4 inches side by side
+    loss, accuracy = pixels[:, : width // 2], pixels[:, width // 2:]
+
+    def drawn_in(panel, colour):  # pixels of a line colour (anti-aliased edges aside)
+        return int((np.abs(panel - np.array(colour)).sum(-1) <= 30).sum())
+
+    blue, orange = (31, 119, 180), (255, 127, 14)  # matplotlib's C0 and C1
+    counts = {(name, colour): drawn_in(panel, rgb) for name, panel in (("loss", loss), ("accuracy", accuracy))
+              for colour, rgb in (("blue", blue), ("orange", orange))}
+    # a legend's sample lines take about 50 pixels each; a curve across 30 epochs, over 10 times that
+    assert counts["loss", "blue"] > 400 and counts["loss", "orange"] > 400, counts  # train loss, val loss
+    # val top-1 and top-5 (which may lie on top of top-1: 3 classes)
+    assert counts["accuracy", "blue"] + counts["accuracy", "orange"] > 400, counts
 
 
 def test_pretrain_then_finetune_from_its_encoder(home):
@@ -507,17 +527,28 @@ def test_int8_export_then_predict_on_the_file_gives_the_checkpoints_classes(home
 
 def test_benchmark_measures_every_format_on_the_images_eval_scores(home):
     """`mmlit benchmark` has a row per format; its PyTorch top-1 on pv/val is eval's top-1 on
-    the same 20 images, the ONNX fp32 row agrees with PyTorch on every image, and its file
-    sizes are the checkpoint's and a smaller int8 file's."""
+    the same 20 images, the ONNX fp32 row agrees with PyTorch on every image, its MB are the
+    checkpoint's weights and the files `mmlit export` writes, its latency ratios are those of
+    its latency column, and its machine line names what /proc/cpuinfo, os and the installed
+    packages name."""
+    import onnxruntime
+    import torch
+    from safetensors.torch import save
+
     home.ok(C10)
     r = home.ok(BENCHMARK)
+    text = " ".join(r.stdout.split())  # the title may wrap
     assert re.search(rf"image folder {re.escape(str(home.path / 'pv'))} 'val' split, val/ \(20 images, 10 classes\): "
-                     r"20 images, 1 thread\(s\)", " ".join(r.stdout.split())), r.stdout  # the title may wrap
+                     r"20 images, 1 thread\(s\)", text), r.stdout
     assert re.search(r"image folder /\S+/pv 'val' split, val/ \(\d+ images, 10 classes\)", readme_output(BENCHMARK)[0])
-    from mmlit_cli.runtime import cpu_info
-    cpu, cpu_id = cpu_info()  # the machine line names the microarchitecture where the OS tells it
-    expected = f"machine: {cpu} ({cpu_id}), " if cpu_id else f"machine: {cpu}, "
-    assert expected in " ".join(r.stdout.split()), r.stdout
+    shown = re.search(r"machine: .*?, \d+ logical cores; torch \S+, onnxruntime \S+", text)
+    assert shown, r.stdout
+    rest = f", {os.cpu_count()} logical cores; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}"
+    assert shown.group().endswith(rest), (shown.group(), rest)
+    linux = cpu_as_linux_tells_it()  # read here from /proc/cpuinfo, not with mmlit's cpu_info
+    if linux is not None:  # e.g. "AMD EPYC (family 25 model 1, avx2)"
+        cpu = f"{linux[0]} ({linux[1]})" if linux[1] else linux[0]
+        assert shown.group() == " ".join(f"machine: {cpu}{rest}".split()), (shown.group(), cpu)
     rows = {label.strip(): [c.strip() for c in cells.split("│")]
             for label, cells in re.findall(r"│ (PyTorch eager|PyTorch compiled|ONNX fp32|ONNX int8 dynamic|"
                                            r"ONNX int8 static)\s*│(.+)│", r.stdout)}
@@ -527,14 +558,40 @@ def test_benchmark_measures_every_format_on_the_images_eval_scores(home):
     def mb(row): return float(row[0])
     def top1(row): return float(row[1])
     def agrees(row): return float(row[2])
-    assert top1(rows["PyTorch eager"]) == float(evaluated.group(1))
-    assert agrees(rows["ONNX fp32"]) == 100.0 and top1(rows["ONNX fp32"]) == top1(rows["PyTorch eager"])
-    checkpoint_mb = (home.path / "runs" / "c10-xxs" / "best.safetensors").stat().st_size / 1e6
-    assert abs(mb(rows["PyTorch eager"]) - checkpoint_mb) < checkpoint_mb  # weights, not the train state
+    def latency(row): return float(row[4])
+    def spread(row): return [float(v) for v in row[5].split("-")]
+    eager = rows["PyTorch eager"]
+    assert top1(eager) == float(evaluated.group(1)) and agrees(eager) == 100.0
+    for label in ("PyTorch compiled", "ONNX fp32"):  # the same function: the same prediction on every image
+        assert agrees(rows[label]) == 100.0 and top1(rows[label]) == top1(eager), label
+    for label, row in rows.items():  # each of the 20 images predicted otherwise moves top-1 by 5 points at most
+        assert abs(top1(row) - top1(eager)) <= 100.0 - agrees(row) + 1e-9, label
+
+    # MB: PyTorch's = the checkpoint's weights as a safetensors file of their own (no metadata);
+    # ONNX's = the file, as `mmlit export` writes it for the same checkpoint
+    best = home.path / "runs" / "c10-xxs" / "best.safetensors"
+    weights = len(save(tensors(best)))
+    assert eager[0] == rows["PyTorch compiled"][0] == f"{weights / 1e6:.2f}"  # to the 0.01 MB shown
+    home.ok(EXPORT)
+    home.ok(EXPORT_INT8)
+    assert rows["ONNX fp32"][0] == f"{(home.path / 'c10-xxs.onnx').stat().st_size / 1e6:.2f}"
+    int8 = home.path / "runs" / "c10-xxs" / "best.int8.onnx"
+    assert rows["ONNX int8 dynamic"][0] == f"{int8.stat().st_size / 1e6:.2f}"
     assert mb(rows["ONNX int8 dynamic"]) < mb(rows["ONNX fp32"])
-    for row in rows.values():
-        latency = float(row[4])
-        assert latency > 0 and math.isfinite(latency)
+
+    # latency: a median inside its p10-p90; the ratios line is the latency column's ratios
+    for label, row in rows.items():
+        p10, p90 = spread(row)
+        assert 0 < p10 <= latency(row) <= p90, label
+    ratios = dict(re.findall(r"([\w-]+ / [\w-]+): ([\d.]+)x", text.split("latency ratios ")[1].split(" latency:")[0]))
+    names = {"fp32": "ONNX fp32", "pytorch-eager": "PyTorch eager", "int8-dynamic": "ONNX int8 dynamic",
+             "int8-static": "ONNX int8 static"}
+    assert sorted(ratios) == sorted(f"{k} / {b}" for k in ("int8-dynamic", "int8-static")
+                                    for b in ("fp32", "pytorch-eager")), r.stdout
+    for name, shown_ratio in ratios.items():
+        k, b = (latency(rows[names[x]]) for x in name.split(" / "))
+        low, high = (k - 0.005) / (b + 0.005), (k + 0.005) / (b - 0.005)  # the latencies are shown to 0.01 ms
+        assert low - 0.005 <= float(shown_ratio) <= high + 0.005, (name, shown_ratio, k, b)
 
 
 def test_predict_reports_unreadable_files_and_predicts_the_rest(home):

@@ -98,15 +98,57 @@ def test_a_model_cast_to_bf16_runs_forward_and_matches_fp32():
         ref = model(x)
         half = model.to(torch.bfloat16)
         out = half(x.to(torch.bfloat16))
-    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())  # really cast, so really run in bf16
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape == (4, 5)
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
 
 
 def test_a_bf16_model_trains_with_the_load_balancing_loss():
-    model = tiny_model().to(torch.bfloat16).train()
-    for m in model.moe_layers():
+    """In a model cast to bf16 (in training mode, weight 0.01): each MoE layer's load-balancing
+    loss is 0.01 x the Switch value of its own router's logits; its gradient reaches the router
+    as the definition's (computed here in float64) does; and the whole loss's gradients are
+    finite bf16 tensors equal, to bf16 precision, to those of the same weights in fp32."""
+    half = tiny_model().to(torch.bfloat16).train()
+    full = tiny_model().train()
+    full.load_state_dict({k: v.float() for k, v in half.state_dict().items()})  # the same (bf16) weights
+    layers = half.moe_layers()
+    for m in layers + full.moe_layers():
         m.aux_loss_weight = 0.01
-    x = torch.randn(2, 3, 12, 12).to(torch.bfloat16)
-    loss = model(x).float().square().mean() + model.aux_loss()
-    loss.backward()
-    assert torch.isfinite(loss) and model.blocks[0].ffn.router.weight.grad is not None
+    seen = {}  # layer -> (router input, router logits) of the bf16 forward
+    hooks = [m.router.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, (args[0], out)))
+             for i, m in enumerate(layers)]
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    out = half(x)
+    for h in hooks:
+        h.remove()
+
+    chosen = {}
+    for i, m in enumerate(layers):
+        logits = seen[i][1].detach().reshape(-1, m.num_experts)  # every token of both images
+        chosen[i] = logits.topk(m.top_k, dim=-1).indices
+        assert logits.dtype == torch.bfloat16 and logits.shape == (2 * 17, m.num_experts)  # 16 patches + class
+        expected = 0.01 * switch_loss(logits.float(), chosen[i].tolist(), m.num_experts)
+        assert m.aux_loss.item() == pytest.approx(expected, rel=1e-5), i
+    aux = half.aux_loss()
+    assert aux.requires_grad, "the load-balancing loss has no gradient: it cannot train the router"
+    assert aux.item() == pytest.approx(sum(m.aux_loss.item() for m in layers), rel=1e-6)
+
+    # the last router: nothing else in the aux loss depends on it, so its gradient is its own layer's
+    last, i = layers[-1], len(layers) - 1
+    E = last.num_experts
+    w = last.router.weight.detach().double().requires_grad_()
+    b = last.router.bias.detach().double().requires_grad_()
+    probs = torch.nn.functional.linear(seen[i][0].detach().double(), w, b).reshape(-1, E).softmax(-1)
+    share = torch.nn.functional.one_hot(chosen[i], E).sum((0, 1)).double() / chosen[i].numel()  # f_e, a constant
+    want = torch.autograd.grad(0.01 * E * (share * probs.mean(0)).sum(), [w, b])
+    got = torch.autograd.grad(aux, [last.router.weight, last.router.bias], retain_graph=True)
+    for g, r in zip(got, want):
+        assert g.dtype == torch.bfloat16 and r.abs().max() > 1e-5
+        torch.testing.assert_close(g.double(), r, rtol=0, atol=0.02 * r.abs().max().item())
+
+    (out.float().square().mean() + aux).backward()
+    (full(x.float()).square().mean() + full.aux_loss()).backward()
+    for (name, p), q in zip(half.named_parameters(), full.parameters()):
+        assert p.grad is not None and p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all(), name
+        g, r = p.grad.double().flatten(), q.grad.double().flatten()
+        assert (g - r).norm() <= 0.1 * r.norm() and r.norm() > 0, name

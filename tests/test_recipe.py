@@ -63,6 +63,39 @@ def test_short_runs_get_a_proportional_warmup_and_no_heavy_regularisation():
     assert pre.warmup_epochs == pytest.approx(8 * 20 / 400) and pre.lr == pytest.approx(1.5e-3 * 64 / 256)
 
 
+# The documented ramp (the module docstring's rules 2 and 3, `strength`'s log scale) for a
+# 300-epoch preset (xxs: lr 1e-3 at batch 128, clipping 1.0, warm-up 10 of 300 epochs) on 50,000
+# images (390 steps an epoch, so every run here has >= 500 steps: a 30 % warm-up at strength 0),
+# computed by hand from these formulas, never with the module's own functions:
+#   s        = ln(E / 20) / ln(15), clamped to 0..1   (0 up to 300 / 15 = 20 epochs, 1 at 300)
+#   lr       = 1e-3 * 2 ** (1 - s)                    (twice the preset's at s = 0, geometric to it)
+#   clip     = round(1.0 / s, 3), none at s = 0
+#   warm-up  = E * 0.3 ** (1 - s) * (1 / 30) ** s     (30 % of the run at s = 0, 10 / 300 at s = 1)
+# e.g. E = 100: s = ln 5 / ln 15 = 1.609438 / 2.708050 = 0.594316; lr = 1e-3 * 2 ** 0.405684 = 1.324717e-3.
+RAMP_300 = {  # epochs: (s, lr, grad_clip, warmup_epochs)
+    2: (0.0, 2e-3, 0.0, 0.6),
+    20: (0.0, 2e-3, 0.0, 6.0),
+    21: (0.018017, 1.975179e-3, 55.504, 6.055475),
+    50: (0.338358, 1.581882e-3, 2.955, 7.132070),
+    60: (0.405684, 1.509757e-3, 2.465, 7.381620),
+    100: (0.594316, 1.324717e-3, 1.683, 8.128297),
+    200: (0.850274, 1.109359e-3, 1.176, 9.263679),
+    299: (0.998767, 1.000855e-3, 1.001, 9.993704),
+    300: (1.0, 1e-3, 1.0, 10.0),
+}
+
+
+def test_the_ramp_has_the_documented_values_at_each_length():
+    for epochs, (s, lr, clip, warmup) in RAMP_300.items():
+        assert strength(epochs, 300) == pytest.approx(s, abs=1e-6), epochs
+        r = fitted("xxs", [f"finetune.epochs={epochs}"]).finetune
+        assert r.lr == pytest.approx(lr, rel=1e-6), epochs
+        assert r.grad_clip == pytest.approx(clip, abs=1e-9), epochs
+        assert r.warmup_epochs == pytest.approx(warmup, rel=1e-6), epochs
+    # the ramp is in epochs relative to the preset's length: 4 and 20 of 60 are 20 and 100 of 300
+    assert strength(4, 60) == 0 and strength(20, 60) == pytest.approx(RAMP_300[100][0], abs=1e-6)
+
+
 def test_regularisation_grows_with_the_run_and_never_exceeds_the_preset():
     preset = load_config("s").finetune.augment
     previous = -1.0
@@ -70,10 +103,16 @@ def test_regularisation_grows_with_the_run_and_never_exceeds_the_preset():
         aug = fitted("s", [f"finetune.epochs={epochs}"]).finetune.augment
         assert previous <= aug.mixup_alpha <= preset.mixup_alpha
         previous = aug.mixup_alpha
-    assert strength(20, 300) == 0 and strength(300, 300) == 1 and 0.55 < strength(100, 300) < 0.65
+    assert strength(20, 300) == 0 and strength(300, 300) == 1
+    assert strength(100, 300) == pytest.approx(RAMP_300[100][0], abs=1e-6)
     mid = fitted("s", ["finetune.epochs=100"])
     assert mid.finetune.augment.auto_augment == "trivial"  # on for the longer half of the ramp
-    assert 0 < mid.model.drop_path < load_config("s").model.drop_path
+    # the preset's regularisers x 0.594316, to 3 decimals: mixup 0.8, cutmix 1.0, mix_prob 1.0,
+    # random erasing 0.25, RandAugment magnitude 9 (rounded to a whole), drop path 0.1
+    a = mid.finetune.augment
+    assert (a.mixup_alpha, a.cutmix_alpha, a.mix_prob, a.random_erasing, a.randaug_magnitude) == \
+        (0.475, 0.594, 0.594, 0.149, 5)
+    assert mid.model.drop_path == 0.059
     assert fitted("s", ["finetune.epochs=50"]).finetune.augment.auto_augment == "none"
 
 
@@ -85,8 +124,9 @@ def test_short_runs_get_a_one_cycle_like_schedule_that_ramps_to_the_presets():
     previous = (short.lr, short.warmup_epochs / 15, -1.0)
     for epochs in (21, 50, 100, 200, 299):
         r = fitted("xxs", [f"finetune.epochs={epochs}"]).finetune
-        s = strength(epochs, 300)
-        assert r.lr == pytest.approx(1e-3 * 2 ** (1 - s)) and r.grad_clip == pytest.approx(1.0 / s, abs=1e-3)
+        _, lr, clip, warmup = RAMP_300[epochs]  # the documented ramp, by hand: not `strength()`
+        assert r.lr == pytest.approx(lr, rel=1e-6) and r.grad_clip == pytest.approx(clip, abs=1e-9), epochs
+        assert r.warmup_epochs == pytest.approx(warmup, rel=1e-6), epochs
         clip_inverse = 1 / r.grad_clip
         assert r.lr < previous[0] and r.warmup_epochs / epochs < previous[1] and clip_inverse > previous[2]
         previous = (r.lr, r.warmup_epochs / epochs, clip_inverse)
