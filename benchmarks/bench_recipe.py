@@ -122,7 +122,8 @@ def mmlit_finetune(data: Path, epochs: int, seed: int, preset: str, extra: list[
                "--out", str(out), *extra)
     report = json.loads(_mmlit("eval", str(out / "last.safetensors"), "--dataset", str(data), "--split", "val",
                                "--json").stdout)
-    return {"top1": report["top1"], "train_s": _train_seconds(out), "recipe_line": _recipe_line(r.stdout)}
+    return {"top1": report["top1"], "balanced_accuracy": report.get("balanced_accuracy"),
+            "train_s": _train_seconds(out), "recipe_line": _recipe_line(r.stdout)}
 
 
 def mmlit_mae(data: Path, pre_epochs: int, ft_epochs: int, seed: int, preset: str, out: Path) -> dict:
@@ -183,8 +184,10 @@ def main() -> None:
                     with args.jsonl.open("a") as f:
                         f.write(json.dumps(row) + "\n")
     table = [(r["train_images"], r["epochs"], r["recipe"] + (f" [{r['label']}]" if r["label"] else ""), r["seed"],
-              f"{r['top1']:.2f}", f"{r['train_s']:.0f}") for r in rows]
-    print(format_table(["train images", "epochs", "recipe", "seed", "held-out top-1 %", "train s"], table,
+              f"{r['top1']:.2f}", "" if r.get("balanced_accuracy") is None else f"{r['balanced_accuracy']:.2f}",
+              f"{r['train_s']:.0f}") for r in rows]
+    print(format_table(["train images", "epochs", "recipe", "seed", "held-out top-1 %", "balanced acc. %", "train s"],
+                       table,
                        title=f"{args.preset}, scored on {args.data}/val at the last epoch"))
 
 

@@ -127,8 +127,8 @@ def _train_command(kind: str, **options) -> None:
 
     if options.pop("print_config"):
         keep = ("preset", "dataset", "data_dir", "overrides", "validation", "device", "resume", "epochs",
-                "batch_size", "lr", "seed", "workers", "recipe", "loader", "patience")
-        print(resolved_config(kind, **{k: options[k] for k in keep}), end="")
+                "batch_size", "lr", "seed", "workers", "recipe", "loader", "patience", "class_balance")
+        print(resolved_config(kind, **{k: options.get(k) for k in keep}), end="")
         return
 
     result = run_training(kind, console=console, **options)
@@ -197,6 +197,9 @@ def finetune(
     resume: Optional[str] = ResumeOpt, compile: Optional[bool] = TrainCompileOpt, compile_mode: Optional[str] = CompileModeOpt,
     save_every: int = SaveEveryOpt, download: bool = DownloadOpt, validation: Optional[str] = ValOpt,
     patience: Optional[int] = PatienceOpt, print_config: bool = PrintConfigOpt,
+    class_balance: Optional[str] = typer.Option(
+        None, "--class-balance", help="none (default), loss (the loss reweighted by the training split's class "
+        "frequencies: logit adjustment) or sampler (class-balanced batches, drawn with replacement)."),
 ) -> None:
     """Supervised training, from scratch or from a checkpoint (--init). The head gets the dataset's classes.
 

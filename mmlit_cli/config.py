@@ -147,6 +147,10 @@ class AugmentConfig:
 LOADERS = ("auto", "device", "workers")
 
 
+CLASS_BALANCE = ("none", "loss", "sampler")
+BALANCE_LOSSES = ("logit-adjust", "inverse-frequency")
+
+
 @dataclass
 class TrainConfig:
     """A training recipe (used by `finetune` and `pretrain`)."""
@@ -183,6 +187,12 @@ class TrainConfig:
     # Early stopping: end the run when its monitored validation figure (top-1; MAE: loss) has
     # not improved for this many epochs; 0 = never.
     patience: int = 0
+    # Class imbalance (fine-tuning). loss: `balance_loss` reweights the loss by the training
+    # split's class frequencies; sampler: batches drawn class-balanced (with replacement).
+    class_balance: str = "none"
+    # logit-adjust: train on logits + log(class prior) (Menon et al. 2021); inverse-frequency:
+    # cross-entropy weighted by N / (classes x class count). Measured in docs/RESULTS.md.
+    balance_loss: str = "logit-adjust"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, where: str) -> None:
@@ -206,6 +216,10 @@ class TrainConfig:
             raise ConfigError(f"{where}.layer_decay must be in (0, 1]")
         if self.workers < 0:
             raise ConfigError(f"{where}.workers must be >= 0")
+        if self.class_balance not in CLASS_BALANCE:
+            raise ConfigError(f"{where}.class_balance must be {', '.join(CLASS_BALANCE)}, got {self.class_balance!r}")
+        if self.balance_loss not in BALANCE_LOSSES:
+            raise ConfigError(f"{where}.balance_loss must be {' or '.join(BALANCE_LOSSES)}, got {self.balance_loss!r}")
         if self.patience < 0:
             raise ConfigError(f"{where}.patience must be >= 0 (0 = no early stopping)")
         if self.loader not in LOADERS:

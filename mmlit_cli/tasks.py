@@ -28,13 +28,21 @@ class ClassifyTask:
     monitor = "val_top1"  # the validation figure that picks best.safetensors
     higher_is_better = True
 
-    def __init__(self, cfg: Config, classes: list[str]):
+    def __init__(self, cfg: Config, classes: list[str], class_counts: list[int] | None = None):
         from .model import MLiT
 
         self.cfg, self.classes = cfg, classes
         self.model = MLiT(cfg.model)
         self.recipe = cfg.finetune
         self.mix = build_batch_mix(self.recipe.augment, cfg.model.num_classes)
+        # --class-balance loss: the training split's class frequencies, into the loss
+        self.logit_shift, self.class_weight = None, None
+        if self.recipe.class_balance == "loss" and class_counts:
+            counts = torch.tensor(class_counts, dtype=torch.float32).clamp_min(1)
+            if self.recipe.balance_loss == "logit-adjust":
+                self.logit_shift = (counts / counts.sum()).log()
+            else:
+                self.class_weight = counts.sum() / (len(counts) * counts)
 
     @staticmethod
     def fit_config(cfg: Config, num_classes: int) -> Config:
@@ -51,8 +59,11 @@ class ClassifyTask:
             images, targets = self.mix(images, labels)
         else:
             targets = labels
-        logits = model(images)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.recipe.label_smoothing)
+        logits = model(images).float()
+        if self.logit_shift is not None:  # trained on the prior-adjusted logits; predicts with the plain ones
+            logits = logits + self.logit_shift.to(logits.device)
+        weight = None if self.class_weight is None else self.class_weight.to(logits.device)
+        loss = F.cross_entropy(logits, targets, weight=weight, label_smoothing=self.recipe.label_smoothing)
         aux = self.model.aux_loss()
         return loss if aux is None else loss + aux
 
@@ -77,8 +88,8 @@ class MAETask:
     monitor = "val_loss"
     higher_is_better = False
 
-    def __init__(self, cfg: Config, classes: list[str]):
-        from .mae import MaskedAutoencoder
+    def __init__(self, cfg: Config, classes: list[str], class_counts: list[int] | None = None):
+        from .mae import MaskedAutoencoder  # (class_counts: pre-training has no classes to balance)
 
         self.cfg, self.classes = cfg, classes
         self.model = MaskedAutoencoder(cfg.model, cfg.mae)

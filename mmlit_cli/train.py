@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .checkpoint import Checkpoint, load_checkpoint, load_weights_into
-from .config import Config, dump_config, load_config, parse_overrides
+from .config import CLASS_BALANCE, Config, dump_config, load_config, parse_overrides
 from .data import DATASET_NAMES, SAMPLE_DIR, ImageData, canonical_name, default_data_dir, is_sample, load_split, \
     train_split_size, usable_cpus
 from .engine import RunOptions, Trainer
@@ -135,7 +135,8 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
                  out: str | Path | None = None, overrides: list[str] | None = None,
                  epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
                  seed: int | None = None, workers: int | None = None, recipe: str | None = None,
-                 loader: str | None = None, patience: int | None = None, device: str = "auto",
+                 loader: str | None = None, patience: int | None = None, class_balance: str | None = None,
+                 device: str = "auto",
                  init: str | Path | None = None, resume: str | Path | None = None, compile: bool | None = None,
                  compile_mode: str | None = None,
                  save_every: int = 200, download: bool = False, max_steps: int | None = None,
@@ -155,7 +156,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
                             patience)
     else:
         shortcuts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers, recipe=recipe,
-                         loader=loader, patience=patience)
+                         loader=loader, patience=patience, class_balance=class_balance)
         plan = _new_run(kind, task_cls, preset, dataset, data_dir, download, validation, overrides, shortcuts, out)
         if dataset is None and not quiet:
             console.print(escape(_sample_note(getattr(plan.cfg, task_cls.command).epochs)), highlight=False)
@@ -167,7 +168,9 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
         console.print(escape(f"data: {train.source}; validation: {_validation_note(plan.spec, val)}"),
                       highlight=False)
 
-    task, layer_decay = _new_task(task_cls, cfg, train.classes, plan, init, None if quiet else console)
+    if not quiet:
+        _warn_imbalance(console, train, getattr(cfg, task_cls.command).class_balance, task_cls.needs_labels)
+    task, layer_decay = _new_task(task_cls, cfg, train, plan, init, None if quiet else console)
     opts = RunOptions(out_dir=plan.run_dir, dataset=dataclasses.asdict(plan.spec), data_source=plan.spec.located(),
                       device=device, compile=compile, compile_mode=compile_mode, save_every=save_every,
                       max_steps=max_steps, layer_decay=layer_decay, quiet=quiet,
@@ -193,13 +196,27 @@ def _sample_note(epochs: int) -> str:
             f"file (.csv)")
 
 
-def _new_task(task_cls, cfg: Config, classes: list[str], plan: RunPlan, init: str | Path | None,
+def _class_counts(train: ImageData) -> list[int]:
+    labelled = train.labels[train.labels >= 0]
+    return torch.bincount(labelled, minlength=len(train.classes)).tolist() if len(labelled) else []
+
+
+def _warn_imbalance(console: Console, train: ImageData, class_balance: str, labelled: bool) -> None:
+    """One line when the largest class has over 3x the images of the smallest."""
+    counts = _class_counts(train) if labelled else []
+    if counts and class_balance == "none" and max(counts) > 3 * max(min(counts), 1):
+        console.print(f"[yellow]note[/yellow]: imbalanced classes ({max(counts):,} images in the largest, "
+                      f"{min(counts):,} in the smallest); --class-balance loss or sampler trains for every class "
+                      f"alike", highlight=False)
+
+
+def _new_task(task_cls, cfg: Config, train: ImageData, plan: RunPlan, init: str | Path | None,
               console: Console | None):
     """(the task with its model, the layer-wise lr decay of its param groups). The initial
     weights depend on the seed alone; `--init` loads a checkpoint's into a new run's model."""
     train_cfg = getattr(cfg, task_cls.command)
     torch.manual_seed(train_cfg.seed)
-    task = task_cls(cfg, classes)
+    task = task_cls(cfg, train.classes, _class_counts(train))
     layer_decay = 1.0 if plan.resume is None else layer_decay_of_run(plan.resume.train_info, train_cfg)
     if init is not None and plan.resume is None:
         _load_init(task, init, console)
@@ -261,6 +278,8 @@ def _new_plan(task_cls, preset: str | None, dataset: str | None, data_dir: str |
     dataset = "sample" if dataset is None else dataset
     if shortcuts.get("recipe") not in (None, "auto", "paper"):
         raise MmlitError(f"--recipe must be auto or paper, got '{shortcuts['recipe']}'")
+    if shortcuts.get("class_balance") not in (None, *CLASS_BALANCE):
+        raise MmlitError(f"--class-balance must be none, loss or sampler, got '{shortcuts['class_balance']}'")
     pinned = pinned_keys(parse_overrides(overrides)) | {f"{section}.{k}" for k, v in shortcuts.items() if v is not None}
     if is_sample(dataset) and f"{section}.epochs" not in pinned:
         shortcuts = {**shortcuts, "epochs": SAMPLE_EPOCHS[section]}
@@ -285,7 +304,7 @@ def resolved_config(kind: str, preset: str | None, dataset: str | None, *, data_
     if validation is not None and validation not in VALIDATION:
         raise MmlitError(f"--val must be {' or '.join(VALIDATION)}, got '{validation}'")
     shortcuts = {k: shortcuts.get(k) for k in ("epochs", "batch_size", "lr", "seed", "workers", "recipe", "loader",
-                                               "patience")}
+                                               "patience", "class_balance")}
     plan = _new_plan(task_cls, preset, dataset, data_dir, False, validation, overrides, shortcuts)
     images, classes = train_split_size(plan.spec.dataset, plan.cfg.data.val_fraction, plan.spec.validation == "auto",
                                        task_cls.needs_labels)

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 
 from .batch_augment import BatchAugment
-from .loader import epoch_seed, sample_seed
+from .loader import balanced_order, class_balanced_weights, epoch_seed, sample_seed
 from .splits import ImageData
 
 
@@ -33,7 +33,7 @@ class DeviceLoader:
 
     def __init__(self, data: ImageData, batch_size: int, device: torch.device | str,
                  augment: BatchAugment | None = None, shuffle: bool = False, drop_last: bool = False,
-                 seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+                 seed: int = 0, rank: int = 0, world_size: int = 1, balanced: bool = False) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.device = torch.device(device)
@@ -41,6 +41,8 @@ class DeviceLoader:
         self.labels = data.labels.to(self.device)
         self.batch_size, self.augment, self.shuffle, self.drop_last = batch_size, augment, shuffle, drop_last
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        # class-balanced epochs: indices drawn with replacement, each class equally likely
+        self.weights = class_balanced_weights(data.labels).to(self.device) if balanced else None
         self.epoch = 0
         self._generator = torch.Generator(device=self.device)
         n = len(self.labels)
@@ -58,7 +60,9 @@ class DeviceLoader:
     def _order(self) -> torch.Tensor:
         """This process's indices for the epoch, on the device."""
         n = len(self.labels)
-        if self.shuffle:
+        if self.weights is not None:
+            order = balanced_order(self.weights, self.seed, self.epoch, self.device)
+        elif self.shuffle:
             self._generator.manual_seed(epoch_seed(self.seed, self.epoch))
             order = torch.randperm(n, generator=self._generator, device=self.device)
         else:

@@ -111,6 +111,43 @@ class _ShuffleSampler(Sampler[int]):
         return self.n
 
 
+def class_balanced_weights(labels: torch.Tensor) -> torch.Tensor:
+    """A drawing weight per image, 1 / its class's count: every class equally likely."""
+    counts = torch.bincount(labels.cpu(), minlength=int(labels.max()) + 1 if len(labels) else 0).double()
+    return (1.0 / counts.clamp_min(1))[labels.cpu()]
+
+
+def balanced_order(weights: torch.Tensor, seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """An epoch's indices drawn with replacement by `weights` (as many as there are images),
+    fixed by (seed, epoch): the same on every rank and on --resume."""
+    g = torch.Generator(device=device)
+    g.manual_seed(epoch_seed(seed, epoch))
+    return torch.multinomial(weights.to(device), len(weights), replacement=True, generator=g)
+
+
+class BalancedSampler(Sampler[int]):
+    """Class-balanced indices for the DataLoader path (`balanced_order`), this rank's share."""
+
+    def __init__(self, weights: torch.Tensor, seed: int, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = False) -> None:
+        self.weights, self.seed, self.rank, self.world_size = weights, seed, rank, world_size
+        n = len(weights)
+        self.per_rank = n // world_size if drop_last else -(-n // world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = balanced_order(self.weights, self.seed, self.epoch)
+        total = self.per_rank * self.world_size
+        order = torch.cat([order, order[: total - len(order)]]) if total > len(order) else order
+        return iter(order[self.rank:total:self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
 class EpochSampler(Sampler):
     """Wraps the index sampler; yields `(index, sample seed)` when augmenting.
 
@@ -149,17 +186,21 @@ def _worker_init(worker_id: int) -> None:
 
 def build_loader(data: ImageData, batch_size: int, transform: Callable | None = None,
                  shuffle: bool = False, workers: int = 0, drop_last: bool = False, seed: int = 0,
-                 distributed: bool = False) -> DataLoader:
+                 distributed: bool = False, balanced: bool = False) -> DataLoader:
     """DataLoader of uint8 (images [B, 3, S, S], labels int64 [B]).
 
     Order and augmentation are a function of (seed, epoch) only, for any worker count; call
-    `set_epoch(loader, e)` (or `loader.sampler.set_epoch(e)`) before each epoch.
+    `set_epoch(loader, e)` (or `loader.sampler.set_epoch(e)`) before each epoch. `balanced`:
+    class-balanced batches, drawn with replacement (`BalancedSampler`).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     dataset = AugmentedImages(data, transform)
     base: Sampler
-    if distributed:
+    if balanced:
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+        base = BalancedSampler(class_balanced_weights(data.labels), seed, rank, world, drop_last)
+    elif distributed:
         base = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
     elif shuffle:
         base = _ShuffleSampler(len(dataset), seed)

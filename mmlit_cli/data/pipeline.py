@@ -54,18 +54,21 @@ def build_loaders(recipe, image_size: int, train: ImageData, val: ImageData | No
                   rank: int = 0, world_size: int = 1, distributed: bool = False):
     """(training loader: shuffled, augmented by `recipe.augment`, sharded over `world_size`
     processes; validation loader: this rank's disjoint share, or None without validation
-    images). `recipe` is a `TrainConfig` whose `loader` is resolved (device or workers);
+    images; class-balanced when `recipe.class_balance` is "sampler"). `recipe` is a
+    `TrainConfig` whose `loader` is resolved (device or workers);
     `distributed`: under a process group (the worker path then shards with its sampler)."""
     drop_last = len(train.labels) >= recipe.batch_size * world_size
     on_device = recipe.loader == "device"
+    balanced = recipe.class_balance == "sampler" and bool((train.labels >= 0).all())  # needs labels
     if on_device:
         augment = BatchAugment.from_config(recipe.augment, image_size)
         train_loader = DeviceLoader(train, recipe.batch_size, device, augment, shuffle=True, drop_last=drop_last,
-                                    seed=recipe.seed, rank=rank, world_size=world_size)
+                                    seed=recipe.seed, rank=rank, world_size=world_size, balanced=balanced)
     else:
         transform = build_train_transform(recipe.augment, image_size)
         train_loader = build_loader(train, recipe.batch_size, transform, shuffle=True, workers=recipe.workers,
-                                    drop_last=drop_last, seed=recipe.seed, distributed=distributed)
+                                    drop_last=drop_last, seed=recipe.seed, distributed=distributed,
+                                    balanced=balanced)
     if val is None or len(val.labels) == 0:
         return train_loader, None
     if world_size > 1:  # every rank takes an exact, disjoint share; sums are all-reduced
