@@ -237,7 +237,7 @@ def eval_(
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass: memory and speed "
                                    "only (the figures are the same to float rounding)."),
     device: str = DeviceOpt,
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Where confusion.png goes (default: runs/eval/<name>, numbered)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Where confusion.png (and, with TensorBoard installed, its event file) goes (default: runs/eval/<name>, numbered)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (writes confusion.png only with --out)."),
     compile: bool = CompileOpt,
     compile_mode: Optional[str] = CompileModeOpt,
@@ -251,7 +251,7 @@ def eval_(
     Example:  mmlit eval runs/finetune/xxs/best.safetensors   (the dataset it was trained on)
               mmlit eval runs/finetune/xxs/best.safetensors --dataset cifar100 --split test
     """
-    from .evaluate import evaluate_checkpoint
+    from .evaluate import evaluate_checkpoint, write_eval_files
     from .train import new_run_dir
 
     report = evaluate_checkpoint(checkpoint, dataset, split, data_dir, batch_size, device,
@@ -260,14 +260,9 @@ def eval_(
         (err_console if as_json else console).print(escape(report.dataset_note), highlight=False, soft_wrap=True)
     confusion_path = None
     if out is not None or not as_json:
-        from .plots import PlotUnavailable, plot_confusion
-
-        out_dir = new_run_dir(out, "eval", Path(checkpoint).parent.name or "eval")
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            confusion_path = plot_confusion(report.result.confusion, report.classes, out_dir / "confusion.png")
-        except PlotUnavailable as e:
-            err_console.print(f"note: {e}", highlight=False)
+        confusion_path, note = write_eval_files(report, new_run_dir(out, "eval", Path(checkpoint).parent.name or "eval"))
+        if note:
+            err_console.print(f"note: {note}", highlight=False)
     if as_json:
         print(json.dumps(report.as_dict()))
         return

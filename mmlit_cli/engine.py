@@ -239,12 +239,12 @@ class Trainer:
         if self.epoch < self.recipe.epochs:
             record.early_stop = row["stopped"] = record.patience_spent(self.recipe.patience)
         record.write_metrics({k: v for k, v in row.items() if v is not None})
+        notes = epoch_notes(self.task, self.model, self.val_loader or self.train_loader, self.device,
+                            self.opts.out_dir, row) if self.dist.is_main else []
+        record.log_events(row)  # before the checkpoint: a resumed run never lacks an epoch it had saved
         record.save_epoch(row, improved)
-        self._print(epoch_line(row, self.recipe.epochs))
-        if self.dist.is_main:
-            for note in epoch_notes(self.task, self.model, self.val_loader or self.train_loader, self.device,
-                                    self.opts.out_dir, row):
-                self._print(note)
+        for line in (epoch_line(row, self.recipe.epochs), *notes):
+            self._print(line)
         return "patience" if record.early_stop else None
 
     def _finish(self, stopped: str | None) -> dict:

@@ -67,6 +67,8 @@ class EvalReport:
     classes: list[str]
     source: str
     dataset_note: str | None = None  # set when the dataset is the checkpoint's own (no --dataset)
+    split: str = "val"
+    step: int = 0  # the checkpoint's global step: where the figures go on TensorBoard's x axis
 
     def as_dict(self) -> dict:
         """JSON-ready: the figures (percent), `per_class` accuracy (= recall), and per-class
@@ -135,4 +137,29 @@ def evaluate_checkpoint(ckpt_path: str | Path, dataset: str | None, split: str =
     loader = build_loader(data, batch_size, None, workers=workers)
     amp = amp_dtype(dev)
     result = evaluate_classifier(runner, loader, dev, cfg.data.mean, cfg.data.std, amp, cfg.model.num_classes)
-    return EvalReport(result, classes, data.source if note is None else f"{data.source}; {note}", dataset_note)
+    return EvalReport(result, classes, data.source if note is None else f"{data.source}; {note}", dataset_note,
+                      split, int(ckpt.info.get("global_step", 0)))
+
+
+def write_eval_files(report: EvalReport, out_dir: Path) -> tuple[Path | None, str | None]:
+    """confusion.png into `out_dir`, and with TensorBoard an event file holding the figures
+    (as `<split>/top1`, ... at the checkpoint's step) and the confusion matrix. Returns the
+    PNG's path, or None and why there is none (no matplotlib)."""
+    from .events import open_event_log
+    from .plots import PlotUnavailable, plot_confusion
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        confusion, note = plot_confusion(report.result.confusion, report.classes, out_dir / "confusion.png"), None
+    except PlotUnavailable as e:
+        confusion, note = None, str(e)
+    events = open_event_log(out_dir)
+    if events is not None:
+        r = report.result
+        figures = {k: v for k, v in r.as_dict().items() if k != "num_images"}
+        events.scalars({f"{report.split}_{k}": v for k, v in figures.items()}, report.step)
+        if confusion is not None:
+            events.png(f"{report.split}/confusion", confusion, report.step)
+        events.text("source", report.source)
+        events.close()
+    return confusion, note

@@ -144,6 +144,22 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], out_path: st
     The title gives the overall accuracy. `out_path` may be a folder (-> `confusion.png`
     inside it). Returns the written path; raises `PlotUnavailable` without matplotlib.
     """
+    out = Path(out_path)
+    if out.is_dir():
+        out = out / "confusion.png"
+    return _save(_confusion_figure(confusion, classes), out)
+
+
+def confusion_image(confusion: torch.Tensor, classes: Sequence[str]) -> torch.Tensor:
+    """`plot_confusion`'s figure as a uint8 [3, H, W] image (for TensorBoard), no file."""
+    fig = _confusion_figure(confusion, classes)
+    fig.canvas.draw()
+    rgba = torch.frombuffer(bytearray(fig.canvas.buffer_rgba()), dtype=torch.uint8)
+    width, height = fig.canvas.get_width_height()
+    return rgba.view(height, width, 4)[..., :3].permute(2, 0, 1).contiguous()
+
+
+def _confusion_figure(confusion: torch.Tensor, classes: Sequence[str]) -> Any:
     cm = torch.as_tensor(confusion).detach().cpu().to(torch.float64)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] == 0:
         raise MmlitError(f"a confusion matrix must be square [C, C], got {list(cm.shape)}")
@@ -151,9 +167,6 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], out_path: st
     names = [str(c) for c in classes] if classes else [str(i) for i in range(C)]
     if len(names) != C:
         raise MmlitError(f"{len(names)} class names for a {C}x{C} confusion matrix")
-    out = Path(out_path)
-    if out.is_dir():
-        out = out / "confusion.png"
     total = float(cm.sum())
     accuracy = 100.0 * float(cm.diag().sum()) / total if total > 0 else 0.0
     rows = cm / cm.sum(1, keepdim=True).clamp_min(1)
@@ -182,7 +195,7 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], out_path: st
                     continue
                 ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=8,
                         color="white" if v > 0.55 else "black")
-    return _save(fig, out)
+    return fig
 
 
 @torch.no_grad()

@@ -9,6 +9,8 @@ the run directory's files and back:
                                       generators, the counters), at epoch ends and every
                                       --save-every steps; what --resume reads
     best.safetensors                  weights (EMA's when on) of the best validated epoch
+    events.out.tfevents.*             the same rows and the epoch's figures for TensorBoard,
+                                      when it is installed (`events.py`)
 
 Every rank calls `save_last` (the generators are gathered, a collective); rank 0 writes.
 """
@@ -30,6 +32,7 @@ from . import __version__
 from .checkpoint import Checkpoint, save_checkpoint
 from .config import Config, dump_config
 from .errors import MmlitError
+from .events import EventLog, open_event_log
 from .files import atomic_write_text
 from .runtime import Dist, all_reduce_mean
 from .train_state import (check_resume_world_size, gather_rng_states, optimizer_from_tensors,
@@ -81,6 +84,7 @@ class RunRecord:
         self.partial_loss_sum = 0.0  # this epoch's loss sum at its last in-epoch checkpoint
         self.resume_loss_sum = 0.0  # where a resumed epoch's loss sum starts (taken once)
         self._resume_rng: dict[str, torch.Tensor] | None = None
+        self.events: EventLog | None = None  # TensorBoard's event file (rank 0, when installed), from `start`
 
     # ------------------------------------------------------------------ the run directory
 
@@ -91,6 +95,25 @@ class RunRecord:
             out.mkdir(parents=True, exist_ok=True)
             note = "".join(f"# {line}\n" for line in (self.facts.recipe_note or "").splitlines())
             atomic_write_text(out / "config.yaml", note + dump_config(self.cfg))
+            # a resumed run hides what an attempt logged after its checkpoint (an epoch logged,
+            # then killed before it was saved): that epoch is logged again
+            self.events = open_event_log(out, purge_step=self.global_step + 1 if self.global_step else None)
+            if self.events is not None and self.global_step == 0:
+                self.events.text("config", note + dump_config(self.cfg))
+
+    def log_events(self, row: dict) -> None:
+        """The epoch's row and figures into TensorBoard's event file, when there is one."""
+        if self.events is not None:
+            self.events.scalars(row, self.global_step)
+            self.events.images(lambda: self.task.epoch_images(self.facts.out_dir), self.global_step)
+
+    def close_events(self, curves: Path | None = None) -> None:
+        """The training curves (when drawn) into the event file, which is then closed."""
+        if self.events is not None:
+            if curves is not None:
+                self.events.png("curves", Path(curves), self.global_step)
+            self.events.close()
+            self.events = None
 
     def write_metrics(self, row: dict) -> None:
         """The epoch's row, appended to metrics.jsonl and metrics.csv (rewritten atomically)."""

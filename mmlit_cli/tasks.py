@@ -35,6 +35,7 @@ class ClassifyTask:
         self.model = MLiT(cfg.model)
         self.recipe = cfg.finetune
         self.mix = build_batch_mix(self.recipe.augment, cfg.model.num_classes)
+        self.confusion: torch.Tensor | None = None  # of the last validation
         # --class-balance loss: the training split's class frequencies, into the loss
         self.logit_shift, self.class_weight = None, None
         if self.recipe.class_balance == "loss" and class_counts:
@@ -70,6 +71,7 @@ class ClassifyTask:
     def validate(self, model, loader, device, amp_dtype) -> dict[str, Any]:
         r = evaluate_classifier(model, loader, device, self.cfg.data.mean, self.cfg.data.std, amp_dtype,
                                 self.cfg.model.num_classes)
+        self.confusion = r.confusion
         return {"val_loss": r.loss, "val_top1": r.top1, "val_top5": r.top5,
                 "val_balanced_accuracy": r.balanced_accuracy, "val_macro_f1": r.macro_f1,
                 "expert_usage": r.expert_usage}
@@ -77,6 +79,15 @@ class ClassifyTask:
     def after_epoch(self, model, loader, device, out_dir: Path) -> str | None:
         """Nothing besides validation: a classifier's figures are its metrics."""
         return None
+
+    def epoch_images(self, out_dir: Path) -> dict[str, torch.Tensor]:
+        """The last validation's confusion matrix, for TensorBoard (needs matplotlib)."""
+        from .plots import confusion_image
+
+        if self.confusion is None:
+            return {}
+        names = self.classes if len(self.classes) == self.confusion.shape[0] else []  # else indices
+        return {"val/confusion": confusion_image(self.confusion, names)}
 
 
 class MAETask:
@@ -119,6 +130,13 @@ class MAETask:
         images = next(iter(loader))[0][:8]
         path = plot_reconstruction(model, images, self.cfg, device, out_dir / "reconstruction.png")
         return f"reconstructions (rows: original, masked, reconstruction): {path}"
+
+    def epoch_images(self, out_dir: Path) -> dict[str, torch.Tensor]:
+        """The reconstructions `after_epoch` drew, for TensorBoard."""
+        from .events import read_png
+
+        path = out_dir / "reconstruction.png"
+        return {"val/reconstruction": read_png(path)} if path.exists() else {}
 
 
 TASKS = {task.command: task for task in (ClassifyTask, MAETask)}

@@ -186,6 +186,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     result["main_process"] = main_process
     if trainer.dist.is_main and result["stopped"] in (None, "patience"):
         _plot_curves(plan.run_dir, result)
+    trainer.record.close_events(result.get("curves"))
     end_distributed(trainer.dist)
     return result
 

@@ -59,3 +59,15 @@ def cpu_as_linux_tells_it() -> tuple[str, str | None] | None:
     parts = [f"family {field('cpu family')} model {field('model') or '?'}"] if field("cpu family") else []
     parts += [s for s in SIMD_WIDEST_FIRST if s in flags][:1]
     return field("model name") or platform.processor() or platform.machine(), ", ".join(parts) or None
+
+
+def tensorboard_events(run_dir: Path):
+    """The run's event files as TensorBoard itself reads them (its EventAccumulator, which
+    also applies a resumed run's purge): (scalars {tag: [(step, value)]}, image tags, text tags)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in tags["scalars"]}
+    return scalars, set(tags["images"]), set(tags["tensors"])

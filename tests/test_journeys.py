@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 from safetensors import safe_open
 
 import datafixtures as fx
-from helpers import TINY, cpu_as_linux_tells_it, write_folder
+from helpers import TINY, cpu_as_linux_tells_it, tensorboard_events, write_folder
 from test_card import CARD_COMMANDS
 from test_print_config import README_PRINT
 
@@ -67,17 +67,21 @@ PREDICT_INT8 = "mmlit predict runs/c10-xxs/best.int8.onnx photos/ --top-k 3"
 BENCHMARK = "mmlit benchmark runs/c10-xxs/best.safetensors --dataset pv --split val"
 PLOT = "mmlit plot runs/mine"
 TORCHRUN = "torchrun --nproc_per_node 4 -m mmlit_cli finetune --preset s --dataset cifar100"
+LABELS = "mmlit finetune --preset xxs --dataset my-labels.csv --epochs 30 --out runs/from-csv"
+LONG_TAIL = ("mmlit finetune --preset xxs --dataset ./long-tail --class-balance sampler --patience 10 --epochs 100 "
+             "--out runs/long-tail")
 
 # The Quick start's commands on the bundled sample run as written, in an empty folder: test_card.py.
 JOURNEY_COMMANDS = [COUNT_TABLE, COUNT_JSON, FINETUNE, EVAL_MINE, RESUME, PRETRAIN, FINETUNE_INIT, C10, EVAL_PV,
                     PREDICT_MIXED, PREDICT_PV, EXPORT, EXPORT_INT8, PREDICT_INT8, BENCHMARK, PLOT, TORCHRUN,
-                    *CARD_COMMANDS, README_PRINT]
+                    LABELS, LONG_TAIL, *CARD_COMMANDS, README_PRINT]
 
 SMALL = [x for o in TINY for x in ("--set", o)]  # a 3-block model on 12x12 images, no loader processes
 APPENDED = {FINETUNE: SMALL, PRETRAIN: SMALL,
             C10: SMALL + ["--set", "finetune.batch_size=8"],  # 9 steps, not 1: a model that tells colours apart
             FINETUNE_INIT: SMALL + ["--set", "finetune.epochs=2"],  # not the preset's 300
-            TORCHRUN: SMALL + ["--set", "finetune.epochs=1"]}
+            TORCHRUN: SMALL + ["--set", "finetune.epochs=1"],
+            LABELS: SMALL, LONG_TAIL: SMALL}
 S = 12  # the image size those options set
 
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
@@ -199,10 +203,27 @@ def home(tmp_path_factory):
     (root / "mixed" / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
     (root / "whole.jpg").unlink()
     fx.write_cifar100_python(root / "data", n_train=200, n_test=40)  # ./data is the default --data-dir
+    write_label_file(root / "my-labels.csv", root / "my-images")
+    write_folder(root / "long-tail", per_class=40, size=S)
+    for name, count in {"green": 12, "blue": 4}.items():  # red keeps 40: largest / smallest = 10
+        for extra in sorted((root / "long-tail" / name).iterdir())[count:]:
+            extra.unlink()
     home = Home(root)
     home.in_background(PRETRAIN, FINETUNE_INIT, TORCHRUN)  # the three slowest, independent of the rest
     yield home
     home.background.shutdown(cancel_futures=True)
+
+
+def write_label_file(csv_path: Path, images: Path) -> None:
+    """A label file for the images of `images/<class>/`, the last two of each class marked
+    `val`, the others `train`; paths relative to the file; the rows in no particular order."""
+    rows = []
+    for folder in sorted(p for p in images.iterdir() if p.is_dir()):
+        files = sorted(folder.iterdir())
+        rows += [(f.relative_to(csv_path.parent).as_posix(), folder.name, "val" if i >= len(files) - 2 else "train")
+                 for i, f in enumerate(files)]
+    rows.sort(key=lambda row: row[0][::-1])
+    csv_path.write_text("path,label,split\n" + "".join(",".join(row) + "\n" for row in rows))
 
 
 PALETTE = [(r, g, b) for r in (40, 215) for g in (40, 215) for b in (40, 215)] + [(128, 128, 128), (200, 100, 30)]
@@ -291,6 +312,22 @@ def test_finetune_writes_the_run_directory(home):
     assert json.loads(metadata(run / "last.safetensors")["info"])["epoch"] == 30
     assert json.loads(metadata(run / "best.safetensors")["classes"]) == ["blue", "green", "red"]
     assert_png(run / "curves.png")
+    assert_events_are_the_metrics(run)
+
+
+def assert_events_are_the_metrics(run: Path) -> None:
+    """TensorBoard's reader finds every epoch's row of metrics.jsonl, once, at its step, and
+    the figures: the confusion matrix each epoch, the curves, the config."""
+    scalars, images, texts = tensorboard_events(run)
+    rows = jsonl(run / "metrics.jsonl")
+    for key, tag in [("train_loss", "train/loss"), ("val_top1", "val/top1"), ("val_top5", "val/top5"),
+                     ("val_balanced_accuracy", "val/balanced_accuracy"), ("lr", "lr"),
+                     ("train_img_per_s", "train/img_per_s")]:
+        assert [step for step, _ in scalars[tag]] == [row["step"] for row in rows], tag
+        assert [v for _, v in scalars[tag]] == pytest.approx([row[key] for row in rows], rel=1e-6), tag
+    layers = rows[-1]["expert_usage"]
+    assert scalars[f"expert_usage/layer_{len(layers) - 1}/expert_0"][-1][1] == pytest.approx(layers[-1][0], rel=1e-6)
+    assert images == {"val/confusion", "curves"} and "config/text_summary" in texts
 
 
 def test_eval_json_scores_the_held_out_images_training_validated_on(home):
@@ -341,6 +378,30 @@ def test_finetune_killed_with_sigkill_then_resumed_ends_as_the_uninterrupted_run
     for k in wa:
         np.testing.assert_allclose(wb[k].numpy(), wa[k].numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
     assert_png(other.path / "runs" / "mine" / "curves.png")
+    assert len(list((other.path / "runs" / "mine").glob("events.out.tfevents.*"))) == 2  # one per process
+    assert_events_are_the_metrics(other.path / "runs" / "mine")  # an epoch the kill left unsaved shows once
+
+
+def test_a_label_file_trains_as_its_rows_say(home):
+    r = home.ok(LABELS)
+    run = home.path / "runs" / "from-csv"
+    assert "my-labels.csv 'train' split (30 images, 3 classes)" in r.stdout  # 36 rows, 6 marked val
+    assert "my-labels.csv 'val' split (its rows) (6 images, 3 classes)" in r.stdout
+    assert json.loads(metadata(run / "best.safetensors")["classes"]) == ["blue", "green", "red"]  # sorted labels
+    rows = jsonl(run / "metrics.jsonl")
+    assert len(rows) == 30 and rows[-1]["val_top1"] == 100.0  # the colours are learnt, scored on the 6 val rows
+
+
+def test_long_tail_with_a_balanced_sampler_stops_when_val_top1_stops_improving(home):
+    r = home.ok(LONG_TAIL)
+    run = home.path / "runs" / "long-tail"
+    assert "imbalanced classes" not in r.stdout  # the note is for runs that do nothing about it
+    rows = jsonl(run / "metrics.jsonl")
+    best = max(rows, key=lambda row: row["val_top1"])  # the first epoch with the best figure
+    assert len(rows) == best["epoch"] + 10 < 100 and "stopped" in rows[-1]
+    assert f"stopped early after epoch {len(rows)}" in r.stdout
+    assert json.loads(metadata(run / "best.safetensors")["info"])["epoch"] == best["epoch"]
+    assert all(0 <= row["val_balanced_accuracy"] <= 100 for row in rows)
 
 
 def test_plot_draws_the_curves_again(home):

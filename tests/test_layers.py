@@ -22,7 +22,7 @@ LAYERS = [
     ["errors", "files", "config"],
     ["model", "mae", "runtime", "onnx_classifier", "data"],
     ["checkpoint", "metrics", "summary"],
-    ["evaluate", "plots"],
+    ["evaluate", "plots", "events"],
     ["predict", "export", "export_forms", "quantize", "deploy_benchmark"],
     ["recipe", "optim", "train_state", "run_record", "report", "tasks"],
     ["engine"],
