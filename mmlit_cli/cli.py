@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -132,8 +133,8 @@ def _train_command(kind: str, **options) -> None:
         return
 
     result = run_training(kind, console=console, **options)
-    if result["stopped"] == "interrupt":
-        raise typer.Exit(130)
+    if result["stopped"] == "interrupt":  # 130 after Ctrl-C, 143 after SIGTERM: 128 + the signal, as shells do
+        raise typer.Exit(128 + (result.get("signal") or signal.SIGINT))
     if not result.get("main_process", True):  # under torchrun, rank 0 reports what it wrote
         return
     out_dir = result["out_dir"]
@@ -292,6 +293,10 @@ def _print_eval(report) -> None:
     console.print(usage)
     console.print(f"[bold]top-1 {r.top1:.2f}%[/bold]  top-5 {r.top5:.2f}%  loss {r.loss:.4f}  "
                   f"({r.num_images} images, {report.images_per_s:,.0f} img/s)", highlight=False)
+    sizes = [n for n in r.confusion.sum(1).tolist() if n]
+    if sizes and max(sizes) != min(sizes):  # on a balanced split, balanced accuracy is top-1
+        console.print(f"balanced accuracy {r.balanced_accuracy:.2f}%  macro-F1 {r.macro_f1:.2f}%  (the classes have "
+                      f"{min(sizes):,} to {max(sizes):,} images: every class counts the same)", highlight=False)
 
 
 @app.command()

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from rich.console import Console
@@ -209,7 +209,8 @@ class Trainer:
             return "nan"
         if self.opts.max_steps is not None and self.global_step >= self.opts.max_steps:
             return "max_steps"
-        if self.stop.requested:
+        # under torchrun every rank asks whether any was signalled, at the same steps (a sync)
+        if self.stop.agreed(self.dist, self.device, at_end or self.global_step % self.opts.log_every == 0):
             return "interrupt"
         if self.opts.save_every and self.global_step % self.opts.save_every == 0 and not at_end:
             if not self.record.save_within_epoch(loss_sum):
@@ -226,9 +227,7 @@ class Trainer:
         record.partial_loss_sum = 0.0
         val = self.task.validate(self.ema_or_model(), self.val_loader, self.device, self.amp_dtype) \
             if self.val_loader is not None else {}
-        record.epoch += 1
-        record.step_in_epoch = 0
-        world = self.dist.world_size
+        record.epoch, record.step_in_epoch, world = record.epoch + 1, 0, self.dist.world_size
         row = {"epoch": self.epoch, "step": self.global_step, "train_loss": train_loss,
                "lr": self.optimizer.param_groups[-1]["lr"], **val,
                "epoch_time_s": round(epoch_time, 3), "train_img_per_s": round(seen * world / max(epoch_time, 1e-9), 1),
@@ -257,9 +256,9 @@ class Trainer:
             self._print(f"stopped early after epoch {self.epoch}: {escape(self.record.early_stop)}; the run is "
                         f"finished (best.safetensors is epoch {self.record.best_epoch})")
         if stopped == "interrupt":
-            self._print(f"[yellow]interrupted[/yellow]: saved a resumable checkpoint; continue with "
-                        f"--resume {escape(str(out))}")
-        return {"stopped": stopped, "epoch": self.epoch, "global_step": self.global_step,
+            self._print(f"[yellow]interrupted[/yellow] ({signal.Signals(self.stop.signal).name}): saved a resumable "
+                        f"checkpoint; continue with --resume {escape(str(out))} (or the same command again)")
+        return {"stopped": stopped, "signal": self.stop.signal, "epoch": self.epoch, "global_step": self.global_step,
                 "history": self.record.history, "best": self.record.best, "best_saved": self.opts.save_best}
 
     def ema_or_model(self):

@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .metrics import collapsed_layers
+from .runtime import agreed_signal
 
 
 class LaggedScalar:
@@ -102,29 +103,50 @@ class TrainingProgress:
 
 
 class StopRequest:
-    """Within its `with` block, Ctrl-C sets `requested` (the run stops after the current step
-    and saves a resumable checkpoint); a second Ctrl-C gives up at once (KeyboardInterrupt).
-    Signals reach the main thread only: elsewhere nothing is installed."""
+    """Within its `with` block, Ctrl-C (SIGINT) or SIGTERM (what schedulers, Kubernetes and
+    preemption send before they kill) sets `signal`: the run stops after the current step and
+    saves a resumable checkpoint. A second Ctrl-C gives up at once (KeyboardInterrupt); a
+    repeated SIGTERM does not (torchrun's agent forwards the one its group already got, and
+    the save must finish). Signals reach the main thread only: elsewhere nothing is installed."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
+        self.signal = 0  # the signal number that asked to stop; 0: none
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal != 0
+
+    def agreed(self, dist, device, now: bool) -> bool:
+        """Whether any rank was asked to stop. Under torchrun the ranks ask each other only
+        when `now` (a collective, so every rank passes the same `now` at the same step): a
+        signal that reached one rank stops them all at that step. Alone: at every call."""
+        if dist.enabled and not now:
+            return False
+        self.signal = agreed_signal(self.signal, dist, device)
+        return self.requested
 
     def _handler(self, signum, frame) -> None:
-        if self.requested:  # second Ctrl-C: give up at once
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.requested:
+            if signum == signal.SIGINT:  # the second Ctrl-C: give up at once
+                raise KeyboardInterrupt
+            return
+        self.signal = signum
 
     def __enter__(self) -> StopRequest:
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not in the main thread
-            self._previous = None
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handler)
+            except ValueError:  # not in the main thread
+                pass
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 def run_header(kind: str, name: str, steps_per_epoch: int, epochs: int, batch_size: int, world_size: int,

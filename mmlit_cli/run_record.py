@@ -35,7 +35,7 @@ from .errors import MmlitError
 from .events import EventLog, open_event_log
 from .files import atomic_write_text
 from .runtime import Dist, all_reduce_mean
-from .train_state import (check_resume_world_size, gather_rng_states, optimizer_from_tensors,
+from .train_state import (gather_rng_states, optimizer_from_tensors,
                           optimizer_to_tensors, rank_rng_state, set_rng_state)
 
 
@@ -64,6 +64,9 @@ class RunFacts:
     # False when validation is the test split (the paper protocol): a checkpoint picked on it
     # would be selected on the test set, so only last.safetensors is kept.
     save_best: bool = True
+    # What makes the run this run (config before fitting, data, --init): the same command run
+    # again with this --out continues it (`train._continued_run`).
+    invocation: dict[str, Any] | None = None
 
 
 class RunRecord:
@@ -204,7 +207,8 @@ class RunRecord:
             "elapsed": self.elapsed, "optimizer": opt_info,
             "epoch_loss_sum": self.partial_loss_sum if self.step_in_epoch else 0.0,
             "dataset": self.facts.dataset, "world_size": self.dist.world_size,
-            "layer_decay": self.facts.layer_decay, "recipe_note": self.facts.recipe_note}
+            "layer_decay": self.facts.layer_decay, "recipe_note": self.facts.recipe_note,
+            "invocation": self.facts.invocation}
         if self.ema is not None:
             tensors.update({f"ema/{k}": v for k, v in self.ema.shadow.items()})
             info["ema_updates"] = self.ema.updates
@@ -212,9 +216,11 @@ class RunRecord:
 
     # ------------------------------------------------------------------ --resume
 
-    def resume_from(self, ckpt: Checkpoint) -> None:
+    def resume_from(self, ckpt: Checkpoint, steps_per_epoch: int) -> None:
         """Weights, optimizer, EMA and counters from a last.safetensors; this rank's generators
-        are put back by `restore_rng` when the loop reaches the batch they were saved at."""
+        are put back by `restore_rng` when the loop reaches the batch they were saved at. On
+        another number of processes (torchrun can come back smaller) the position in the epoch
+        is carried over in images and the generators start afresh (`_moved_to_world`)."""
         if ckpt.train_info is None:
             raise MmlitError("the checkpoint has no training state to resume from")
         info = ckpt.train_info
@@ -230,12 +236,28 @@ class RunRecord:
         self.global_step, self.best, self.elapsed = int(info["global_step"]), info["best"], float(info["elapsed"])
         self.best_epoch, self.early_stop = int(info.get("best_epoch", self.epoch)), info.get("early_stop")
         self.resume_loss_sum = float(info.get("epoch_loss_sum", 0.0))
-        check_resume_world_size(int(info.get("world_size", 1)))
-        self._resume_rng = rank_rng_state(ckpt.train_tensors, self.dist.rank, self.device)
+        saved_world = int(info.get("world_size", 1))
+        if saved_world == self.dist.world_size:
+            self._resume_rng = rank_rng_state(ckpt.train_tensors, self.dist.rank, self.device)
+        else:
+            self._moved_to_world(saved_world, steps_per_epoch)
         history = self.facts.out_dir / "metrics.jsonl"
         if history.exists():
             rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
             self.history = [h for h in rows if h["epoch"] <= self.epoch]
+
+    def _moved_to_world(self, saved_world: int, steps_per_epoch: int) -> None:
+        """The counters of a run saved by `saved_world` processes, for this number: the images
+        of the epoch already trained on are kept (whole batches of the new global batch), the
+        global step follows the new steps per epoch, and each rank's generators are seeded
+        from the seed, the step and the rank (the old streams belong to other ranks)."""
+        batch = getattr(self.cfg, self.task.command).batch_size
+        done = self.step_in_epoch * batch * saved_world
+        step_in_epoch = min(done // (batch * self.dist.world_size), steps_per_epoch - 1) if done else 0
+        if self.step_in_epoch:
+            self.resume_loss_sum *= step_in_epoch / self.step_in_epoch  # the sum of that many step means
+        self.step_in_epoch, self.global_step = step_in_epoch, self.epoch * steps_per_epoch + step_in_epoch
+        torch.manual_seed(getattr(self.cfg, self.task.command).seed + 1_000_003 * self.global_step + self.dist.rank)
 
     def take_resume_loss_sum(self) -> float:
         """Where this epoch's loss sum starts: the saved partial sum once after a resume, else 0."""

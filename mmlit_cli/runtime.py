@@ -99,9 +99,24 @@ def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _init_process_group("nccl" if device.type == "cuda" else "gloo", dist)
         dist.owns_group = True
     return dist, device
+
+
+def _init_process_group(backend: str, dist: Dist) -> None:
+    """The default process group. Under torchrun with restarts (`--max-restarts N`) its store
+    is a new one for each attempt, served by rank 0 on the port after torchrun's MASTER_PORT:
+    torchrun's own store outlives an attempt, and the ranks' addresses that the previous
+    attempt left in it make a rank of the next one connect to a dead peer ("Connection
+    refused", pytorch/pytorch#167288). A prefix by the restart count is not enough: on several
+    machines the agents count their restarts differently."""
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) == 0 or "MASTER_ADDR" not in os.environ:
+        torch.distributed.init_process_group(backend)
+        return
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]) + 1,
+                                       dist.world_size, is_master=dist.rank == 0, wait_for_workers=False)
+    torch.distributed.init_process_group(backend, store=store, rank=dist.rank, world_size=dist.world_size)
 
 
 def end_distributed(dist: Dist) -> None:
@@ -129,6 +144,16 @@ def all_reduce_mean(t: torch.Tensor, dist: Dist) -> torch.Tensor:
         torch.distributed.all_reduce(t)
         t /= dist.world_size
     return t
+
+
+def agreed_signal(signum: int, dist: Dist, device: torch.device) -> int:
+    """The stop signal of any rank (the highest number when several), the same on every rank:
+    a collective. A signal that reaches only some ranks stops them all at the same step."""
+    if not dist.enabled:
+        return signum
+    t = torch.tensor([signum], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
 
 
 def wrap_ddp(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.Module:

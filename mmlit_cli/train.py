@@ -4,6 +4,7 @@ directory, then hand everything to the engine."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from .errors import MmlitError
 from .recipe import SAMPLE_EPOCHS, describe, fit_recipe, fit_to_device, pinned_keys
 from .runtime import check_compile_mode, end_distributed, process_count, process_rank, resolve_device
 from .tasks import TASKS
-from .train_state import check_resume_world_size, layer_decay_of_run
+from .train_state import layer_decay_of_run
 
 
 VALIDATION = ("auto", "test")
@@ -116,6 +117,8 @@ class RunPlan:
     # A new run's recipe is fitted once its training images are counted (`fit_to`).
     reference_epochs: int | None = None
     pinned: set[str] = dataclasses.field(default_factory=set)
+    invocation: dict[str, Any] | None = None  # what makes the run this run (`_invocation`)
+    continued: bool = False  # resumed because the same command was run again
 
     def fit_to(self, section: str, train_images: int, device_type: str) -> RunPlan:
         """A new run's plan with its recipe fitted to `train_images` on a `device_type` device
@@ -157,9 +160,12 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     else:
         shortcuts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers, recipe=recipe,
                          loader=loader, patience=patience, class_balance=class_balance)
-        plan = _new_run(kind, task_cls, preset, dataset, data_dir, download, validation, overrides, shortcuts, out)
-        if dataset is None and not quiet:
+        plan = _new_run(kind, task_cls, preset, dataset, data_dir, download, validation, overrides, shortcuts, out,
+                        init)
+        if dataset is None and not quiet and plan.resume is None:
             console.print(escape(_sample_note(getattr(plan.cfg, task_cls.command).epochs)), highlight=False)
+    if plan.resume is not None and _finished(plan, task_cls.command):
+        return _nothing_to_do(plan, None if quiet else console)
 
     train, val = _load_data(plan.spec, plan.cfg, task_cls.needs_labels, console if main_process else None)
     plan = plan.fit_to(task_cls.command, len(train), device_type)
@@ -174,13 +180,11 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     opts = RunOptions(out_dir=plan.run_dir, dataset=dataclasses.asdict(plan.spec), data_source=plan.spec.located(),
                       device=device, compile=compile, compile_mode=compile_mode, save_every=save_every,
                       max_steps=max_steps, layer_decay=layer_decay, quiet=quiet,
-                      save_best=plan.spec.validation != "test", recipe_note=plan.recipe_note)
+                      save_best=plan.spec.validation != "test", recipe_note=plan.recipe_note,
+                      invocation=plan.invocation)
     trainer = Trainer(task, cfg, train, val, opts, console)
     if plan.resume is not None:
-        trainer.record.resume_from(plan.resume)
-        if not quiet:
-            console.print(escape(f"resuming {plan.run_dir} at epoch {trainer.epoch + 1}, step {trainer.global_step}"),
-                          highlight=False)
+        _resume(trainer, plan, None if quiet else console)
     result = trainer.fit()
     result["out_dir"] = str(plan.run_dir)
     result["main_process"] = main_process
@@ -189,6 +193,40 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     trainer.record.close_events(result.get("curves"))
     end_distributed(trainer.dist)
     return result
+
+
+def _resume(trainer: Trainer, plan: RunPlan, console: Console | None) -> None:
+    """The trainer where the plan's checkpoint left the run, said in a line (two when the
+    process count changed)."""
+    saved_world = int(plan.resume.train_info.get("world_size", 1))
+    trainer.record.resume_from(plan.resume, trainer.steps_per_epoch)
+    if console is None:
+        return
+    how = "the same command again: continuing" if plan.continued else "resuming"
+    console.print(escape(f"{plan.run_dir} holds this run's last.safetensors; " if plan.continued else "") +
+                  escape(f"{how} {plan.run_dir} at epoch {trainer.epoch + 1}, step {trainer.global_step}"),
+                  highlight=False)
+    if saved_world != trainer.dist.world_size:
+        r = trainer.recipe
+        console.print(escape(
+            f"note: resumed on {trainer.dist.world_size} process(es), not the {saved_world} this run was trained on: its random "
+            f"streams differ from the original run's from here on; the global batch is now {r.batch_size} x "
+            f"{trainer.dist.world_size} and the peak lr {trainer.peak_lr:.3g} (" +
+            ("--lr, as set)" if r.lr is not None else f"lr_base x {r.batch_size * trainer.dist.world_size}/256)")),
+            highlight=False)
+
+
+def _finished(plan: RunPlan, section: str) -> bool:
+    """Whether the checkpoint a plan resumes from ended its run (all its epochs done)."""
+    return int(plan.resume.train_info["epoch"]) >= getattr(plan.cfg, section).epochs
+
+
+def _nothing_to_do(plan: RunPlan, console: Console | None) -> dict:
+    """The result of resuming a finished run (said in a line): no process group, no files."""
+    if console is not None:
+        console.print(escape(f"{plan.run_dir}: the run is finished ({plan.resume.train_info['epoch']} epochs); "
+                             f"nothing to do"), highlight=False)
+    return {"stopped": "finished", "out_dir": str(plan.run_dir), "main_process": process_rank() == 0}
 
 
 def _sample_note(epochs: int) -> str:
@@ -238,7 +276,6 @@ def _resumed_run(run_dir: Path, task_cls, preset: str | None, dataset: str | Non
         raise MmlitError(f"{last} holds no training state (it is not a run's last checkpoint)")
     if ckpt.task != task_cls.kind:
         raise MmlitError(f"{run_dir} is a {ckpt.task} run; resume it with the matching command")
-    check_resume_world_size(int(ckpt.train_info.get("world_size", 1)))
     cfg = ckpt.config
     if preset is not None and load_config(preset).name != cfg.name:
         raise MmlitError(f"{run_dir} was trained with preset '{cfg.name}', not '{preset}'")
@@ -257,18 +294,61 @@ def _resumed_run(run_dir: Path, task_cls, preset: str | None, dataset: str | Non
         raise MmlitError(f"{run_dir} was trained on '{spec.dataset}', not '{dataset}'")
     if validation is not None and validation != spec.validation:
         raise MmlitError(f"{run_dir} was trained with --val {spec.validation}; a resumed run keeps it")
-    return RunPlan(cfg, spec, run_dir, ckpt.train_info.get("recipe_note"), ckpt)
+    return RunPlan(cfg, spec, run_dir, ckpt.train_info.get("recipe_note"), ckpt,
+                   invocation=ckpt.train_info.get("invocation"))
 
 
 def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_dir: str | None, download: bool,
              validation: str | None, overrides: list[str] | None, shortcuts: dict[str, Any],
-             out: str | Path | None) -> RunPlan:
+             out: str | Path | None, init: str | Path | None = None) -> RunPlan:
     """A new run: the preset with the user's overrides; its recipe is fitted to the run once
-    the data is loaded (`RunPlan.fit_to`)."""
+    the data is loaded (`RunPlan.fit_to`). When `out` holds a run this very command started
+    (torchrun's restarts, a requeued job, the up-arrow), that run, continued."""
     plan = _new_plan(task_cls, preset, dataset, data_dir, download, validation, overrides, shortcuts)
+    plan = dataclasses.replace(plan, invocation=_invocation(plan, init))
+    continued = _continued_run(Path(out), task_cls, plan.invocation) if out is not None else None
+    if continued is not None:
+        return continued
     run_dir = new_run_dir(out, kind, plan.cfg.name)
     _check_writable(run_dir)
     return dataclasses.replace(plan, run_dir=run_dir)
+
+
+def _invocation(plan: RunPlan, init: str | Path | None) -> dict[str, Any]:
+    """What makes a run this run: its config before fitting (preset, --set, the shortcuts),
+    its data (absolute paths) and its --init; recorded in every last.safetensors."""
+    return json.loads(json.dumps({"config": dataclasses.asdict(plan.cfg), "dataset": plan.spec.located(),
+                                  "init": None if init is None else str(Path(init).expanduser().resolve())}))
+
+
+def _continued_run(out: Path, task_cls, invocation: dict[str, Any]) -> RunPlan | None:
+    """The run in `out` when the same command started it, to be continued; None when `out`
+    holds no run's last.safetensors. A different run there is an error naming the difference."""
+    last = out / "last.safetensors"
+    if not last.is_file():
+        return None
+    ckpt = load_checkpoint(last, with_train_state=True)
+    recorded = (ckpt.train_info or {}).get("invocation")
+    if recorded is None or ckpt.task != task_cls.kind:
+        return None  # not a run this mmlit can tell apart: new_run_dir refuses the folder
+    differences = _differences(recorded, invocation)
+    if differences:
+        raise MmlitError(f"{out} holds another run ({differences}): choose another --out, or continue that run "
+                         f"with --resume {out}")
+    plan = _resumed_run(out, task_cls, None, None, None, None, None, None, None)
+    return dataclasses.replace(plan, continued=True)
+
+
+def _differences(there: dict[str, Any], here: dict[str, Any], prefix: str = "") -> str:
+    """The first few keys where two invocations differ: "finetune.epochs: 3 there, 5 here"."""
+    found = []
+    for key in sorted(set(there) | set(here)):
+        a, b = there.get(key), here.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += [d for d in _differences(a, b, f"{prefix}{key}.").split("; ") if d]
+        elif a != b:
+            found.append(f"{prefix.removeprefix('config.')}{key}: {a} there, {b} here")
+    return "; ".join(found[:3]) + ("; ..." if len(found) > 3 else "")
 
 
 def _new_plan(task_cls, preset: str | None, dataset: str | None, data_dir: str | None, download: bool,

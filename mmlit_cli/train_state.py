@@ -14,20 +14,7 @@ import torch
 
 from .config import TrainConfig
 from .errors import MmlitError
-from .runtime import Dist, process_count
-
-
-def check_resume_world_size(saved: int) -> None:
-    """A run resumes with the process count it was trained with: each process's random
-    generators and data shard are part of its state."""
-    now = process_count()
-    if saved != now:
-        how = f"torchrun --nproc-per-node {saved}" if saved > 1 else "a single process, without torchrun"
-        raise MmlitError(f"this run was trained with {_processes(saved)}, not {now}: resume it with {how}")
-
-
-def _processes(n: int) -> str:
-    return f"{n} process" + ("es" if n != 1 else "")
+from .runtime import Dist
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:

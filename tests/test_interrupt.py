@@ -1,5 +1,5 @@
 """Interruptions lose nothing: SIGKILL mid-epoch leaves a loadable checkpoint that --resume
-finishes from; Ctrl-C (SIGINT) saves a resumable checkpoint and exits cleanly.
+finishes from; Ctrl-C (SIGINT) or SIGTERM saves a resumable checkpoint and exits cleanly.
 
 Signals are sent when the run has reached a point the test can see (a checkpoint or a
 finished epoch on disk), never after a fixed sleep, and the runs are far longer than the
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 from safetensors.torch import load_file
 
@@ -71,15 +72,18 @@ def test_sigkill_mid_epoch_then_resume_finishes(tmp_path):
     assert load_checkpoint(out / "last.safetensors", with_train_state=True).train_info["epoch"] == target
 
 
-def test_sigint_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_or_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path, signum, code):
+    """Ctrl-C, or SIGTERM (what schedulers and preemption send): exit 128 + the signal."""
     folder = write_folder(tmp_path / "data", per_class=40)
     out = tmp_path / "run"
     proc = start(folder, out, "--save-every", "0")
-    wait_for(proc, out / "metrics.jsonl")  # one epoch done: the Ctrl-C handler is installed
-    proc.send_signal(signal.SIGINT)
+    wait_for(proc, out / "metrics.jsonl")  # one epoch done: the handler is installed
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr and "--resume" in stdout
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr and f"interrupted ({signal.Signals(signum).name})" in stdout
+    assert "--resume" in stdout
     state = load_checkpoint(out / "last.safetensors", with_train_state=True).train_info
     assert 1 <= state["epoch"] < LONG
     target = state["epoch"] + 1

@@ -42,6 +42,7 @@ from safetensors import safe_open
 import datafixtures as fx
 from helpers import TINY, cpu_as_linux_tells_it, tensorboard_events, write_folder
 from test_card import CARD_COMMANDS
+from test_fault_tolerance import README_TORCHRUN
 from test_print_config import README_PRINT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,14 +68,16 @@ PREDICT_INT8 = "mmlit predict runs/c10-xxs/best.int8.onnx photos/ --top-k 3"
 BENCHMARK = "mmlit benchmark runs/c10-xxs/best.safetensors --dataset pv --split val"
 PLOT = "mmlit plot runs/mine"
 TORCHRUN = "torchrun --nproc_per_node 4 -m mmlit_cli finetune --preset s --dataset cifar100"
+EVAL_LONG_TAIL = "mmlit eval runs/long-tail/best.safetensors"
 LABELS = "mmlit finetune --preset xxs --dataset my-labels.csv --epochs 30 --out runs/from-csv"
 LONG_TAIL = ("mmlit finetune --preset xxs --dataset ./long-tail --class-balance sampler --patience 10 --epochs 100 "
              "--out runs/long-tail")
 
-# The Quick start's commands on the bundled sample run as written, in an empty folder: test_card.py.
+# The Quick start's commands on the bundled sample run as written, in an empty folder: test_card.py;
+# the torchrun lines of "Long and multi-machine runs", killed and restarted: test_fault_tolerance.py.
 JOURNEY_COMMANDS = [COUNT_TABLE, COUNT_JSON, FINETUNE, EVAL_MINE, RESUME, PRETRAIN, FINETUNE_INIT, C10, EVAL_PV,
                     PREDICT_MIXED, PREDICT_PV, EXPORT, EXPORT_INT8, PREDICT_INT8, BENCHMARK, PLOT, TORCHRUN,
-                    LABELS, LONG_TAIL, *CARD_COMMANDS, README_PRINT]
+                    LABELS, LONG_TAIL, EVAL_LONG_TAIL, *CARD_COMMANDS, README_PRINT, *README_TORCHRUN]
 
 SMALL = [x for o in TINY for x in ("--set", o)]  # a 3-block model on 12x12 images, no loader processes
 APPENDED = {FINETUNE: SMALL, PRETRAIN: SMALL,
@@ -402,6 +405,19 @@ def test_long_tail_with_a_balanced_sampler_stops_when_val_top1_stops_improving(h
     assert f"stopped early after epoch {len(rows)}" in r.stdout
     assert json.loads(metadata(run / "best.safetensors")["info"])["epoch"] == best["epoch"]
     assert all(0 <= row["val_balanced_accuracy"] <= 100 for row in rows)
+
+
+def test_eval_of_imbalanced_classes_adds_balanced_accuracy_and_macro_f1(home):
+    home.ok(LONG_TAIL)
+    r = home.ok(EVAL_LONG_TAIL)
+    recalls = [float(m.group(1)) for m in re.finditer(r"│ \w+\s+│\s+([\d.]+) % │\s+\d+ │", r.stdout)]
+    shown = re.search(r"balanced accuracy ([\d.]+)%  macro-F1 ([\d.]+)%  \(the classes have (\d+) to (\d+) images",
+                      r.stdout)
+    assert shown and len(recalls) >= 2, r.stdout
+    assert float(shown.group(1)) == pytest.approx(sum(recalls) / len(recalls), abs=0.06)  # the table's, rounded
+    assert int(shown.group(3)) < int(shown.group(4))
+    home.ok(C10)
+    assert "balanced accuracy" not in home.ok(EVAL_PV).stdout  # 2 images per class: it would be top-1
 
 
 def test_plot_draws_the_curves_again(home):

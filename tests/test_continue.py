@@ -1,0 +1,88 @@
+"""The same training command, run again with the same --out, continues its run; a finished
+run says so and exits 0; a folder holding a different run is refused, naming the difference."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from helpers import TINY, write_folder
+
+from mmlit_cli.checkpoint import load_checkpoint, save_checkpoint
+from mmlit_cli.errors import MmlitError
+from mmlit_cli.train import run_training
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def command(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "mmlit_cli", "finetune", "--preset", "xxs", "--dataset", str(data), "--epochs", "3",
+            "--batch-size", "8", "--out", str(out), "--device", "cpu", *[x for o in TINY for x in ("--set", o)],
+            *extra]
+
+
+def run(argv: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", COLUMNS="200")
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("continue") / "data", per_class=8)
+
+
+def test_the_same_call_continues_a_stopped_run_and_ends_as_the_uninterrupted_one(data, tmp_path):
+    kw = dict(overrides=TINY, epochs=3, batch_size=8, device="cpu")
+    run_training("finetune", "xxs", str(data), out=tmp_path / "whole", console=Console(quiet=True), **kw)
+    stopped = run_training("finetune", "xxs", str(data), out=tmp_path / "run", max_steps=3,
+                           console=Console(quiet=True), **kw)
+    assert stopped["stopped"] == "max_steps" and stopped["epoch"] == 1
+    said = Console(record=True, width=300)
+    result = run_training("finetune", "xxs", str(data), out=tmp_path / "run", console=said, **kw)
+    assert f"{tmp_path / 'run'} holds this run's last.safetensors; the same command again: continuing " \
+           f"{tmp_path / 'run'} at epoch 2, step 3" in said.export_text()
+    assert result["stopped"] is None and result["epoch"] == 3
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    a = load_checkpoint(tmp_path / "run" / "last.safetensors").tensors
+    b = load_checkpoint(tmp_path / "whole" / "last.safetensors").tensors
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_finished_run_says_so_and_exits_0_and_another_run_is_refused(data, tmp_path):
+    out = tmp_path / "run"
+    assert run(command(data, out)).returncode == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = run(command(data, out))
+    assert again.returncode == 0, again.stderr
+    assert f"{out}: the run is finished (3 epochs); nothing to do" in again.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing rewritten
+
+    other = run(command(data, out, "--lr", "0.01", "--seed", "5"))
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert other.stderr.strip() == (f"error: {out} holds another run (finetune.lr: None there, 0.01 here; "
+                                    f"finetune.seed: 0 there, 5 here): choose another --out, or continue that run "
+                                    f"with --resume {out}")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_a_folder_whose_checkpoint_does_not_say_how_it_was_started_is_refused(data, tmp_path):
+    """A last.safetensors from before runs recorded their command (or not a run's at all):
+    the folder is refused as any non-empty one, never trained over."""
+    out = tmp_path / "run"
+    run_training("finetune", "xxs", str(data), out=out, overrides=TINY, epochs=1, batch_size=8, device="cpu",
+                 console=Console(quiet=True))
+    ckpt = load_checkpoint(out / "last.safetensors", with_train_state=True)
+    del ckpt.train_info["invocation"]
+    save_checkpoint(out / "last.safetensors", ckpt)
+    with pytest.raises(MmlitError, match="already exists and is not empty"):
+        run_training("finetune", "xxs", str(data), out=out, overrides=TINY, epochs=1, batch_size=8, device="cpu",
+                     console=Console(quiet=True))
