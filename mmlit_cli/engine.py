@@ -249,6 +249,7 @@ class Trainer:
     def _finish(self, stopped: str | None) -> dict:
         out = self.opts.out_dir
         if stopped == "nan":
+            self.record.close_events()
             raise MmlitError(f"the loss became {self.bad_loss} at step {self.global_step}; stopped. The last good "
                              f"checkpoint is {out / 'last.safetensors'} (try a lower --lr or --set "
                              f"{self.task.command}.grad_clip=1.0)")
