@@ -6,8 +6,8 @@ the run directory's files and back:
     config.yaml                       at the start (the fitted recipe atop, as comments)
     metrics.jsonl / metrics.csv       a row per epoch
     last.safetensors                  weights + training state (optimizer, EMA, every rank's
-                                      generators, the counters), at epoch ends and every
-                                      --save-every steps; what --resume reads
+                                      generators, the counters), at the start, at epoch ends
+                                      and every --save-every steps; what --resume reads
     best.safetensors                  weights (EMA's when on) of the best validated epoch
     events.out.tfevents.*             the same rows and the epoch's figures for TensorBoard,
                                       when it is installed (`events.py`)
@@ -92,7 +92,9 @@ class RunRecord:
     # ------------------------------------------------------------------ the run directory
 
     def start(self) -> None:
-        """config.yaml (rank 0), with the fitted recipe in words atop it."""
+        """config.yaml (rank 0), with the fitted recipe in words atop it; a new run's
+        last.safetensors at step 0, so that a run killed before its first checkpoint is
+        continued like any other (`train._continued_run`), from the start."""
         out = self.facts.out_dir
         if self.dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -103,6 +105,8 @@ class RunRecord:
             self.events = open_event_log(out, purge_step=self.global_step + 1 if self.global_step else None)
             if self.events is not None and self.global_step == 0:
                 self.events.text("config", note + dump_config(self.cfg))
+        if self.global_step == 0 and self._resume_rng is None:  # every rank: the generators are gathered
+            self.save_last()
 
     def log_events(self, row: dict) -> None:
         """The epoch's row and figures into TensorBoard's event file, when there is one."""

@@ -306,7 +306,8 @@ def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_
     (torchrun's restarts, a requeued job, the up-arrow), that run, continued."""
     plan = _new_plan(task_cls, preset, dataset, data_dir, download, validation, overrides, shortcuts)
     plan = dataclasses.replace(plan, invocation=_invocation(plan, init))
-    continued = _continued_run(Path(out), task_cls, plan.invocation) if out is not None else None
+    continued = _continued_run(Path(out), task_cls, plan.invocation) if out is not None else \
+        _restarted_run(kind, task_cls, plan)
     if continued is not None:
         return continued
     run_dir = new_run_dir(out, kind, plan.cfg.name)
@@ -337,6 +338,22 @@ def _continued_run(out: Path, task_cls, invocation: dict[str, Any]) -> RunPlan |
                          f"with --resume {out}")
     plan = _resumed_run(out, task_cls, None, None, None, None, None, None, None)
     return dataclasses.replace(plan, continued=True)
+
+
+def _restarted_run(kind: str, task_cls, plan: RunPlan) -> RunPlan | None:
+    """Without --out, a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) continues the newest
+    `runs/<kind>/<name>N` when this command started it; anything else gets a new folder."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        return None
+    name = plan.cfg.name
+    free = new_run_dir(None, kind, name)
+    if free.name == name:
+        return None  # no run of that name yet
+    k = int(free.name[len(name):])
+    try:
+        return _continued_run(free.with_name(name if k == 2 else f"{name}{k - 1}"), task_cls, plan.invocation)
+    except MmlitError:  # the newest folder holds another run
+        return None
 
 
 def _differences(there: dict[str, Any], here: dict[str, Any], prefix: str = "") -> str:

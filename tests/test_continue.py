@@ -16,6 +16,7 @@ from rich.console import Console
 from helpers import TINY, write_folder
 
 from mmlit_cli.checkpoint import load_checkpoint, save_checkpoint
+from mmlit_cli.engine import Trainer
 from mmlit_cli.errors import MmlitError
 from mmlit_cli.train import run_training
 
@@ -55,6 +56,46 @@ def test_the_same_call_continues_a_stopped_run_and_ends_as_the_uninterrupted_one
     b = load_checkpoint(tmp_path / "whole" / "last.safetensors").tensors
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_run_that_died_before_its_first_step_is_continued_from_its_start(data, tmp_path, monkeypatch):
+    """last.safetensors is written at step 0: a job killed in its first --save-every steps is
+    continued (from the start) by the same command, not refused as a non-empty folder."""
+    kw = dict(overrides=TINY, epochs=2, batch_size=8, device="cpu", console=Console(quiet=True))
+    run_training("finetune", "xxs", str(data), out=tmp_path / "whole", **kw)
+
+    def killed(self, images, labels):
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_train_step", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            run_training("finetune", "xxs", str(data), out=tmp_path / "run", **kw)
+    assert load_checkpoint(tmp_path / "run" / "last.safetensors", with_train_state=True).train_info["global_step"] == 0
+    result = run_training("finetune", "xxs", str(data), out=tmp_path / "run", **kw)
+    assert result["stopped"] is None and result["epoch"] == 2
+    a = load_checkpoint(tmp_path / "run" / "last.safetensors").tensors
+    b = load_checkpoint(tmp_path / "whole" / "last.safetensors").tensors
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_without_out_a_torchrun_restart_continues_the_newest_run_of_its_name(data, tmp_path, monkeypatch):
+    """torchrun restarts its workers with the same command: without --out they find the
+    folder the first attempt chose (runs/finetune/xxs2 here), not a new one."""
+    monkeypatch.chdir(tmp_path)
+    kw = dict(overrides=TINY, epochs=2, batch_size=8, device="cpu", console=Console(quiet=True))
+    run_training("finetune", "xxs", str(data), **{**kw, "overrides": TINY + ["finetune.seed=4"]})  # another run
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_train_step", lambda self, images, labels: (_ for _ in ()).throw(RuntimeError("killed")))
+        with pytest.raises(RuntimeError, match="killed"):
+            run_training("finetune", "xxs", str(data), **kw)
+    assert sorted(p.name for p in (tmp_path / "runs" / "finetune").iterdir()) == ["xxs", "xxs2"]
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    result = run_training("finetune", "xxs", str(data), **kw)
+    assert result["out_dir"] == str(Path("runs") / "finetune" / "xxs2") and result["epoch"] == 2
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
+    assert run_training("finetune", "xxs", str(data), **kw)["out_dir"] == str(Path("runs") / "finetune" / "xxs3")
 
 
 def test_a_finished_run_says_so_and_exits_0_and_another_run_is_refused(data, tmp_path):

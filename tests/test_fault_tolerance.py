@@ -135,7 +135,7 @@ def test_a_worker_killed_with_sigkill_is_restarted_and_the_run_continues(tmp_pat
     home = new_home(tmp_path_factory, "sigkill")
     run = home / "runs" / "ddp"
     job = Job(home, DDP, "sigkill")
-    job.wait_for(run / "last.safetensors")  # the first checkpoint
+    job.wait_for(run / "metrics.jsonl")  # an epoch done (last.safetensors exists from step 0)
     workers = job.workers()
     assert len(workers) == 2, job.output()
     os.kill(workers[-1], signal.SIGKILL)
@@ -146,7 +146,7 @@ def test_sigterm_to_the_group_saves_and_the_same_command_finishes_the_run(tmp_pa
     home = new_home(tmp_path_factory, "sigterm")
     run = home / "runs" / "ddp"
     job = Job(home, DDP, "sigterm")
-    job.wait_for(run / "last.safetensors")
+    job.wait_for(run / "metrics.jsonl")
     os.killpg(job.proc.pid, signal.SIGTERM)  # the agent and both workers, as a scheduler does
     assert job.finish() != 0  # torchrun reports a stopped job as failed: a scheduler requeues it
     assert "interrupted (SIGTERM): saved a resumable checkpoint" in job.output()
@@ -161,7 +161,7 @@ def test_sigterm_to_one_worker_stops_both_and_the_restart_continues(tmp_path_fac
     home = new_home(tmp_path_factory, "one-rank")
     run = home / "runs" / "ddp"
     job = Job(home, DDP, "one-rank")
-    job.wait_for(run / "last.safetensors")
+    job.wait_for(run / "metrics.jsonl")
     workers = job.workers()
     assert len(workers) == 2, job.output()
     os.kill(workers[-1], signal.SIGTERM)
@@ -183,7 +183,7 @@ def test_two_agents_on_one_rendezvous_survive_a_killed_worker(tmp_path_factory, 
     home = new_home(tmp_path_factory, "two-nodes")
     run = home / "runs" / "two-nodes"
     first, second = Job(home, TWO_NODES, "node-a"), Job(home, TWO_NODES, "node-b")
-    first.wait_for(run / "last.safetensors")
+    first.wait_for(run / "metrics.jsonl")
     workers = second.workers()
     assert len(workers) == 1, second.output()
     os.kill(workers[0], signal.SIGKILL)

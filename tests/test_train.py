@@ -253,14 +253,16 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(folder, tmp
 
 def test_a_diverging_run_writes_no_checkpoint_of_its_diverged_state(folder, tmp_path):
     """lr 1e12: the first update blows the weights up and the next forward overflows, inside
-    the first epoch; with no in-epoch checkpoints there is no good state to keep, and nothing
-    diverged is written either."""
+    the first epoch; with no in-epoch checkpoints the only good state is the start's
+    last.safetensors (step 0), and nothing diverged is written."""
     out = tmp_path / "diverged"
     with pytest.raises(MmlitError, match="the loss became"):
         finetune(folder, out, overrides=TINY + ["finetune.grad_clip=0", "finetune.warmup_epochs=0"], lr=1e12,
                  epochs=5, batch_size=4, save_every=0)
     written = sorted(p.name for p in out.iterdir())
-    assert [n for n in written if not n.startswith("events.out.tfevents.")] == ["config.yaml"]
+    assert [n for n in written if not n.startswith("events.out.tfevents.")] == ["config.yaml", "last.safetensors"]
+    last = load_checkpoint(out / "last.safetensors", with_train_state=True)
+    assert last.train_info["global_step"] == 0 and all(t.isfinite().all() for t in last.tensors.values())
     if len(written) > 1:  # with TensorBoard installed: its event file holds the config and no figure
         scalars, images, _ = tensorboard_events(out)
         assert scalars == {} and images == set()
