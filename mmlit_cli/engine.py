@@ -118,7 +118,7 @@ class Trainer:
         self.stop = StopRequest()
         self.progress = TrainingProgress(self.console, self.device, opts.log_every, self.dist.world_size,
                                          disable=not self.dist.is_main or opts.quiet)
-        self.bad_loss = float("nan")  # the non-finite loss that stopped the run, for its message
+        self.bad_loss: float | None = None  # a non-finite loss this rank saw, for the message
 
     # the record's counters, read by the loop (and by callers: `run_training`, tests)
     epoch = property(lambda self: self.record.epoch)
@@ -206,12 +206,12 @@ class Trainer:
                                    flush=at_end or self.stop.requested)
         if shown is not None and not math.isfinite(shown):
             self.bad_loss = shown
-            return "nan"
-        if self.opts.max_steps is not None and self.global_step >= self.opts.max_steps:
-            return "max_steps"
-        # under torchrun every rank asks whether any was signalled, at the same steps (a sync)
-        if self.stop.agreed(self.dist, self.device, at_end or self.global_step % self.opts.log_every == 0):
-            return "interrupt"
+        # under torchrun the ranks ask each other, at the same steps (a sync), whether any one's
+        # loss diverged or was signalled: they stop together, or one would wait for the rest
+        stop = self.stop.agreed(self.dist, self.device, at_end or self.global_step % self.opts.log_every == 0,
+                                diverged=self.bad_loss is not None)
+        if stop is not None or (self.opts.max_steps is not None and self.global_step >= self.opts.max_steps):
+            return stop or "max_steps"
         if self.opts.save_every and self.global_step % self.opts.save_every == 0 and not at_end:
             if not self.record.save_within_epoch(loss_sum):
                 return "nan"
@@ -250,15 +250,15 @@ class Trainer:
         out = self.opts.out_dir
         if stopped == "nan":
             self.record.close_events()
-            raise MmlitError(f"the loss became {self.bad_loss} at step {self.global_step}; stopped. The last good "
-                             f"checkpoint is {out / 'last.safetensors'} (try a lower --lr or --set "
+            raise MmlitError(f"the loss became {self.bad_loss or 'nan'} at step {self.global_step}; stopped. The "
+                             f"last good checkpoint is {out / 'last.safetensors'} (try a lower --lr or --set "
                              f"{self.task.command}.grad_clip=1.0)")
         if stopped == "patience":
             self._print(f"stopped early after epoch {self.epoch}: {escape(self.record.early_stop)}; the run is "
                         f"finished (best.safetensors is epoch {self.record.best_epoch})")
         if stopped == "interrupt":
             self._print(f"[yellow]interrupted[/yellow] ({signal.Signals(self.stop.signal).name}): saved a resumable "
-                        f"checkpoint; continue with --resume {escape(str(out))} (or the same command again)")
+                        f"checkpoint; continue with --resume {escape(str(out))} (or the same command with that --out)")
         return {"stopped": stopped, "signal": self.stop.signal, "epoch": self.epoch, "global_step": self.global_step,
                 "history": self.record.history, "best": self.record.best, "best_saved": self.opts.save_best}
 

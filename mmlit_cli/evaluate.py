@@ -68,7 +68,7 @@ class EvalReport:
     source: str
     dataset_note: str | None = None  # set when the dataset is the checkpoint's own (no --dataset)
     split: str = "val"
-    step: int = 0  # the checkpoint's global step: where the figures go on TensorBoard's x axis
+    step: int = 0  # the checkpoint's epoch: where the figures go on TensorBoard's x axis (as a run's)
 
     def as_dict(self) -> dict:
         """JSON-ready: the figures (percent), `per_class` accuracy (= recall), and per-class
@@ -138,12 +138,12 @@ def evaluate_checkpoint(ckpt_path: str | Path, dataset: str | None, split: str =
     amp = amp_dtype(dev)
     result = evaluate_classifier(runner, loader, dev, cfg.data.mean, cfg.data.std, amp, cfg.model.num_classes)
     return EvalReport(result, classes, data.source if note is None else f"{data.source}; {note}", dataset_note,
-                      split, int(ckpt.info.get("global_step", 0)))
+                      split, int(ckpt.info.get("epoch", 0)))
 
 
 def write_eval_files(report: EvalReport, out_dir: Path) -> tuple[Path | None, str | None]:
     """confusion.png into `out_dir`, and with TensorBoard an event file holding the figures
-    (as `<split>/top1`, ... at the checkpoint's step) and the confusion matrix. Returns the
+    (as `<split>/top1`, ... at the checkpoint's epoch) and the confusion matrix. Returns the
     PNG's path, or None and why there is none (no matplotlib)."""
     from .events import open_event_log
     from .plots import PlotUnavailable, plot_confusion

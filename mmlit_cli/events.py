@@ -2,7 +2,7 @@
 "mmlit[tensorboard]"`); without it `open_event_log` returns None and nothing else changes.
 
 `tensorboard --logdir runs` then shows every run: each epoch's row of metrics.jsonl as
-scalars at the run's global step (`train_loss` -> `train/loss`, `val_top1` -> `val/top1`,
+scalars at its epoch (`train_loss` -> `train/loss`, `val_top1` -> `val/top1`,
 `lr`, `train/img_per_s`, ...; the router's share per expert as `expert_usage/layer_L/expert_E`),
 the epoch's figures as images (a classifier's confusion matrix, an MAE's reconstructions;
 they need matplotlib, the `[plot]` extra), the training curves at the end, the config as text.
@@ -18,7 +18,7 @@ import torch
 
 from .errors import MmlitError
 
-# Row entries that are not figures of the run's progress (the x axis is the global step).
+# Row entries that are not figures of the run's progress (the x axis is the epoch).
 _NOT_SCALARS = {"epoch", "step", "world_size", "ranks_in_sync"}
 
 
@@ -99,7 +99,7 @@ def tensorboard_available() -> bool:
 def open_event_log(run_dir: Path, purge_step: int | None = None) -> EventLog | None:
     """An EventLog writing into `run_dir`, or None without TensorBoard. `purge_step`: what the
     event files there hold at this step or later is hidden from TensorBoard (a resumed run
-    passes the step after its checkpoint's, so an epoch logged twice shows once)."""
+    passes the epoch after its checkpoint's, so an epoch logged twice shows once)."""
     if not tensorboard_available():
         return None
     from torch.utils.tensorboard import SummaryWriter

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .metrics import collapsed_layers
-from .runtime import agreed_signal
+from .runtime import agreed_stop
 
 
 class LaggedScalar:
@@ -119,14 +119,15 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signal != 0
 
-    def agreed(self, dist, device, now: bool) -> bool:
-        """Whether any rank was asked to stop. Under torchrun the ranks ask each other only
-        when `now` (a collective, so every rank passes the same `now` at the same step): a
-        signal that reached one rank stops them all at that step. Alone: at every call."""
+    def agreed(self, dist, device, now: bool, diverged: bool = False) -> str | None:
+        """Why every rank stops here: "nan" when any rank's loss `diverged`, "interrupt" when
+        any was signalled; None to go on. Under torchrun the ranks ask each other only when
+        `now` (a collective, so every rank passes the same `now` at the same step): what
+        reached one rank stops them all at that step. Alone: at every call."""
         if dist.enabled and not now:
-            return False
-        self.signal = agreed_signal(self.signal, dist, device)
-        return self.requested
+            return None
+        self.signal, diverged = agreed_stop(self.signal, diverged, dist, device)
+        return "nan" if diverged else "interrupt" if self.requested else None
 
     def _handler(self, signum, frame) -> None:
         if self.requested:

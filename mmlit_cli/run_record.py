@@ -34,7 +34,7 @@ from .config import Config, dump_config
 from .errors import MmlitError
 from .events import EventLog, open_event_log
 from .files import atomic_write_text
-from .runtime import Dist, all_reduce_mean
+from .runtime import Dist, all_reduce_mean, ranks_agree
 from .train_state import (gather_rng_states, optimizer_from_tensors,
                           optimizer_to_tensors, rank_rng_state, set_rng_state)
 
@@ -102,23 +102,26 @@ class RunRecord:
             atomic_write_text(out / "config.yaml", note + dump_config(self.cfg))
             # a resumed run hides what an attempt logged after its checkpoint (an epoch logged,
             # then killed before it was saved): that epoch is logged again
-            self.events = open_event_log(out, purge_step=self.global_step + 1 if self.global_step else None)
+            self.events = open_event_log(out, purge_step=self.epoch + 1 if self.global_step else None)
             if self.events is not None and self.global_step == 0:
                 self.events.text("config", note + dump_config(self.cfg))
+        if not ranks_agree(self.global_step, self.dist, self.device):
+            raise MmlitError(f"the processes do not start at the same step: each reads {out / 'last.safetensors'}, "
+                             f"so on several machines --out must be a folder they all see")
         if self.global_step == 0 and self._resume_rng is None:  # every rank: the generators are gathered
             self.save_last()
 
     def log_events(self, row: dict) -> None:
         """The epoch's row and figures into TensorBoard's event file, when there is one."""
-        if self.events is not None:
-            self.events.scalars(row, self.global_step)
-            self.events.images(lambda: self.task.epoch_images(self.facts.out_dir), self.global_step)
+        if self.events is not None:  # at the epoch: the axis a resume on another process count keeps
+            self.events.scalars(row, self.epoch)
+            self.events.images(lambda: self.task.epoch_images(self.facts.out_dir), self.epoch)
 
     def close_events(self, curves: Path | None = None) -> None:
         """The training curves (when drawn) into the event file, which is then closed."""
         if self.events is not None:
             if curves is not None:
-                self.events.png("curves", Path(curves), self.global_step)
+                self.events.png("curves", Path(curves), self.epoch)
             self.events.close()
             self.events = None
 

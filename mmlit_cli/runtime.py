@@ -111,11 +111,13 @@ def _init_process_group(backend: str, dist: Dist) -> None:
     attempt left in it make a rank of the next one connect to a dead peer ("Connection
     refused", pytorch/pytorch#167288). A prefix by the restart count is not enough: on several
     machines the agents count their restarts differently."""
-    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) == 0 or "MASTER_ADDR" not in os.environ:
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # not with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) == 0 or not shared or "MASTER_ADDR" not in os.environ:
         torch.distributed.init_process_group(backend)
         return
     store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]) + 1,
-                                       dist.world_size, is_master=dist.rank == 0, wait_for_workers=False)
+                                       dist.world_size, is_master=dist.rank == 0, wait_for_workers=False,
+                                       timeout=torch.distributed.constants.default_pg_timeout)
     torch.distributed.init_process_group(backend, store=store, rank=dist.rank, world_size=dist.world_size)
 
 
@@ -146,14 +148,24 @@ def all_reduce_mean(t: torch.Tensor, dist: Dist) -> torch.Tensor:
     return t
 
 
-def agreed_signal(signum: int, dist: Dist, device: torch.device) -> int:
-    """The stop signal of any rank (the highest number when several), the same on every rank:
-    a collective. A signal that reaches only some ranks stops them all at the same step."""
+def agreed_stop(signum: int, diverged: bool, dist: Dist, device: torch.device) -> tuple[int, bool]:
+    """(the stop signal of any rank, the highest number when several; whether any rank's
+    loss diverged), the same on every rank: a collective. What reaches only some ranks stops
+    them all at the same step."""
     if not dist.enabled:
-        return signum
-    t = torch.tensor([signum], dtype=torch.int64, device=device)
+        return signum, diverged
+    t = torch.tensor([signum, int(diverged)], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t.item())
+    return int(t[0]), bool(t[1])
+
+
+def ranks_agree(value: int, dist: Dist, device: torch.device) -> bool:
+    """Whether every rank holds the same `value` (a collective)."""
+    if not dist.enabled:
+        return True
+    t = torch.tensor([value, -value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t[0]) == -int(t[1])
 
 
 def wrap_ddp(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.Module:

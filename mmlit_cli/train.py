@@ -206,14 +206,13 @@ def _resume(trainer: Trainer, plan: RunPlan, console: Console | None) -> None:
     console.print(escape(f"{plan.run_dir} holds this run's last.safetensors; " if plan.continued else "") +
                   escape(f"{how} {plan.run_dir} at epoch {trainer.epoch + 1}, step {trainer.global_step}"),
                   highlight=False)
-    if saved_world != trainer.dist.world_size:
-        r = trainer.recipe
+    world = trainer.dist.world_size
+    if saved_world != world:
+        how = "as set" if _lr_pinned(plan.invocation, trainer.task.command) else f"x {world}/{saved_world}"
         console.print(escape(
-            f"note: resumed on {trainer.dist.world_size} process(es), not the {saved_world} this run was trained on: its random "
-            f"streams differ from the original run's from here on; the global batch is now {r.batch_size} x "
-            f"{trainer.dist.world_size} and the peak lr {trainer.peak_lr:.3g} (" +
-            ("--lr, as set)" if r.lr is not None else f"lr_base x {r.batch_size * trainer.dist.world_size}/256)")),
-            highlight=False)
+            f"note: resumed on {world} process(es), not the {saved_world} this run was trained on: its random "
+            f"streams differ from the original run's from here on; the global batch is now "
+            f"{trainer.recipe.batch_size} x {world} and the peak lr {trainer.peak_lr:.3g} ({how})"), highlight=False)
 
 
 def _finished(plan: RunPlan, section: str) -> bool:
@@ -226,7 +225,8 @@ def _nothing_to_do(plan: RunPlan, console: Console | None) -> dict:
     if console is not None:
         console.print(escape(f"{plan.run_dir}: the run is finished ({plan.resume.train_info['epoch']} epochs); "
                              f"nothing to do"), highlight=False)
-    return {"stopped": "finished", "out_dir": str(plan.run_dir), "main_process": process_rank() == 0}
+    return {"stopped": "finished", "out_dir": str(plan.run_dir), "main_process": process_rank() == 0,
+            "best_saved": plan.spec.validation != "test"}
 
 
 def _sample_note(epochs: int) -> str:
@@ -288,14 +288,27 @@ def _resumed_run(run_dir: Path, task_cls, preset: str | None, dataset: str | Non
     if loader is not None and loader != recorded:
         raise MmlitError(f"{run_dir} was trained with --loader {recorded}; a resumed run keeps it (the other "
                          f"loader draws other batches)")
-    cfg = _apply_shortcuts(cfg, task_cls.command, epochs=epochs, workers=workers, loader=recorded, patience=patience)
+    section = task_cls.command
+    cfg = _apply_shortcuts(cfg, section, epochs=epochs, workers=workers, loader=recorded, patience=patience)
     spec = DataSpec(**ckpt.train_info["dataset"])
     if dataset is not None and dataset != spec.dataset:
         raise MmlitError(f"{run_dir} was trained on '{spec.dataset}', not '{dataset}'")
     if validation is not None and validation != spec.validation:
         raise MmlitError(f"{run_dir} was trained with --val {spec.validation}; a resumed run keeps it")
-    return RunPlan(cfg, spec, run_dir, ckpt.train_info.get("recipe_note"), ckpt,
-                   invocation=ckpt.train_info.get("invocation"))
+    invocation = ckpt.train_info.get("invocation")
+    saved_world, world = int(ckpt.train_info.get("world_size", 1)), process_count()
+    if saved_world != world and not _lr_pinned(invocation, section):  # the lr follows the global batch
+        cfg = _apply_shortcuts(cfg, section, lr=getattr(cfg, section).lr * world / saved_world)
+    if invocation is not None:  # what --epochs/--patience/--workers changed, the same command must say again
+        invocation = json.loads(json.dumps(invocation))
+        invocation["config"][section].update({k: v for k, v in dict(epochs=epochs, workers=workers,
+                                                                     patience=patience).items() if v is not None})
+    return RunPlan(cfg, spec, run_dir, ckpt.train_info.get("recipe_note"), ckpt, invocation=invocation)
+
+
+def _lr_pinned(invocation: dict[str, Any] | None, section: str) -> bool:
+    """Whether the run's lr was given (--lr, --set): then it stays at any process count."""
+    return invocation is not None and invocation["config"][section].get("lr") is not None
 
 
 def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_dir: str | None, download: bool,
@@ -318,7 +331,9 @@ def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_
 def _invocation(plan: RunPlan, init: str | Path | None) -> dict[str, Any]:
     """What makes a run this run: its config before fitting (preset, --set, the shortcuts),
     its data (absolute paths) and its --init; recorded in every last.safetensors."""
-    return json.loads(json.dumps({"config": dataclasses.asdict(plan.cfg), "dataset": plan.spec.located(),
+    located = plan.spec.located()  # not --download or --data-dir: where the files are may change
+    return json.loads(json.dumps({"config": dataclasses.asdict(plan.cfg),
+                                  "dataset": {k: located[k] for k in ("dataset", "validation")},
                                   "init": None if init is None else str(Path(init).expanduser().resolve())}))
 
 
@@ -359,8 +374,8 @@ def _restarted_run(kind: str, task_cls, plan: RunPlan) -> RunPlan | None:
 def _differences(there: dict[str, Any], here: dict[str, Any], prefix: str = "") -> str:
     """The first few keys where two invocations differ: "finetune.epochs: 3 there, 5 here"."""
     found = []
-    for key in sorted(set(there) | set(here)):
-        a, b = there.get(key), here.get(key)
+    for key in sorted(set(there) & set(here)):  # a key one side lacks: another mmlit version's
+        a, b = there[key], here[key]
         if isinstance(a, dict) and isinstance(b, dict):
             found += [d for d in _differences(a, b, f"{prefix}{key}.").split("; ") if d]
         elif a != b:

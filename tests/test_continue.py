@@ -18,7 +18,7 @@ from helpers import TINY, write_folder
 from mmlit_cli.checkpoint import load_checkpoint, save_checkpoint
 from mmlit_cli.engine import Trainer
 from mmlit_cli.errors import MmlitError
-from mmlit_cli.train import run_training
+from mmlit_cli.train import _differences, run_training
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,3 +127,21 @@ def test_a_folder_whose_checkpoint_does_not_say_how_it_was_started_is_refused(da
     with pytest.raises(MmlitError, match="already exists and is not empty"):
         run_training("finetune", "xxs", str(data), out=out, overrides=TINY, epochs=1, batch_size=8, device="cpu",
                      console=Console(quiet=True))
+
+
+def test_a_run_resumed_with_more_epochs_is_that_command_now(data, tmp_path):
+    """--resume --epochs 3 of a 2-epoch run: the same command is now the one with --epochs 3."""
+    kw = dict(overrides=TINY, batch_size=8, device="cpu", console=Console(quiet=True))
+    out = tmp_path / "run"
+    run_training("finetune", "xxs", str(data), out=out, epochs=2, **kw)
+    run_training("finetune", None, None, resume=out, epochs=3, device="cpu", console=Console(quiet=True))
+    with pytest.raises(MmlitError, match=r"holds another run \(finetune.epochs: 3 there, 2 here\)"):
+        run_training("finetune", "xxs", str(data), out=out, epochs=2, **kw)
+    assert run_training("finetune", "xxs", str(data), out=out, epochs=3, **kw)["stopped"] == "finished"
+
+
+def test_differences_name_the_keys_both_sides_have():
+    there = {"config": {"finetune": {"lr": None, "epochs": 3}, "old": 1}, "dataset": {"dataset": "/d"}}
+    here = {"config": {"finetune": {"lr": 0.01, "epochs": 3, "new": 2}}, "dataset": {"dataset": "/e"}}
+    assert _differences(there, here) == "finetune.lr: None there, 0.01 here; dataset.dataset: /d there, /e here"
+    assert _differences(there, there) == ""

@@ -6,6 +6,7 @@ finished epoch on disk), never after a fixed sleep, and the runs are far longer 
 test lets them go, so the signal always lands while they train."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -22,13 +23,13 @@ SLOWER = [o for o in TINY if not o.startswith("model.image_size")] + ["model.ima
 LONG = 200  # epochs: the run cannot finish before the signal arrives
 
 
-def start(folder, out, *extra):
+def start(folder, out, *extra, group=False):
     cmd = [sys.executable, "-m", "mmlit_cli", "finetune", "--preset", "xxs", "--dataset", str(folder),
            "--out", str(out), "--epochs", str(LONG), "--batch-size", "4", "--save-every", "1", "--device", "cpu",
            *extra]
     for o in SLOWER:
         cmd += ["--set", o]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group)
 
 
 def wait_for(proc, path, timeout=300):
@@ -90,3 +91,18 @@ def test_sigint_or_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_pa
     resume(out, target)
     rows = assert_run_dir_loads(out)
     assert [r["epoch"] for r in rows] == list(range(1, target + 1))
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_still_saves(tmp_path):
+    """Schedulers and torchrun signal the whole group: the DataLoader's worker processes get
+    SIGTERM too, and must leave the stop to the training process."""
+    folder = write_folder(tmp_path / "data", per_class=40)
+    out = tmp_path / "run"
+    proc = start(folder, out, "--save-every", "0", "--loader", "workers", "--workers", "2", group=True)
+    wait_for(proc, out / "metrics.jsonl")
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "interrupted (SIGTERM)" in stdout and "Traceback" not in stderr
+    state = load_checkpoint(out / "last.safetensors", with_train_state=True).train_info
+    assert 1 <= state["epoch"] < LONG

@@ -319,14 +319,14 @@ def test_finetune_writes_the_run_directory(home):
 
 
 def assert_events_are_the_metrics(run: Path) -> None:
-    """TensorBoard's reader finds every epoch's row of metrics.jsonl, once, at its step, and
+    """TensorBoard's reader finds every epoch's row of metrics.jsonl, once, at its epoch, and
     the figures: the confusion matrix each epoch, the curves, the config."""
     scalars, images, texts = tensorboard_events(run)
     rows = jsonl(run / "metrics.jsonl")
     for key, tag in [("train_loss", "train/loss"), ("val_top1", "val/top1"), ("val_top5", "val/top5"),
                      ("val_balanced_accuracy", "val/balanced_accuracy"), ("lr", "lr"),
                      ("train_img_per_s", "train/img_per_s")]:
-        assert [step for step, _ in scalars[tag]] == [row["step"] for row in rows], tag
+        assert [step for step, _ in scalars[tag]] == [row["epoch"] for row in rows], tag
         assert [v for _, v in scalars[tag]] == pytest.approx([row[key] for row in rows], rel=1e-6), tag
     layers = rows[-1]["expert_usage"]
     assert scalars[f"expert_usage/layer_{len(layers) - 1}/expert_0"][-1][1] == pytest.approx(layers[-1][0], rel=1e-6)

@@ -112,6 +112,8 @@ def test_resuming_on_one_process_continues_where_the_two_left_off(runs):
     said = console.export_text()
     assert "resuming " + str(run) + " at epoch 2, step 12" in said  # 8 steps of 4 images an epoch; 16 images = 4
     assert "resumed on 1 process(es), not the 2 this run was trained on: its random streams differ" in said
-    assert "global batch is now 4 x 1" in said
+    assert "global batch is now 4 x 1" in said and "(x 1/2)" in said
+    lr = load_checkpoint(base / "part" / "last.safetensors").config.finetune.lr
+    assert load_checkpoint(run / "last.safetensors").config.finetune.lr == pytest.approx(lr / 2)  # lr_base x 4/256
     assert result["stopped"] is None and result["global_step"] == 16
     assert [r["epoch"] for r in history(run)] == [1, 2] and [r["world_size"] for r in history(run)] == [2, 1]

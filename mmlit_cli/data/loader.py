@@ -179,6 +179,13 @@ class EpochSampler(Sampler):
 
 def _worker_init(worker_id: int) -> None:
     import random
+    import signal
+
+    # Ctrl-C and SIGTERM are the training process's to handle (it saves, then shuts its workers
+    # down): torchrun, schedulers and terminals signal the whole process group, and a worker
+    # that died of it would end the run with "DataLoader worker killed", unsaved.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32  # torch already gives each worker base_seed + id
     random.seed(seed)
     np.random.seed(seed)

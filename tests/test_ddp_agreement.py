@@ -1,0 +1,89 @@
+"""Under torchrun the ranks decide together: a loss that diverges on one rank only stops every
+rank with the one-line error (not one rank stopping while the others wait for it), and ranks
+that do not start from the same checkpoint (an --out not shared between machines) are an
+error on every rank, not a hang. Two CPU processes (gloo), through a small driver that lets
+each rank be told apart; every job is bounded in time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from helpers import TINY, write_folder
+
+from mmlit_cli.train import run_training
+
+ROOT = Path(__file__).resolve().parent.parent
+
+DRIVER = textwrap.dedent('''
+    import json, os, sys
+    from mmlit_cli import tasks
+    from mmlit_cli.errors import MmlitError
+    from mmlit_cli.train import run_training
+
+    spec = json.loads(sys.argv[1])
+    rank = int(os.environ["RANK"])
+    if spec.get("nan_on_rank") == rank:  # this rank's loss reads NaN at its 3rd step, the other's does not
+        loss, calls = tasks.ClassifyTask.loss, []
+
+        def nan_here(self, *args):  # + a constant NaN: the gradients, and so the weights, stay finite
+            calls.append(1)
+            value = loss(self, *args)
+            return value + float("nan") if len(calls) == 3 else value
+
+        tasks.ClassifyTask.loss = nan_here
+    run = dict(spec["run"], out=spec["out"][rank])
+    try:
+        run_training(**run)
+    except MmlitError as e:
+        print(f"rank {rank}: error: {e}", flush=True)
+        sys.exit(2)
+''')
+
+
+def torchrun(tmp_path: Path, spec: dict) -> subprocess.CompletedProcess:
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(driver), json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:  # a hang: the whole group goes, workers included
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the job hung\n{stdout}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def test_a_loss_that_diverges_on_one_rank_stops_every_rank(tmp_path):
+    data = write_folder(tmp_path / "data", per_class=40)
+    run = dict(kind="finetune", preset="xxs", dataset=str(data), overrides=TINY, epochs=3, batch_size=4,
+               device="cpu", save_every=0, quiet=True)
+    r = torchrun(tmp_path, {"run": run, "out": [str(tmp_path / "run")] * 2, "nan_on_rank": 1})
+    assert r.returncode != 0
+    for rank in (0, 1):  # both ranks stop with the error at the same step
+        assert f"rank {rank}: error: the loss became nan at step 10; stopped" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
+def test_ranks_that_start_from_different_checkpoints_are_an_error_on_every_rank(tmp_path):
+    """Rank 0 finds a stopped run in its --out, rank 1 an empty folder (as on two machines that
+    do not share the folder): both stop at once, naming the cause."""
+    data = write_folder(tmp_path / "data", per_class=8)
+    run = dict(kind="finetune", preset="xxs", dataset=str(data), overrides=TINY, epochs=3, batch_size=4,
+               device="cpu")
+    run_training(**run, out=tmp_path / "run", max_steps=4, console=Console(quiet=True))  # rank 0's folder
+    r = torchrun(tmp_path, {"run": {**run, "quiet": True}, "out": [str(tmp_path / "run"), str(tmp_path / "other")]})
+    assert r.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank}: error: the processes do not start at the same step" in r.stdout, \
+            r.stdout + r.stderr[-3000:]
