@@ -216,17 +216,21 @@ def _resume(trainer: Trainer, plan: RunPlan, console: Console | None) -> None:
 
 
 def _finished(plan: RunPlan, section: str) -> bool:
-    """Whether the checkpoint a plan resumes from ended its run (all its epochs done)."""
-    return int(plan.resume.train_info["epoch"]) >= getattr(plan.cfg, section).epochs
+    """Whether the checkpoint a plan resumes from ended its run (all its epochs done, or
+    stopped by --patience)."""
+    info = plan.resume.train_info
+    return int(info["epoch"]) >= getattr(plan.cfg, section).epochs or bool(info.get("early_stop"))
 
 
 def _nothing_to_do(plan: RunPlan, console: Console | None) -> dict:
     """The result of resuming a finished run (said in a line): no process group, no files."""
+    info = plan.resume.train_info
+    how = f"stopped early after epoch {info['epoch']}: {info['early_stop']}" if info.get("early_stop") else \
+        f"{info['epoch']} epochs"
     if console is not None:
-        console.print(escape(f"{plan.run_dir}: the run is finished ({plan.resume.train_info['epoch']} epochs); "
-                             f"nothing to do"), highlight=False)
+        console.print(escape(f"{plan.run_dir}: the run is finished ({how}); nothing to do"), highlight=False)
     return {"stopped": "finished", "out_dir": str(plan.run_dir), "main_process": process_rank() == 0,
-            "best_saved": plan.spec.validation != "test"}
+            "best_saved": plan.spec.validation != "test", "epoch": int(info["epoch"])}
 
 
 def _sample_note(epochs: int) -> str:

@@ -56,8 +56,9 @@ def test_patience_stops_at_the_right_epoch_and_a_resume_says_it_is_finished(tmp_
 
     again = Console(record=True, width=300)
     resumed = run_training(kind, None, None, resume=tmp_path / "run", console=again)
-    assert resumed["stopped"] == "patience" and resumed["epoch"] == stop_after
-    assert "the run is finished" in again.export_text()
+    assert resumed["stopped"] == "finished" and resumed["epoch"] == stop_after
+    assert f"the run is finished (stopped early after epoch {stop_after}: {key} has not improved" in again.export_text()
+    assert "data:" not in again.export_text()  # said without reading the data
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == stop_after  # nothing trained
 
 
