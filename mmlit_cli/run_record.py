@@ -46,6 +46,19 @@ def diverged(loss_value: float, model: torch.nn.Module) -> bool:
     return not bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
 
 
+def moved_to_world(epoch: int, step_in_epoch: int, loss_sum: float, batch: int, saved_world: int, world: int,
+                   steps_per_epoch: int) -> tuple[int, int, float]:
+    """(step in the epoch, global step, the epoch's loss sum so far) of a run saved by
+    `saved_world` processes, resumed by `world`: the images of the epoch already trained on are
+    kept (whole batches of the new global batch); the global step follows the new steps per
+    epoch; the loss sum is that of as many step means."""
+    done = step_in_epoch * batch * saved_world
+    new_step = min(done // (batch * world), steps_per_epoch - 1) if done else 0
+    if step_in_epoch:
+        loss_sum *= new_step / step_in_epoch
+    return new_step, epoch * steps_per_epoch + new_step, loss_sum
+
+
 @dataclass
 class RunFacts:
     """What a run records about itself besides its counters (the part of `engine.RunOptions`
@@ -227,7 +240,7 @@ class RunRecord:
         """Weights, optimizer, EMA and counters from a last.safetensors; this rank's generators
         are put back by `restore_rng` when the loop reaches the batch they were saved at. On
         another number of processes (torchrun can come back smaller) the position in the epoch
-        is carried over in images and the generators start afresh (`_moved_to_world`)."""
+        is carried over in images and the generators start afresh (`moved_to_world`)."""
         if ckpt.train_info is None:
             raise MmlitError("the checkpoint has no training state to resume from")
         info = ckpt.train_info
@@ -247,24 +260,15 @@ class RunRecord:
         if saved_world == self.dist.world_size:
             self._resume_rng = rank_rng_state(ckpt.train_tensors, self.dist.rank, self.device)
         else:
-            self._moved_to_world(saved_world, steps_per_epoch)
+            batch, seed = getattr(self.cfg, self.task.command).batch_size, getattr(self.cfg, self.task.command).seed
+            self.step_in_epoch, self.global_step, self.resume_loss_sum = moved_to_world(
+                self.epoch, self.step_in_epoch, self.resume_loss_sum, batch, saved_world, self.dist.world_size,
+                steps_per_epoch)
+            torch.manual_seed(seed + 1_000_003 * self.global_step + self.dist.rank)  # the old streams: other ranks'
         history = self.facts.out_dir / "metrics.jsonl"
         if history.exists():
             rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
             self.history = [h for h in rows if h["epoch"] <= self.epoch]
-
-    def _moved_to_world(self, saved_world: int, steps_per_epoch: int) -> None:
-        """The counters of a run saved by `saved_world` processes, for this number: the images
-        of the epoch already trained on are kept (whole batches of the new global batch), the
-        global step follows the new steps per epoch, and each rank's generators are seeded
-        from the seed, the step and the rank (the old streams belong to other ranks)."""
-        batch = getattr(self.cfg, self.task.command).batch_size
-        done = self.step_in_epoch * batch * saved_world
-        step_in_epoch = min(done // (batch * self.dist.world_size), steps_per_epoch - 1) if done else 0
-        if self.step_in_epoch:
-            self.resume_loss_sum *= step_in_epoch / self.step_in_epoch  # the sum of that many step means
-        self.step_in_epoch, self.global_step = step_in_epoch, self.epoch * steps_per_epoch + step_in_epoch
-        torch.manual_seed(getattr(self.cfg, self.task.command).seed + 1_000_003 * self.global_step + self.dist.rank)
 
     def take_resume_loss_sum(self) -> float:
         """Where this epoch's loss sum starts: the saved partial sum once after a resume, else 0."""
