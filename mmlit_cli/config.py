@@ -126,6 +126,7 @@ class AugmentConfig:
     crop_padding: int = 4  # random crop with this much padding; 0 = off
     hflip: float = 0.5
     auto_augment: str = "trivial"  # trivial | rand | none
+    auto_augment_prob: float = 1.0  # the share of images that get it (the rest pass unchanged)
     randaug_num_ops: int = 2
     randaug_magnitude: int = 9
     random_erasing: float = 0.25
@@ -137,7 +138,7 @@ class AugmentConfig:
         if self.auto_augment not in ("trivial", "rand", "none"):
             raise ConfigError(f"{where}.augment.auto_augment must be trivial, rand or none, "
                               f"got {self.auto_augment!r}")
-        for name in ("hflip", "random_erasing", "mix_prob"):
+        for name in ("hflip", "auto_augment_prob", "random_erasing", "mix_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{where}.augment.{name} must be in [0, 1]")
         if self.crop_padding < 0 or self.mixup_alpha < 0 or self.cutmix_alpha < 0:
@@ -167,10 +168,17 @@ class TrainConfig:
     # PyTorch's OneCycleLR, warm-up fraction warmup_epochs / epochs; it sets beta1 (0.95 at
     # low lr, 0.85 at the peak) and ends at lr / 2.5e5, so min_lr and betas[0] are unused.
     schedule: str = "cosine"
+    # With schedule cosine: the share of one-cycle's curve mixed into it, lr and beta1 alike
+    # (share x one-cycle + (1 - share) x cosine); the auto recipe moves it from 1 in short runs
+    # to 0 at the preset's length, so the schedule changes shape gradually with the run.
+    one_cycle_share: float = 0.0
     min_lr: float = 1e-5
     warmup_epochs: float = 5.0
     weight_decay: float = 0.05  # not applied to norms, biases, tokens and position embeddings
     decay_all: bool = False  # ...unless this is true, as in a plain AdamW(model.parameters())
+    # The share of weight_decay those parameters get when decay_all is false (0: none, as timm
+    # and the paper; 1: as decay_all); the auto recipe moves it with one_cycle_share.
+    no_decay_share: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     label_smoothing: float = 0.1
@@ -206,6 +214,8 @@ class TrainConfig:
             raise ConfigError(f"{where}.recipe must be auto or paper, got {self.recipe!r}")
         if self.schedule not in ("cosine", "one-cycle"):
             raise ConfigError(f"{where}.schedule must be cosine or one-cycle, got {self.schedule!r}")
+        if not (0.0 <= self.one_cycle_share <= 1.0 and 0.0 <= self.no_decay_share <= 1.0):
+            raise ConfigError(f"{where}: one_cycle_share and no_decay_share must be in [0, 1]")
         if self.warmup_epochs < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError(f"{where}: warmup_epochs, weight_decay and grad_clip must be >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -28,7 +28,7 @@ from .config import Config, TrainConfig
 from .data import DeviceLoader, ImageData, Normalize, build_loaders, resolve_loader, set_epoch
 from .errors import MmlitError
 from .optim import ModelEMA, build_adamw, param_groups, set_schedule
-from .recipe import peak_lr, warmup_steps
+from .recipe import decay_share, one_cycle_share, peak_lr, warmup_steps
 from .report import StopRequest, TrainingProgress, epoch_line, router_warning, run_header
 from .run_record import RunFacts, RunRecord, diverged
 from .runtime import (all_reduce_mean, amp_dtype, forward_batch, maybe_compile, ranks_in_sync, rng_devices,
@@ -108,7 +108,7 @@ class Trainer:
         self.warmup_steps = warmup_steps(self.recipe, self.steps_per_epoch)
 
         self.peak_lr = peak_lr(self.recipe, self.dist.world_size)
-        groups = param_groups(self.model, self.recipe.weight_decay, opts.layer_decay, self.recipe.decay_all)
+        groups = param_groups(self.model, self.recipe.weight_decay, opts.layer_decay, decay_share(self.recipe))
         self.optimizer = build_adamw(groups, self.peak_lr, self.recipe.betas, self.device)
         self.ema = ModelEMA(self.model, self.recipe.ema_decay) if self.recipe.ema else None
         self.compiled = bool(opts.compile or opts.compile_mode) if opts.compile is not None or opts.compile_mode \
@@ -182,8 +182,8 @@ class Trainer:
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch of uint8 images; returns its loss, on the device."""
         r = self.recipe
-        set_schedule(self.optimizer, r.schedule, self.global_step, self.total_steps, self.warmup_steps, self.peak_lr,
-                     r.min_lr, r.betas[1])
+        set_schedule(self.optimizer, one_cycle_share(r), self.global_step, self.total_steps, self.warmup_steps,
+                     self.peak_lr, r.min_lr, r.betas)
         labels = labels.to(self.device, non_blocking=True)
         loss = forward_batch(lambda x: self.task.loss(self.train_model, x, labels), images, self.normalize,
                              self.device, self.amp_dtype)

@@ -8,21 +8,21 @@ import torch
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0,
-                 decay_all: bool = False) -> list[dict]:
-    """AdamW groups: no decay on norms, biases, tokens and position embeddings (unless
-    `decay_all`, as a plain `AdamW(model.parameters())` does); with `layer_decay < 1`, lr scale
-    `layer_decay ** (depth + 1 - layer_id)` (BEiT/MAE fine-tuning)."""
+                 no_decay_share: float = 0.0) -> list[dict]:
+    """AdamW groups: norms, biases, tokens and position embeddings decay by `no_decay_share` x
+    `weight_decay` (0: not at all, as timm; 1: as a plain `AdamW(model.parameters())`); with
+    `layer_decay < 1`, lr scale `layer_decay ** (depth + 1 - layer_id)` (BEiT/MAE fine-tuning)."""
     no_decay = set(getattr(model, "no_weight_decay", lambda: set())())
     depth = getattr(getattr(model, "cfg", None), "depth", 0)
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = decay_all or (p.ndim > 1 and name not in no_decay)
+        decay = no_decay_share >= 1.0 or (p.ndim > 1 and name not in no_decay)
         layer = model.layer_id(name) if layer_decay < 1.0 and hasattr(model, "layer_id") else depth + 1
         key = (layer, decay)
         if key not in groups:
-            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0,
+            groups[key] = {"params": [], "weight_decay": weight_decay * (1.0 if decay else no_decay_share),
                            "lr_scale": layer_decay ** (depth + 1 - layer) if layer_decay < 1.0 else 1.0}
         groups[key]["params"].append(p)
     return [groups[k] for k in sorted(groups)]
@@ -72,17 +72,21 @@ def one_cycle_at(step: int, total_steps: int, warmup_fraction: float, lr: float)
 EMA_WARMUP_POWER = 2 / 3
 
 
-def set_schedule(optimizer: torch.optim.Optimizer, schedule: str, step: int, total_steps: int,
-                 warmup_steps: float, lr: float, min_lr: float, beta2: float) -> None:
-    """The lr of `schedule` at `step` (and one-cycle's beta1) into every param group, each
-    scaled by its `lr_scale` (layer-wise decay). `schedule`: "one-cycle" (peaking after
-    `warmup_steps`), or else a linear warm-up over its whole steps then cosine (`lr_at`)."""
-    if schedule == "one-cycle":
-        lr_now, beta1 = one_cycle_at(step, total_steps, warmup_steps / max(total_steps, 1), lr)
+def set_schedule(optimizer: torch.optim.Optimizer, one_cycle_share: float, step: int, total_steps: int,
+                 warmup_steps: float, lr: float, min_lr: float, betas) -> None:
+    """The lr at `step` (and beta1) into every param group, each scaled by its `lr_scale`
+    (layer-wise decay): `one_cycle_share` x one-cycle (peaking after `warmup_steps`, beta1
+    moving against the lr) + the rest x a linear warm-up over its whole steps then cosine
+    (`lr_at`, beta1 fixed). A share of 1 is PyTorch's OneCycleLR, 0 the paper's cosine."""
+    lr_now, beta1 = 0.0, betas[0]
+    if one_cycle_share > 0:
+        cycle_lr, cycle_beta1 = one_cycle_at(step, total_steps, warmup_steps / max(total_steps, 1), lr)
+        lr_now += one_cycle_share * cycle_lr
+        beta1 = one_cycle_share * cycle_beta1 + (1 - one_cycle_share) * betas[0]
         for group in optimizer.param_groups:
-            group["betas"] = (beta1, beta2)
-    else:
-        lr_now = lr_at(step, total_steps, int(warmup_steps), lr, min_lr)
+            group["betas"] = (beta1, betas[1])
+    if one_cycle_share < 1:
+        lr_now += (1 - one_cycle_share) * lr_at(step, total_steps, int(warmup_steps), lr, min_lr)
     for group in optimizer.param_groups:
         group["lr"] = lr_now * group.get("lr_scale", 1.0)
 

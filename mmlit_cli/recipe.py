@@ -5,21 +5,28 @@ A preset holds the paper's recipe for a paper-length run (`finetune.epochs: 300`
 path). Squeezed into a short run, that recipe trains a much worse model than a plain loop:
 the warm-up eats a large part of the run, and augmentation meant to stop 300 epochs of
 over-fitting only slows down a model that has not fitted anything yet. So, unless the
-recipe is `paper`, `fit_recipe` applies three rules, all in this file:
+recipe is `paper`, `fit_recipe` moves each setting from the plain loop's value (a short run)
+to the preset's (a run of the preset's length) along one ramp, the run's strength
 
-1. The learning rate follows the global batch: `lr = lr_base * batch * processes / 256`
-   (the linear rule of DeiT and MAE). This rule holds for `paper` too: `lr_base` is what
-   the paper's lr means per 256 images.
-2. The regularisers (mixup/cutmix strength and probability, TrivialAugment/RandAugment,
-   random erasing, drop path) are scaled by `strength(epochs)`, from 0 for runs up to 1/15
-   of the preset's length to 1 (exactly the preset) for a run of the preset's length.
-   A fine-tuning run of at most two epochs also goes without random crop and flip.
-3. Fine-tuning's schedule moves along the same ramp from a short-run shape to the preset's:
-   at strength 0, twice the peak lr, no gradient clipping and a warm-up of 10 % of the run
-   for runs of up to 100 optimisation steps, growing to 30 % for runs of 500 steps or more;
-   at strength 1, the preset's lr, warm-up fraction (10 of 300 epochs = 1/30) and clipping.
-   A fine-tuning run of one or two epochs runs PyTorch's one-cycle and AdamW decays every
-   parameter: exactly the plain loops that win short runs (MLIT-SPEC's starting points).
+    s = log(epochs / (preset epochs / 15)) / log(15), clipped to [0, 1]
+
+(0 up to 20 of 300 epochs, 1 from 300 on; over-fitting comes from seeing the same images
+again, so the measure is epochs). Every setting is a continuous, monotone function of s or
+of the run's optimisation steps:
+
+    setting                      s = 0 (short run, the plain loop)   between          s = 1 (the preset)
+    peak lr (fine-tuning)        2 x lr_base x batch / 256            geometric        lr_base x batch / 256
+    warm-up (fine-tuning)        10 % (<= 100 steps) .. 30 % (>= 500) geometric        the preset's share
+    one_cycle_share, no_decay_share  1 (one-cycle; decay everything)  1 - s            0 (cosine; timm groups)
+    grad_clip (fine-tuning)      off                                  preset / s       the preset's
+    regularisers, drop path      0                                    x s              the preset's
+    TrivialAugment / RandAugment share of images, magnitude  0        x s              the preset's
+    crop, flip, label smoothing  the preset's at every length
+
+The learning rate always follows the global batch: `lr = lr_base * batch * processes / 256`
+(DeiT's and MAE's linear rule, `peak_lr`); `paper` runs it too. Pre-training keeps the
+preset's optimiser and only scales its regularisers (the fine-tuning rules were measured for
+fine-tuning). Every rule is measured against the plain loop (docs/RESULTS.md).
 
 Before these rules, `fit_to_device` sets what the device decides (batch size and loader
 workers on a CUDA GPU). A value the user set (`--lr`, `--batch-size`, `--set
@@ -48,15 +55,12 @@ SHORT_RUN_LR_FACTOR = 2.0
 # A run of tens of steps is over before those estimates settle either way, and there the
 # time at peak lr is what counts: at 78 steps, 30 % lost 2.8 points to 10 %.
 SHORT_RUN_WARMUP = ((100, 0.1), (500, 0.3))  # (total steps, warm-up fraction), log-linear between
-# A fine-tuning run of at most this many epochs trains as the plain loop does: `schedule:
-# one-cycle` (cosine warm-up from lr/25, cosine down to ~0, beta1 0.95-0.85 against the lr),
-# weight decay on every parameter, and no random crop or flip (it sees each image too few
-# times to over-fit it; crop and flip only make its images harder to fit). On 45,000
-# CIFAR-10 images x 2 epochs, the preset's linear warm-up, cosine and crop/flip trailed the
-# plain loop by 1.0 point over five seeds; with these it is level (docs/RESULTS.md). At 15
-# epochs on 5,000 images one-cycle cost 0.6 points against the cosine and crop/flip pay, so
-# longer runs keep the preset's. Between 3 and 14 epochs nothing is measured.
-PLAIN_LOOP_UP_TO_EPOCHS = 2
+# At s = 0 the optimiser is the plain loop's (`one_cycle_share` and `no_decay_share` 1):
+# PyTorch's one-cycle (cosine warm-up from lr/25, cosine down to ~0, beta1 0.95-0.85 against
+# the lr) and AdamW decaying every parameter. On 45,000 CIFAR-10 images x 2 epochs the
+# preset's cosine and decay groups trailed it by 1.0 point over five seeds; at 15 epochs on
+# 5,000 images they led it by 0.6. Both shares fall with s, so the optimiser turns into the
+# preset's gradually instead of switching at some length (docs/RESULTS.md).
 
 
 # The bundled sample (1,000 training images) is for trying mmlit: without --epochs a run on it
@@ -138,21 +142,17 @@ def _scale(value: float, s: float) -> float:
     return value if s >= 1 else round(value * s, 3)  # 3 decimals keep config.yaml readable
 
 
-def _scaled_augment(aug: AugmentConfig, s: float, pinned: set[str], crop_flip: bool = True) -> AugmentConfig:
-    """The preset's augmentation at strength `s`. Crop and flip stay unless `crop_flip` is
-    False: they are the plain baseline's own augmentation, cheap and useful at any length but
-    the shortest."""
+def _scaled_augment(aug: AugmentConfig, s: float, pinned: set[str]) -> AugmentConfig:
+    """The preset's augmentation at strength `s`; crop and flip, the plain loop's own, stay."""
     changes: dict[str, Any] = {
         "mixup_alpha": _scale(aug.mixup_alpha, s),
         "cutmix_alpha": _scale(aug.cutmix_alpha, s),
         "mix_prob": _scale(aug.mix_prob, s),
         "random_erasing": _scale(aug.random_erasing, s),
         "randaug_magnitude": round(aug.randaug_magnitude * s),
-        # TrivialAugment has no magnitude to turn down: on for the longer half of the ramp.
-        "auto_augment": aug.auto_augment if s >= 0.5 or aug.auto_augment == "rand" and s > 0 else "none",
+        # TrivialAugment has no magnitude to turn down: the share of images it augments is.
+        "auto_augment_prob": _scale(aug.auto_augment_prob, s),
     }
-    if not crop_flip:
-        changes |= {"crop_padding": 0, "hflip": 0.0}
     return dataclasses.replace(aug, **{k: v for k, v in changes.items() if f"augment.{k}" not in pinned})
 
 
@@ -172,9 +172,8 @@ def fit_recipe(cfg: Config, section: str, reference_epochs: int, train_images: i
     model = cfg.model
     if recipe.recipe == "auto":
         s = strength(recipe.epochs, reference_epochs)
-        plain_loop = section == "finetune" and recipe.epochs <= PLAIN_LOOP_UP_TO_EPOCHS
         warmup_fraction = recipe.warmup_epochs / reference_epochs
-        if section == "finetune":  # rule 3 (measured for fine-tuning only)
+        if section == "finetune":  # the optimiser's rules (measured for fine-tuning only)
             if recipe.lr is None:
                 changes["lr"] *= _ramp(SHORT_RUN_LR_FACTOR, 1.0, s)
             # full global batches, as the engine's loader drops the last partial one (one step at least)
@@ -183,13 +182,13 @@ def fit_recipe(cfg: Config, section: str, reference_epochs: int, train_images: i
             if "grad_clip" not in mine and s < 1:
                 changes["grad_clip"] = round(recipe.grad_clip / s, 3) if s > 0 else 0.0
             # a schedule, min_lr or betas the user set keeps the schedule they were set for
-            if plain_loop and not mine & {"schedule", "min_lr", "betas"}:
-                changes["schedule"] = "one-cycle"
-                if "decay_all" not in mine:
-                    changes["decay_all"] = True
+            if not mine & {"schedule", "one_cycle_share", "min_lr", "betas"}:
+                changes["one_cycle_share"] = round(1 - s, 3)
+            if not mine & {"decay_all", "no_decay_share"}:
+                changes["no_decay_share"] = round(1 - s, 3)
         if "warmup_epochs" not in mine:
             changes["warmup_epochs"] = warmup_fraction * recipe.epochs
-        changes["augment"] = _scaled_augment(recipe.augment, s, mine, crop_flip=not plain_loop)
+        changes["augment"] = _scaled_augment(recipe.augment, s, mine)
         if "model.drop_path" not in pinned:
             model = dataclasses.replace(model, drop_path=_scale(model.drop_path, s))
     # The schedules warm up for at most half the run (`warmup_steps`): the config says so too.
@@ -209,15 +208,20 @@ def describe(cfg: Config, section: str, reference_epochs: int, train_images: int
     fitted = f"auto, fitted to {r.epochs} of {reference_epochs} epochs: regularisation x{s:.2f}" \
         if r.recipe == "auto" else "paper (the preset's, not fitted to the run)"
     aug = [f"crop pad {a.crop_padding}" if a.crop_padding else "", "flip" if a.hflip else "",
-           {"trivial": "TrivialAugment", "rand": f"RandAugment m{a.randaug_magnitude}"}.get(a.auto_augment, ""),
+           {"trivial": "TrivialAugment", "rand": f"RandAugment m{a.randaug_magnitude}"}.get(a.auto_augment, "")
+           + (f" on {a.auto_augment_prob:.0%} of images" if a.auto_augment_prob < 1 else "")
+           if a.auto_augment_prob > 0 else "",
            f"mixup {a.mixup_alpha:g}/cutmix {a.cutmix_alpha:g} p{a.mix_prob:g}" if a.mix_prob else "",
            f"erasing {a.random_erasing:g}" if a.random_erasing else "",
            f"drop path {cfg.model.drop_path:g}" if cfg.model.drop_path else "",
            f"label smoothing {r.label_smoothing:g}" if r.label_smoothing else ""]
     clip = f"clip {r.grad_clip:g}" if r.grad_clip else "no clipping"
-    shape = "one-cycle (cosine up from lr/25, down to ~0; beta1 0.95-0.85)" if r.schedule == "one-cycle" \
-        else f"cosine to {r.min_lr:g}"
-    decay = f"weight decay {r.weight_decay:g}" + (" on every parameter" if r.decay_all else "")
+    share, no_decay = one_cycle_share(r), decay_share(r)
+    cycle = "one-cycle (cosine up from lr/25, down to ~0; beta1 0.95-0.85)"
+    shape = cycle if share >= 1 else f"cosine to {r.min_lr:g}" if share <= 0 else \
+        f"{share:g} one-cycle + {1 - share:.3g} cosine to {r.min_lr:g}"
+    decay = f"weight decay {r.weight_decay:g}" + (" on every parameter" if no_decay >= 1 else
+                                                  f" (x{no_decay:g} on norms, biases, embeddings)" if no_decay else "")
     warm = f"warm-up {r.warmup_epochs:.3g} epochs"
     if train_images:
         steps_per_epoch = max(train_images // (r.batch_size * world_size), 1)
@@ -227,6 +231,16 @@ def describe(cfg: Config, section: str, reference_epochs: int, train_images: int
     return (f"recipe {fitted}\n"
             f"  batch {r.batch_size} x {world_size} process(es), lr {r.lr:.3g} ({lr_factors(r, world_size, lr_given)}), {warm}, "
             f"{shape}, {decay}, {clip}; {', '.join(x for x in aug if x) or 'no augmentation'}")
+
+
+def one_cycle_share(recipe: TrainConfig) -> float:
+    """The share of one-cycle in the schedule the engine runs (`schedule: one-cycle` is all of it)."""
+    return 1.0 if recipe.schedule == "one-cycle" else recipe.one_cycle_share
+
+
+def decay_share(recipe: TrainConfig) -> float:
+    """The share of weight decay norms, biases and embeddings get (`decay_all` is all of it)."""
+    return 1.0 if recipe.decay_all else recipe.no_decay_share
 
 
 def lr_factors(recipe: TrainConfig, world_size: int = 1, given: bool = False) -> str:

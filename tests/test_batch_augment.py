@@ -277,3 +277,32 @@ def test_the_batched_recipe_and_the_per_image_recipe_change_images_alike():
     changed_b = (batched != images).float().mean().item()
     changed_p = (per_image != images).float().mean().item()
     assert math.isclose(changed_b, changed_p, abs_tol=0.08), (changed_b, changed_p)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_the_auto_augment_share_is_the_share_of_images_it_touches(batched):
+    """`auto_augment_prob` p (how the fitted recipe turns TrivialAugment up with the run):
+    TrivialAugment alone changes about p x (the share of its draws that change an image) of
+    the images, in the device path and in the workers' per-image transform alike; at p = 0 it
+    is off (`BatchAugment` is None, the transform holds no op)."""
+    from mmlit_cli.data import build_train_transform
+
+    images = varied_images(3000)
+
+    def changed_share(p: float) -> float:
+        aug = AugmentConfig(crop_padding=0, hflip=0.0, auto_augment="trivial", auto_augment_prob=p,
+                            random_erasing=0.0)
+        if batched:
+            out = BatchAugment.from_config(aug, S)(images, torch.Generator().manual_seed(3))
+        else:
+            torch.manual_seed(3)
+            transform = build_train_transform(aug, S)
+            out = torch.stack([transform(im) for im in images])
+        return (out != images).flatten(1).any(1).float().mean().item()
+
+    full = changed_share(1.0)
+    assert 0.75 < full < 1.0
+    assert changed_share(0.3) == pytest.approx(0.3 * full, abs=0.04)
+    off = AugmentConfig(crop_padding=0, hflip=0.0, auto_augment="trivial", auto_augment_prob=0.0, random_erasing=0.0)
+    assert BatchAugment.from_config(off, S) is None
+    assert torch.equal(build_train_transform(off, S)(images[0]), images[0])

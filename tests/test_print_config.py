@@ -3,6 +3,7 @@ config.yaml, and the recipe line a run prints is what its optimizer and loader d
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -83,13 +84,17 @@ def test_the_printed_recipe_is_what_the_optimizer_and_the_loader_do(tmp_path, mo
     warm_epochs, warm_steps, total = re.search(r"warm-up ([\d.]+) epochs = ([\d.]+) of (\d+) steps", line).groups()
     assert int(total) == len(lrs) == 6 * 8
     assert float(warm_steps) == pytest.approx(float(warm_epochs) * 8, abs=0.01)
-    w = int(float(warm_steps))  # linear warm-up over its whole steps: the peak at step w - 1 (and w, the
-    assert w >= 2 and all(lrs[i] < lrs[i + 1] for i in range(w - 1))  # cosine's start), then down
-    assert lrs[w - 1] == lrs[w] == max(lrs) and all(lrs[i] > lrs[i + 1] for i in range(w, len(lrs) - 1))
+    # a 6-epoch run is short (strength 0): the plain loop's one-cycle, from lr/25 up to the
+    # peak at the end of the warm-up, then down to ~0
+    assert "one-cycle (cosine up from lr/25, down to ~0; beta1 0.95-0.85)" in line
+    w = round(float(warm_steps))
+    assert w >= 2 and lrs[0] == pytest.approx(float(lr) / 25, rel=1e-3)
+    assert all(lrs[i] < lrs[i + 1] for i in range(w - 1)) and lrs.index(max(lrs)) == w - 1
+    assert all(lrs[i] > lrs[i + 1] for i in range(w - 1, len(lrs) - 1)) and lrs[-1] < float(lr) / 1e3
     augment = loaders[0].augment  # the run's batches come from the device, augmented there
     shown = line.split("; ", 1)[1]
     assert ("crop pad 4" in shown) == (augment.crop_padding == 4) and ("flip" in shown) == (augment.hflip == 0.5)
-    assert ("TrivialAugment" in shown) == (augment.auto_augment == "trivial")
+    assert ("TrivialAugment" in shown) == (augment.auto_augment == "trivial" and augment.auto_augment_prob > 0)
     assert ("erasing" in shown) == (augment.random_erasing > 0)
 
 
@@ -110,3 +115,51 @@ def test_the_readme_s_print_config_needs_no_data(tmp_path):
     assert "warm-up 7.13 epochs = 2,503 of 17,550 steps" in head[2]
     cfg = yaml.safe_load(r.stdout)
     assert cfg["model"]["num_classes"] == 10 and cfg["finetune"]["epochs"] == 50
+
+
+def _settings(cfg: dict, epochs: int) -> dict[str, object]:
+    """A fine-tuning config's settings, flat, as the walk compares them: the warm-up as its
+    share of the run (the epochs change by construction), clipping as 1 / max norm (0: off)."""
+    r = dict(cfg["finetune"])
+    flat = {f"augment.{k}": v for k, v in r.pop("augment").items()}
+    flat |= {k: v for k, v in r.items() if k not in ("epochs", "warmup_epochs", "grad_clip")}
+    flat["warmup share"] = r["warmup_epochs"] / epochs
+    flat["1 / grad_clip"] = 1 / r["grad_clip"] if r["grad_clip"] else 0.0
+    flat["model.drop_path"] = cfg["model"]["drop_path"]
+    return flat
+
+
+@pytest.mark.parametrize("preset", ["xxs", "s"])
+def test_walking_the_lengths_no_setting_jumps(preset):
+    """`--print-config` at every length from 1 to 300 epochs of CIFAR-10 (what the library
+    behind the flag returns; nothing is read): no setting that is not a number changes, and
+    a number moves between neighbouring lengths E and E + 1 by at most 3 x log((E + 1) / E) /
+    log 15 of its whole range, the most the ramp's log scale warrants (strength s grows by
+    log((E + 1) / E) / log 15; a geometric rule from a to b by a ln(a / b) / (a - b) times
+    that at most: 2.5 for the warm-up's share, 0.3 -> 1/30, 1.4 for the lr), plus the rounding
+    (a whole number such as RandAugment's magnitude moves by 1 at a time). The old switch
+    between 2 and 3 epochs (crop, flip, schedule and decay moving all of their range) fails it."""
+    from mmlit_cli.train import resolved_config
+
+    walk = {e: _settings(yaml.safe_load(resolved_config("finetune", preset, "cifar10", epochs=e)), e)
+            for e in range(1, 301)}
+    keys = walk[1].keys()
+    for key in keys:
+        values = [walk[e][key] for e in walk]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            assert all(v == values[0] for v in values), (key, sorted({str(v) for v in values}))
+            continue
+        span = max(values) - min(values)
+        rounding = 1 if all(isinstance(v, int) for v in values) else 0.002  # whole numbers; 3 decimals
+        for e in range(1, 300):
+            allowed = 3 * math.log((e + 1) / e) / math.log(15) * span + rounding
+            assert abs(walk[e + 1][key] - walk[e][key]) <= allowed, (key, e, walk[e][key], walk[e + 1][key])
+    # the walk covers the whole ramp: the short run's plain loop at 1 epoch, the preset at 300
+    assert walk[1]["one_cycle_share"] == 1 and walk[300]["one_cycle_share"] == 0
+    assert walk[300]["augment.mixup_alpha"] == load_preset_mixup(preset) and walk[1]["augment.mixup_alpha"] == 0
+
+
+def load_preset_mixup(preset: str) -> float:
+    from mmlit_cli.config import load_config
+
+    return load_config(preset).finetune.augment.mixup_alpha

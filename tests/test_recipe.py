@@ -2,6 +2,7 @@
 lives in benchmarks/bench_recipe.py."""
 
 import dataclasses
+import math
 import subprocess
 import sys
 
@@ -44,17 +45,12 @@ def test_short_runs_get_a_proportional_warmup_and_no_heavy_regularisation():
     r = cfg.finetune
     assert r.warmup_epochs == pytest.approx(2 * 0.1)  # a run of 78 steps warms up for 10 % of it
     assert all(getattr(r.augment, k) == 0 for k in REGULARISERS)
-    assert r.augment.auto_augment == "none" and cfg.model.drop_path == 0
+    assert r.augment.auto_augment_prob == 0 and cfg.model.drop_path == 0  # TrivialAugment on no image
     assert r.label_smoothing == 0.1  # label smoothing stays at any length
-    # at most two epochs: no crop or flip either; from three on, the preset's (unless set)
-    assert (r.augment.crop_padding, r.augment.hflip) == (0, 0)
-    three = fitted("xs", ["finetune.epochs=3"], train_images=5_000).finetune.augment
-    assert (three.crop_padding, three.hflip) == (4, 0.5)
-    kept = fitted("xs", ["finetune.epochs=2", "finetune.augment.hflip=0.5"], train_images=5_000,
-                  pinned={"finetune.augment.hflip"}).finetune.augment
-    assert (kept.crop_padding, kept.hflip) == (0, 0.5)
-    paper = fitted("xs", ["finetune.epochs=2", "finetune.recipe=paper"], train_images=5_000).finetune.augment
-    assert (paper.crop_padding, paper.hflip) == (4, 0.5)
+    # crop and flip (the plain loop's own augmentation) are the preset's at every length
+    for epochs in (1, 2, 3, 20, 100):
+        aug = fitted("xs", [f"finetune.epochs={epochs}"], train_images=5_000).finetune.augment
+        assert (aug.crop_padding, aug.hflip) == (4, 0.5), epochs
     pre = fitted("xs", ["pretrain.epochs=2"], section="pretrain").pretrain.augment  # measured for fine-tuning only
     preset_pre = load_config("xs").pretrain.augment
     assert (pre.crop_padding, pre.hflip) == (preset_pre.crop_padding, preset_pre.hflip) != (0, 0)
@@ -106,14 +102,16 @@ def test_regularisation_grows_with_the_run_and_never_exceeds_the_preset():
     assert strength(20, 300) == 0 and strength(300, 300) == 1
     assert strength(100, 300) == pytest.approx(RAMP_300[100][0], abs=1e-6)
     mid = fitted("s", ["finetune.epochs=100"])
-    assert mid.finetune.augment.auto_augment == "trivial"  # on for the longer half of the ramp
+    # TrivialAugment on a share s of the images (0.594316, to 3 decimals)
+    assert (mid.finetune.augment.auto_augment, mid.finetune.augment.auto_augment_prob) == ("trivial", 0.594)
     # the preset's regularisers x 0.594316, to 3 decimals: mixup 0.8, cutmix 1.0, mix_prob 1.0,
     # random erasing 0.25, RandAugment magnitude 9 (rounded to a whole), drop path 0.1
     a = mid.finetune.augment
     assert (a.mixup_alpha, a.cutmix_alpha, a.mix_prob, a.random_erasing, a.randaug_magnitude) == \
         (0.475, 0.594, 0.594, 0.149, 5)
     assert mid.model.drop_path == 0.059
-    assert fitted("s", ["finetune.epochs=50"]).finetune.augment.auto_augment == "none"
+    assert fitted("s", ["finetune.epochs=50"]).finetune.augment.auto_augment_prob == 0.338
+    assert fitted("s", ["finetune.epochs=20"]).finetune.augment.auto_augment_prob == 0
 
 
 def test_short_runs_get_a_one_cycle_like_schedule_that_ramps_to_the_presets():
@@ -139,28 +137,36 @@ def test_short_runs_get_a_one_cycle_like_schedule_that_ramps_to_the_presets():
     assert pre.lr == pytest.approx(1.5e-3) and pre.warmup_epochs == pytest.approx(8 * 20 / 400)
 
 
-def test_short_runs_run_the_plain_loops_optimiser_and_longer_runs_the_presets():
-    """Rule 3's switch: one-cycle and weight decay on every parameter up to two epochs;
-    the preset's cosine (and its min_lr, betas and decay groups) from three on."""
+def test_the_optimiser_moves_from_the_plain_loops_to_the_presets_without_a_jump():
+    """one_cycle_share and no_decay_share: 1 (the plain loop: one-cycle, decay on every
+    parameter) up to 20 of 300 epochs, 1 - s between (RAMP_300's s, by hand), 0 at 300."""
     preset = load_config("xxs").finetune
-    assert (preset.schedule, preset.decay_all) == ("cosine", False)
-    for epochs in (1, 2):
+    assert (preset.one_cycle_share, preset.no_decay_share, preset.schedule) == (0, 0, "cosine")
+    for epochs in (1, 2, 5, 20):
+        r = fitted("xxs", [f"finetune.epochs={epochs}"], train_images=5_000).finetune
+        assert (r.one_cycle_share, r.no_decay_share, r.schedule) == (1, 1, "cosine"), epochs
+    for epochs, (s, *_) in RAMP_300.items():
         r = fitted("xxs", [f"finetune.epochs={epochs}"]).finetune
-        assert (r.schedule, r.decay_all) == ("one-cycle", True), epochs
-    for epochs in (3, 15, 20, 80, 300):
-        r = fitted("xxs", [f"finetune.epochs={epochs}"]).finetune
-        assert (r.schedule, r.decay_all) == ("cosine", False), epochs
+        assert r.one_cycle_share == r.no_decay_share == pytest.approx(1 - s, abs=5e-4), epochs
+    previous = 1.0
+    for epochs in range(1, 302):
+        share = fitted("xxs", [f"finetune.epochs={epochs}"]).finetune.one_cycle_share
+        assert previous - 0.02 <= share <= previous, epochs  # monotone, at most 0.02 a step of one epoch
+        previous = share
     paper = fitted("xxs", ["finetune.epochs=2", "finetune.recipe=paper"]).finetune
-    assert (paper.schedule, paper.decay_all) == ("cosine", False)
+    assert (paper.one_cycle_share, paper.no_decay_share) == (0, 0)
     # a schedule, min_lr or betas set by the user keeps the cosine they were set for
     for key, value in (("schedule", "cosine"), ("min_lr", "1e-4"), ("betas", "[0.8,0.99]")):
         r = fitted("xxs", ["finetune.epochs=2", f"finetune.{key}={value}"], pinned={f"finetune.{key}"}).finetune
-        assert (r.schedule, r.decay_all) == ("cosine", False), key
+        assert (r.one_cycle_share, r.no_decay_share) == (0, 1), key
     r = fitted("xxs", ["finetune.epochs=2", "finetune.decay_all=false"], pinned={"finetune.decay_all"}).finetune
-    assert (r.schedule, r.decay_all) == ("one-cycle", False)
-    assert fitted("xxs", ["pretrain.epochs=8"], section="pretrain").pretrain.schedule == "cosine"
+    assert (r.one_cycle_share, r.no_decay_share) == (1, 0)
+    pre = fitted("xxs", ["pretrain.epochs=8"], section="pretrain").pretrain
+    assert (pre.one_cycle_share, pre.no_decay_share) == (0, 0)
     with pytest.raises(ConfigError, match="schedule"):
         load_config("xxs", ["finetune.schedule=step"])
+    with pytest.raises(ConfigError, match="one_cycle_share"):
+        load_config("xxs", ["finetune.one_cycle_share=1.5"])
 
 
 @pytest.mark.parametrize("total_steps,warmup_fraction", [(702, 0.3), (78, 0.1), (7, 0.3), (1, 0.3)])
@@ -199,14 +205,24 @@ def test_the_one_cycle_schedule_reaches_the_optimizer(tmp_path):
         return info["optimizer"]["param_groups"], recipe
 
     groups, recipe = last_state("auto", [])
-    assert recipe["schedule"] == "one-cycle" and recipe["decay_all"] is True
+    assert recipe["one_cycle_share"] == 1 and recipe["no_decay_share"] == 1
     total_steps = 2 * 2  # 16 images at batch 8, 2 epochs; the last step taken is step 3 (max_steps 4)
     lr, beta1 = one_cycle_at(3, total_steps, recipe["warmup_epochs"] / 2, recipe["lr"])
     assert all(g["lr"] == lr and tuple(g["betas"]) == (beta1, 0.999) for g in groups)
     assert all(g["weight_decay"] == recipe["weight_decay"] for g in groups)
     groups, recipe = last_state("paper", ["finetune.recipe=paper"])
-    assert recipe["schedule"] == "cosine" and [tuple(g["betas"]) for g in groups] == [(0.9, 0.999)] * len(groups)
+    assert recipe["one_cycle_share"] == 0 and [tuple(g["betas"]) for g in groups] == [(0.9, 0.999)] * len(groups)
     assert sorted(g["weight_decay"] for g in groups) == [0.0, recipe["weight_decay"]]
+    # between: the mix, by hand. Step 3 of 4 with a 1-step warm-up: the cosine is at
+    # min_lr + (lr - min_lr) * (1 + cos(pi * 2/3)) / 2, beta1 at 0.25 x one-cycle's + 0.75 x 0.9
+    sets = ["finetune.one_cycle_share=0.25", "finetune.no_decay_share=0.5", "finetune.warmup_epochs=0.5"]
+    groups, recipe = last_state("mixed", sets)
+    peak, min_lr = recipe["lr"], recipe["min_lr"]
+    cosine = min_lr + (peak - min_lr) * (1 + math.cos(math.pi * 2 / 3)) / 2
+    cycle_lr, cycle_beta1 = one_cycle_at(3, total_steps, 0.25, peak)
+    assert all(g["lr"] == pytest.approx(0.25 * cycle_lr + 0.75 * cosine, rel=1e-12) for g in groups)
+    assert all(g["betas"][0] == pytest.approx(0.25 * cycle_beta1 + 0.75 * 0.9, rel=1e-12) for g in groups)
+    assert sorted(g["weight_decay"] for g in groups) == [0.5 * recipe["weight_decay"], recipe["weight_decay"]]
 
 
 def test_the_short_run_warmup_grows_with_the_runs_optimisation_steps():
@@ -269,7 +285,7 @@ def test_a_run_prints_its_recipe_and_config_yaml_holds_the_fitted_values(tmp_pat
     saved = yaml.safe_load((out / "config.yaml").read_text())["finetune"]
     assert saved["lr"] == pytest.approx(2 * 2e-3 * 8 / 256) and saved["recipe"] == "auto"
     assert saved["warmup_epochs"] == pytest.approx(0.2) and saved["grad_clip"] == 0
-    assert saved["augment"]["mixup_alpha"] == 0 and saved["augment"]["auto_augment"] == "none"
+    assert saved["augment"]["mixup_alpha"] == 0 and saved["augment"]["auto_augment_prob"] == 0
     assert saved["augment"]["cutmix_alpha"] == 0.5  # set by the user: kept
     assert (out / "config.yaml").read_text().startswith("# recipe auto")
 

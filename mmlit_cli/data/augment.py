@@ -68,12 +68,12 @@ def build_train_transform(aug: AugmentConfig, image_size: int) -> Callable[[torc
         steps.append(v2.RandomCrop(image_size, padding=aug.crop_padding, padding_mode=mode))
     if aug.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(aug.hflip))
-    if aug.auto_augment == "trivial":
-        steps.append(v2.TrivialAugmentWide())
-    elif aug.auto_augment == "rand":
-        steps.append(v2.RandAugment(num_ops=aug.randaug_num_ops, magnitude=aug.randaug_magnitude))
-    elif aug.auto_augment != "none":
+    if aug.auto_augment not in ("trivial", "rand", "none"):
         raise DataError(f"unknown auto_augment {aug.auto_augment!r}: use trivial, rand or none")
+    if aug.auto_augment != "none" and aug.auto_augment_prob > 0:
+        op = v2.TrivialAugmentWide() if aug.auto_augment == "trivial" else \
+            v2.RandAugment(num_ops=aug.randaug_num_ops, magnitude=aug.randaug_magnitude)
+        steps.append(op if aug.auto_augment_prob >= 1 else v2.RandomApply([op], p=aug.auto_augment_prob))
     if aug.random_erasing > 0:
         steps.append(RandomErasingUint8(aug.random_erasing))
     return v2.Compose(steps) if steps else v2.Identity()

@@ -316,6 +316,7 @@ class BatchAugment:
     crop_padding: int = 0
     hflip: float = 0.0
     auto_augment: str = "none"  # trivial | rand | none
+    auto_augment_prob: float = 1.0  # the share of images that get it
     randaug_num_ops: int = 2
     randaug_magnitude: int = 9
     random_erasing: float = 0.0
@@ -323,8 +324,8 @@ class BatchAugment:
     @classmethod
     def from_config(cls, aug, image_size: int) -> BatchAugment | None:
         """From an `AugmentConfig`; None when it augments nothing per sample."""
-        made = cls(image_size, aug.crop_padding, aug.hflip, aug.auto_augment, aug.randaug_num_ops,
-                   aug.randaug_magnitude, aug.random_erasing)
+        made = cls(image_size, aug.crop_padding, aug.hflip, aug.auto_augment, aug.auto_augment_prob,
+                   aug.randaug_num_ops, aug.randaug_magnitude, aug.random_erasing)
         return made if made.active else None
 
     def __post_init__(self) -> None:
@@ -340,7 +341,20 @@ class BatchAugment:
 
     @property
     def active(self) -> bool:
-        return bool(self.crop_padding or self.hflip > 0 or self.auto_augment != "none" or self.random_erasing > 0)
+        return bool(self.crop_padding or self.hflip > 0 or self.augments or self.random_erasing > 0)
+
+    @property
+    def augments(self) -> bool:
+        """Whether TrivialAugment / RandAugment touches any image."""
+        return self.auto_augment != "none" and self.auto_augment_prob > 0
+
+    def _sample_ops(self, n: int, gen: torch.Generator, device, keep: torch.Tensor | None,
+                    magnitude_bin: int | None = None) -> OpParams:
+        """`sample_ops`, with Identity for the images `keep` leaves out (None: all kept)."""
+        ops = sample_ops(n, *self._op_tables(device), gen, magnitude_bin)
+        if keep is None:
+            return ops
+        return OpParams(torch.where(keep, ops.op, 0), torch.where(keep, ops.magnitude, torch.zeros_like(ops.magnitude)))
 
     def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         n, c = images.shape[:2]
@@ -348,11 +362,13 @@ class BatchAugment:
         if self.crop_padding or self.hflip > 0:
             images = crop_flip(images, sample_crop_flip(n, self.crop_padding, self.hflip, gen, device),
                                self.crop_padding)
-        if self.auto_augment == "trivial":
-            images = apply_ops(images, sample_ops(n, *self._op_tables(device), gen))
-        elif self.auto_augment == "rand":
-            for _ in range(self.randaug_num_ops):
-                images = apply_ops(images, sample_ops(n, *self._op_tables(device), gen, self.randaug_magnitude))
+        if self.augments:
+            # as RandomApply([op], p) per image: one draw, for all of RandAugment's ops; none at p = 1
+            keep = torch.rand(n, generator=gen, device=device) < self.auto_augment_prob \
+                if self.auto_augment_prob < 1 else None
+            for _ in range(1 if self.auto_augment == "trivial" else self.randaug_num_ops):
+                bin_ = None if self.auto_augment == "trivial" else self.randaug_magnitude
+                images = apply_ops(images, self._sample_ops(n, gen, device, keep, bin_))
         if self.random_erasing > 0:
             images = erase(images, sample_erasing(n, self.random_erasing, self.image_size, c, gen, device))
         return images
