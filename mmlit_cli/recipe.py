@@ -11,17 +11,21 @@ to the preset's (a run of the preset's length) along one ramp, the run's strengt
     s = log(epochs / (preset epochs / 15)) / log(15), clipped to [0, 1]
 
 (0 up to 20 of 300 epochs, 1 from 300 on; over-fitting comes from seeing the same images
-again, so the measure is epochs). Every setting is a continuous, monotone function of s or
-of the run's optimisation steps:
+again, so the measure is epochs). Every setting is a continuous function of s or of the
+run's optimisation steps, with no switch at any length:
 
-    setting                      s = 0 (short run, the plain loop)   between          s = 1 (the preset)
-    peak lr (fine-tuning)        2 x lr_base x batch / 256            geometric        lr_base x batch / 256
-    warm-up (fine-tuning)        10 % (<= 100 steps) .. 30 % (>= 500) geometric        the preset's share
-    one_cycle_share, no_decay_share  1 (one-cycle; decay everything)  1 - s            0 (cosine; timm groups)
-    grad_clip (fine-tuning)      off                                  preset / s       the preset's
-    regularisers, drop path      0                                    x s              the preset's
-    TrivialAugment / RandAugment share of images, magnitude  0        x s              the preset's
-    crop, flip, label smoothing  the preset's at every length
+    setting                          s = 0 (a short run)                s = 1 (the preset)  between
+    peak lr (fine-tuning)            2 x lr_base x batch / 256          lr_base x batch/256 geometric
+    warm-up share (fine-tuning)      10 % (<= 100 steps), 30 % (>= 500) the preset's (1/30) geometric
+    one_cycle_share, no_decay_share  1: one-cycle, decay on everything  0: cosine, timm's   1 - s
+    grad_clip (fine-tuning)          off                                the preset's        preset's / s
+    mixup/cutmix, erasing, drop path 0                                  the preset's        x s
+    auto_augment_prob, RandAugment m 0                                  the preset's        x s
+    crop, flip, label smoothing      the preset's                       the preset's        -
+
+Each is monotone in the run's length but the warm-up share, which rises with the steps of
+a short run and falls towards the preset's with s; the warm-up's length, in epochs or steps,
+only grows. At s = 0 the optimiser is the plain loop's that wins short runs.
 
 The learning rate always follows the global batch: `lr = lr_base * batch * processes / 256`
 (DeiT's and MAE's linear rule, `peak_lr`); `paper` runs it too. Pre-training keeps the

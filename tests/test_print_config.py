@@ -124,6 +124,7 @@ def _settings(cfg: dict, epochs: int) -> dict[str, object]:
     flat = {f"augment.{k}": v for k, v in r.pop("augment").items()}
     flat |= {k: v for k, v in r.items() if k not in ("epochs", "warmup_epochs", "grad_clip")}
     flat["warmup share"] = r["warmup_epochs"] / epochs
+    flat["warmup epochs"] = r["warmup_epochs"]
     flat["1 / grad_clip"] = 1 / r["grad_clip"] if r["grad_clip"] else 0.0
     flat["model.drop_path"] = cfg["model"]["drop_path"]
     return flat
@@ -134,7 +135,7 @@ def test_walking_the_lengths_no_setting_jumps(preset):
     """`--print-config` at every length from 1 to 300 epochs of CIFAR-10 (what the library
     behind the flag returns; nothing is read): no setting that is not a number changes, and
     a number moves between neighbouring lengths E and E + 1 by at most 3 x log((E + 1) / E) /
-    log 15 of its whole range, the most the ramp's log scale warrants (strength s grows by
+    log 15 of its whole range (and only one way: up or down), the most the ramp's log scale warrants (strength s grows by
     log((E + 1) / E) / log 15; a geometric rule from a to b by a ln(a / b) / (a - b) times
     that at most: 2.5 for the warm-up's share, 0.3 -> 1/30, 1.4 for the lr), plus the rounding
     (a whole number such as RandAugment's magnitude moves by 1 at a time). The old switch
@@ -154,6 +155,8 @@ def test_walking_the_lengths_no_setting_jumps(preset):
         for e in range(1, 300):
             allowed = 3 * math.log((e + 1) / e) / math.log(15) * span + rounding
             assert abs(walk[e + 1][key] - walk[e][key]) <= allowed, (key, e, walk[e][key], walk[e + 1][key])
+        if key != "warmup share":  # the share rises with a short run's steps, then falls with s
+            assert values == sorted(values) or values == sorted(values, reverse=True), (key, values)
     # the walk covers the whole ramp: the short run's plain loop at 1 epoch, the preset at 300
     assert walk[1]["one_cycle_share"] == 1 and walk[300]["one_cycle_share"] == 0
     assert walk[300]["augment.mixup_alpha"] == load_preset_mixup(preset) and walk[1]["augment.mixup_alpha"] == 0
