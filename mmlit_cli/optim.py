@@ -78,17 +78,17 @@ def set_schedule(optimizer: torch.optim.Optimizer, one_cycle_share: float, step:
     (layer-wise decay): `one_cycle_share` x one-cycle (peaking after `warmup_steps`, beta1
     moving against the lr) + the rest x a linear warm-up over its whole steps then cosine
     (`lr_at`, beta1 fixed). A share of 1 is PyTorch's OneCycleLR, 0 the paper's cosine."""
-    lr_now, beta1 = 0.0, betas[0]
+    lr_now, beta1 = 0.0, None  # beta1 stays as the optimizer has it unless one-cycle moves it
     if one_cycle_share > 0:
         cycle_lr, cycle_beta1 = one_cycle_at(step, total_steps, warmup_steps / max(total_steps, 1), lr)
         lr_now += one_cycle_share * cycle_lr
         beta1 = one_cycle_share * cycle_beta1 + (1 - one_cycle_share) * betas[0]
-        for group in optimizer.param_groups:
-            group["betas"] = (beta1, betas[1])
     if one_cycle_share < 1:
         lr_now += (1 - one_cycle_share) * lr_at(step, total_steps, int(warmup_steps), lr, min_lr)
     for group in optimizer.param_groups:
         group["lr"] = lr_now * group.get("lr_scale", 1.0)
+        if beta1 is not None:
+            group["betas"] = (beta1, betas[1])
 
 
 def ema_decay_at(decay: float, updates: int) -> float:

@@ -140,6 +140,7 @@ def test_walking_the_lengths_no_setting_jumps(preset):
     that at most: 2.5 for the warm-up's share, 0.3 -> 1/30, 1.4 for the lr), plus the rounding
     (a whole number such as RandAugment's magnitude moves by 1 at a time). The old switch
     between 2 and 3 epochs (crop, flip, schedule and decay moving all of their range) fails it."""
+    from mmlit_cli.config import load_config
     from mmlit_cli.train import resolved_config
 
     walk = {e: _settings(yaml.safe_load(resolved_config("finetune", preset, "cifar10", epochs=e)), e)
@@ -159,10 +160,5 @@ def test_walking_the_lengths_no_setting_jumps(preset):
             assert values == sorted(values) or values == sorted(values, reverse=True), (key, values)
     # the walk covers the whole ramp: the short run's plain loop at 1 epoch, the preset at 300
     assert walk[1]["one_cycle_share"] == 1 and walk[300]["one_cycle_share"] == 0
-    assert walk[300]["augment.mixup_alpha"] == load_preset_mixup(preset) and walk[1]["augment.mixup_alpha"] == 0
-
-
-def load_preset_mixup(preset: str) -> float:
-    from mmlit_cli.config import load_config
-
-    return load_config(preset).finetune.augment.mixup_alpha
+    preset_mixup = load_config(preset).finetune.augment.mixup_alpha
+    assert walk[300]["augment.mixup_alpha"] == preset_mixup and walk[1]["augment.mixup_alpha"] == 0

@@ -366,9 +366,10 @@ class BatchAugment:
             # as RandomApply([op], p) per image: one draw, for all of RandAugment's ops; none at p = 1
             keep = torch.rand(n, generator=gen, device=device) < self.auto_augment_prob \
                 if self.auto_augment_prob < 1 else None
-            for _ in range(1 if self.auto_augment == "trivial" else self.randaug_num_ops):
-                bin_ = None if self.auto_augment == "trivial" else self.randaug_magnitude
-                images = apply_ops(images, self._sample_ops(n, gen, device, keep, bin_))
+            trivial = self.auto_augment == "trivial"  # one op at a random magnitude; RandAugment: N at m
+            for _ in range(1 if trivial else self.randaug_num_ops):
+                images = apply_ops(images, self._sample_ops(n, gen, device, keep,
+                                                            None if trivial else self.randaug_magnitude))
         if self.random_erasing > 0:
             images = erase(images, sample_erasing(n, self.random_erasing, self.image_size, c, gen, device))
         return images
