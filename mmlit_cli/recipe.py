@@ -214,7 +214,7 @@ def describe(cfg: Config, section: str, reference_epochs: int, train_images: int
     aug = [f"crop pad {a.crop_padding}" if a.crop_padding else "", "flip" if a.hflip else "",
            {"trivial": "TrivialAugment", "rand": f"RandAugment m{a.randaug_magnitude}"}.get(a.auto_augment, "")
            + (f" on {a.auto_augment_prob:.0%} of images" if a.auto_augment_prob < 1 else "")
-           if a.auto_augment_prob > 0 else "",
+           if a.auto_augment != "none" and a.auto_augment_prob > 0 else "",
            f"mixup {a.mixup_alpha:g}/cutmix {a.cutmix_alpha:g} p{a.mix_prob:g}" if a.mix_prob else "",
            f"erasing {a.random_erasing:g}" if a.random_erasing else "",
            f"drop path {cfg.model.drop_path:g}" if cfg.model.drop_path else "",

@@ -298,3 +298,15 @@ def test_resume_keeps_the_fitted_recipe(tmp_path):
     first = (tmp_path / "run" / "config.yaml").read_text()
     run_training("finetune", None, None, resume=tmp_path / "run", quiet=True)
     assert (tmp_path / "run" / "config.yaml").read_text() == first
+
+
+def test_the_recipe_line_names_the_auto_augment_share_only_with_an_auto_augment():
+    """At 100 of 300 epochs TrivialAugment touches 59 % of the images, and the line says so;
+    with `auto_augment: none` set by the user the fitted share means nothing and is not shown."""
+    from mmlit_cli.recipe import describe
+
+    line = describe(fitted("s", ["finetune.epochs=100"]), "finetune", 300)
+    assert "TrivialAugment on 59% of images" in line
+    off = fitted("s", ["finetune.epochs=100", "finetune.augment.auto_augment=none"],
+                 pinned={"finetune.augment.auto_augment"})
+    assert off.finetune.augment.auto_augment_prob == 0.594 and " of images" not in describe(off, "finetune", 300)
