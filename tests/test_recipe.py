@@ -47,10 +47,18 @@ def test_short_runs_get_a_proportional_warmup_and_no_heavy_regularisation():
     assert all(getattr(r.augment, k) == 0 for k in REGULARISERS)
     assert r.augment.auto_augment_prob == 0 and cfg.model.drop_path == 0  # TrivialAugment on no image
     assert r.label_smoothing == 0.1  # label smoothing stays at any length
-    # crop and flip (the plain loop's own augmentation) are the preset's at every length
-    for epochs in (1, 2, 3, 20, 100):
+    # crop and flip ramp in from 2 to 5 epochs: c = ln(E / 2) / ln(2.5), by hand (3: 0.442507,
+    # 4: 0.756471), x the preset's padding 4 (rounded) and flip 0.5 (3 decimals)
+    ramp = {1: (0, 0.0), 2: (0, 0.0), 3: (2, 0.221), 4: (3, 0.378), 5: (4, 0.5), 20: (4, 0.5), 100: (4, 0.5)}
+    for epochs, expected in ramp.items():
         aug = fitted("xs", [f"finetune.epochs={epochs}"], train_images=5_000).finetune.augment
-        assert (aug.crop_padding, aug.hflip) == (4, 0.5), epochs
+        assert (aug.crop_padding, aug.hflip) == expected, epochs
+    # set by the user: kept; a preset whose own length is 2 epochs keeps its crop and flip (s = 1)
+    kept = fitted("xs", ["finetune.epochs=2", "finetune.augment.hflip=0.3"], train_images=5_000,
+                  pinned={"finetune.augment.hflip"}).finetune.augment
+    assert (kept.crop_padding, kept.hflip) == (0, 0.3)
+    short_preset = fit_recipe(load_config("xs", ["finetune.epochs=2"]), "finetune", 2, 5_000).finetune.augment
+    assert (short_preset.crop_padding, short_preset.hflip) == (4, 0.5)
     pre = fitted("xs", ["pretrain.epochs=2"], section="pretrain").pretrain.augment  # measured for fine-tuning only
     preset_pre = load_config("xs").pretrain.augment
     assert (pre.crop_padding, pre.hflip) == (preset_pre.crop_padding, preset_pre.hflip) != (0, 0)
