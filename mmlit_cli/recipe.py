@@ -134,19 +134,26 @@ def strength(epochs: float, reference_epochs: float) -> float:
     the measure is epochs (images seen per training image); it ramps on a log scale, as
     recipes do between 100- and 600-epoch schedules (timm's ResNet-strikes-back A3..A1).
     """
-    start = reference_epochs * REGULARISE_FROM
-    if epochs >= reference_epochs:
-        return 1.0
-    if epochs <= start:
-        return 0.0
-    return math.log(epochs / start) / math.log(reference_epochs / start)
+    return _log_share(epochs, reference_epochs * REGULARISE_FROM, reference_epochs)
 
 
 def short_run_warmup_fraction(total_steps: int) -> float:
     """Rule 3's warm-up fraction at strength 0 for a run of `total_steps` optimisation steps."""
     (lo_steps, lo), (hi_steps, hi) = SHORT_RUN_WARMUP
-    t = min(max(math.log(max(total_steps, 1) / lo_steps) / math.log(hi_steps / lo_steps), 0.0), 1.0)
-    return round(lo + t * (hi - lo), 3)
+    return round(lo + _log_share(max(total_steps, 1), lo_steps, hi_steps) * (hi - lo), 3)
+
+
+def crop_flip_share(epochs: float) -> float:
+    """How much of the preset's crop and flip a fine-tuning run of `epochs` gets, 0..1 (c)."""
+    return _log_share(epochs, *CROP_FLIP_EPOCHS)
+
+
+def _log_share(x: float, lo: float, hi: float) -> float:
+    """Where `x` lies between `lo` (0) and `hi` (1) on a log scale, clipped to 0..1: the shape
+    of every ramp in the rule table."""
+    if x <= lo:
+        return 0.0
+    return 1.0 if x >= hi else math.log(x / lo) / math.log(hi / lo)
 
 
 def _ramp(short: float, preset: float, s: float) -> float:
@@ -156,12 +163,6 @@ def _ramp(short: float, preset: float, s: float) -> float:
 
 def _scale(value: float, s: float) -> float:
     return value if s >= 1 else round(value * s, 3)  # 3 decimals keep config.yaml readable
-
-
-def crop_flip_share(epochs: float) -> float:
-    """How much of the preset's crop and flip a fine-tuning run of `epochs` gets, 0..1 (c)."""
-    lo, hi = CROP_FLIP_EPOCHS
-    return min(max(math.log(max(epochs, 1e-9) / lo) / math.log(hi / lo), 0.0), 1.0)
 
 
 def _scaled_augment(aug: AugmentConfig, s: float, pinned: set[str], crop_flip: float = 1.0) -> AugmentConfig:
@@ -234,7 +235,8 @@ def describe(cfg: Config, section: str, reference_epochs: int, train_images: int
     s = strength(r.epochs, reference_epochs) if r.recipe == "auto" else 1.0
     fitted = f"auto, fitted to {r.epochs} of {reference_epochs} epochs: regularisation x{s:.2f}" \
         if r.recipe == "auto" else "paper (the preset's, not fitted to the run)"
-    aug = [f"crop pad {a.crop_padding}" if a.crop_padding else "", ("flip" if a.hflip == 0.5 else f"flip p{a.hflip:g}") if a.hflip else "",
+    flip = ("flip" if a.hflip == 0.5 else f"flip p{a.hflip:g}") if a.hflip else ""  # 0.5: the usual
+    aug = [f"crop pad {a.crop_padding}" if a.crop_padding else "", flip,
            {"trivial": "TrivialAugment", "rand": f"RandAugment m{a.randaug_magnitude}"}.get(a.auto_augment, "")
            + (f" on {a.auto_augment_prob:.0%} of images" if a.auto_augment_prob < 1 else "")
            if a.auto_augment != "none" and a.auto_augment_prob > 0 else "",
