@@ -155,11 +155,12 @@ TrainPresetOpt = typer.Option(None, "--preset", "-p", help="Preset name (xxs, xs
 OutOpt = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<command>/<preset>, numbered).")
 EpochsOpt = typer.Option(None, "--epochs", help="Override the recipe's epochs.")
 BatchOpt = typer.Option(None, "--batch-size", "-b", help="Override the recipe's batch_size (per process; "
-                        "default: the preset's, raised to 512 on a CUDA GPU when an epoch still has 32 steps).")
+                        "default: the preset's, raised to 512 on a CUDA GPU when an epoch still has 32 steps; a short "
+                        "fine-tuning run with --recipe auto: images x epochs / 1,500, at least 64, so it takes more steps).")
 LrOpt = typer.Option(None, "--lr", help="Peak learning rate, used as given at any batch size and length "
                      "(default: lr_base x global batch / 256, times up to 2 for a short run with --recipe auto; the "
                      "run's first lines, and --print-config, show it with its factors).")
-RecipeOpt = typer.Option(None, "--recipe", help="auto (default): lr, warm-up, schedule, clipping and "
+RecipeOpt = typer.Option(None, "--recipe", help="auto (default): batch (fine-tuning), lr, warm-up, schedule, clipping and "
                          "regularisation fitted to the run's length (README, \"Training\"); paper: the preset's "
                          "recipe as written. --print-config shows what either gives.")
 SeedOpt = typer.Option(None, "--seed", help="Override the recipe's seed.")

@@ -92,11 +92,15 @@ def test_finetune_without_dataset_trains_on_the_bundled_sample_and_says_so(card)
     run_dir = home / "runs" / "finetune" / "xxs"
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     n = SAMPLE_EPOCHS["finetune"]
-    assert cfg["finetune"]["epochs"] == n < 300 and cfg["finetune"]["batch_size"] == 128  # the sample's length
+    assert cfg["finetune"]["epochs"] == n == 4  # the sample's length
+    # the batch rule: 1,000 images x 4 epochs / 1,500 = 2.7, so the floor, 64 (not the preset's
+    # 128), and the loader runs it: 15 full batches an epoch (the partial last one is dropped)
+    assert cfg["finetune"]["batch_size"] == 64 and "15 steps/epoch x 4 epochs, batch 64 x 1" in out
     assert f"{n} epochs" in first
     epochs = [m for m in jsonl(run_dir / "metrics.jsonl") if "val_top1" in m]
     assert [m["epoch"] for m in epochs] == list(range(1, n + 1))
-    assert max(m["val_top1"] for m in epochs) > 15.0  # ten classes: above chance after 7 steps an epoch
+    assert [m["step"] for m in epochs] == [15, 30, 45, 60]
+    assert max(m["val_top1"] for m in epochs) > 15.0  # ten classes: above chance after 15 steps an epoch
     assert info(run_dir / "best.safetensors")["dataset"]["dataset"] == "sample"
     assert sorted(p.name for p in home.iterdir()) == ["runs"]  # no ./data, nothing downloaded
 

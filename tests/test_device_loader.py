@@ -177,6 +177,14 @@ def test_cuda_keeps_the_batch_when_the_epoch_would_be_too_short_or_it_was_set(tm
     assert _plan_on(tmp_path, "cuda", 45_000, workers=1).workers == 1
 
 
+def test_a_short_cuda_run_gets_the_batch_rules_smaller_batch(tmp_path):
+    """The device's 512 is the top of the batch rule: round(45,000 x epochs / 1,500) within
+    64..512, so a short GPU run keeps its steps (2 epochs: 60 -> 64; 12: 360; 30: 900 -> 512)."""
+    assert [_plan_on(tmp_path, "cuda", 45_000, epochs=e).batch_size for e in (2, 12, 30)] == [64, 360, 512]
+    assert _plan_on(tmp_path, "cpu", 45_000, epochs=2).batch_size == 64
+    assert _plan_on(tmp_path, "cuda", 45_000, epochs=2, batch_size=512).batch_size == 512  # set: kept
+
+
 def test_compile_is_on_by_default_only_on_cuda_for_long_runs():
     from mmlit_cli.engine import COMPILE_PAYS_AFTER_STEPS, compile_pays
     assert compile_pays(torch.device("cuda"), COMPILE_PAYS_AFTER_STEPS)

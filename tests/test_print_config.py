@@ -123,10 +123,12 @@ def test_the_readme_s_print_config_needs_no_data(tmp_path):
 
 def _settings(cfg: dict, epochs: int) -> dict[str, object]:
     """A fine-tuning config's settings, flat, as the walk compares them: the warm-up as its
-    share of the run (the epochs change by construction), clipping as 1 / max norm (0: off)."""
+    share of the run (the epochs change by construction), clipping as 1 / max norm (0: off),
+    the lr per 256 images of the batch (rule 1 makes the lr follow the batch)."""
     r = dict(cfg["finetune"])
     flat = {f"augment.{k}": v for k, v in r.pop("augment").items()}
-    flat |= {k: v for k, v in r.items() if k not in ("epochs", "warmup_epochs", "grad_clip")}
+    flat |= {k: v for k, v in r.items() if k not in ("epochs", "warmup_epochs", "grad_clip", "lr")}
+    flat["lr per 256 images"] = r["lr"] * 256 / r["batch_size"]
     flat["warmup share"] = r["warmup_epochs"] / epochs
     flat["warmup epochs"] = r["warmup_epochs"]
     flat["1 / grad_clip"] = 1 / r["grad_clip"] if r["grad_clip"] else 0.0
@@ -143,7 +145,10 @@ def test_walking_the_lengths_no_setting_jumps(preset):
     log((E + 1) / E) / log 15; a geometric rule from a to b by a ln(a / b) / (a - b) times
     that at most: 2.5 for the warm-up's share, 0.3 -> 1/30, 1.4 for the lr), plus the rounding
     (a whole number such as RandAugment's magnitude moves by 1 at a time). The old switch
-    between 2 and 3 epochs (crop, flip, schedule and decay moving all of their range) fails it."""
+    between 2 and 3 epochs (crop, flip, schedule and decay moving all of their range) fails it.
+    The batch follows the images seen (the batch rule): it may grow in proportion to the
+    length, by batch / E (+ 1, rounding) from E to E + 1, and the lr is compared per 256
+    images of it."""
     from mmlit_cli.config import load_config
     from mmlit_cli.train import resolved_config
 
@@ -159,10 +164,13 @@ def test_walking_the_lengths_no_setting_jumps(preset):
         rounding = 1 if all(isinstance(v, int) for v in values) else 0.002  # whole numbers; 3 decimals
         for e in range(1, 300):
             allowed = 3 * math.log((e + 1) / e) / math.log(15) * span + rounding
+            if key == "batch_size":  # images x epochs / 1,500: proportional to the length
+                allowed = walk[e][key] / e + rounding
             assert abs(walk[e + 1][key] - walk[e][key]) <= allowed, (key, e, walk[e][key], walk[e + 1][key])
         if key != "warmup share":  # the share rises with a short run's steps, then falls with s
             assert values == sorted(values) or values == sorted(values, reverse=True), (key, values)
     # the walk covers the whole ramp: the short run's plain loop at 1 epoch, the preset at 300
     assert walk[1]["one_cycle_share"] == 1 and walk[300]["one_cycle_share"] == 0
+    assert walk[1]["batch_size"] == 64 and walk[300]["batch_size"] == load_config(preset).finetune.batch_size
     preset_mixup = load_config(preset).finetune.augment.mixup_alpha
     assert walk[300]["augment.mixup_alpha"] == preset_mixup and walk[1]["augment.mixup_alpha"] == 0

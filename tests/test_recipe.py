@@ -9,19 +9,21 @@ import sys
 import pytest
 import yaml
 
-from mmlit_cli.config import load_config
+from mmlit_cli.config import load_config, parse_overrides
 from mmlit_cli.errors import ConfigError
-from mmlit_cli.recipe import fit_recipe, peak_lr, short_run_warmup_fraction, strength
+from mmlit_cli.recipe import fit_recipe, peak_lr, pinned_keys, short_run_warmup_fraction, strength
 from mmlit_cli.train import run_training
 from helpers import TINY, write_folder
 
 REGULARISERS = ("mixup_alpha", "cutmix_alpha", "mix_prob", "random_erasing")
 
 
-def fitted(preset="xxs", sets=(), section="finetune", world_size=1, pinned=(), train_images=50_000):
-    """The preset fitted to a run on `train_images` (default: a CIFAR-sized training set)."""
+def fitted(preset="xxs", sets=(), section="finetune", world_size=1, pinned=None, train_images=50_000):
+    """The preset fitted to a run on `train_images` (default: a CIFAR-sized training set);
+    the keys in `sets` are pinned, as `--set` pins them, unless `pinned` says otherwise."""
     cfg = load_config(preset, list(sets))
     reference = getattr(load_config(preset), section).epochs
+    pinned = pinned_keys(parse_overrides(list(sets))) if pinned is None else pinned
     return fit_recipe(cfg, section, reference, train_images, world_size, pinned)
 
 
@@ -43,7 +45,9 @@ def test_a_paper_length_run_gets_exactly_the_presets_recipe(preset):
 def test_short_runs_get_a_proportional_warmup_and_no_heavy_regularisation():
     cfg = fitted("xs", ["finetune.epochs=2"], train_images=5_000)
     r = cfg.finetune
-    assert r.warmup_epochs == pytest.approx(2 * 0.1)  # a run of 78 steps warms up for 10 % of it
+    # 10,000 images seen / 1,500 = 7: batch 64 (the floor), 156 steps, a warm-up of
+    # 0.1 + 0.2 x ln(156 / 100) / ln 5 = 0.1 + 0.2 x 0.444686 / 1.609438 = 15.5 % (3 decimals)
+    assert r.batch_size == 64 and r.warmup_epochs == pytest.approx(2 * 0.155)
     assert all(getattr(r.augment, k) == 0 for k in REGULARISERS)
     assert r.augment.auto_augment_prob == 0 and cfg.model.drop_path == 0  # TrivialAugment on no image
     assert r.label_smoothing == 0.1  # label smoothing stays at any length
@@ -69,15 +73,17 @@ def test_short_runs_get_a_proportional_warmup_and_no_heavy_regularisation():
 
 # The documented ramp (the module docstring's rules 2 and 3, `strength`'s log scale) for a
 # 300-epoch preset (xxs: lr 1e-3 at batch 128, clipping 1.0, warm-up 10 of 300 epochs) on 50,000
-# images (390 steps an epoch, so every run here has >= 500 steps: a 30 % warm-up at strength 0),
-# computed by hand from these formulas, never with the module's own functions:
+# images (at least 746 steps an epoch, so every run here has >= 500 steps: a 30 % warm-up at
+# strength 0), computed by hand from these formulas, never with the module's own functions:
 #   s        = ln(E / 20) / ln(15), clamped to 0..1   (0 up to 300 / 15 = 20 epochs, 1 at 300)
 #   lr       = 1e-3 * 2 ** (1 - s)                    (twice the preset's at s = 0, geometric to it)
 #   clip     = round(1.0 / s, 3), none at s = 0
 #   warm-up  = E * 0.3 ** (1 - s) * (1 / 30) ** s     (30 % of the run at s = 0, 10 / 300 at s = 1)
 # e.g. E = 100: s = ln 5 / ln 15 = 1.609438 / 2.708050 = 0.594316; lr = 1e-3 * 2 ** 0.405684 = 1.324717e-3.
+# The batch is 128 from 1,500 x 128 / 50,000 = 3.84 epochs on; at E = 2 it is round(100,000 /
+# 1,500) = 67, and the lr 2e-3 x 67 / 256 x 2 = 1.046875e-3.
 RAMP_300 = {  # epochs: (s, lr, grad_clip, warmup_epochs)
-    2: (0.0, 2e-3, 0.0, 0.6),
+    2: (0.0, 1.046875e-3, 0.0, 0.6),
     20: (0.0, 2e-3, 0.0, 6.0),
     21: (0.018017, 1.975179e-3, 55.504, 6.055475),
     50: (0.338358, 1.581882e-3, 2.955, 7.132070),
@@ -234,9 +240,9 @@ def test_the_one_cycle_schedule_reaches_the_optimizer(tmp_path):
 
 
 def test_the_short_run_warmup_grows_with_the_runs_optimisation_steps():
-    """Issue 11's budgets at batch 128: (a) 2 epochs of 5,000 images = 78 steps, (b) 15 epochs
-    of 5,000 = 585 steps, (c) 2 epochs of 45,000 = 702 steps."""
-    def warmup_fraction(epochs, images, sets=(), world_size=1):
+    """Issue 11's budgets at batch 128 (set, so the batch rule keeps it): (a) 2 epochs of 5,000
+    images = 78 steps, (b) 15 epochs of 5,000 = 585 steps, (c) 2 epochs of 45,000 = 702 steps."""
+    def warmup_fraction(epochs, images, sets=("finetune.batch_size=128",), world_size=1):
         r = fitted("xxs", [f"finetune.epochs={epochs}", *sets], world_size=world_size, train_images=images).finetune
         return r.warmup_epochs / epochs
 
@@ -246,9 +252,35 @@ def test_the_short_run_warmup_grows_with_the_runs_optimisation_steps():
     # the steps count, not the images: 4x the batch (or 4 processes) is 4x fewer steps
     assert warmup_fraction(15, 5_000, ["finetune.batch_size=512"]) < 0.3
     assert warmup_fraction(15, 5_000, world_size=4) == warmup_fraction(15, 5_000, ["finetune.batch_size=512"])
+    # with the batch unset, the batch rule's 64 doubles (a)'s steps: 156, 0.1 + 0.2 x ln 1.56 / ln 5
+    assert warmup_fraction(2, 5_000, sets=()) == pytest.approx(0.155)
     fractions = [short_run_warmup_fraction(t) for t in (1, 50, 100, 150, 250, 400, 500, 10_000)]
     assert fractions[0] == fractions[2] == 0.1 and fractions[-2] == fractions[-1] == 0.3
     assert fractions == sorted(fractions) and 0.1 < fractions[4] < 0.3
+
+
+def test_a_short_run_gets_a_smaller_batch_so_that_it_has_1500_steps():
+    """The batch rule, by hand: round(images x epochs / (1,500 x processes)), within 64 and the
+    preset's 128 (xxs); the lr follows it (rule 1, x 2 at s = 0)."""
+    def batch(epochs, images=5_000, sets=(), world_size=1, **kw):
+        r = fitted("xxs", [f"finetune.epochs={epochs}", *sets], world_size=world_size, train_images=images, **kw)
+        return r.finetune.batch_size
+    # 10,000 / 1,500 = 6.7 and 50,000 / 1,500 = 33: the floor; 100,000 / 1,500 = 66.7 -> 67;
+    # 150,000 / 1,500 = 100; 190,000 / 1,500 = 126.7 -> 127; 195,000 / 1,500 = 130: the preset's
+    walk = {1: 64, 2: 64, 10: 64, 19: 64, 20: 67, 30: 100, 38: 127, 39: 128, 100: 128, 300: 128}
+    assert {e: batch(e) for e in walk} == walk
+    assert fitted("xxs", ["finetune.epochs=20"], train_images=5_000).finetune.lr == pytest.approx(2e-3 * 67 / 256 * 2)
+    # the global batch counts: 45,000 x 2 over 4 processes is 15 a process (floor 64); 5,000 x 60
+    # over 2 is 100 a process
+    assert batch(2, 45_000, world_size=4) == 64 and batch(60, 5_000, world_size=2) == 100
+    # a batch the user set is kept, below the floor or above the preset's; a preset's batch below
+    # the floor is never raised; `paper` and pre-training keep the preset's
+    assert batch(2, sets=["finetune.batch_size=32"]) == 32 and batch(2, sets=["finetune.batch_size=256"]) == 256
+    assert batch(2, sets=["finetune.batch_size=32"], pinned=set()) == 32
+    assert batch(2, sets=["finetune.batch_size=100"], pinned=set()) == 64
+    assert batch(2, sets=["finetune.recipe=paper"]) == 128
+    assert fitted("xs", ["pretrain.epochs=2"], section="pretrain", train_images=5_000).pretrain.batch_size == \
+        load_config("xs").pretrain.batch_size
 
 
 def test_lr_follows_the_global_batch():
