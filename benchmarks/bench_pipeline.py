@@ -164,22 +164,26 @@ def main(argv=None) -> int:
             if syncs is not None:
                 print(f"   host syncs in 6 device-path steps: {syncs}", flush=True)
             e2e: dict[str, list[float]] = {"device": [], "workers": []}
+            result = {"preset": preset, "batch": ft.batch_size, "workers": ft.workers, "recipe": args.recipe,
+                      "epochs": args.epochs, "bare_img_s": bare, "aug_device_img_s": aug_device,
+                      "aug_workers_img_s": aug_workers, "e2e_device_img_s": e2e["device"],
+                      "e2e_workers_img_s": e2e["workers"], "host_syncs": syncs}
+            results.append(result)
             for r in range(0 if args.skip_e2e else args.rounds):
                 for loader in ("device", "workers"):
                     rate = bench_e2e(preset, str(dataset), cfg, loader, device, args, tmp / f"{preset}-{loader}-{r}")
                     e2e[loader].append(rate)
                     print(f"   round {r + 1}: e2e {loader} {rate:,.0f} img/s", flush=True)
+                    # Saved after every run: if the device call is cut short, what was measured
+                    # survives (gpu.sh's time-to-accuracy step fits its epochs to these rates).
+                    common.save_raw(args.json, info, args, results, quiet=True)
             dev, wrk = (common.median(v) if v else float("nan") for v in (e2e["device"], e2e["workers"]))
             rounds = [d / w for d, w in zip(e2e["device"], e2e["workers"])]
             rows.append([preset, ft.batch_size, ft.workers, common.fmt_num(bare), common.fmt_num(aug_device),
                          common.fmt_num(aug_workers), common.fmt_ratio(bare / aug_device), common.fmt_num(dev),
                          common.fmt_num(wrk), common.fmt_ratio(dev / wrk),
                          " ".join(f"{x:.2f}" for x in rounds) or "-"])
-            results.append({"preset": preset, "batch": ft.batch_size, "workers": ft.workers, "recipe": args.recipe,
-                            "epochs": args.epochs, "bare_img_s": bare, "aug_device_img_s": aug_device,
-                            "aug_workers_img_s": aug_workers, "e2e_device_img_s": e2e["device"],
-                            "e2e_workers_img_s": e2e["workers"], "device_over_workers": dev / wrk,
-                            "host_syncs": syncs})
+            result["device_over_workers"] = dev / wrk
         amp = ", bf16 autocast" if device.type == "cuda" else ""
         print()
         print(common.format_table(

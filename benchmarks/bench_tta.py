@@ -6,7 +6,8 @@
 `--data` is an image folder with `train/` and `val/` (the held-out images: validation each
 epoch, never trained on). The number of epochs is chosen so that the whole command (decoding,
 compilation, every epoch's validation) should end within `--budget-s`: from the end-to-end
-img/s that `bench_pipeline.py --json` measured for the preset (`--rates`; else `--rate`), less
+img/s that `bench_pipeline.py --json` measured for the preset (`--rates`; else `--rate`, so
+that a pipeline step cut short still leaves this one a length to run), less
 a fixed allowance for decoding and compilation. Then the command runs as a user runs it, in a
 fresh process, timed from its start to its exit; the table gives its wall time, the held-out
 top-1 at its last epoch (the figure the budget is judged by) and at its best epoch, and the
@@ -32,7 +33,11 @@ def pipeline_rate(path: str | None, preset: str) -> float | None:
     """The end-to-end device-loader img/s `bench_pipeline.py` measured for `preset`."""
     if not path or not Path(path).is_file():
         return None
-    for row in json.loads(Path(path).read_text()).get("results", []):
+    try:
+        results = json.loads(Path(path).read_text()).get("results", [])
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    for row in results:
         if row.get("preset") == preset and row.get("e2e_device_img_s"):
             return common.median(row["e2e_device_img_s"])
     return None
@@ -68,12 +73,14 @@ def main(argv=None) -> int:
     data = Path(args.data)
     train_images, val_images = count_images(data / "train"), count_images(data / "val")
     fixed = args.fixed_s if args.fixed_s is not None else (110.0 if device.type == "cuda" else 20.0)
-    rate = pipeline_rate(args.rates, args.preset) or args.rate
+    measured = pipeline_rate(args.rates, args.preset)
+    rate = measured or args.rate
     if args.epochs:
         epochs, how = args.epochs, "given"
     elif rate:
         epochs = fitted_epochs(args.budget_s, fixed, rate, train_images, val_images)
-        how = f"fitted: ({args.budget_s:.0f} s - {fixed:.0f} s) at {rate:,.0f} img/s"
+        how = (f"fitted: ({args.budget_s:.0f} s - {fixed:.0f} s) at {rate:,.0f} img/s, "
+               + ("measured by bench_pipeline" if measured else "--rate: no measured rate in --rates"))
     else:
         raise SystemExit("no rate to fit the epochs to: give --rates, --rate or --epochs")
     cmd = [sys.executable, "-m", "mmlit_cli", "finetune", "--preset", args.preset, "--dataset", str(data),

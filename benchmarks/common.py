@@ -150,15 +150,22 @@ def fmt_ratio(x: float | None) -> str:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n")
+    """Write through a temporary file and rename it, so that a step killed mid-write leaves the
+    previous complete file, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
 
 
-def save_raw(path: str | os.PathLike | None, info: dict[str, Any], args: Any, results: Any) -> None:
+def save_raw(path: str | os.PathLike | None, info: dict[str, Any], args: Any, results: Any,
+             quiet: bool = False) -> None:
     """A benchmark's raw numbers (machine, arguments, results) as JSON at `path`, when given."""
     if path:
         write_json(path, {"machine": info, "args": vars(args), "results": results})
-        print(f"raw numbers: {path}")
+        if not quiet:
+            print(f"raw numbers: {path}")
 
 
 # --------------------------------------------------------------------------- op and FLOP counting

@@ -76,3 +76,56 @@ def test_bench_models_variant_subset(capsys):
     assert bench_models.main(["--quick", "--variants", "mlit", "--latency-calls", "2", "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "\nmlit " in text and "\nnaive " not in text and "\npublic " not in text
+
+
+# ---------------------------------------------------------------- gpu.sh: a step cut short
+# A device call is one 8-minute lease: when gpu.sh's pipeline step is killed, the
+# time-to-accuracy step after it must still get a rate to fit its epochs to.
+
+import bench_pipeline  # noqa: E402
+import bench_tta  # noqa: E402
+from datafixtures import write_image_folder  # noqa: E402
+
+
+def test_bench_pipeline_keeps_the_rates_measured_before_it_is_killed(tmp_path, monkeypatch):
+    write_image_folder(tmp_path / "data", {"a": 6, "b": 6}, size=32)
+    calls = []
+
+    def e2e(preset, dataset, cfg, loader, device, args, out):
+        calls.append(loader)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # the step's timeout, as far as this process can tell
+        return 123.0
+
+    monkeypatch.setattr(bench_pipeline, "bench_e2e", e2e)
+    out = tmp_path / "pipeline.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench_pipeline.main(["--device", "cpu", "--presets", "xxs", "--dataset", str(tmp_path / "data"),
+                             "--batch", "4", "--steps", "1", "--warmup", "0", "--rounds", "2", "--bare-rounds", "1",
+                             "--workers", "0", "--json", str(out)])
+    assert calls == ["device", "workers"]
+    assert bench_tta.pipeline_rate(str(out), "xxs") == 123.0
+    assert bench_tta.pipeline_rate(str(out), "s") is None
+
+
+def test_bench_tta_falls_back_to_rate_when_the_rates_file_has_none(tmp_path, monkeypatch, capsys):
+    write_image_folder(tmp_path / "data" / "train", {"a": 8, "b": 8}, size=8)
+    write_image_folder(tmp_path / "data" / "val", {"a": 2, "b": 2}, size=8)
+    truncated = tmp_path / "pipeline.json"
+    truncated.write_text('{"machine": {}, "results": [{"preset": "s", "e2e_dev')  # killed mid-write
+    commands = []
+    monkeypatch.setattr(bench_tta.subprocess, "call", lambda cmd: commands.append(cmd) or 0)
+    assert bench_tta.main(["--data", str(tmp_path / "data"), "--budget-s", "30", "--fixed-s", "10",
+                           "--device", "cpu", "--rates", str(truncated), "--rate", "2",
+                           "--out", str(tmp_path / "run")]) == 0
+    epochs = int(commands[0][commands[0].index("--epochs") + 1])
+    assert epochs == bench_tta.fitted_epochs(30, 10, 2, 16, 4) == 2  # 20 s at (16 + 4/3) / 2 s an epoch
+    assert "--rate: no measured rate" in capsys.readouterr().out
+
+
+def test_write_json_replaces_a_file_whole(tmp_path):
+    import common
+    path = tmp_path / "raw.json"
+    common.write_json(path, {"results": [1]})
+    common.write_json(path, {"results": [1, 2]})
+    assert path.read_text().count("results") == 1 and [p.name for p in tmp_path.iterdir()] == ["raw.json"]
