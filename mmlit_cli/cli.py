@@ -155,14 +155,22 @@ TrainPresetOpt = typer.Option(None, "--preset", "-p", help="Preset name (xxs, xs
 OutOpt = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<command>/<preset>, numbered).")
 EpochsOpt = typer.Option(None, "--epochs", help="Override the recipe's epochs.")
 BatchOpt = typer.Option(None, "--batch-size", "-b", help="Override the recipe's batch_size (per process; "
-                        "default: the preset's, raised to 512 on a CUDA GPU when an epoch still has 32 steps; a short "
-                        "fine-tuning run with --recipe auto: images x epochs / 1,500, at least 64, so it takes more steps).")
+                        "default: the preset's, raised on a CUDA GPU towards 512 as far as an epoch keeps 32 steps; a "
+                        "short fine-tuning run with --recipe auto: images x epochs / 1,500, at least 64, so it takes "
+                        "more steps).")
 LrOpt = typer.Option(None, "--lr", help="Peak learning rate, used as given at any batch size and length "
                      "(default: lr_base x global batch / 256, times up to 2 for a short run with --recipe auto; the "
                      "run's first lines, and --print-config, show it with its factors).")
-RecipeOpt = typer.Option(None, "--recipe", help="auto (default): batch (fine-tuning), lr, warm-up, schedule, clipping and "
+RecipeOpt = typer.Option(None, "--recipe", help="auto (default): batch, lr, warm-up, schedule, clipping and "
                          "regularisation fitted to the run's length (README, \"Training\"); paper: the preset's "
                          "recipe as written. --print-config shows what either gives.")
+# Pre-training fits less (its optimiser rules were measured for fine-tuning only): own help texts.
+PretrainLrOpt = typer.Option(None, "--lr", help="Peak learning rate, used as given at any batch size and length "
+                             "(default: lr_base x global batch / 256; the run's first lines, and --print-config, show "
+                             "it with its factors).")
+PretrainRecipeOpt = typer.Option(None, "--recipe", help="auto (default): warm-up (the preset's share of the run) and "
+                                 "regularisation fitted to the run's length (README, \"Training\"); paper: the "
+                                 "preset's recipe as written. --print-config shows what either gives.")
 SeedOpt = typer.Option(None, "--seed", help="Override the recipe's seed.")
 WorkersOpt = typer.Option(None, "--workers", "-j", help="Data-loading processes (with --loader workers; default: "
                           "the preset's, as many as the machine has up to 8 on a CUDA GPU).")
@@ -215,7 +223,8 @@ def finetune(
 def pretrain(
     preset: Optional[str] = TrainPresetOpt, dataset: Optional[str] = DatasetOpt, data_dir: Optional[str] = DataDirOpt,
     out: Optional[str] = OutOpt, overrides: Optional[List[str]] = SetOpt, epochs: Optional[int] = EpochsOpt,
-    batch_size: Optional[int] = BatchOpt, lr: Optional[float] = LrOpt, recipe: Optional[str] = RecipeOpt,
+    batch_size: Optional[int] = BatchOpt, lr: Optional[float] = PretrainLrOpt,
+    recipe: Optional[str] = PretrainRecipeOpt,
     seed: Optional[int] = SeedOpt, device: str = DeviceOpt, workers: Optional[int] = WorkersOpt,
     loader: Optional[str] = LoaderOpt,
     resume: Optional[str] = ResumeOpt, compile: Optional[bool] = TrainCompileOpt, compile_mode: Optional[str] = CompileModeOpt,
@@ -310,7 +319,9 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help='Print a JSON list of {"path", "top": [{"label", "prob"}]}.'),
     csv_path: Optional[str] = typer.Option(None, "--csv", help="Write the predictions to this CSV file."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass: memory and speed "
-                                   "only (the probabilities are the same to float rounding)."),
+                                   "only (the probabilities are the same to float rounding; an int8 .onnx file "
+                                   "quantises each batch's activations, so an image's can move slightly with "
+                                   "its batch-mates)."),
     device: str = DeviceOpt,
     compile: bool = CompileOpt,
     compile_mode: Optional[str] = CompileModeOpt,

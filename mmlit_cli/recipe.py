@@ -39,14 +39,14 @@ docs/RESULTS.md). A run of
 1,500 x 128 images or more (5,000 images x 39 epochs, 45,000 x 5) keeps the preset's 128.
 
 Each is monotone in the run's length but two: the warm-up share, which rises with the steps of
-a short run and falls towards the preset's with s (the warm-up's length, in epochs or steps,
-only grows), and the peak lr, the product of the lr per image (falling with s) and the batch
+a short run and falls towards the preset's with s (the warm-up in epochs only grows; in steps
+it can fall where the batch rule holds a run near 1,500 steps while the share falls), and the peak lr, the product of the lr per image (falling with s) and the batch
 (rising with the images seen). At s = 0 the optimiser is the plain loop's that wins short runs.
 
 The learning rate always follows the global batch, the fitted one too: `lr = lr_base * batch *
 processes / 256` (DeiT's and MAE's linear rule, `peak_lr`); `paper` runs it too. Pre-training keeps the
-preset's optimiser and only scales its regularisers (the fine-tuning rules were measured for
-fine-tuning). Every rule is measured against the plain loop (docs/RESULTS.md).
+preset's optimiser (no batch rule, no short-run lr factor); its warm-up keeps the preset's share of the run and its
+regularisers scale with s (the fine-tuning rules were measured for fine-tuning). Every rule is measured against the plain loop (docs/RESULTS.md).
 
 Before these rules, `fit_to_device` sets what the device decides (batch size and loader
 workers on a CUDA GPU). A value the user set (`--lr`, `--batch-size`, `--set
@@ -109,8 +109,9 @@ SAMPLE_EPOCHS = {"finetune": 4, "pretrain": 8}
 
 # On a CUDA GPU a batch of 128 tiny images leaves the card idle between kernel launches
 # (docs/BENCHMARKS.md, "GPU: first measurements": the compiled s step is launch-bound), so an
-# unset batch grows to GPU_BATCH when the epoch still has GPU_MIN_STEPS steps at that size;
-# the lr follows by rule 1. The worker loader (data too large for the card) gets GPU_WORKERS
+# unset batch grows towards GPU_BATCH as far as an epoch keeps GPU_MIN_STEPS steps (a ramp in
+# the training images, not a switch at GPU_BATCH x GPU_MIN_STEPS of them); the lr follows by
+# rule 1. The worker loader (data too large for the card) gets GPU_WORKERS
 # processes, as many as the machine has up to that.
 GPU_BATCH = 512
 GPU_MIN_STEPS = 32
@@ -125,9 +126,9 @@ def fit_to_device(cfg: Config, section: str, device_type: str, train_images: int
     if device_type != "cuda":
         return cfg
     changes: dict[str, Any] = {}
-    if (f"{section}.batch_size" not in pinned and recipe.batch_size < GPU_BATCH
-            and train_images // (GPU_BATCH * world_size) >= GPU_MIN_STEPS):
-        changes["batch_size"] = GPU_BATCH
+    fits = min(GPU_BATCH, train_images // (GPU_MIN_STEPS * world_size))
+    if f"{section}.batch_size" not in pinned and fits > recipe.batch_size:
+        changes["batch_size"] = fits
     if f"{section}.workers" not in pinned:
         changes["workers"] = max(min(GPU_WORKERS, cpus), recipe.workers)
     return dataclasses.replace(cfg, **{section: dataclasses.replace(recipe, **changes)})

@@ -413,11 +413,15 @@ def resolved_config(kind: str, preset: str | None, dataset: str | None, *, data_
     """`--print-config`: the config a run would use, as YAML (the fitted recipe in words atop,
     as comments), without reading an image or writing a file. The training images are counted
     (`data.train_split_size`: a folder is listed, a named dataset is its official size); with
-    `resume`, the config the run recorded."""
+    `resume`, the config the resumed run would use: the one the run recorded, with what
+    --epochs, --workers and --patience (and another process count, the lr) change."""
     task_cls = TASKS[kind]
     if resume is not None:
-        ckpt = load_checkpoint(Path(resume) / "last.safetensors")
-        return f"# the config {resume} recorded\n" + dump_config(ckpt.config)
+        plan = _resumed_run(Path(resume), task_cls, preset, dataset, overrides, validation,
+                            *(shortcuts.get(k) for k in ("epochs", "workers", "loader", "patience")))
+        head = [f"resumed from {resume}: the config it recorded, as the resumed run would use it",
+                *(f"recorded at its start: {line}" for line in (plan.recipe_note or "").splitlines())]
+        return "".join(f"# {line}\n" for line in head) + dump_config(plan.cfg)
     if validation is not None and validation not in VALIDATION:
         raise MmlitError(f"--val must be {' or '.join(VALIDATION)}, got '{validation}'")
     shortcuts = {k: shortcuts.get(k) for k in ("epochs", "batch_size", "lr", "seed", "workers", "recipe", "loader",

@@ -171,7 +171,8 @@ def test_cuda_raises_an_unset_batch_and_the_lr_follows(tmp_path):
 
 
 def test_cuda_keeps_the_batch_when_the_epoch_would_be_too_short_or_it_was_set(tmp_path):
-    assert _plan_on(tmp_path, "cuda", 512 * 31).batch_size == 128  # 31 steps at 512: stays
+    assert _plan_on(tmp_path, "cuda", 128 * 32 - 1).batch_size == 128  # under 32 steps at 128: stays
+    assert _plan_on(tmp_path, "cuda", 512 * 31).batch_size == 496  # as far as the epoch keeps 32 steps
     assert _plan_on(tmp_path, "cuda", 512 * 32).batch_size == 512
     assert _plan_on(tmp_path, "cuda", 45_000, batch_size=256).batch_size == 256
     assert _plan_on(tmp_path, "cuda", 45_000, workers=1).workers == 1
@@ -190,3 +191,14 @@ def test_compile_is_on_by_default_only_on_cuda_for_long_runs():
     assert compile_pays(torch.device("cuda"), COMPILE_PAYS_AFTER_STEPS)
     assert not compile_pays(torch.device("cuda"), COMPILE_PAYS_AFTER_STEPS - 1)
     assert not compile_pays(torch.device("cpu"), 10 ** 6)
+
+
+def test_the_cuda_batch_ramps_with_the_training_images(tmp_path):
+    """No jump between neighbouring dataset sizes: the device's batch grows with the images
+    (1/32 a training image) as the batch rule does (epochs / 1,500), where it once switched
+    from 128 to 512 at 16,384 images (20 epochs: 128 at 16,383 images, 218 at 16,384)."""
+    sizes = range(3_000, 20_001, 61)
+    batches = [_plan_on(tmp_path, "cuda", n, epochs=20).batch_size for n in sizes]
+    assert batches[0] == 64 and batches[-1] == 266  # the batch rule: 3,000 x 20 / 1,500 = 40 -> 64; 19,958 x 20 / 1,500
+    for n, (a, b) in zip(sizes, zip(batches, batches[1:])):
+        assert 0 <= b - a <= 61 / 32 + 1, (n, a, b)

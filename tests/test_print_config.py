@@ -174,3 +174,29 @@ def test_walking_the_lengths_no_setting_jumps(preset):
     assert walk[1]["batch_size"] == 64 and walk[300]["batch_size"] == load_config(preset).finetune.batch_size
     preset_mixup = load_config(preset).finetune.augment.mixup_alpha
     assert walk[300]["augment.mixup_alpha"] == preset_mixup and walk[1]["augment.mixup_alpha"] == 0
+
+
+def test_print_config_of_a_resumed_run_is_what_the_resumed_run_uses(tmp_path):
+    """`--resume DIR --epochs/--workers/--patience --print-config`: the recorded config with
+    those changes, as the resumed run then saves it; nothing in DIR is touched."""
+    data = write_folder(tmp_path / "data", per_class=6)
+    sets = [x for o in TINY for x in ("--set", o)]
+    first = mmlit("finetune", "--preset", "xxs", "--dataset", str(data), "--epochs", "1", "--batch-size", "8",
+                  "--out", "run", *sets, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()}
+    again = ("finetune", "--resume", "run", "--epochs", "2", "--workers", "1", "--patience", "3")
+    shown = mmlit(*again, "--print-config", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()} == before
+    printed = yaml.safe_load(shown.stdout)["finetune"]
+    assert (printed["epochs"], printed["workers"], printed["patience"]) == (2, 1, 3)
+    assert comments(shown.stdout)[0] == "resumed from run: the config it recorded, as the resumed run would use it"
+
+    resumed = mmlit(*again, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["finetune"] == printed
+
+    wrong = mmlit("finetune", "--resume", "run", "--loader", "workers", "--print-config", cwd=tmp_path)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert "a resumed run keeps it" in wrong.stderr + wrong.stdout
