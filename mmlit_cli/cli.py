@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
@@ -158,19 +158,25 @@ BatchOpt = typer.Option(None, "--batch-size", "-b", help="Override the recipe's 
                         "default: the preset's, raised on a CUDA GPU towards 512 as far as an epoch keeps 32 steps; a "
                         "short fine-tuning run with --recipe auto: images x epochs / 1,500, at least 64, so it takes "
                         "more steps).")
-LrOpt = typer.Option(None, "--lr", help="Peak learning rate, used as given at any batch size and length "
-                     "(default: lr_base x global batch / 256, times up to 2 for a short run with --recipe auto; the "
-                     "run's first lines, and --print-config, show it with its factors).")
-RecipeOpt = typer.Option(None, "--recipe", help="auto (default): batch, lr, warm-up, schedule, clipping and "
-                         "regularisation fitted to the run's length (README, \"Training\"); paper: the preset's "
-                         "recipe as written. --print-config shows what either gives.")
-# Pre-training fits less (its optimiser rules were measured for fine-tuning only): own help texts.
-PretrainLrOpt = typer.Option(None, "--lr", help="Peak learning rate, used as given at any batch size and length "
-                             "(default: lr_base x global batch / 256; the run's first lines, and --print-config, show "
-                             "it with its factors).")
-PretrainRecipeOpt = typer.Option(None, "--recipe", help="auto (default): warm-up (the preset's share of the run) and "
-                                 "regularisation fitted to the run's length (README, \"Training\"); paper: the "
-                                 "preset's recipe as written. --print-config shows what either gives.")
+
+
+def _lr_option(default: str) -> Any:
+    return typer.Option(None, "--lr", help=f"Peak learning rate, used as given at any batch size and length "
+                        f"(default: {default}; the run's first lines, and --print-config, show it with its factors).")
+
+
+def _recipe_option(fitted: str) -> Any:
+    return typer.Option(None, "--recipe", help=f"auto (default): {fitted} fitted to the run's length (README, "
+                        "\"Training\"); paper: the preset's recipe as written. --print-config shows what either gives.")
+
+
+# Pre-training fits less than fine-tuning (its optimiser rules were measured for fine-tuning only).
+LrOpt = _lr_option("lr_base x global batch / 256, times up to 2 for a short run with --recipe auto")
+PretrainLrOpt = _lr_option("lr_base x global batch / 256")
+RecipeOpt = _recipe_option("batch, lr, warm-up, schedule, clipping and regularisation")
+PretrainRecipeOpt = _recipe_option("warm-up (the preset's share of the run) and regularisation")
+
+
 SeedOpt = typer.Option(None, "--seed", help="Override the recipe's seed.")
 WorkersOpt = typer.Option(None, "--workers", "-j", help="Data-loading processes (with --loader workers; default: "
                           "the preset's, as many as the machine has up to 8 on a CUDA GPU).")

@@ -41,3 +41,11 @@ def test_flags_take_no_value_and_options_show_their_type(command, flags, valued)
         assert "<" not in option_line(text, flag), option_line(text, flag)
     for option, shown in valued:
         assert shown in option_line(text, option)
+
+
+def test_pretrain_help_does_not_claim_the_fine_tuning_rules():
+    """Pre-training gets no short-run lr factor, batch rule, schedule or clipping fitting
+    (its `--print-config` shows lr_base x batch/256 alone): its help must not say otherwise."""
+    pretrain, finetune = (" ".join(help_text(c).replace("│", " ").split()) for c in ("pretrain", "finetune"))
+    assert "times up to 2" in finetune and "times up to 2" not in pretrain
+    assert "schedule, clipping" in finetune and "schedule" not in pretrain
