@@ -40,13 +40,15 @@ docs/RESULTS.md). A run of
 
 Each is monotone in the run's length but two: the warm-up share, which rises with the steps of
 a short run and falls towards the preset's with s (the warm-up in epochs only grows; in steps
-it can fall where the batch rule holds a run near 1,500 steps while the share falls), and the peak lr, the product of the lr per image (falling with s) and the batch
-(rising with the images seen). At s = 0 the optimiser is the plain loop's that wins short runs.
+it can fall where the batch rule holds a run near 1,500 steps while the share falls), and the
+peak lr, the product of the lr per image (falling with s) and the batch (rising with the
+images seen). At s = 0 the optimiser is the plain loop's that wins short runs.
 
 The learning rate always follows the global batch, the fitted one too: `lr = lr_base * batch *
-processes / 256` (DeiT's and MAE's linear rule, `peak_lr`); `paper` runs it too. Pre-training keeps the
-preset's optimiser (no batch rule, no short-run lr factor); its warm-up keeps the preset's share of the run and its
-regularisers scale with s (the fine-tuning rules were measured for fine-tuning). Every rule is measured against the plain loop (docs/RESULTS.md).
+processes / 256` (DeiT's and MAE's linear rule, `peak_lr`); `paper` runs it too. Pre-training
+keeps the preset's optimiser (no batch rule, no short-run lr factor); its warm-up keeps the
+preset's share of the run and its regularisers scale with s (the fine-tuning rules were
+measured for fine-tuning). Every rule is measured against the plain loop (docs/RESULTS.md).
 
 Before these rules, `fit_to_device` sets what the device decides (batch size and loader
 workers on a CUDA GPU). A value the user set (`--lr`, `--batch-size`, `--set
@@ -111,8 +113,8 @@ SAMPLE_EPOCHS = {"finetune": 4, "pretrain": 8}
 # (docs/BENCHMARKS.md, "GPU: first measurements": the compiled s step is launch-bound), so an
 # unset batch grows towards GPU_BATCH as far as an epoch keeps GPU_MIN_STEPS steps (a ramp in
 # the training images, not a switch at GPU_BATCH x GPU_MIN_STEPS of them); the lr follows by
-# rule 1. The worker loader (data too large for the card) gets GPU_WORKERS
-# processes, as many as the machine has up to that.
+# rule 1. The worker loader (data too large for the card) gets GPU_WORKERS processes, as many
+# as the machine has up to that.
 GPU_BATCH = 512
 GPU_MIN_STEPS = 32
 GPU_WORKERS = 8

@@ -418,7 +418,8 @@ def resolved_config(kind: str, preset: str | None, dataset: str | None, *, data_
     task_cls = TASKS[kind]
     if resume is not None:
         plan = _resumed_run(Path(resume), task_cls, preset, dataset, overrides, validation,
-                            *(shortcuts.get(k) for k in ("epochs", "workers", "loader", "patience")))
+                            epochs=shortcuts.get("epochs"), workers=shortcuts.get("workers"),
+                            loader=shortcuts.get("loader"), patience=shortcuts.get("patience"))
         head = [f"resumed from {resume}: the config it recorded, as the resumed run would use it",
                 *(f"recorded at its start: {line}" for line in (plan.recipe_note or "").splitlines())]
         return "".join(f"# {line}\n" for line in head) + dump_config(plan.cfg)
