@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
+from .config import RESUME_MAY_CHANGE
 from .errors import MmlitError
 from .recipe import SAMPLE_EPOCHS
 
@@ -128,7 +129,7 @@ def _train_command(kind: str, **options) -> None:
 
     if options.pop("print_config"):
         keep = ("preset", "dataset", "data_dir", "overrides", "validation", "device", "resume", "epochs",
-                "batch_size", "lr", "seed", "workers", "recipe", "loader", "patience", "class_balance")
+                "batch_size", "lr", "seed", "workers", "recipe", "loader", "patience", "class_balance", "init", "out")
         print(resolved_config(kind, **{k: options.get(k) for k in keep}), end="")
         return
 
@@ -183,7 +184,8 @@ WorkersOpt = typer.Option(None, "--workers", "-j", help="Data-loading processes 
 LoaderOpt = typer.Option(None, "--loader", help="Where batches come from: auto (default: the device where the "
                          "split fits), device (the decoded split on the training device, shuffled and augmented "
                          "there in batches; no workers) or workers (a DataLoader augmenting image by image).")
-ResumeOpt = typer.Option(None, "--resume", help="Continue the run in this directory from last.safetensors.")
+ResumeOpt = typer.Option(None, "--resume", help="Continue the run in this directory from last.safetensors. It "
+                         f"keeps its recorded config: only {RESUME_MAY_CHANGE} may change.")
 CompileOpt = typer.Option(False, "--compile", help="torch.compile the model.")
 TrainCompileOpt = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: on a CUDA "
                                "GPU for runs of 3,200 steps or more, which repay its compilation; off elsewhere).")

@@ -25,6 +25,11 @@ from .errors import ConfigError
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
+# What `--resume` may change: how long the run goes on and where and how it runs. Everything
+# else the run keeps as its checkpoint recorded it; an option asking otherwise is an error.
+RESUME_MAY_CHANGE = "--epochs, --patience, --workers, --data-dir, --download, --device, --compile and --save-every"
+
+
 @dataclass
 class ModelConfig:
     """The mLiT network. Defaults are the reconstructed `xs` preset (see MLIT-SPEC.md)."""

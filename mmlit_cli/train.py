@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import operator
 import os
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .checkpoint import Checkpoint, load_checkpoint, load_weights_into
-from .config import CLASS_BALANCE, Config, dump_config, load_config, parse_overrides
+from .config import CLASS_BALANCE, RESUME_MAY_CHANGE, Config, dump_config, load_config, parse_overrides
 from .data import DATASET_NAMES, SAMPLE_DIR, ImageData, canonical_name, default_data_dir, is_sample, load_split, \
     train_split_size, usable_cpus
 from .engine import RunOptions, Trainer
@@ -155,8 +157,12 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     if validation is not None and validation not in VALIDATION:
         raise MmlitError(f"--val must be {' or '.join(VALIDATION)}, got '{validation}'")
     if resume is not None:
-        plan = _resumed_run(Path(resume), task_cls, preset, dataset, overrides, validation, epochs, workers, loader,
-                            patience)
+        plan = _resumed_run(Path(resume), task_cls, preset=preset, dataset=dataset, overrides=overrides,
+                            validation=validation, loader=loader,
+                            changes=dict(epochs=epochs, workers=workers, patience=patience),
+                            kept=dict(batch_size=batch_size, lr=lr, seed=seed, recipe=recipe,
+                                      class_balance=class_balance, init=init, out=out),
+                            data_dir=data_dir, download=download)
     else:
         shortcuts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers, recipe=recipe,
                          loader=loader, patience=patience, class_balance=class_balance)
@@ -267,11 +273,13 @@ def _new_task(task_cls, cfg: Config, train: ImageData, plan: RunPlan, init: str 
     return task, layer_decay
 
 
-def _resumed_run(run_dir: Path, task_cls, preset: str | None, dataset: str | None, overrides: list[str] | None,
-                 validation: str | None, epochs: int | None, workers: int | None, loader: str | None,
-                 patience: int | None = None) -> RunPlan:
-    """`--resume DIR`: the run as its last.safetensors recorded it (only --epochs, --workers and
-    --patience may change); every option that contradicts it is an error."""
+def _resumed_run(run_dir: Path, task_cls, *, preset: str | None = None, dataset: str | None = None,
+                 overrides: list[str] | None = None, validation: str | None = None, loader: str | None = None,
+                 changes: dict[str, Any] | None = None, kept: dict[str, Any] | None = None,
+                 data_dir: str | None = None, download: bool = False) -> RunPlan:
+    """`--resume DIR`: the run as its last.safetensors recorded it. `changes` (epochs, workers,
+    patience) apply; `data_dir` and `download` say where its files now are; `kept` (batch_size,
+    lr, seed, recipe, class_balance, init, out) and the other options must agree with the run."""
     last = run_dir / "last.safetensors"
     if not last.is_file():
         raise MmlitError(f"nothing to resume in {run_dir}: no last.safetensors")
@@ -293,21 +301,54 @@ def _resumed_run(run_dir: Path, task_cls, preset: str | None, dataset: str | Non
         raise MmlitError(f"{run_dir} was trained with --loader {recorded}; a resumed run keeps it (the other "
                          f"loader draws other batches)")
     section = task_cls.command
-    cfg = _apply_shortcuts(cfg, section, epochs=epochs, workers=workers, loader=recorded, patience=patience)
-    spec = DataSpec(**ckpt.train_info["dataset"])
-    if dataset is not None and dataset != spec.dataset:
+    invocation = ckpt.train_info.get("invocation")
+    differ = _kept_options_that_differ(run_dir, getattr(cfg, section), invocation, kept or {})
+    if differ:
+        raise MmlitError(f"{run_dir} keeps what it was trained with, so --resume cannot change "
+                         f"{', '.join(differ)}: only {RESUME_MAY_CHANGE} may change (a new run can change the rest)")
+    changes = {k: v for k, v in (changes or {}).items() if v is not None}
+    cfg = _apply_shortcuts(cfg, section, loader=recorded, **changes)
+    spec = _recorded_data(ckpt, data_dir, download)
+    if dataset is not None and DataSpec(dataset).located()["dataset"] != DataSpec(spec.dataset).located()["dataset"]:
         raise MmlitError(f"{run_dir} was trained on '{spec.dataset}', not '{dataset}'")
     if validation is not None and validation != spec.validation:
         raise MmlitError(f"{run_dir} was trained with --val {spec.validation}; a resumed run keeps it")
-    invocation = ckpt.train_info.get("invocation")
     saved_world, world = int(ckpt.train_info.get("world_size", 1)), process_count()
     if saved_world != world and not _lr_pinned(invocation, section):  # the lr follows the global batch
         cfg = _apply_shortcuts(cfg, section, lr=getattr(cfg, section).lr * world / saved_world)
     if invocation is not None:  # what --epochs/--patience/--workers changed, the same command must say again
         invocation = json.loads(json.dumps(invocation))
-        invocation["config"][section].update({k: v for k, v in dict(epochs=epochs, workers=workers,
-                                                                     patience=patience).items() if v is not None})
+        invocation["config"][section].update(changes)
     return RunPlan(cfg, spec, run_dir, ckpt.train_info.get("recipe_note"), ckpt, invocation=invocation)
+
+
+def _recorded_data(ckpt: Checkpoint, data_dir: str | None, download: bool) -> DataSpec:
+    """The data a run was trained on, with absolute paths (recorded as `info["dataset"]`; runs
+    older than that recorded the paths as given), so that it resumes from any folder; a
+    named dataset's files may have moved (`--data-dir`) or be missing (`--download`)."""
+    located = ckpt.info.get("dataset")
+    spec = DataSpec(**(located if isinstance(located, dict) else ckpt.train_info["dataset"]))
+    if data_dir is not None:
+        if canonical_name(spec.dataset) not in DATASET_NAMES:
+            raise MmlitError(f"--data-dir locates a named dataset; this run was trained on {spec.dataset}")
+        spec = dataclasses.replace(spec, data_dir=data_dir)
+    return dataclasses.replace(spec, download=download) if download else spec
+
+
+def _kept_options_that_differ(run_dir: Path, recorded: Any, invocation: dict[str, Any] | None,
+                              kept: dict[str, Any]) -> list[str]:
+    """The options in `kept` that ask for other than the run recorded (its config section
+    `recorded`, its --init, its folder), each said as "--lr 0.002 (the run's: 0.00158)"."""
+    resolved = lambda path: str(Path(path).expanduser().resolve())  # noqa: E731
+    there = {"batch_size": recorded.batch_size, "lr": recorded.lr, "seed": recorded.seed, "recipe": recorded.recipe,
+             "class_balance": recorded.class_balance, "init": (invocation or {}).get("init"),
+             "out": resolved(run_dir)}
+    same = {"lr": lambda asked, run: run is not None and math.isclose(asked, run, rel_tol=1e-6),
+            "init": lambda asked, run: run is not None and resolved(asked) == run,
+            "out": lambda asked, run: resolved(asked) == run}
+    return [f"--{key.replace('_', '-')} {asked} (the run's: {there[key] if there[key] is not None else 'none'})"
+            for key, asked in kept.items()
+            if asked is not None and not same.get(key, operator.eq)(asked, there[key])]
 
 
 def _lr_pinned(invocation: dict[str, Any] | None, section: str) -> bool:
@@ -355,7 +396,7 @@ def _continued_run(out: Path, task_cls, invocation: dict[str, Any]) -> RunPlan |
     if differences:
         raise MmlitError(f"{out} holds another run ({differences}): choose another --out, or continue that run "
                          f"with --resume {out}")
-    plan = _resumed_run(out, task_cls, None, None, None, None, None, None, None)
+    plan = _resumed_run(out, task_cls)
     return dataclasses.replace(plan, continued=True)
 
 
@@ -414,12 +455,15 @@ def resolved_config(kind: str, preset: str | None, dataset: str | None, *, data_
     as comments), without reading an image or writing a file. The training images are counted
     (`data.train_split_size`: a folder is listed, a named dataset is its official size); with
     `resume`, the config the resumed run would use: the one the run recorded, with what
-    --epochs, --workers and --patience (and another process count, the lr) change."""
+    --epochs, --workers and --patience (and another process count, the lr) change; an option
+    the run keeps (--lr, --batch-size, ...) is checked against it as the run would check it."""
     task_cls = TASKS[kind]
     if resume is not None:
-        plan = _resumed_run(Path(resume), task_cls, preset, dataset, overrides, validation,
-                            epochs=shortcuts.get("epochs"), workers=shortcuts.get("workers"),
-                            loader=shortcuts.get("loader"), patience=shortcuts.get("patience"))
+        kept_keys = ("batch_size", "lr", "seed", "recipe", "class_balance", "init", "out")
+        plan = _resumed_run(Path(resume), task_cls, preset=preset, dataset=dataset, overrides=overrides,
+                            validation=validation, loader=shortcuts.get("loader"),
+                            changes={k: shortcuts.get(k) for k in ("epochs", "workers", "patience")},
+                            kept={k: shortcuts.get(k) for k in kept_keys}, data_dir=data_dir)
         head = [f"resumed from {resume}: the config it recorded, as the resumed run would use it",
                 *(f"recorded at its start: {line}" for line in (plan.recipe_note or "").splitlines())]
         return "".join(f"# {line}\n" for line in head) + dump_config(plan.cfg)

@@ -1,0 +1,105 @@
+"""`--resume DIR` keeps the run it continues: an option asking for another batch size, lr,
+seed, recipe, class balance, --init or --out is a one-line error naming it (it used to be
+ignored without a word); the same values are accepted; where the files are may change
+(another working folder, --data-dir). Each command is a fresh process, as a user runs it."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from datafixtures import write_cifar10_python
+from helpers import TINY, write_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+SETS = [x for o in TINY for x in ("--set", o)]
+
+
+def mmlit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MMLIT_DATA"}
+    env.update(PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, "-m", "mmlit_cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def snapshot(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A one-epoch run in `base/run`, trained on the folder `base/colours`, named relatively."""
+    base = tmp_path_factory.mktemp("resume-options")
+    write_folder(base / "colours", per_class=6)
+    done = mmlit("finetune", "--preset", "xxs", "--dataset", "colours", "--epochs", "1", "--batch-size", "8",
+                 "--seed", "5", "--out", "run", *SETS, cwd=base)
+    assert done.returncode == 0, done.stderr
+    return base
+
+
+@pytest.mark.parametrize("option,value", [("--batch-size", "16"), ("--lr", "0.5"), ("--seed", "3"),
+                                          ("--recipe", "paper"), ("--class-balance", "loss"),
+                                          ("--init", "other/best.safetensors"), ("--out", "elsewhere")])
+@pytest.mark.parametrize("print_config", [True, False])
+def test_an_option_the_resumed_run_keeps_is_an_error_naming_it(trained, option, value, print_config):
+    before = snapshot(trained / "run")
+    asked = mmlit("finetune", "--resume", "run", "--epochs", "2", option, value,
+                  *(["--print-config"] if print_config else []), cwd=trained)
+    said = asked.stderr + asked.stdout
+    assert asked.returncode == 2, said
+    assert "Traceback" not in said and len(said.strip().splitlines()) == 1, said
+    assert f"cannot change {option} {value} (the run's: " in said
+    assert snapshot(trained / "run") == before
+    assert not (trained / "elsewhere").exists()
+
+
+def test_every_option_that_differs_is_named_in_the_one_line(trained):
+    asked = mmlit("finetune", "--resume", "run", "--lr", "0.5", "--seed", "3", "--print-config", cwd=trained)
+    assert asked.returncode == 2
+    assert "--lr 0.5 (the run's: " in asked.stderr and "--seed 3 (the run's: 5)" in asked.stderr
+
+
+def test_the_values_the_run_recorded_are_accepted(trained):
+    recorded = yaml.safe_load((trained / "run" / "config.yaml").read_text())["finetune"]
+    same = ("--batch-size", str(recorded["batch_size"]), "--lr", repr(recorded["lr"]), "--seed", "5",
+            "--recipe", recorded["recipe"], "--class-balance", "none", "--out", "./run")
+    shown = mmlit("finetune", "--resume", "run", "--epochs", "2", *same, "--print-config", cwd=trained)
+    assert shown.returncode == 0, shown.stderr
+    assert yaml.safe_load(shown.stdout)["finetune"]["lr"] == recorded["lr"]
+
+
+def test_a_run_on_a_relative_folder_resumes_from_another_working_folder(trained, tmp_path):
+    """The data is found where the run was trained, not looked up again from where the user stands."""
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    elsewhere = tmp_path / "somewhere" / "else"
+    elsewhere.mkdir(parents=True)
+    resumed = mmlit("finetune", "--resume", str(run), "--epochs", "2", cwd=elsewhere)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows if "val_top1" in row] == [1, 2]
+    named = mmlit("finetune", "--resume", str(run), "--dataset", str(trained / "colours"), "--print-config",
+                  cwd=elsewhere)
+    assert named.returncode == 0, named.stderr
+    moved = mmlit("finetune", "--resume", str(run), "--data-dir", "x", "--print-config", cwd=elsewhere)
+    assert moved.returncode == 2 and "--data-dir locates a named dataset" in moved.stderr
+
+
+def test_a_named_dataset_that_moved_is_found_with_data_dir(tmp_path):
+    write_cifar10_python(tmp_path / "first", n_per_batch=4, n_test=6)
+    sets = [*SETS, "--set", "model.image_size=36", "--set", "data.val_fraction=0.2"]
+    done = mmlit("finetune", "--preset", "xxs", "--dataset", "cifar10", "--data-dir", "first", "--epochs", "1",
+                 "--batch-size", "8", "--out", "run", *sets, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (tmp_path / "first").rename(tmp_path / "moved")
+    lost = mmlit("finetune", "--resume", "run", "--epochs", "2", cwd=tmp_path)
+    assert lost.returncode == 2 and "Traceback" not in lost.stderr
+    found = mmlit("finetune", "--resume", "run", "--epochs", "2", "--data-dir", "moved", cwd=tmp_path)
+    assert found.returncode == 0, found.stderr
+    folder = mmlit("finetune", "--resume", "run", "--data-dir", "moved", "--print-config", cwd=tmp_path)
+    assert folder.returncode == 0, folder.stderr
