@@ -258,11 +258,19 @@ def fit_recipe(cfg: Config, section: str, reference_epochs: int, train_images: i
     return dataclasses.replace(cfg, model=model, **{section: recipe}).validate()
 
 
+def batch_origin(preset: int, device: int, fitted: int) -> str:
+    """Where a run's batch came from when it is not the preset's: "preset 128 -> 512 on the
+    GPU -> 90 for a short run" (`device`: after `fit_to_device`; `fitted`: after `fit_recipe`)."""
+    steps = [f"{device} on the GPU" if device != preset else "", f"{fitted} for a short run" if fitted != device else ""]
+    return " -> ".join([f"preset {preset}", *(x for x in steps if x)]) if fitted != preset or device != preset else ""
+
+
 def describe(cfg: Config, section: str, reference_epochs: int, train_images: int | None = None,
-             world_size: int = 1, lr_given: bool = False) -> str:
+             world_size: int = 1, lr_given: bool = False, origin: str = "") -> str:
     """The recipe a run will use, in two lines (printed at the start of a run, and atop its
-    config.yaml): the values the optimizer and the loader get, the peak lr with its factors,
-    the warm-up in epochs and in steps (for `train_images` split over `world_size` processes)."""
+    config.yaml): the values the optimizer and the loader get (the batch with its `origin`,
+    see `batch_origin`), the peak lr with its factors, the warm-up in epochs and in steps (for
+    `train_images` split over `world_size` processes)."""
     r: TrainConfig = getattr(cfg, section)
     a = r.augment
     s = strength(r.epochs, reference_epochs) if r.recipe == "auto" else 1.0
@@ -291,7 +299,7 @@ def describe(cfg: Config, section: str, reference_epochs: int, train_images: int
         warm += f" = {steps:,.0f}" if steps >= 100 else f" = {steps:.3g}"
         warm += f" of {steps_per_epoch * r.epochs:,} steps"
     return (f"recipe {fitted}\n"
-            f"  batch {r.batch_size} x {world_size} process(es), lr {r.lr:.3g} ({lr_factors(r, world_size, lr_given)}), {warm}, "
+            f"  batch {r.batch_size} x {world_size} process(es){f' ({origin})' if origin else ''}, lr {r.lr:.3g} ({lr_factors(r, world_size, lr_given)}), {warm}, "
             f"{shape}, {decay}, {clip}; {', '.join(x for x in aug if x) or 'no augmentation'}")
 
 

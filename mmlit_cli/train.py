@@ -21,7 +21,7 @@ from .data import DATASET_NAMES, SAMPLE_DIR, ImageData, canonical_name, default_
     train_split_size, usable_cpus
 from .engine import RunOptions, Trainer
 from .errors import MmlitError
-from .recipe import SAMPLE_EPOCHS, describe, fit_recipe, fit_to_device, pinned_keys
+from .recipe import SAMPLE_EPOCHS, batch_origin, describe, fit_recipe, fit_to_device, pinned_keys
 from .runtime import check_compile_mode, end_distributed, process_count, process_rank, resolve_device
 from .tasks import TASKS
 from .train_state import layer_decay_of_run
@@ -129,10 +129,13 @@ class RunPlan:
             return self
         world = process_count()
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: processes sharing these cores
-        cfg = fit_to_device(self.cfg, section, device_type, train_images, world,
-                            max(usable_cpus() // local_world, 1), self.pinned)
-        cfg = fit_recipe(cfg, section, self.reference_epochs, train_images, world, self.pinned)
-        note = describe(cfg, section, self.reference_epochs, train_images, world, f"{section}.lr" in self.pinned)
+        device_cfg = fit_to_device(self.cfg, section, device_type, train_images, world,
+                                   max(usable_cpus() // local_world, 1), self.pinned)
+        cfg = fit_recipe(device_cfg, section, self.reference_epochs, train_images, world, self.pinned)
+        origin = "" if f"{section}.batch_size" in self.pinned else batch_origin(
+            *(getattr(c, section).batch_size for c in (self.cfg, device_cfg, cfg)))
+        note = describe(cfg, section, self.reference_epochs, train_images, world, f"{section}.lr" in self.pinned,
+                        origin)
         return dataclasses.replace(self, cfg=cfg, recipe_note=note)
 
 

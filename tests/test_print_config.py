@@ -200,3 +200,21 @@ def test_print_config_of_a_resumed_run_is_what_the_resumed_run_uses(tmp_path):
     wrong = mmlit("finetune", "--resume", "run", "--loader", "workers", "--print-config", cwd=tmp_path)
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
     assert "a resumed run keeps it" in wrong.stderr + wrong.stdout
+
+
+def test_the_recipe_line_says_where_the_batch_came_from():
+    """The batch is the preset's unless the GPU raised it or a short run shrank it; the recipe
+    line says which (a batch the user set is theirs, and said plainly)."""
+    from mmlit_cli.recipe import batch_origin
+    from mmlit_cli.train import resolved_config
+
+    assert batch_origin(128, 128, 128) == ""
+    assert batch_origin(128, 128, 64) == "preset 128 -> 64 for a short run"
+    assert batch_origin(128, 512, 512) == "preset 128 -> 512 on the GPU"
+    assert batch_origin(128, 512, 90) == "preset 128 -> 512 on the GPU -> 90 for a short run"
+    short = resolved_config("finetune", "xxs", None, epochs=4, device="cpu")
+    assert "  batch 64 x 1 process(es) (preset 128 -> 64 for a short run), lr " in short
+    pinned = resolved_config("finetune", "xxs", None, epochs=4, batch_size=64, device="cpu")
+    assert "  batch 64 x 1 process(es), lr " in pinned
+    paper = resolved_config("finetune", "xxs", None, epochs=4, recipe="paper", device="cpu")
+    assert "  batch 128 x 1 process(es), lr " in paper
