@@ -27,7 +27,8 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 # What `--resume` may change: how long the run goes on and where and how it runs. Everything
 # else the run keeps as its checkpoint recorded it; an option asking otherwise is an error.
-RESUME_MAY_CHANGE = "--epochs, --patience, --workers, --data-dir, --download, --device, --compile and --save-every"
+RESUME_MAY_CHANGE = ("--epochs, --patience, --workers, --data-dir, --download, --device, --compile, --compile-mode "
+                     "and --save-every")
 
 
 @dataclass

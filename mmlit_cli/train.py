@@ -305,9 +305,13 @@ def _resumed_run(run_dir: Path, task_cls, *, preset: str | None = None, dataset:
                          f"loader draws other batches)")
     section = task_cls.command
     invocation = ckpt.train_info.get("invocation")
+    saved_world, world = int(ckpt.train_info.get("world_size", 1)), process_count()
+    if saved_world != world and not _lr_pinned(invocation, section):  # the lr follows the global batch
+        cfg = _apply_shortcuts(cfg, section, lr=getattr(cfg, section).lr * world / saved_world)
     differ = _kept_options_that_differ(run_dir, getattr(cfg, section), invocation, kept or {})
     if differ:
-        raise MmlitError(f"{run_dir} keeps what it was trained with, so --resume cannot change "
+        on = f" on {world} process(es)" if saved_world != world else ""
+        raise MmlitError(f"{run_dir} keeps what it was trained with, so --resume{on} cannot change "
                          f"{', '.join(differ)}: only {RESUME_MAY_CHANGE} may change (a new run can change the rest)")
     changes = {k: v for k, v in (changes or {}).items() if v is not None}
     cfg = _apply_shortcuts(cfg, section, loader=recorded, **changes)
@@ -316,9 +320,6 @@ def _resumed_run(run_dir: Path, task_cls, *, preset: str | None = None, dataset:
         raise MmlitError(f"{run_dir} was trained on '{spec.dataset}', not '{dataset}'")
     if validation is not None and validation != spec.validation:
         raise MmlitError(f"{run_dir} was trained with --val {spec.validation}; a resumed run keeps it")
-    saved_world, world = int(ckpt.train_info.get("world_size", 1)), process_count()
-    if saved_world != world and not _lr_pinned(invocation, section):  # the lr follows the global batch
-        cfg = _apply_shortcuts(cfg, section, lr=getattr(cfg, section).lr * world / saved_world)
     if invocation is not None:  # what --epochs/--patience/--workers changed, the same command must say again
         invocation = json.loads(json.dumps(invocation))
         invocation["config"][section].update(changes)
@@ -328,12 +329,14 @@ def _resumed_run(run_dir: Path, task_cls, *, preset: str | None = None, dataset:
 def _recorded_data(ckpt: Checkpoint, data_dir: str | None, download: bool) -> DataSpec:
     """The data a run was trained on, with absolute paths (recorded as `info["dataset"]`; runs
     older than that recorded the paths as given), so that it resumes from any folder; a
-    named dataset's files may have moved (`--data-dir`) or be missing (`--download`)."""
+    named dataset's files may have moved (`data_dir`: --data-dir, or where the same command
+    run again finds them) or be missing (`download`)."""
     located = ckpt.info.get("dataset")
     spec = DataSpec(**(located if isinstance(located, dict) else ckpt.train_info["dataset"]))
-    if data_dir is not None:
-        if canonical_name(spec.dataset) not in DATASET_NAMES:
-            raise MmlitError(f"--data-dir locates a named dataset; this run was trained on {spec.dataset}")
+    if data_dir is not None and data_dir != spec.data_dir:
+        if not _named(spec.dataset):
+            raise MmlitError(f"--data-dir locates a named dataset (cifar10, ...); this run was trained on "
+                             f"{spec.dataset}")
         spec = dataclasses.replace(spec, data_dir=data_dir)
     return dataclasses.replace(spec, download=download) if download else spec
 
@@ -344,14 +347,19 @@ def _kept_options_that_differ(run_dir: Path, recorded: Any, invocation: dict[str
     `recorded`, its --init, its folder), each said as "--lr 0.002 (the run's: 0.00158)"."""
     resolved = lambda path: str(Path(path).expanduser().resolve())  # noqa: E731
     there = {"batch_size": recorded.batch_size, "lr": recorded.lr, "seed": recorded.seed, "recipe": recorded.recipe,
-             "class_balance": recorded.class_balance, "init": (invocation or {}).get("init"),
-             "out": resolved(run_dir)}
-    same = {"lr": lambda asked, run: run is not None and math.isclose(asked, run, rel_tol=1e-6),
-            "init": lambda asked, run: run is not None and resolved(asked) == run,
+             "class_balance": recorded.class_balance, "out": resolved(run_dir),
+             "init": "not recorded" if invocation is None else invocation.get("init") or "none"}
+    # the lr as the recipe line prints it (3 significant digits) is the run's lr
+    same = {"lr": lambda asked, run: run is not None and math.isclose(asked, run, rel_tol=5e-3),
+            "init": lambda asked, run: resolved(asked) == run,
             "out": lambda asked, run: resolved(asked) == run}
-    return [f"--{key.replace('_', '-')} {asked} (the run's: {there[key] if there[key] is not None else 'none'})"
-            for key, asked in kept.items()
+    return [f"--{key.replace('_', '-')} {asked} (the run's: {there[key]})" for key, asked in kept.items()
             if asked is not None and not same.get(key, operator.eq)(asked, there[key])]
+
+
+def _named(dataset: str) -> bool:
+    """Whether `dataset` names a dataset found under a data directory (not a folder, not the sample)."""
+    return canonical_name(dataset) in DATASET_NAMES and not is_sample(dataset)
 
 
 def _lr_pinned(invocation: dict[str, Any] | None, section: str) -> bool:
@@ -367,7 +375,7 @@ def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_
     (torchrun's restarts, a requeued job, the up-arrow), that run, continued."""
     plan = _new_plan(task_cls, preset, dataset, data_dir, download, validation, overrides, shortcuts)
     plan = dataclasses.replace(plan, invocation=_invocation(plan, init))
-    continued = _continued_run(Path(out), task_cls, plan.invocation) if out is not None else \
+    continued = _continued_run(Path(out), task_cls, plan) if out is not None else \
         _restarted_run(kind, task_cls, plan)
     if continued is not None:
         return continued
@@ -385,9 +393,11 @@ def _invocation(plan: RunPlan, init: str | Path | None) -> dict[str, Any]:
                                   "init": None if init is None else str(Path(init).expanduser().resolve())}))
 
 
-def _continued_run(out: Path, task_cls, invocation: dict[str, Any]) -> RunPlan | None:
-    """The run in `out` when the same command started it, to be continued; None when `out`
-    holds no run's last.safetensors. A different run there is an error naming the difference."""
+def _continued_run(out: Path, task_cls, command: RunPlan) -> RunPlan | None:
+    """The run in `out` when the same command (`command`: its plan as a new run) started it,
+    to be continued, its named dataset read where the command finds it now (--data-dir,
+    $MMLIT_DATA: a requeued job's data may have moved); None when `out` holds no run's
+    last.safetensors. A different run there is an error naming the difference."""
     last = out / "last.safetensors"
     if not last.is_file():
         return None
@@ -395,11 +405,12 @@ def _continued_run(out: Path, task_cls, invocation: dict[str, Any]) -> RunPlan |
     recorded = (ckpt.train_info or {}).get("invocation")
     if recorded is None or ckpt.task != task_cls.kind:
         return None  # not a run this mmlit can tell apart: new_run_dir refuses the folder
-    differences = _differences(recorded, invocation)
+    differences = _differences(recorded, command.invocation)
     if differences:
         raise MmlitError(f"{out} holds another run ({differences}): choose another --out, or continue that run "
                          f"with --resume {out}")
-    plan = _resumed_run(out, task_cls)
+    where = command.spec.located() if _named(command.spec.dataset) else {}
+    plan = _resumed_run(out, task_cls, data_dir=where.get("data_dir"), download=command.spec.download)
     return dataclasses.replace(plan, continued=True)
 
 
@@ -414,7 +425,7 @@ def _restarted_run(kind: str, task_cls, plan: RunPlan) -> RunPlan | None:
         return None  # no run of that name yet
     k = int(free.name[len(name):])
     try:
-        return _continued_run(free.with_name(name if k == 2 else f"{name}{k - 1}"), task_cls, plan.invocation)
+        return _continued_run(free.with_name(name if k == 2 else f"{name}{k - 1}"), task_cls, plan)
     except MmlitError:  # the newest folder holds another run
         return None
 

@@ -20,10 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SETS = [x for o in TINY for x in ("--set", o)]
 
 
-def mmlit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MMLIT_DATA"}
-    env.update(PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
-    return subprocess.run([sys.executable, "-m", "mmlit_cli", *args], cwd=cwd, env=env, capture_output=True,
+def mmlit(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k != "MMLIT_DATA"}
+    full.update(PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "mmlit_cli", *args], cwd=cwd, env=full, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -33,10 +33,11 @@ def snapshot(folder: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A one-epoch run in `base/run`, trained on the folder `base/colours`, named relatively."""
+    """A one-epoch run in `base/run`, trained on the folder `base/colours`, named relatively (batch 9:
+    an lr of more than 3 significant digits)."""
     base = tmp_path_factory.mktemp("resume-options")
     write_folder(base / "colours", per_class=6)
-    done = mmlit("finetune", "--preset", "xxs", "--dataset", "colours", "--epochs", "1", "--batch-size", "8",
+    done = mmlit("finetune", "--preset", "xxs", "--dataset", "colours", "--epochs", "1", "--batch-size", "9",
                  "--seed", "5", "--out", "run", *SETS, cwd=base)
     assert done.returncode == 0, done.stderr
     return base
@@ -64,13 +65,30 @@ def test_every_option_that_differs_is_named_in_the_one_line(trained):
     assert "--lr 0.5 (the run's: " in asked.stderr and "--seed 3 (the run's: 5)" in asked.stderr
 
 
-def test_the_values_the_run_recorded_are_accepted(trained):
-    recorded = yaml.safe_load((trained / "run" / "config.yaml").read_text())["finetune"]
-    same = ("--batch-size", str(recorded["batch_size"]), "--lr", repr(recorded["lr"]), "--seed", "5",
-            "--recipe", recorded["recipe"], "--class-balance", "none", "--out", "./run")
-    shown = mmlit("finetune", "--resume", "run", "--epochs", "2", *same, "--print-config", cwd=trained)
-    assert shown.returncode == 0, shown.stderr
-    assert yaml.safe_load(shown.stdout)["finetune"]["lr"] == recorded["lr"]
+def test_the_values_the_run_recorded_are_accepted(trained, tmp_path):
+    """As a real run: the lr as the recipe line prints it (3 significant digits), the folder
+    with a trailing slash."""
+    shutil.copytree(trained / "run", tmp_path / "run")
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["finetune"]
+    assert float(f"{recorded['lr']:.3g}") != recorded["lr"]  # batch 9: lr 0.000140625, printed 0.000141
+    same = ("--batch-size", str(recorded["batch_size"]), "--lr", f"{recorded['lr']:.3g}", "--seed", "5",
+            "--recipe", recorded["recipe"], "--class-balance", "none", "--out", "run/")
+    resumed = mmlit("finetune", "--resume", "run", "--epochs", "2", *same, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["finetune"]["lr"] == recorded["lr"]
+
+
+def test_on_another_process_count_the_lr_is_the_one_the_resumed_run_uses(trained):
+    """The lr follows the global batch to 2 processes; --lr is checked against that lr, not
+    the recorded one, so an accepted --lr is never replaced behind the user's back."""
+    recorded = yaml.safe_load((trained / "run" / "config.yaml").read_text())["finetune"]["lr"]
+    env = dict(WORLD_SIZE="2")
+    old = mmlit("finetune", "--resume", "run", "--lr", repr(recorded), "--print-config", cwd=trained, env=env)
+    assert old.returncode == 2 and f"--resume on 2 process(es) cannot change --lr {recorded!r} (the run's: " \
+        f"{2 * recorded}" in old.stderr, old.stderr
+    doubled = mmlit("finetune", "--resume", "run", "--lr", repr(2 * recorded), "--print-config", cwd=trained, env=env)
+    assert doubled.returncode == 0, doubled.stderr
+    assert yaml.safe_load(doubled.stdout)["finetune"]["lr"] == pytest.approx(2 * recorded)
 
 
 def test_a_run_on_a_relative_folder_resumes_from_another_working_folder(trained, tmp_path):
@@ -101,5 +119,37 @@ def test_a_named_dataset_that_moved_is_found_with_data_dir(tmp_path):
     assert lost.returncode == 2 and "Traceback" not in lost.stderr
     found = mmlit("finetune", "--resume", "run", "--epochs", "2", "--data-dir", "moved", cwd=tmp_path)
     assert found.returncode == 0, found.stderr
-    folder = mmlit("finetune", "--resume", "run", "--data-dir", "moved", "--print-config", cwd=tmp_path)
-    assert folder.returncode == 0, folder.stderr
+    shown = mmlit("finetune", "--resume", "run", "--data-dir", "moved", "--print-config", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+
+
+def test_the_same_command_again_finds_a_named_dataset_where_it_now_says(tmp_path, monkeypatch):
+    """A requeued job whose data moved: the same command, its --data-dir (or $MMLIT_DATA) now
+    elsewhere, continues the run from there."""
+    from mmlit_cli.train import run_training
+
+    write_cifar10_python(tmp_path / "first", n_per_batch=4, n_test=6)
+    monkeypatch.chdir(tmp_path)
+    kw = dict(out="run", overrides=[*TINY, "model.image_size=36", "data.val_fraction=0.2"], epochs=2, batch_size=8,
+              device="cpu", quiet=True)
+    stopped = run_training("finetune", "xxs", "cifar10", data_dir="first", max_steps=1, **kw)
+    assert stopped["stopped"] == "max_steps"
+    (tmp_path / "first").rename(tmp_path / "moved")
+    monkeypatch.setenv("MMLIT_DATA", str(tmp_path / "moved"))
+    assert run_training("finetune", "xxs", "cifar10", **kw)["epoch"] == 2
+
+
+def test_a_checkpoint_from_before_absolute_paths_resumes_where_it_was_run(trained, tmp_path):
+    """Runs older than the recorded absolute paths kept the dataset as given: it is read
+    from the working folder, as before."""
+    from mmlit_cli.checkpoint import load_checkpoint, save_checkpoint
+
+    shutil.copytree(trained / "run", tmp_path / "run")
+    shutil.copytree(trained / "colours", tmp_path / "colours")
+    last = tmp_path / "run" / "last.safetensors"
+    ckpt = load_checkpoint(last, with_train_state=True)
+    del ckpt.info["dataset"]
+    save_checkpoint(last, ckpt)
+    resumed = mmlit("finetune", "--resume", "run", "--epochs", "2", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "colours" in resumed.stdout and str(trained) not in resumed.stdout
