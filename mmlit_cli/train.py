@@ -157,18 +157,14 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     task_cls = TASKS[kind]
     device_type = resolve_device(device).type  # a missing GPU is reported before any data is read
     check_compile_mode(compile_mode)
-    if validation is not None and validation not in VALIDATION:
-        raise MmlitError(f"--val must be {' or '.join(VALIDATION)}, got '{validation}'")
+    _check_validation(validation)
+    shortcuts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers, recipe=recipe,
+                     loader=loader, patience=patience, class_balance=class_balance)
     if resume is not None:
         plan = _resumed_run(Path(resume), task_cls, preset=preset, dataset=dataset, overrides=overrides,
-                            validation=validation, loader=loader,
-                            changes=dict(epochs=epochs, workers=workers, patience=patience),
-                            kept=dict(batch_size=batch_size, lr=lr, seed=seed, recipe=recipe,
-                                      class_balance=class_balance, init=init, out=out),
+                            validation=validation, options={**shortcuts, "init": init, "out": out},
                             data_dir=data_dir, download=download)
     else:
-        shortcuts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers, recipe=recipe,
-                         loader=loader, patience=patience, class_balance=class_balance)
         plan = _new_run(kind, task_cls, preset, dataset, data_dir, download, validation, overrides, shortcuts, out,
                         init)
         if dataset is None and not quiet and plan.resume is None:
@@ -224,6 +220,11 @@ def _resume(trainer: Trainer, plan: RunPlan, console: Console | None) -> None:
             f"{trainer.recipe.batch_size} x {world} and the peak lr {trainer.peak_lr:.3g} ({how})"), highlight=False)
 
 
+def _check_validation(validation: str | None) -> None:
+    if validation is not None and validation not in VALIDATION:
+        raise MmlitError(f"--val must be {' or '.join(VALIDATION)}, got '{validation}'")
+
+
 def _finished(plan: RunPlan, section: str) -> bool:
     """Whether the checkpoint a plan resumes from ended its run (all its epochs done, or
     stopped by --patience)."""
@@ -277,12 +278,16 @@ def _new_task(task_cls, cfg: Config, train: ImageData, plan: RunPlan, init: str 
 
 
 def _resumed_run(run_dir: Path, task_cls, *, preset: str | None = None, dataset: str | None = None,
-                 overrides: list[str] | None = None, validation: str | None = None, loader: str | None = None,
-                 changes: dict[str, Any] | None = None, kept: dict[str, Any] | None = None,
-                 data_dir: str | None = None, download: bool = False) -> RunPlan:
-    """`--resume DIR`: the run as its last.safetensors recorded it. `changes` (epochs, workers,
-    patience) apply; `data_dir` and `download` say where its files now are; `kept` (batch_size,
-    lr, seed, recipe, class_balance, init, out) and the other options must agree with the run."""
+                 overrides: list[str] | None = None, validation: str | None = None,
+                 options: dict[str, Any] | None = None, data_dir: str | None = None,
+                 download: bool = False) -> RunPlan:
+    """`--resume DIR`: the run as its last.safetensors recorded it. Of the command's `options`
+    (the shortcuts, init, out), --epochs, --workers and --patience apply, and the others must
+    agree with the run (`_kept_options_that_differ`); `data_dir` and `download` say where its
+    files now are."""
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    loader = options.pop("loader", None)
+    changes = {k: options.pop(k) for k in ("epochs", "workers", "patience") if k in options}
     last = run_dir / "last.safetensors"
     if not last.is_file():
         raise MmlitError(f"nothing to resume in {run_dir}: no last.safetensors")
@@ -308,12 +313,11 @@ def _resumed_run(run_dir: Path, task_cls, *, preset: str | None = None, dataset:
     saved_world, world = int(ckpt.train_info.get("world_size", 1)), process_count()
     if saved_world != world and not _lr_pinned(invocation, section):  # the lr follows the global batch
         cfg = _apply_shortcuts(cfg, section, lr=getattr(cfg, section).lr * world / saved_world)
-    differ = _kept_options_that_differ(run_dir, getattr(cfg, section), invocation, kept or {})
+    differ = _kept_options_that_differ(run_dir, getattr(cfg, section), invocation, options)
     if differ:
         on = f" on {world} process(es)" if saved_world != world else ""
         raise MmlitError(f"{run_dir} keeps what it was trained with, so --resume{on} cannot change "
                          f"{', '.join(differ)}: only {RESUME_MAY_CHANGE} may change (a new run can change the rest)")
-    changes = {k: v for k, v in (changes or {}).items() if v is not None}
     cfg = _apply_shortcuts(cfg, section, loader=recorded, **changes)
     spec = _recorded_data(ckpt, data_dir, download)
     if dataset is not None and DataSpec(dataset).located()["dataset"] != DataSpec(spec.dataset).located()["dataset"]:
@@ -473,16 +477,12 @@ def resolved_config(kind: str, preset: str | None, dataset: str | None, *, data_
     the run keeps (--lr, --batch-size, ...) is checked against it as the run would check it."""
     task_cls = TASKS[kind]
     if resume is not None:
-        kept_keys = ("batch_size", "lr", "seed", "recipe", "class_balance", "init", "out")
         plan = _resumed_run(Path(resume), task_cls, preset=preset, dataset=dataset, overrides=overrides,
-                            validation=validation, loader=shortcuts.get("loader"),
-                            changes={k: shortcuts.get(k) for k in ("epochs", "workers", "patience")},
-                            kept={k: shortcuts.get(k) for k in kept_keys}, data_dir=data_dir)
+                            validation=validation, options=shortcuts, data_dir=data_dir)
         head = [f"resumed from {resume}: the config it recorded, as the resumed run would use it",
                 *(f"recorded at its start: {line}" for line in (plan.recipe_note or "").splitlines())]
         return "".join(f"# {line}\n" for line in head) + dump_config(plan.cfg)
-    if validation is not None and validation not in VALIDATION:
-        raise MmlitError(f"--val must be {' or '.join(VALIDATION)}, got '{validation}'")
+    _check_validation(validation)
     shortcuts = {k: shortcuts.get(k) for k in ("epochs", "batch_size", "lr", "seed", "workers", "recipe", "loader",
                                                "patience", "class_balance")}
     plan = _new_plan(task_cls, preset, dataset, data_dir, False, validation, overrides, shortcuts)
