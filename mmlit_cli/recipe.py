@@ -260,9 +260,14 @@ def fit_recipe(cfg: Config, section: str, reference_epochs: int, train_images: i
 
 def batch_origin(preset: int, device: int, fitted: int) -> str:
     """Where a run's batch came from when it is not the preset's: "preset 128 -> 512 on the
-    GPU -> 90 for a short run" (`device`: after `fit_to_device`; `fitted`: after `fit_recipe`)."""
-    steps = [f"{device} on the GPU" if device != preset else "", f"{fitted} for a short run" if fitted != device else ""]
-    return " -> ".join([f"preset {preset}", *(x for x in steps if x)]) if fitted != preset or device != preset else ""
+    GPU -> 90 for a short run" (`device`: after `fit_to_device`; `fitted`: after `fit_recipe`;
+    a batch the user set is kept by both, so it has no origin)."""
+    steps = [f"preset {preset}"]
+    if device != preset:
+        steps.append(f"{device} on the GPU")
+    if fitted != device:
+        steps.append(f"{fitted} for a short run")
+    return " -> ".join(steps) if len(steps) > 1 else ""
 
 
 def describe(cfg: Config, section: str, reference_epochs: int, train_images: int | None = None,

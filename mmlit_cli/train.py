@@ -48,21 +48,31 @@ class DataSpec:
     def val_split(self) -> str:
         return "test" if self.validation == "test" else "val"
 
+    @property
+    def named(self) -> bool:
+        """Whether the dataset is a named one, found under a data directory (not a folder or
+        label file, not the bundled sample)."""
+        return canonical_name(self.dataset) in DATASET_NAMES and not is_sample(self.dataset)
+
     def located(self) -> dict[str, Any]:
         """This spec with absolute paths, as every checkpoint records it: `eval` and `benchmark`
         without --dataset read the data from there, whatever folder they are run in."""
         name = canonical_name(self.dataset)
-        if name == "sample":
+        if is_sample(name):
             return dataclasses.asdict(dataclasses.replace(self, dataset=name, data_dir=None))
-        if name in DATASET_NAMES:
-            root = Path(self.data_dir).expanduser().resolve() if self.data_dir else default_data_dir()
-            return dataclasses.asdict(dataclasses.replace(self, dataset=name, data_dir=str(root)))
-        return dataclasses.asdict(dataclasses.replace(self, dataset=str(Path(self.dataset).expanduser().resolve())))
+        if self.named:
+            root = _absolute(self.data_dir) if self.data_dir else str(default_data_dir())
+            return dataclasses.asdict(dataclasses.replace(self, dataset=name, data_dir=root))
+        return dataclasses.asdict(dataclasses.replace(self, dataset=_absolute(self.dataset)))
 
     def load(self, split: str, cfg: Config, require_labels: bool = True) -> ImageData:
         return load_split(self.dataset, split, cfg.model.image_size, data_dir=self.data_dir,
                           download=self.download, val_fraction=cfg.data.val_fraction,
                           require_labels=require_labels, holdout=self.validation == "auto")
+
+
+def _absolute(path: str | Path) -> str:
+    return str(Path(path).expanduser().resolve())
 
 
 def new_run_dir(out: str | Path | None, kind: str, name: str) -> Path:
@@ -132,8 +142,7 @@ class RunPlan:
         device_cfg = fit_to_device(self.cfg, section, device_type, train_images, world,
                                    max(usable_cpus() // local_world, 1), self.pinned)
         cfg = fit_recipe(device_cfg, section, self.reference_epochs, train_images, world, self.pinned)
-        origin = "" if f"{section}.batch_size" in self.pinned else batch_origin(
-            *(getattr(c, section).batch_size for c in (self.cfg, device_cfg, cfg)))
+        origin = batch_origin(*(getattr(c, section).batch_size for c in (self.cfg, device_cfg, cfg)))
         note = describe(cfg, section, self.reference_epochs, train_images, world, f"{section}.lr" in self.pinned,
                         origin)
         return dataclasses.replace(self, cfg=cfg, recipe_note=note)
@@ -338,7 +347,7 @@ def _recorded_data(ckpt: Checkpoint, data_dir: str | None, download: bool) -> Da
     located = ckpt.info.get("dataset")
     spec = DataSpec(**(located if isinstance(located, dict) else ckpt.train_info["dataset"]))
     if data_dir is not None and data_dir != spec.data_dir:
-        if not _named(spec.dataset):
+        if not spec.named:
             raise MmlitError(f"--data-dir locates a named dataset (cifar10, ...); this run was trained on "
                              f"{spec.dataset}")
         spec = dataclasses.replace(spec, data_dir=data_dir)
@@ -349,21 +358,15 @@ def _kept_options_that_differ(run_dir: Path, recorded: Any, invocation: dict[str
                               kept: dict[str, Any]) -> list[str]:
     """The options in `kept` that ask for other than the run recorded (its config section
     `recorded`, its --init, its folder), each said as "--lr 0.002 (the run's: 0.00158)"."""
-    resolved = lambda path: str(Path(path).expanduser().resolve())  # noqa: E731
     there = {"batch_size": recorded.batch_size, "lr": recorded.lr, "seed": recorded.seed, "recipe": recorded.recipe,
-             "class_balance": recorded.class_balance, "out": resolved(run_dir),
+             "class_balance": recorded.class_balance, "out": _absolute(run_dir),
              "init": "not recorded" if invocation is None else invocation.get("init") or "none"}
     # the lr as the recipe line prints it (3 significant digits) is the run's lr
     same = {"lr": lambda asked, run: run is not None and math.isclose(asked, run, rel_tol=5e-3),
-            "init": lambda asked, run: resolved(asked) == run,
-            "out": lambda asked, run: resolved(asked) == run}
+            "init": lambda asked, run: _absolute(asked) == run,
+            "out": lambda asked, run: _absolute(asked) == run}
     return [f"--{key.replace('_', '-')} {asked} (the run's: {there[key]})" for key, asked in kept.items()
             if asked is not None and not same.get(key, operator.eq)(asked, there[key])]
-
-
-def _named(dataset: str) -> bool:
-    """Whether `dataset` names a dataset found under a data directory (not a folder, not the sample)."""
-    return canonical_name(dataset) in DATASET_NAMES and not is_sample(dataset)
 
 
 def _lr_pinned(invocation: dict[str, Any] | None, section: str) -> bool:
@@ -394,7 +397,7 @@ def _invocation(plan: RunPlan, init: str | Path | None) -> dict[str, Any]:
     located = plan.spec.located()  # not --download or --data-dir: where the files are may change
     return json.loads(json.dumps({"config": dataclasses.asdict(plan.cfg),
                                   "dataset": {k: located[k] for k in ("dataset", "validation")},
-                                  "init": None if init is None else str(Path(init).expanduser().resolve())}))
+                                  "init": None if init is None else _absolute(init)}))
 
 
 def _continued_run(out: Path, task_cls, command: RunPlan) -> RunPlan | None:
@@ -413,7 +416,7 @@ def _continued_run(out: Path, task_cls, command: RunPlan) -> RunPlan | None:
     if differences:
         raise MmlitError(f"{out} holds another run ({differences}): choose another --out, or continue that run "
                          f"with --resume {out}")
-    where = command.spec.located() if _named(command.spec.dataset) else {}
+    where = command.spec.located() if command.spec.named else {}
     plan = _resumed_run(out, task_cls, data_dir=where.get("data_dir"), download=command.spec.download)
     return dataclasses.replace(plan, continued=True)
 
