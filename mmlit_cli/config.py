@@ -29,6 +29,8 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets"
 # else the run keeps as its checkpoint recorded it; an option asking otherwise is an error.
 RESUME_MAY_CHANGE = ("--epochs, --patience, --workers, --data-dir, --download, --device, --compile, --compile-mode "
                      "and --save-every")
+# The keys of a run's config section that --resume may change (with their options or --set).
+RESUMED_CONFIG_MAY_CHANGE = ("epochs", "patience", "workers")
 
 
 @dataclass
@@ -421,11 +423,13 @@ def load_config(preset: str | Path = "xs", overrides: list[str] | None = None) -
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a preset must be a YAML mapping")
     data.setdefault("name", path.stem)
-    cfg = config_from_dict(data, str(path))
+    return with_overrides(config_from_dict(data, str(path)), overrides)
+
+
+def with_overrides(cfg: Config, overrides: list[str] | None) -> Config:
+    """`cfg` with `--set` overrides applied, validated."""
     over = parse_overrides(overrides)
-    if over:
-        cfg = config_from_dict(_merge(cfg.to_dict(), over), "--set")
-    return cfg
+    return config_from_dict(_merge(cfg.to_dict(), over), "--set") if over else cfg
 
 
 def dump_config(cfg: Config) -> str:

@@ -18,6 +18,10 @@ class DataError(MmlitError):
     """A dataset that is missing, malformed or unusable."""
 
 
+class DataNotFound(DataError):
+    """A named dataset whose files are not where they were looked for."""
+
+
 class CheckpointError(MmlitError):
     """A checkpoint that cannot be read or does not fit what was asked of it."""
 

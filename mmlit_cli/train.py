@@ -4,6 +4,7 @@ directory, then hand everything to the engine."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import operator
@@ -16,11 +17,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from .checkpoint import Checkpoint, load_checkpoint, load_weights_into
-from .config import CLASS_BALANCE, RESUME_MAY_CHANGE, Config, dump_config, load_config, parse_overrides
+from .config import CLASS_BALANCE, RESUME_MAY_CHANGE, RESUMED_CONFIG_MAY_CHANGE, Config, dump_config, load_config, \
+    parse_overrides, with_overrides
 from .data import DATASET_NAMES, SAMPLE_DIR, ImageData, canonical_name, default_data_dir, is_sample, load_split, \
     train_split_size, usable_cpus
 from .engine import RunOptions, Trainer
-from .errors import MmlitError
+from .errors import DataNotFound, MmlitError
 from .recipe import SAMPLE_EPOCHS, batch_origin, describe, fit_recipe, fit_to_device, pinned_keys
 from .runtime import check_compile_mode, end_distributed, process_count, process_rank, resolve_device
 from .tasks import TASKS
@@ -181,7 +183,8 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     if plan.resume is not None and _finished(plan, task_cls.command):
         return _nothing_to_do(plan, None if quiet else console)
 
-    train, val = _load_data(plan.spec, plan.cfg, task_cls.needs_labels, console if main_process else None)
+    train, val = _load_data(plan.spec, plan.cfg, task_cls.needs_labels, console if main_process else None,
+                            resumed=plan.resume is not None)
     plan = plan.fit_to(task_cls.command, len(train), device_type)
     cfg = plan.cfg if plan.resume is not None else task_cls.fit_config(plan.cfg, len(train.classes))
     if not quiet:
@@ -296,7 +299,7 @@ def _resumed_run(run_dir: Path, task_cls, *, preset: str | None = None, dataset:
     files now are."""
     options = {k: v for k, v in (options or {}).items() if v is not None}
     loader = options.pop("loader", None)
-    changes = {k: options.pop(k) for k in ("epochs", "workers", "patience") if k in options}
+    changes = {k: options.pop(k) for k in RESUMED_CONFIG_MAY_CHANGE if k in options}
     last = run_dir / "last.safetensors"
     if not last.is_file():
         raise MmlitError(f"nothing to resume in {run_dir}: no last.safetensors")
@@ -308,8 +311,6 @@ def _resumed_run(run_dir: Path, task_cls, *, preset: str | None = None, dataset:
     cfg = ckpt.config
     if preset is not None and load_config(preset).name != cfg.name:
         raise MmlitError(f"{run_dir} was trained with preset '{cfg.name}', not '{preset}'")
-    if overrides:
-        raise MmlitError("--set cannot change a run being resumed; its config is in the checkpoint")
     recorded = getattr(cfg, task_cls.command).loader
     # A run records the loader it chose; "auto" in a checkpoint means the run predates the
     # device loader, so its batches came from loader workers.
@@ -322,7 +323,9 @@ def _resumed_run(run_dir: Path, task_cls, *, preset: str | None = None, dataset:
     saved_world, world = int(ckpt.train_info.get("world_size", 1)), process_count()
     if saved_world != world and not _lr_pinned(invocation, section):  # the lr follows the global batch
         cfg = _apply_shortcuts(cfg, section, lr=getattr(cfg, section).lr * world / saved_world)
-    differ = _kept_options_that_differ(run_dir, getattr(cfg, section), invocation, options)
+    set_changes, set_differ = _overrides_on_resume(cfg, section, overrides, invocation)
+    changes = {**set_changes, **changes}  # an option wins over --set of the same key, as in a new run
+    differ = _kept_options_that_differ(run_dir, getattr(cfg, section), invocation, options) + set_differ
     if differ:
         on = f" on {world} process(es)" if saved_world != world else ""
         raise MmlitError(f"{run_dir} keeps what it was trained with, so --resume{on} cannot change "
@@ -361,12 +364,41 @@ def _kept_options_that_differ(run_dir: Path, recorded: Any, invocation: dict[str
     there = {"batch_size": recorded.batch_size, "lr": recorded.lr, "seed": recorded.seed, "recipe": recorded.recipe,
              "class_balance": recorded.class_balance, "out": _absolute(run_dir),
              "init": "not recorded" if invocation is None else invocation.get("init") or "none"}
-    # the lr as the recipe line prints it (3 significant digits) is the run's lr
-    same = {"lr": lambda asked, run: run is not None and math.isclose(asked, run, rel_tol=5e-3),
-            "init": lambda asked, run: _absolute(asked) == run,
+    same = {"lr": _same_lr, "init": lambda asked, run: _absolute(asked) == run,
             "out": lambda asked, run: _absolute(asked) == run}
-    return [f"--{key.replace('_', '-')} {asked} (the run's: {there[key]})" for key, asked in kept.items()
+    return [f"--{key.replace('_', '-')} {asked} (the run's: {_shown(there[key])})" for key, asked in kept.items()
             if asked is not None and not same.get(key, operator.eq)(asked, there[key])]
+
+
+def _overrides_on_resume(cfg: Config, section: str, overrides: list[str] | None,
+                         invocation: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+    """`--set` given with `--resume`: the keys a resumed run may change (its section's epochs,
+    patience, workers) as changes; every other key must ask for the run's own value, as it runs
+    (`cfg`) or as its command asked for it (`invocation`: before the recipe was fitted, say a
+    warm-up longer than half the run), and those that do not are said as "--set model.depth=4
+    (the run's: 6)"."""
+    asked = with_overrides(cfg, overrides)  # an unknown key or a bad value: the error a new run gives
+    started = (invocation or {}).get("config", {})
+    changes, differ = {}, []
+    for key in sorted(pinned_keys(parse_overrides(overrides))):
+        parts = key.split(".")
+        want, have = (functools.reduce(getattr, parts, c) for c in (asked, cfg))
+        as_started = functools.reduce(lambda node, k: node.get(k) if isinstance(node, dict) else None, parts, started)
+        if parts[0] == section and parts[-1] in RESUMED_CONFIG_MAY_CHANGE and len(parts) == 2:
+            changes[parts[1]] = want
+        elif not (_same_lr(want, have) if key == f"{section}.lr" else want in (have, as_started)):
+            differ.append(f"--set {key}={want} (the run's: {_shown(have)})")
+    return changes, differ
+
+
+def _shown(value: Any) -> Any:
+    """A run's value for a message: a float to 6 significant digits (0.000140625, not 0.00014062500000000002)."""
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def _same_lr(asked: float | None, run: float | None) -> bool:
+    """Whether an lr asked for is the run's: as the recipe line prints it (3 significant digits)."""
+    return asked is not None and run is not None and math.isclose(asked, run, rel_tol=5e-3)
 
 
 def _lr_pinned(invocation: dict[str, Any] | None, section: str) -> bool:
@@ -498,11 +530,18 @@ def resolved_config(kind: str, preset: str | None, dataset: str | None, *, data_
     return "".join(f"# {line}\n" for line in head) + dump_config(cfg)
 
 
-def _load_data(spec: DataSpec, cfg: Config, require_labels: bool,
-               console: Console | None) -> tuple[ImageData, ImageData | None]:
+def _load_data(spec: DataSpec, cfg: Config, require_labels: bool, console: Console | None,
+               resumed: bool = False) -> tuple[ImageData, ImageData | None]:
     """The training split and the validation split (None: an unlabelled folder with nothing
     to hold out); skipped files are reported on `console` when given."""
-    train = spec.load("train", cfg, require_labels)
+    try:
+        train = spec.load("train", cfg, require_labels)
+    except DataNotFound as e:
+        if not resumed:
+            raise
+        # a resumed run reads its named dataset where it was trained, which may have moved
+        raise DataNotFound(f"{e} Resuming: if they have moved since the run began, pass --data-dir with the "
+                           f"folder they are in now.") from None
     if console is not None:
         _warn_skipped(console, train)
     try:

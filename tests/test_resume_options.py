@@ -1,7 +1,8 @@
 """`--resume DIR` keeps the run it continues: an option asking for another batch size, lr,
-seed, recipe, class balance, --init or --out is a one-line error naming it (it used to be
-ignored without a word); the same values are accepted; where the files are may change
-(another working folder, --data-dir). Each command is a fresh process, as a user runs it."""
+seed, recipe, class balance, --init or --out, or a --set asking for another value, is a
+one-line error naming it (it used to be ignored without a word); the same values are
+accepted; where the files are may change (another working folder, --data-dir). Each command
+is a fresh process, as a user runs it."""
 
 import json
 import os
@@ -78,6 +79,38 @@ def test_the_values_the_run_recorded_are_accepted(trained, tmp_path):
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["finetune"]["lr"] == recorded["lr"]
 
 
+@pytest.mark.parametrize("asked,named", [(["model.depth=4"], "--set model.depth=4 (the run's: 3)"),
+                                         (["finetune.seed=3"], "--set finetune.seed=3 (the run's: 5)"),
+                                         (["finetune.lr=0.5"], "--set finetune.lr=0.5 (the run's: 0.000140625)")])
+def test_a_set_that_asks_for_another_value_is_an_error_naming_it(trained, asked, named):
+    before = snapshot(trained / "run")
+    refused = mmlit("finetune", "--resume", "run", "--epochs", "2", *SETS, *[x for o in asked for x in ("--set", o)],
+                    cwd=trained)
+    said = refused.stderr + refused.stdout
+    assert refused.returncode == 2 and len(said.strip().splitlines()) == 1 and "Traceback" not in said, said
+    assert f"cannot change {named}" in said
+    assert snapshot(trained / "run") == before
+
+
+def test_the_first_command_with_resume_added_is_accepted(trained, tmp_path):
+    """The command that started the run, its --set values and all, with --resume: those values
+    are the run's, so they are accepted (they used to be refused whatever they said); a --set of
+    the run's length changes it as --epochs does."""
+    shutil.copytree(trained / "run", tmp_path / "run")
+    lr = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["finetune"]["lr"]
+    again = ("finetune", "--preset", "xxs", "--dataset", str(trained / "colours"), "--batch-size", "9", "--seed", "5", *SETS,
+             "--set", f"finetune.lr={lr:.3g}", "--set", "finetune.epochs=2", "--resume", "run")
+    shown = mmlit(*again, "--print-config", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert yaml.safe_load(shown.stdout)["finetune"]["epochs"] == 2
+    resumed = mmlit(*again, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows if "val_top1" in row] == [1, 2]
+    unknown = mmlit("finetune", "--resume", "run", "--set", "model.nope=1", cwd=tmp_path)
+    assert unknown.returncode == 2 and "unknown key 'model.nope'" in unknown.stderr
+
+
 def test_on_another_process_count_the_lr_is_the_one_the_resumed_run_uses(trained):
     """The lr follows the global batch to 2 processes; --lr is checked against that lr, not
     the recorded one, so an accepted --lr is never replaced behind the user's back."""
@@ -85,7 +118,7 @@ def test_on_another_process_count_the_lr_is_the_one_the_resumed_run_uses(trained
     env = dict(WORLD_SIZE="2")
     old = mmlit("finetune", "--resume", "run", "--lr", repr(recorded), "--print-config", cwd=trained, env=env)
     assert old.returncode == 2 and f"--resume on 2 process(es) cannot change --lr {recorded!r} (the run's: " \
-        f"{2 * recorded}" in old.stderr, old.stderr
+        f"{2 * recorded:.6g})" in old.stderr, old.stderr
     doubled = mmlit("finetune", "--resume", "run", "--lr", repr(2 * recorded), "--print-config", cwd=trained, env=env)
     assert doubled.returncode == 0, doubled.stderr
     assert yaml.safe_load(doubled.stdout)["finetune"]["lr"] == pytest.approx(2 * recorded)
@@ -116,7 +149,8 @@ def test_a_named_dataset_that_moved_is_found_with_data_dir(tmp_path):
     assert done.returncode == 0, done.stderr
     (tmp_path / "first").rename(tmp_path / "moved")
     lost = mmlit("finetune", "--resume", "run", "--epochs", "2", cwd=tmp_path)
-    assert lost.returncode == 2 and "Traceback" not in lost.stderr
+    assert lost.returncode == 2 and "Traceback" not in lost.stderr and len(lost.stderr.strip().splitlines()) == 1
+    assert "if they have moved since the run began, pass --data-dir" in lost.stderr, lost.stderr
     found = mmlit("finetune", "--resume", "run", "--epochs", "2", "--data-dir", "moved", cwd=tmp_path)
     assert found.returncode == 0, found.stderr
     shown = mmlit("finetune", "--resume", "run", "--data-dir", "moved", "--print-config", cwd=tmp_path)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DataError, one_line
+from ..errors import DataError, DataNotFound, one_line
 from .decode import decode_labelled, list_images, to_uint8_images
 from .folders import load_folder
 from .formats import (cifar_binary_batch, cifar_pickle_batch, cifar_pickle_names, read_idx, read_mat,
@@ -65,9 +65,9 @@ def _download(name: str, root: Path, split: str, manual_hint: str) -> None:
         socket.setdefaulttimeout(old_timeout)
 
 
-def _missing(name: str, expected: list[Path], manual_hint: str) -> DataError:
+def _missing(name: str, expected: list[Path], manual_hint: str) -> DataNotFound:
     shown = " ".join(str(p) for p in expected[:3]) + (" ..." if len(expected) > 3 else "")
-    return DataError(f"{name} not found: expected {shown}. {manual_hint}, or pass --download.")
+    return DataNotFound(f"{name} not found: expected {shown}. {manual_hint}, or pass --download.")
 
 
 def _find_or_download(name: str, root: Path, split: str, download: bool,
