@@ -93,6 +93,11 @@ def _json_field(meta: dict[str, str], key: str, kind: type, path: Path) -> Any:
 def load_checkpoint(path: str | Path, with_train_state: bool = False) -> Checkpoint:
     """Read and validate a checkpoint; every problem is a one-line `CheckpointError`."""
     path = Path(path)
+    if path.is_dir():
+        inside = [p.name for p in (path / "best.safetensors", path / "last.safetensors") if p.is_file()]
+        hint = f": pass a checkpoint file in it ({' or '.join(str(path / n) for n in inside)})" if inside else \
+            ", not a checkpoint file (.safetensors)"
+        raise CheckpointError(f"{path} is a folder{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -104,6 +109,12 @@ def load_checkpoint(path: str | Path, with_train_state: bool = False) -> Checkpo
             tensors = {k: f.get_tensor(k) for k in keys}
     except (SafetensorError, OSError, ValueError) as e:  # truncated or garbage headers raise the last two
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    # training never saves non-finite weights (a diverged run stops first); a file that holds
+    # them would give NaN scores and NaN in predict's JSON, which is not JSON
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+        raise CheckpointError(f"{path}: the weights hold NaN or inf ({broken[0]}{more}): not a usable checkpoint")
     task = meta.get("task")
     if task not in TASKS:
         raise CheckpointError(f"{path}: unknown task {task!r} in checkpoint metadata")

@@ -186,6 +186,10 @@ LoaderOpt = typer.Option(None, "--loader", help="Where batches come from: auto (
                          "there in batches; no workers) or workers (a DataLoader augmenting image by image).")
 ResumeOpt = typer.Option(None, "--resume", help="Continue the run in this directory from last.safetensors. It "
                          f"keeps its recorded config: only {RESUME_MAY_CHANGE} may change.")
+ClassesByPositionOpt = typer.Option(
+    False, "--classes-by-position",
+    help="Score a relabelled dataset whose class names differ from the checkpoint's, taking its classes in order "
+         "(without it, differing names are an error; the same names in another order are matched).")
 CompileOpt = typer.Option(False, "--compile", help="torch.compile the model.")
 TrainCompileOpt = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: on a CUDA "
                                "GPU for runs of 3,200 steps or more, which repay its compilation; off elsewhere).")
@@ -260,16 +264,14 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (writes confusion.png only with --out)."),
     compile: bool = CompileOpt,
     compile_mode: Optional[str] = CompileModeOpt,
-    classes_by_position: bool = typer.Option(
-        False, "--classes-by-position",
-        help="Score a relabelled dataset whose class names differ from the checkpoint's, taking its classes in "
-             "order (without it, differing names are an error; the same names in another order are matched)."),
+    classes_by_position: bool = ClassesByPositionOpt,
 ) -> None:
     """Top-1, top-5, loss, per-class accuracy, confusion matrix and expert usage of a checkpoint.
 
     Example:  mmlit eval runs/finetune/xxs/best.safetensors   (the dataset it was trained on)
               mmlit eval runs/finetune/xxs/best.safetensors --dataset cifar100 --split test
     """
+    from .data.splits import skipped_warning
     from .evaluate import evaluate_checkpoint, write_eval_files
     from .train import new_run_dir
 
@@ -277,6 +279,7 @@ def eval_(
                                  compile=compile, compile_mode=compile_mode, classes_by_position=classes_by_position)
     if report.dataset_note:
         (err_console if as_json else console).print(escape(report.dataset_note), highlight=False, soft_wrap=True)
+    _warn(skipped_warning(report.skipped))
     confusion_path = None
     if out is not None or not as_json:
         confusion_path, note = write_eval_files(report, new_run_dir(out, "eval", Path(checkpoint).parent.name or "eval"))
@@ -294,14 +297,17 @@ def _print_eval(report) -> None:
     """eval's tables: per-class accuracy (worst first), expert usage, the summary line."""
     r = report.result
     console.print(escape(report.source), highlight=False)
-    per_class = sorted(zip(report.classes, r.per_class_accuracy(), r.confusion.sum(1).tolist()), key=lambda t: t[1])
+    # a class with no images in the split has no accuracy: listed last, not as the worst
+    per_class = sorted(zip(report.classes, r.per_class_accuracy(), r.confusion.sum(1).tolist()),
+                       key=lambda t: (t[2] == 0, t[1]))
     table = Table(title="per-class accuracy (worst first)")
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     table.add_column("images", justify="right")
     shown = per_class if len(per_class) <= 30 else per_class[:15] + [("...", float("nan"), 0)] + per_class[-5:]
     for name, acc, n in shown:
-        table.add_row(name, "" if acc != acc else f"{acc:.1f} %", str(n) if n else "")
+        shown_acc = "" if acc != acc else "no images" if n == 0 else f"{acc:.1f} %"
+        table.add_row(name, shown_acc, str(n) if acc == acc else "")
     console.print(table)
     usage = Table(title="expert usage per layer (share of routed tokens)")
     usage.add_column("layer", justify="right")
@@ -377,7 +383,7 @@ def predict(
 def export(
     checkpoint: str = typer.Argument(..., help="A classifier checkpoint (.safetensors)."),
     format: str = typer.Option("onnx", "--format", "-f", help="Export format (onnx)."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output file or folder (default: the checkpoint "
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output file, or folder (one that exists, or ends in /) (default: the checkpoint "
                                       "path with .onnx, or .int8.onnx with --int8). Never overwritten."),
     int8: bool = typer.Option(False, "--int8", help="int8 weights (ONNX Runtime dynamic quantization; the MoE "
                               "router stays float); checked against PyTorch on top-1 and router agreement."),
@@ -385,6 +391,7 @@ def export(
                                             "dataset's train split, checked on its held-out split (dynamic if "
                                             "static fails the check)."),
     data_dir: Optional[str] = DataDirOpt,
+    classes_by_position: bool = ClassesByPositionOpt,
 ) -> None:
     """Export a classifier to ONNX (dynamic batch; class names and preprocessing in the
     metadata) and check it against PyTorch with onnxruntime. Needs: pip install "mmlit\\[onnx]".
@@ -398,12 +405,15 @@ def export(
     target = output_path(checkpoint, out, int8)
     if target.exists():
         raise MmlitError(f"{target} already exists: choose another --out")
-    result = export_onnx(checkpoint, out, int8=int8, calibrate=calibrate, data_dir=data_dir, replace=False)
+    result = export_onnx(checkpoint, out, int8=int8, calibrate=calibrate, data_dir=data_dir, replace=False,
+                         classes_by_position=classes_by_position)
     size = result.path.stat().st_size
     console.print(f"wrote {escape(str(result.path))} ({result.quantization}, {size / 1e6:.2f} MB; opset "
                   f"{result.opset}; input: {result.input_format})", highlight=False)
     if result.note:
         console.print(f"note: {escape(result.note)}", highlight=False)
+    for warning in result.warnings:
+        _warn(warning)
     fid = result.fidelity
     if fid is not None:
         acc = (f"; top-1 {fid.top1_onnx:.2f} % vs PyTorch {fid.top1_torch:.2f} %" if fid.labelled else "")
@@ -415,6 +425,12 @@ def export(
                       highlight=False)
     else:
         console.print("not checked: onnxruntime is not installed", highlight=False)
+
+
+def _warn(message: str | None) -> None:
+    """A warning on stderr (so that --json output stays one object); nothing for None or ""."""
+    if message:
+        err_console.print(f"[yellow]warning[/yellow]: {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _fmt(value, spec: str, unit: str = "") -> str:
@@ -433,6 +449,7 @@ def benchmark(
     calls: int = typer.Option(300, "--calls", help="Timed batch-1 calls per format (latency = their median)."),
     limit: int = typer.Option(2000, "--limit", help="Images of the split to measure on (a seeded sample)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+    classes_by_position: bool = ClassesByPositionOpt,
 ) -> None:
     """Size, top-1, agreement with PyTorch, router agreement, batch-1 latency and images/s of
     every format mmlit produces (PyTorch eager and compiled, ONNX fp32, ONNX int8 dynamic and
@@ -444,7 +461,10 @@ def benchmark(
     from .runtime import cpu_label
 
     progress = None if as_json else (lambda msg: err_console.print(f"[dim]{escape(msg)}...[/dim]", highlight=False))
-    report = run_benchmark(checkpoint, dataset, split, data_dir, threads, batch_size, calls, limit, progress)
+    report = run_benchmark(checkpoint, dataset, split, data_dir, threads, batch_size, calls, limit, progress,
+                           classes_by_position=classes_by_position)
+    for warning in report.warnings:
+        _warn(warning)
     if as_json:
         print(json.dumps(report.as_dict()))
         return

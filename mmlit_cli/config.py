@@ -372,6 +372,9 @@ def resolve_preset_path(preset: str) -> Path:
     """A preset name (`xs`) or a path to a user's YAML file."""
     path = Path(preset).expanduser()
     if path.suffix in (".yaml", ".yml") or path.exists():
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder: a preset is a name ({', '.join(available_presets())}) or a "
+                              f"YAML file")
         if not path.is_file():
             raise ConfigError(f"preset file not found: {path}")
         return path

@@ -77,6 +77,7 @@ class BenchmarkReport:
     calls: int
     machine: dict = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. undecodable files left out of the split
 
     def row(self, key: str) -> Row:
         return next(r for r in self.rows if r.format == key)
@@ -182,11 +183,14 @@ def _onnx_runners(model, ckpt, calib: np.ndarray, work: Path, threads: int, say)
 
 
 def _accuracy_pass(r: _Runner, images, labels, ref_top1, ref_routes, batch_size: int) -> None:
-    """Top-1, agreement and images/s over the split (one untimed warm-up batch first); router
+    """Top-1, agreement and images/s over the split (untimed warm-up first, on each batch shape
+    the pass meets: a compiled model compiles again for a smaller last batch); router
     agreement from a second, untimed pass for ONNX rows."""
     from .quantize import onnx_outputs, route_agreement
 
     r.run(images[:batch_size])
+    if len(images) % batch_size:
+        r.run(images[-(len(images) % batch_size):])
     start = time.perf_counter()
     logits = np.concatenate([r.run(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
     r.row.images_per_s = len(images) / (time.perf_counter() - start)
@@ -244,20 +248,23 @@ def _check_args(threads, batch_size, calls, limit, split) -> None:
 
 def run_benchmark(ckpt_path: str | Path, dataset: str | None, split: str = "val", data_dir: str | None = None,
                   threads: int = 1, batch_size: int = 64, calls: int = 300, limit: int | None = 2000,
-                  progress: Callable[[str], None] | None = None) -> BenchmarkReport:
+                  progress: Callable[[str], None] | None = None, classes_by_position: bool = False) -> BenchmarkReport:
     """Measure every format (see the module docstring); `progress` gets one line per stage.
-    Without a `dataset`, the one the checkpoint was trained on (`evaluate.load_eval_split`)."""
+    Without a `dataset`, the one the checkpoint was trained on (`evaluate.load_eval_split`);
+    `classes_by_position`: see `evaluate.match_classes`."""
     _check_args(threads, batch_size, calls, limit, split)
     say = progress or (lambda _msg: None)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _run(str(ckpt_path), dataset, split, data_dir, threads, batch_size, calls, limit, say)
+        return _run(str(ckpt_path), dataset, split, data_dir, threads, batch_size, calls, limit, say,
+                    classes_by_position)
     finally:
         torch.set_num_threads(before)
 
 
-def _run(ckpt_path, dataset, split, data_dir, threads, batch_size, calls, limit, say) -> BenchmarkReport:
+def _run(ckpt_path, dataset, split, data_dir, threads, batch_size, calls, limit, say,
+         classes_by_position) -> BenchmarkReport:
     from .quantize import CALIBRATION_IMAGES, torch_outputs
 
     model, ckpt = load_classifier(ckpt_path, "cpu")
@@ -265,12 +272,13 @@ def _run(ckpt_path, dataset, split, data_dir, threads, batch_size, calls, limit,
     data, name, note = load_eval_split(ckpt, ckpt_path, dataset, split, data_dir)
     if note is not None:
         say(note)
-    data, _ = match_classes(data, ckpt.classes, cfg.model.num_classes, name)  # labels as the model means them
+    # labels as the model means them
+    data, _ = match_classes(data, ckpt.classes, cfg.model.num_classes, name, classes_by_position)
     images, labels = _sample(data, limit)
     if len(images) == 0:
         raise MmlitError(f"{name} '{split}' has no images")
     report = BenchmarkReport(ckpt_path, data.source, split, len(images), threads, batch_size, calls,
-                             machine_info(threads))
+                             machine_info(threads), warnings=[w for w in [data.skipped_warning()] if w])
     say(f"reference: PyTorch eager on {len(images)} images")
     ref_logits, ref_routes = torch_outputs(model, images, ckpt.mean, ckpt.std, batch_size)
     ref_top1 = ref_logits.argmax(1)

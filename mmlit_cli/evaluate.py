@@ -6,7 +6,7 @@ training engine: devices and compile come from `runtime.py`, the loop from `metr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -69,6 +69,7 @@ class EvalReport:
     dataset_note: str | None = None  # set when the dataset is the checkpoint's own (no --dataset)
     split: str = "val"
     step: int = 0  # the checkpoint's epoch: where the figures go on TensorBoard's x axis (as a run's)
+    skipped: list[str] = field(default_factory=list)  # undecodable files of the split, not scored
 
     def as_dict(self) -> dict:
         """JSON-ready: the figures (percent), `per_class` accuracy (= recall), and per-class
@@ -76,7 +77,8 @@ class EvalReport:
         r = self.result
         recall = dict(zip(self.classes, r.per_class_accuracy()))
         return {**r.as_dict(), "per_class": recall, "recall": recall,
-                "precision": dict(zip(self.classes, r.per_class_precision())), "images_per_s": self.images_per_s}
+                "precision": dict(zip(self.classes, r.per_class_precision())), "images_per_s": self.images_per_s,
+                "skipped": self.skipped}
 
     @property
     def images_per_s(self) -> float:
@@ -138,7 +140,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, dataset: str | None, split: str =
     amp = amp_dtype(dev)
     result = evaluate_classifier(runner, loader, dev, cfg.data.mean, cfg.data.std, amp, cfg.model.num_classes)
     return EvalReport(result, classes, data.source if note is None else f"{data.source}; {note}", dataset_note,
-                      split, int(ckpt.info.get("epoch", 0)))
+                      split, int(ckpt.info.get("epoch", 0)), data.skipped)
 
 
 def write_eval_files(report: EvalReport, out_dir: Path) -> tuple[Path | None, str | None]:

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,7 @@ class ExportResult:
     quantization: str = "fp32"  # or "int8 dynamic" / "int8 static"
     fidelity: object | None = None  # quantize.Fidelity of an int8 model
     note: str | None = None  # e.g. why static int8 fell back to dynamic
+    warnings: list[str] = field(default_factory=list)  # e.g. undecodable calibration files left out
 
 
 class _Preprocessed(torch.nn.Module):
@@ -113,12 +115,14 @@ def _parity(onnx_path: str, wrapper: torch.nn.Module, image_size: int) -> tuple[
 
 
 def output_path(ckpt_path: str | Path, out_path: str | Path | None = None, int8: bool = False) -> Path:
-    """Where an export goes: `out_path`, `<out_path>/<checkpoint stem>.onnx` for a folder, or
-    the checkpoint path with `.onnx` (`.int8.onnx` for an int8 export)."""
+    """Where an export goes: `out_path`, `<out_path>/<checkpoint stem>.onnx` for a folder (one
+    that exists, or a new one named with a trailing slash), or the checkpoint path with
+    `.onnx` (`.int8.onnx` for an int8 export)."""
     ckpt_path = Path(ckpt_path)
     name = ckpt_path.stem + (".int8.onnx" if int8 else ".onnx")
     out = Path(out_path) if out_path is not None else ckpt_path.with_name(name)
-    return out / name if out.is_dir() else out
+    folder = out.is_dir() or str(out_path).endswith(("/", os.sep))
+    return out / name if folder else out
 
 
 def metadata(ckpt: Checkpoint, quantization: str = "fp32") -> dict[str, str]:
@@ -191,24 +195,26 @@ def _check_fp32(path: str, wrapper: torch.nn.Module, size: int, tolerance: float
     return diff, how
 
 
-def load_int8_data(ckpt: Checkpoint, dataset: str, data_dir: str | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+def load_int8_data(ckpt: Checkpoint, dataset: str, data_dir: str | None = None, classes_by_position: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, list[str]]:
     """Calibration images (`CALIBRATION_IMAGES` from the train split) and check images with
     labels (up to `CHECK_IMAGES` from the held-out split), uint8 NCHW; the same images every
-    time (seeded)."""
+    time (seeded); and warnings (undecodable files left out)."""
     from .quantize import CALIBRATION_IMAGES
 
     cfg = ckpt.config
     train = load_split(dataset, "train", ckpt.image_size, data_dir=data_dir, val_fraction=cfg.data.val_fraction)
     held = load_split(dataset, "val", ckpt.image_size, data_dir=data_dir, val_fraction=cfg.data.val_fraction)
-    train, _ = match_classes(train, ckpt.classes, cfg.model.num_classes, dataset)
-    held, _ = match_classes(held, ckpt.classes, cfg.model.num_classes, dataset)  # labels as the model means them
+    train, _ = match_classes(train, ckpt.classes, cfg.model.num_classes, dataset, classes_by_position)
+    # labels as the model means them
+    held, _ = match_classes(held, ckpt.classes, cfg.model.num_classes, dataset, classes_by_position)
     if len(train) == 0 or len(held) == 0:
         raise MmlitError(f"{dataset} has no images to calibrate or check with")
+    warnings = [w for w in (train.skipped_warning(), held.skipped_warning()) if w]
     rng = np.random.default_rng(0)
     calib = train.images[rng.permutation(len(train))[:CALIBRATION_IMAGES]].numpy()
     pick = np.sort(rng.permutation(len(held))[:CHECK_IMAGES])
-    return calib, held.images[pick].numpy(), held.labels[pick].numpy(), f"held-out images of {dataset}"
+    return calib, held.images[pick].numpy(), held.labels[pick].numpy(), f"held-out images of {dataset}", warnings
 
 
 def _int8_into(tmp: str, wrapper, ckpt: Checkpoint, opset: int, scheme: str, data, what: str):
@@ -220,7 +226,7 @@ def _int8_into(tmp: str, wrapper, ckpt: Checkpoint, opset: int, scheme: str, dat
         images = np.random.default_rng(0).integers(0, 256, (RANDOM_CHECK_IMAGES, 3, size, size), dtype=np.uint8)
         calib, labels, source = None, None, RANDOM_CHECK_SOURCE
     else:
-        calib, images, labels, source = data
+        calib, images, labels, source, _ = data
     reference = torch_outputs(wrapper.model, images, ckpt.mean, ckpt.std)
     note = None
     with tempfile.TemporaryDirectory(prefix="mmlit-export-") as work:
@@ -241,7 +247,8 @@ def _int8_into(tmp: str, wrapper, ckpt: Checkpoint, opset: int, scheme: str, dat
 
 def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset: int = DEFAULT_OPSET,
                 check: bool = True, tolerance: float = TOLERANCE, int8: bool = False,
-                calibrate: str | None = None, data_dir: str | None = None, replace: bool = True) -> ExportResult:
+                calibrate: str | None = None, data_dir: str | None = None, replace: bool = True,
+                classes_by_position: bool = False) -> ExportResult:
     """Export a classifier checkpoint to ONNX (see the module docstring for the I/O contract).
 
     `out_path`: see `output_path`. fp32: with `check`, the model is validated with
@@ -251,6 +258,7 @@ def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset
     whose train split calibrates it) and always checked (`quantize.Fidelity.failures`): on
     held-out images of `calibrate`, else on random images. Nothing is written unless the
     export and its check succeeded; `replace=False` never touches an existing file.
+    `classes_by_position`: see `evaluate.match_classes`.
     """
     _require("onnx", "ONNX model format")
     _require("onnxscript", "used by torch's ONNX exporter")
@@ -264,8 +272,8 @@ def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset
     model, ckpt = load_classifier(ckpt_path, "cpu")
     out = output_path(ckpt_path, out_path, int8)
     wrapper = _Preprocessed(model, ckpt.mean, ckpt.std).eval()
-    data = load_int8_data(ckpt, calibrate, data_dir) if calibrate is not None else None
-    result = ExportResult(out, None, None, opset, input_format(ckpt.image_size))
+    data = load_int8_data(ckpt, calibrate, data_dir, classes_by_position) if calibrate is not None else None
+    result = ExportResult(out, None, None, opset, input_format(ckpt.image_size), warnings=data[4] if data else [])
 
     def write(tmp: str) -> None:
         if int8:

@@ -9,6 +9,7 @@ the same folder always gives the same files in the same order.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -26,7 +27,11 @@ def atomic_write(path: Path, write, replace: bool = True) -> None:
     file appeared while `write` ran (the finished file is hard-linked to `path`, which fails
     if the name is taken)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # not "already exists": a file stands where a folder must
+        blocking = next(p for p in reversed(path.parents) if p.exists() and not p.is_dir())
+        raise NotADirectoryError(f"{blocking} is a file, not a folder") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -48,13 +53,22 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def _special(path: str) -> bool:
+    """A FIFO, socket or device: reading one can block for ever, and it holds no image. (A
+    broken link is not special: it stays listed, to be reported as unreadable.)"""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def walk_files(folder: Path) -> list[Path]:
-    """Every non-hidden file under `folder`, recursively (hidden folders skipped), sorted by
-    the parts of its path relative to `folder`."""
+    """Every non-hidden file under `folder` (FIFOs, sockets and devices left out), recursively
+    (hidden folders skipped), sorted by the parts of its path relative to `folder`."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel = Path(dirpath).relative_to(folder).parts
-        found += [rel + (f,) for f in filenames if not f.startswith(".")]
+        found += [rel + (f,) for f in filenames if not f.startswith(".") and not _special(os.path.join(dirpath, f))]
     found.sort()
     return [Path(folder).joinpath(*parts) for parts in found]

@@ -87,6 +87,9 @@ def plot_curves(run_dir: str | Path) -> Path | None:
     run_dir = Path(run_dir)
     if run_dir.is_file() and run_dir.name == "metrics.jsonl":
         run_dir = run_dir.parent
+    if run_dir.is_file():
+        raise MmlitError(f"{run_dir} is a file: plot takes a run's folder (the one holding metrics.jsonl), "
+                         f"here {run_dir.parent}")
     if not run_dir.is_dir():
         raise MmlitError(f"run directory {run_dir} does not exist")
     metrics = run_dir / "metrics.jsonl"

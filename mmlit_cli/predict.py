@@ -252,7 +252,8 @@ def write_csv(result: PredictResult, path: str | Path) -> Path:
         header += [f"label_{j}", f"prob_{j}"]
 
     def write(tmp: str) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        # surrogateescape: a file name that is not UTF-8 is written as the bytes it has on disk
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             w = csv.writer(f)
             w.writerow(header)
             for p in result.predictions:

@@ -81,9 +81,11 @@ def new_run_dir(out: str | Path | None, kind: str, name: str) -> Path:
     """`--out DIR` must not hold files already; without it, `runs/<kind>/<name>`, `<name>2`, ..."""
     if out is not None:
         path = Path(out)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise MmlitError(f"output directory {path} already exists and is not empty: choose another --out, "
-                             f"or continue that run with --resume {path}")
+        if path.exists() and not path.is_dir():
+            raise MmlitError(f"--out {path} is a file: --out names a folder; choose another")
+        if path.exists() and any(path.iterdir()):
+            resume = f", or continue that run with --resume {path}" if kind in TASKS else ""
+            raise MmlitError(f"output directory {path} already exists and is not empty: choose another --out{resume}")
         return path
     base = Path("runs") / kind
     for i in range(1, 10_000):
@@ -113,9 +115,7 @@ def _check_writable(path: Path) -> None:
 
 def _warn_skipped(console: Console, data: ImageData) -> None:
     if data.skipped:
-        shown = ", ".join(data.skipped[:3]) + (" ..." if len(data.skipped) > 3 else "")
-        console.print(f"[yellow]warning[/yellow]: skipped {len(data.skipped)} unreadable image(s): {escape(shown)}",
-                      highlight=False)
+        console.print(f"[yellow]warning[/yellow]: {escape(data.skipped_warning())}", highlight=False)
 
 
 @dataclasses.dataclass

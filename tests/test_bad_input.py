@@ -32,6 +32,9 @@ def world(tmp_path_factory):
     old = load_checkpoint(root / "clf" / "best.safetensors")  # as written before checkpoints recorded their data
     del old.info["dataset"]
     save_checkpoint(root / "old.safetensors", old)
+    nan = load_checkpoint(root / "clf" / "best.safetensors")
+    next(v for v in nan.tensors.values() if v.is_floating_point()).view(-1)[0] = float("nan")
+    save_checkpoint(root / "nan.safetensors", nan)
     (root / "empty").mkdir()
     write_folder(root / "oneclass", classes=("only",), per_class=4)
     write_folder(root / "twoclass", classes=("a", "b"), per_class=4)
@@ -89,6 +92,7 @@ CASES = [
     ("foreign safetensors", lambda w: ["eval", str(w["root"] / "foreign.safetensors"), "--dataset", str(w["folder"])], "not an mmlit checkpoint"),
     ("forged metadata", lambda w: ["predict", str(w["root"] / "forged.safetensors"), str(w["folder"])], "not valid JSON"),
     ("MAE checkpoint to predict", lambda w: ["predict", str(w["root"] / "mae" / "last.safetensors"), str(w["folder"])], "fine-tune it first"),
+    ("non-finite weights", lambda w: ["predict", str(w["root"] / "nan.safetensors"), str(w["folder"]), "--json"], "hold NaN or inf"),
     ("missing checkpoint", lambda w: ["eval", str(w["root"] / "gone.safetensors"), "--dataset", str(w["folder"])], "not found"),
     ("MAE checkpoint to eval", lambda w: ["eval", str(w["root"] / "mae" / "last.safetensors"), "--dataset", str(w["folder"])], "fine-tune it first"),
     ("bad split", lambda w: ["eval", str(w["root"] / "clf" / "best.safetensors"), "--dataset", str(w["folder"]), "--split", "dev"], "--split"),
@@ -104,6 +108,12 @@ CASES = [
     ("init not a checkpoint", lambda w: ["finetune", "--dataset", str(w["folder"]), "--init", str(w["root"] / "notes.safetensors"), "--out", str(w["root"] / "never3"), *SETS], "safetensors"),
     ("eval: the run's data has gone", lambda w: ["eval", str(w["root"] / "moved" / "best.safetensors")], "pass --dataset"),
     ("eval: old checkpoint, no dataset", lambda w: ["eval", str(w["root"] / "old.safetensors")], "--dataset is required"),
+    ("eval a run folder", lambda w: ["eval", str(w["root"] / "clf")], "clf is a folder: pass a checkpoint file in it"),
+    ("predict a folder", lambda w: ["predict", str(w["root"]), str(w["folder"])], "is a folder, not a checkpoint file"),
+    ("eval --out a file", lambda w: ["eval", str(w["root"] / "clf" / "best.safetensors"), "--out", str(w["root"] / "notyaml.yaml")], "is a file: --out names a folder"),
+    ("eval --out not empty", lambda w: ["eval", str(w["root"] / "clf" / "best.safetensors"), "--out", str(w["root"] / "taken")], "not empty: choose another --out"),
+    ("plot a checkpoint", lambda w: ["plot", str(w["root"] / "clf" / "best.safetensors")], "plot takes a run's folder"),
+    ("preset a folder", lambda w: ["count-params", "--preset", str(w["folder"])], "is a folder: a preset is a name"),
 ]
 
 
@@ -122,3 +132,12 @@ def test_bad_input(case, world, monkeypatch, capsys):
     assert len(err.splitlines()) == 1, err
     assert needle in err, err
     assert snapshot(world["root"]) == before
+
+
+def test_eval_into_a_full_folder_does_not_advise_a_resume_it_does_not_have(world, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["mmlit", "eval", str(world["root"] / "clf" / "best.safetensors"), "--out",
+                                      str(world["root"] / "taken")])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "already exists and is not empty" in err and "--resume" not in err, err

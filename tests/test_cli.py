@@ -101,14 +101,29 @@ def test_eval_and_predict_json_through_the_command_are_the_library_results(train
     ev = json.loads(mmlit("eval", ckpt, "--dataset", str(folder), "--json", check=True).stdout)
     lib = evaluate_checkpoint(ckpt, str(folder), "val", device="cpu").as_dict()
     assert ev.keys() == lib.keys() == {"top1", "top5", "loss", "balanced_accuracy", "macro_f1", "per_class",
-                                       "precision", "recall", "num_images", "images_per_s"}
+                                       "precision", "recall", "num_images", "images_per_s", "skipped"}
     assert {k: v for k, v in ev.items() if k != "images_per_s"} == {k: v for k, v in lib.items() if k != "images_per_s"}
-    assert list(ev["per_class"]) == ["blue", "green", "red"] and ev["num_images"] == 3
+    assert list(ev["per_class"]) == ["blue", "green", "red"] and ev["num_images"] == 3 and ev["skipped"] == []
     r = mmlit("predict", ckpt, str(folder / "red"), "--json", "--top-k", "2")
     assert r.returncode == 0, r.stderr
     preds = json.loads(r.stdout)
     assert preds == predict_paths(ckpt, [str(folder / "red")], top_k=2, device="cpu").predictions
     assert len(preds) == 12 and all(len(p["top"]) == 2 for p in preds)
+
+
+def test_eval_lists_a_class_with_no_images_in_the_split_last_as_having_none(trained, tmp_path):
+    """A label file whose val rows leave a class out: that class has no accuracy, so the table
+    says "no images" and puts it after the scored classes, not first as the worst at 0 %."""
+    root, folder = trained
+    rows = [f"{p},{p.parent.name},{'val' if p.parent.name != 'green' and p.stem.endswith('0') else 'train'}"
+            for p in sorted(folder.rglob("*.png"))]
+    (tmp_path / "labels.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    r = mmlit("eval", str(root / "run" / "best.safetensors"), "--dataset", str(tmp_path / "labels.csv"))
+    assert r.returncode == 0, r.stderr
+    table = [line for line in r.stdout.splitlines() if line.startswith("│")]
+    names = [line.split("│")[1].strip() for line in table]
+    assert sorted(names[:2]) == ["blue", "red"] and names[2] == "green"
+    assert "no images" in table[2] and "%" not in table[2]
 
 
 def test_predict_reports_bad_files_and_exits_nonzero(trained, tmp_path):

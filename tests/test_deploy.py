@@ -318,6 +318,8 @@ BAD = [
     ("calibrate without int8", lambda w: ["export", w["ckpt"], "--calibrate", w["data"], "--out", w["root"] / "n5.onnx"],
      (), "add --int8"),
     ("int8 output exists", lambda w: ["export", w["ckpt"], "--int8", "--out", w["static"]], (), "already exists"),
+    ("out under a file", lambda w: ["export", w["ckpt"], "--out", w["ckpt"] / "sub" / "m.onnx"], (),
+     "model.safetensors is a file, not a folder"),
     ("predict: not an onnx model", lambda w: ["predict", w["root"] / "notes.onnx", w["data"]], (), "not an ONNX model"),
     ("predict: onnx without mmlit metadata", lambda w: ["predict", w["root"] / "bare.onnx", w["data"]], (),
      "no usable mmlit metadata"),
@@ -326,6 +328,50 @@ BAD = [
     ("benchmark: zero threads", lambda w: ["benchmark", w["ckpt"], "--dataset", w["data"], "--threads", "0"], (),
      "--threads must be"),
 ]
+
+
+def test_export_and_benchmark_take_a_relabelled_dataset_by_position_as_their_error_advises(world, tmp_path):
+    """Other class names: both commands refuse in one line advising --classes-by-position, an
+    option each of them has (they advised it without having it)."""
+    renamed = tmp_path / "renamed"
+    shutil.copytree(world["data"], renamed)
+    for split in ("train", "val"):
+        for i, cls in enumerate(sorted(p.name for p in (renamed / split).iterdir())):
+            (renamed / split / cls).rename(renamed / split / f"k{i}")  # the same order, other names
+    commands = {"export": ["export", world["ckpt"], "--int8", "--calibrate", renamed, "--out", tmp_path / "m.onnx"],
+                "benchmark": ["benchmark", world["ckpt"], "--dataset", renamed, "--json", "--calls", "2"]}
+    for args in commands.values():
+        assert_one_line_error(mmlit(*args), "pass --classes-by-position")
+        done = mmlit(*args, "--classes-by-position")
+        assert done.returncode == 0, done.stderr
+    assert props(tmp_path / "m.onnx")["quantization"].startswith("int8")
+    rows = {row["format"]: row for row in json.loads(done.stdout)["rows"]}
+    assert rows["pytorch-eager"]["top1"] > 50  # scored with the classes in order, not shifted
+
+
+def test_every_command_that_reads_a_split_says_which_files_it_could_not_decode(world, tmp_path):
+    """eval, benchmark and export --calibrate left undecodable files out without a word (the
+    training commands warned): each now warns on stderr, its --json output still one object."""
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    first = sorted((data / "val").iterdir())[0]
+    (first / "broken.png").write_bytes(next(first.iterdir()).read_bytes()[:40])  # a truncated PNG
+    said = "warning: skipped 1 unreadable image(s): "
+    evaluated = mmlit("eval", world["ckpt"], "--dataset", data, "--json")
+    assert evaluated.returncode == 0 and said in evaluated.stderr and "broken.png" in evaluated.stderr
+    assert json.loads(evaluated.stdout)["skipped"] == [str(first / "broken.png")]
+    benched = mmlit("benchmark", world["ckpt"], "--dataset", data, "--json", "--calls", "2")
+    assert benched.returncode == 0 and said in benched.stderr and json.loads(benched.stdout)["images"] == 18
+    exported = mmlit("export", world["ckpt"], "--int8", "--calibrate", data, "--out", tmp_path / "m.onnx")
+    assert exported.returncode == 0 and said in exported.stderr, exported.stderr
+
+
+def test_an_out_with_a_trailing_slash_is_a_new_folder_for_the_export(world, tmp_path):
+    """`--out exports/` names a folder: the export goes into it as <checkpoint>.onnx (it was
+    written as a file called `exports`)."""
+    made = mmlit("export", world["ckpt"], "--out", f"{tmp_path / 'exports'}/")
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / "exports" / "model.onnx").is_file()
 
 
 def _snapshot(root: Path) -> dict:
@@ -486,3 +532,21 @@ def test_atomic_write_without_replace_never_touches_an_existing_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["late.onnx", "out.onnx"]  # no temp file left
     atomic_write(tmp_path / "fresh.onnx", lambda tmp: Path(tmp).write_text("ok"), replace=False)
     assert (tmp_path / "fresh.onnx").read_text() == "ok"
+
+
+@pytest.mark.parametrize("n", [10, 12])
+def test_the_images_per_second_pass_times_no_batch_shape_it_has_not_warmed_up(n, monkeypatch):
+    """A compiled model compiles again on a batch shape it has not seen: the timed pass must
+    meet only shapes the warm-up ran (a last batch of 10 % 4 = 2 images included)."""
+    import mmlit_cli.deploy_benchmark as bench
+
+    calls: list = []
+    clock = bench.time.perf_counter
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: calls.append("clock") or clock())
+    row = bench.Row("pytorch-compiled", FORMATS["pytorch-compiled"])
+    runner = bench._Runner(row, lambda x: calls.append(len(x)) or np.zeros((len(x), 3), np.float32))
+    images, labels = np.zeros((n, 3, 4, 4), np.uint8), np.zeros(n, np.int64)
+    bench._accuracy_pass(runner, images, labels, labels, None, batch_size=4)
+    start = calls.index("clock")
+    timed = [c for c in calls[start:] if c != "clock"]
+    assert sum(timed) == n and set(timed) <= set(calls[:start])

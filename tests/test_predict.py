@@ -201,3 +201,43 @@ def test_compiled_eval_and_predict_match_eager(trained):
         assert sum(lb) == pytest.approx(1.0) and lb == pytest.approx(la)
     with pytest.raises(MmlitError, match="--compile-mode must be"):
         predict_paths(ckpt, [str(root / "val")], device="cpu", compile_mode="fastest")
+
+
+def test_csv_of_a_file_name_that_is_not_utf8_holds_its_bytes(trained, tmp_path):
+    """A Latin-1 name (b"caf\\xe9.png"): `predict --csv` stopped with an internal error; the
+    CSV now holds the name's bytes as they are on disk, as a fresh process writes it."""
+    import os
+    import subprocess
+    import sys
+
+    root, ckpt = trained
+    folder = tmp_path / "latin"
+    folder.mkdir()
+    first = sorted((root / "val" / "green").glob("*.png"))[0]
+    name = os.fsdecode(b"caf\xe9.png")
+    (folder / name).write_bytes(first.read_bytes())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "mmlit_cli", "predict", str(ckpt), str(folder), "--csv",
+                           str(tmp_path / "p.csv")], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    rows = (tmp_path / "p.csv").read_bytes().splitlines()
+    assert len(rows) == 2 and rows[1].startswith(os.fsencode(str(folder / name)) + b",")
+
+
+def test_a_fifo_in_a_folder_is_left_out_not_waited_on(trained, tmp_path):
+    """Reading a FIFO blocks until a writer comes: `predict FOLDER` hung on one for ever."""
+    import os
+    import subprocess
+    import sys
+
+    root, ckpt = trained
+    folder = tmp_path / "with-fifo"
+    folder.mkdir()
+    first = sorted((root / "val" / "green").glob("*.png"))[0]
+    (folder / "a.png").write_bytes(first.read_bytes())
+    os.mkfifo(folder / "pipe.png")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "mmlit_cli", "predict", str(ckpt), str(folder), "--json"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [Path(p["path"]).name for p in json.loads(done.stdout)] == ["a.png"]

@@ -37,6 +37,17 @@ class ImageData:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def skipped_warning(self) -> str | None:
+        return skipped_warning(self.skipped)
+
+
+def skipped_warning(skipped: list[str]) -> str | None:
+    """The undecodable files a split left out, in a line (None when there are none): said by
+    every command that reads the split, so that no image is dropped without a word."""
+    if not skipped:
+        return None
+    return f"skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}"
+
 
 def split_note(name: str, split: str, official: str, why: str) -> str:
     """How a requested split is named in `ImageData.source`, saying `why` when it is read
