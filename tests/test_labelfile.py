@@ -76,6 +76,7 @@ def test_the_paper_protocol_validates_on_the_test_rows(tables):
 def test_every_bad_row_is_reported_with_its_line_number(tmp_path):
     fx.write_image_folder(tmp_path / "img", {"a": 3, "b": 3}, ext="png")
     fx.write_corrupt_jpeg(tmp_path / "img" / "a" / "broken.jpg")
+    fx.write_corrupt_jpeg(tmp_path / "img" / "a" / "0broken.jpg")  # first by path, last by line
     good = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "img").rglob("*.png"))
     rows = [[good[0], "a", "train"], [good[1], "a", "train"],
             ["img/a/missing.png", "a", "train"],  # line 4: no such file
@@ -92,8 +93,10 @@ def test_every_bad_row_is_reported_with_its_line_number(tmp_path):
                    "line 6: split 'dev' is not train, val or test", "line 7: no image path"):
         assert needle in message
     undecodable = write_csv(tmp_path / "undecodable.csv", ["file", "label"],
-                            [[good[0], "a"], ["img/a/broken.jpg", "a"], [good[4], "b"], [good[5], "b"]])
-    with pytest.raises(DataError, match=r"1 bad row\(s\): line 3: broken.jpg does not decode as an image"):
+                            [[good[0], "a"], ["img/a/broken.jpg", "a"], [good[4], "b"], [good[5], "b"],
+                             ["img/a/0broken.jpg", "a"]])
+    with pytest.raises(DataError, match=r"2 bad row\(s\): line 3: img/a/broken.jpg does not decode as an image; "
+                                        r"line 6: img/a/0broken.jpg does not"):
         load_split(str(undecodable), "train", 16, holdout=False)  # never skipped: the run would not say
     with pytest.raises(DataError, match="no image column in the header"):
         load_split(str(write_csv(tmp_path / "h.csv", ["picture", "label"], [[good[0], "a"]])), "train", 16)

@@ -33,9 +33,10 @@ _SHOWN = 8  # bad rows listed in the error; the rest are counted
 @dataclass
 class Row:
     line: int  # line number in the CSV (the header is line 1)
-    path: str
+    path: str  # resolved
     label: str
     split: str | None
+    given: str  # the path as the CSV writes it, for messages
 
 
 def is_label_file(path: Path) -> bool:
@@ -74,7 +75,7 @@ def read_rows(csv_path: Path, require_labels: bool) -> list[Row]:
         elif split_col and split not in SPLIT_NAMES:
             bad.append(f"line {line}: split {split!r} is not train, val or test")
         else:
-            rows.append(Row(line, str(full), label, split or None))
+            rows.append(Row(line, str(full), label, split or None, path))
     _raise_bad(csv_path, bad)
     if not rows:
         raise DataError(f"{csv_path}: no rows")
@@ -105,8 +106,8 @@ def load_label_file(csv_path: Path, split: str, image_size: int, hold: float | N
     index = {c: i for i, c in enumerate(classes)}
     paths = [r.path for r in part]
     images, ok = decode_files(paths, image_size)
-    _raise_bad(csv_path, [f"line {r.line}: {Path(r.path).name} does not decode as an image"
-                          for r, good in zip(part, ok) if not good])
+    _raise_bad(csv_path, [f"line {r.line}: {r.given} does not decode as an image"
+                          for r, good in sorted(zip(part, ok), key=lambda t: t[0].line) if not good])
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([index[r.label] if labelled else -1 for r in part], dtype=torch.int64)
     kind = f"{len(classes)} classes" if classes else "unlabeled"
