@@ -271,7 +271,7 @@ def eval_(
     Example:  mmlit eval runs/finetune/xxs/best.safetensors   (the dataset it was trained on)
               mmlit eval runs/finetune/xxs/best.safetensors --dataset cifar100 --split test
     """
-    from .data.splits import skipped_warning
+    from .data import skipped_warning
     from .evaluate import evaluate_checkpoint, write_eval_files
     from .train import new_run_dir
 

@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .data import Normalize
+from .data import Normalize, skipped_warning
 from .errors import MmlitError, one_line
 from .evaluate import load_classifier, load_eval_split, match_classes
 from .onnx_classifier import PIP_HINT
@@ -278,7 +278,7 @@ def _run(ckpt_path, dataset, split, data_dir, threads, batch_size, calls, limit,
     if len(images) == 0:
         raise MmlitError(f"{name} '{split}' has no images")
     report = BenchmarkReport(ckpt_path, data.source, split, len(images), threads, batch_size, calls,
-                             machine_info(threads), warnings=[w for w in [data.skipped_warning()] if w])
+                             machine_info(threads), warnings=[w for w in [skipped_warning(data.skipped)] if w])
     say(f"reference: PyTorch eager on {len(images)} images")
     ref_logits, ref_routes = torch_outputs(model, images, ckpt.mean, ckpt.std, batch_size)
     ref_top1 = ref_logits.argmax(1)

@@ -40,7 +40,7 @@ import torch
 
 from . import __version__
 from .checkpoint import Checkpoint
-from .data import Normalize, load_split
+from .data import Normalize, load_split, skipped_warning
 from .errors import MmlitError, one_line
 from .evaluate import load_classifier, match_classes
 from .export_forms import export_forms
@@ -210,7 +210,7 @@ def load_int8_data(ckpt: Checkpoint, dataset: str, data_dir: str | None = None, 
     held, _ = match_classes(held, ckpt.classes, cfg.model.num_classes, dataset, classes_by_position)
     if len(train) == 0 or len(held) == 0:
         raise MmlitError(f"{dataset} has no images to calibrate or check with")
-    warnings = [w for w in (train.skipped_warning(), held.skipped_warning()) if w]
+    warnings = [w for w in (skipped_warning(train.skipped), skipped_warning(held.skipped)) if w]
     rng = np.random.default_rng(0)
     calib = train.images[rng.permutation(len(train))[:CALIBRATION_IMAGES]].numpy()
     pick = np.sort(rng.permutation(len(held))[:CHECK_IMAGES])

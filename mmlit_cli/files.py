@@ -30,7 +30,9 @@ def atomic_write(path: Path, write, replace: bool = True) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # not "already exists": a file stands where a folder must
-        blocking = next(p for p in reversed(path.parents) if p.exists() and not p.is_dir())
+        blocking = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is None:  # the file has gone since (a race): the error as it was
+            raise
         raise NotADirectoryError(f"{blocking} is a file, not a folder") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

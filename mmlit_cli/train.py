@@ -20,7 +20,7 @@ from .checkpoint import Checkpoint, load_checkpoint, load_weights_into
 from .config import CLASS_BALANCE, RESUME_MAY_CHANGE, RESUMED_CONFIG_MAY_CHANGE, Config, dump_config, load_config, \
     parse_overrides, with_overrides
 from .data import DATASET_NAMES, SAMPLE_DIR, ImageData, canonical_name, default_data_dir, is_sample, load_split, \
-    train_split_size, usable_cpus
+    skipped_warning, train_split_size, usable_cpus
 from .engine import RunOptions, Trainer
 from .errors import DataNotFound, MmlitError
 from .recipe import SAMPLE_EPOCHS, batch_origin, describe, fit_recipe, fit_to_device, pinned_keys
@@ -115,7 +115,7 @@ def _check_writable(path: Path) -> None:
 
 def _warn_skipped(console: Console, data: ImageData) -> None:
     if data.skipped:
-        console.print(f"[yellow]warning[/yellow]: {escape(data.skipped_warning())}", highlight=False)
+        console.print(f"[yellow]warning[/yellow]: {escape(skipped_warning(data.skipped))}", highlight=False)
 
 
 @dataclasses.dataclass

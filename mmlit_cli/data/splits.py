@@ -37,9 +37,6 @@ class ImageData:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def skipped_warning(self) -> str | None:
-        return skipped_warning(self.skipped)
-
 
 def skipped_warning(skipped: list[str]) -> str | None:
     """The undecodable files a split left out, in a line (None when there are none): said by
