@@ -3,7 +3,8 @@
     fit(): for epoch:
                train_one_epoch(): for batch: forward (bf16 autocast on CUDA) -> backward ->
                    clip -> AdamW step (lr: linear warm-up, then cosine) -> EMA
-               end of epoch: validate -> metrics.jsonl/.csv -> last/best.safetensors
+               end of epoch: validate -> metrics.jsonl/.csv -> last/best.safetensors (written on
+                   a background thread) -> figures (within a 2 % time budget)
 
 A task (`tasks.py`) says what the model is, what its loss is and how it is validated;
 everything else - devices, DDP, checkpoints, resume, signals, logging - lives here once. The
@@ -71,12 +72,34 @@ def epoch_batches(loader, done: int, progress: TrainingProgress):
     return enumerate(loader), done
 
 
-def epoch_notes(task, model: torch.nn.Module, loader, device: torch.device, out_dir: Path, row: dict) -> list[str]:
-    """What follows an epoch's line (rich markup): the router warning, and the task's own
-    end-of-epoch work (MAE's reconstructions), run without moving the training RNG stream."""
-    with torch.random.fork_rng(devices=rng_devices(device)):
-        note = task.after_epoch(model, loader, device, out_dir)
+def epoch_notes(task, model: torch.nn.Module, loader, device: torch.device, out_dir: Path, row: dict,
+                figures: bool = True) -> list[str]:
+    """What follows an epoch's line (rich markup): the router warning, and, when `figures`, the
+    task's own end-of-epoch figure (MAE's reconstructions), drawn without moving the training
+    RNG stream."""
+    note = None
+    if figures:
+        with torch.random.fork_rng(devices=rng_devices(device)):
+            note = task.after_epoch(model, loader, device, out_dir)
     return [n for n in (router_warning(row.get("expert_usage")), note and escape(note)) if n]
+
+
+class FigureBudget:
+    """Whether an epoch's figures (TensorBoard's confusion matrix, MAE's reconstructions) are
+    drawn. Drawing one takes a few hundred ms of matplotlib on the host, and the training waits
+    meanwhile: on a GPU, where an epoch of CIFAR can take two seconds, every epoch's figure
+    would cost the run a tenth of its time. So they are drawn while all the drawing so far has
+    cost at most `share` of the run's wall time: every epoch of a run whose epochs are long,
+    every few epochs of a fast one; the run's first and last epochs always."""
+
+    def __init__(self, share: float = 0.02):
+        self.share, self.spent, self.start = share, 0.0, time.perf_counter()
+
+    def due(self) -> bool:
+        return self.spent <= self.share * (time.perf_counter() - self.start)
+
+    def charge(self, seconds: float) -> None:
+        self.spent += seconds
 
 
 class Trainer:
@@ -119,6 +142,7 @@ class Trainer:
         self.progress = TrainingProgress(self.console, self.device, opts.log_every, self.dist.world_size,
                                          disable=not self.dist.is_main or opts.quiet)
         self.bad_loss: float | None = None  # a non-finite loss this rank saw, for the message
+        self.figures = FigureBudget()
 
     # the record's counters, read by the loop (and by callers: `run_training`, tests)
     epoch = property(lambda self: self.record.epoch)
@@ -130,7 +154,7 @@ class Trainer:
     def fit(self) -> dict:
         """Train to the last epoch, or until stopped: by Ctrl-C or `max_steps` (a resumable
         checkpoint is saved), or by a non-finite loss (an error; the last good checkpoint stays)."""
-        with self.stop:
+        with self.stop, self.record.writer:  # leaving it waits for the checkpoints being written
             self.record.start()
             self._print_start()
             stopped = "patience" if self.record.early_stop else None  # a resumed run that had stopped early
@@ -238,9 +262,13 @@ class Trainer:
         if self.epoch < self.recipe.epochs:
             record.early_stop = row["stopped"] = record.patience_spent(self.recipe.patience)
         record.write_metrics({k: v for k, v in row.items() if v is not None})
+        figures = self.epoch >= self.recipe.epochs or record.early_stop is not None or self.figures.due()
+        drawing = time.perf_counter()
         notes = epoch_notes(self.task, self.model, self.val_loader or self.train_loader, self.device,
-                            self.opts.out_dir, row) if self.dist.is_main else []
-        record.log_events(row)  # before the checkpoint: a resumed run never lacks an epoch it had saved
+                            self.opts.out_dir, row, figures) if self.dist.is_main else []
+        record.log_events(row, figures)  # before the checkpoint: a resumed run never lacks an epoch it had saved
+        if figures:
+            self.figures.charge(time.perf_counter() - drawing)
         record.save_epoch(row, improved)
         for line in (epoch_line(row, self.recipe.epochs), *notes):
             self._print(line)
@@ -248,6 +276,7 @@ class Trainer:
 
     def _finish(self, stopped: str | None) -> dict:
         out = self.opts.out_dir
+        self.record.writer.wait()  # what follows says the checkpoints are there
         if stopped == "nan":
             self.record.close_events()
             raise MmlitError(f"the loss became {self.bad_loss or 'nan'} at step {self.global_step}; stopped. The "

@@ -12,7 +12,9 @@ the run directory's files and back:
     events.out.tfevents.*             the same rows and the epoch's figures for TensorBoard,
                                       when it is installed (`events.py`)
 
-Every rank calls `save_last` (the generators are gathered, a collective); rank 0 writes.
+Every rank calls `save_last` (the generators are gathered, a collective); rank 0 writes, on a
+background thread (`checkpoint.CheckpointWriter`: the state is copied at once, the file lands
+a little later; `Trainer.fit` waits for it before it returns or reports a save).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .checkpoint import Checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, CheckpointWriter
 from .config import Config, dump_config
 from .errors import MmlitError
 from .events import EventLog, open_event_log
@@ -101,6 +103,7 @@ class RunRecord:
         self.resume_loss_sum = 0.0  # where a resumed epoch's loss sum starts (taken once)
         self._resume_rng: dict[str, torch.Tensor] | None = None
         self.events: EventLog | None = None  # TensorBoard's event file (rank 0, when installed), from `start`
+        self.writer = CheckpointWriter()  # last/best.safetensors, written off the training's path
 
     # ------------------------------------------------------------------ the run directory
 
@@ -124,11 +127,13 @@ class RunRecord:
         if self.global_step == 0 and self._resume_rng is None:  # every rank: the generators are gathered
             self.save_last()
 
-    def log_events(self, row: dict) -> None:
-        """The epoch's row and figures into TensorBoard's event file, when there is one."""
+    def log_events(self, row: dict, figures: bool = True) -> None:
+        """The epoch's row, and its figures when `figures`, into TensorBoard's event file, when
+        there is one."""
         if self.events is not None:  # at the epoch: the axis a resume on another process count keeps
             self.events.scalars(row, self.epoch)
-            self.events.images(lambda: self.task.epoch_images(self.facts.out_dir), self.epoch)
+            if figures:
+                self.events.images(lambda: self.task.epoch_images(self.facts.out_dir), self.epoch)
 
     def close_events(self, curves: Path | None = None) -> None:
         """The training curves (when drawn) into the event file, which is then closed."""
@@ -184,8 +189,8 @@ class RunRecord:
         """last.safetensors, with the training state. Every rank calls it; rank 0 writes."""
         rng = gather_rng_states(self.device, self.dist)
         if self.dist.is_main:
-            save_checkpoint(self.facts.out_dir / "last.safetensors",
-                            self._checkpoint(self.model.state_dict(), metrics, rng))
+            self.writer.save(self.facts.out_dir / "last.safetensors",
+                             self._checkpoint(self.model.state_dict(), metrics, rng))
 
     def save_within_epoch(self, loss_sum: torch.Tensor) -> bool:
         """last.safetensors within an epoch, with the epoch's loss sum so far: its mean over
@@ -204,7 +209,7 @@ class RunRecord:
         self.save_last(row)
         if improved and self.facts.save_best and self.dist.is_main:
             weights = self.ema.shadow if self.ema is not None else self.model.state_dict()
-            save_checkpoint(self.facts.out_dir / "best.safetensors", self._checkpoint(weights, row))
+            self.writer.save(self.facts.out_dir / "best.safetensors", self._checkpoint(weights, row))
 
     def _checkpoint(self, weights: dict[str, torch.Tensor], metrics: dict | None,
                     rng: dict[str, torch.Tensor] | None = None) -> Checkpoint:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from rich.console import Console
 
 from helpers import TINY, tensorboard_events, write_folder
 
+from mmlit_cli.engine import FigureBudget
 from mmlit_cli.evaluate import evaluate_checkpoint, write_eval_files
 from mmlit_cli.events import scalars_of
 from mmlit_cli.train import run_training
@@ -43,6 +45,44 @@ def test_pretrain_logs_its_losses_and_reconstructions(tmp_path):
     assert [step for step, _ in scalars["val/loss"]] == [r["epoch"] for r in logged]
     assert [v for _, v in scalars["val/loss"]] == pytest.approx([r["val_loss"] for r in logged], rel=1e-6)
     assert "val/reconstruction" in images and "val/top1" not in scalars
+
+
+def test_figures_are_drawn_while_they_cost_little_of_the_run(tmp_path, monkeypatch):
+    """A confusion matrix that takes longer to draw than an epoch takes to train (as on a GPU)
+    is drawn at the first and the last epoch, and between them only as the budget allows; the
+    scalars are logged at every epoch."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import mmlit_cli.plots as plots
+
+    real = plots.confusion_image
+
+    def slow(*args, **kwargs):
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plots, "confusion_image", slow)
+    data = write_folder(tmp_path / "data", per_class=8)
+    run_training("finetune", "xxs", str(data), out=tmp_path / "run", overrides=TINY, epochs=8, batch_size=8,
+                 console=Console(quiet=True))
+    acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"images": 0})
+    acc.Reload()
+    drawn = [e.step for e in acc.Images("val/confusion")]
+    assert drawn[0] == 1 and drawn[-1] == 8 and len(drawn) < 8, drawn
+    scalars, _, _ = tensorboard_events(tmp_path / "run")
+    assert [step for step, _ in scalars["val/top1"]] == list(range(1, 9))
+
+
+def test_the_figure_budget_is_a_share_of_the_run_so_far():
+    budget = FigureBudget(share=0.1)
+    budget.start -= 10.0  # 10 s into the run: 1 s of figures is the budget
+    assert budget.due()
+    budget.charge(0.9)
+    assert budget.due()
+    budget.charge(0.2)
+    assert not budget.due()
+    budget.start -= 2.0  # 12 s: 1.2 s
+    assert budget.due()
 
 
 def test_a_resumed_run_shows_each_epoch_once(tmp_path):

@@ -1,0 +1,102 @@
+"""Checkpoints are written off the training's path (`checkpoint.CheckpointWriter`): the file
+holds the state of the moment it was saved, writes land in order, a failed write is raised in
+the training thread, and the loop trains on while a write is still under way."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from rich.console import Console
+
+from helpers import TINY, write_folder
+
+import mmlit_cli.checkpoint as checkpoint
+from mmlit_cli.checkpoint import Checkpoint, CheckpointWriter, load_checkpoint
+from mmlit_cli.config import load_config
+from mmlit_cli.engine import Trainer
+from mmlit_cli.train import run_training
+
+
+def tiny_checkpoint(value: float) -> Checkpoint:
+    cfg = load_config("xxs")
+    return Checkpoint({"w": torch.full((4, 4), value)}, cfg, "classify", ["a", "b"], {"epoch": int(value)})
+
+
+def held_writes(monkeypatch) -> threading.Event:
+    """Writes wait until the returned event is set."""
+    release, write = threading.Event(), checkpoint._write
+
+    def held(*args):
+        assert release.wait(30), "the write was never released"
+        write(*args)
+
+    monkeypatch.setattr(checkpoint, "_write", held)
+    return release
+
+
+def test_the_file_holds_the_state_when_saved_not_when_written(tmp_path, monkeypatch):
+    release = held_writes(monkeypatch)
+    ckpt = tiny_checkpoint(1.0)
+    with CheckpointWriter() as writer:
+        writer.save(tmp_path / "last.safetensors", ckpt)
+        ckpt.tensors["w"].fill_(2.0)  # the next optimizer step, in place, while the file is being written
+        ckpt.info["epoch"] = 2
+        release.set()
+        writer.wait()
+    saved = load_checkpoint(tmp_path / "last.safetensors")
+    assert torch.equal(saved.tensors["w"], torch.full((4, 4), 1.0)) and saved.info["epoch"] == 1
+
+
+def test_writes_land_in_the_order_saved(tmp_path):
+    with CheckpointWriter(pending=1) as writer:
+        for value in range(5):
+            writer.save(tmp_path / "last.safetensors", tiny_checkpoint(float(value)))
+    assert load_checkpoint(tmp_path / "last.safetensors").info["epoch"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.safetensors"]  # no temporary file left
+
+
+def test_a_failed_write_is_raised_in_the_training_thread_and_drops_the_writes_behind_it(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    release = held_writes(monkeypatch)
+    writer = CheckpointWriter()
+    writer.save(tmp_path / "file" / "last.safetensors", tiny_checkpoint(1.0))
+    writer.save(tmp_path / "best.safetensors", tiny_checkpoint(2.0))  # queued behind the failing one
+    release.set()
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        writer.wait()
+    assert not (tmp_path / "best.safetensors").exists()
+    writer.wait()  # raised once
+    writer.save(tmp_path / "best.safetensors", tiny_checkpoint(3.0))  # and the writer goes on
+    writer.close()
+    assert load_checkpoint(tmp_path / "best.safetensors").info["epoch"] == 3
+    with pytest.raises(NotADirectoryError):  # leaving a block that raised nothing raises the write's error
+        with CheckpointWriter() as writer:
+            writer.save(tmp_path / "file" / "x.safetensors", tiny_checkpoint(1.0))
+    with pytest.raises(KeyError):  # ... but never hides the block's own error
+        with CheckpointWriter() as writer:
+            writer.save(tmp_path / "file" / "x.safetensors", tiny_checkpoint(1.0))
+            raise KeyError("the block's")
+
+
+def test_training_goes_on_while_a_checkpoint_is_written(tmp_path, monkeypatch):
+    """The run's first checkpoint (step 0) is held until the loop has made two more steps: a
+    loop that waited for its checkpoints would never get there."""
+    release, steps = held_writes(monkeypatch), []
+    step = Trainer._train_step
+
+    def counted(self, images, labels):
+        loss = step(self, images, labels)
+        steps.append(self.global_step)
+        if self.global_step == 2:
+            release.set()
+        return loss
+
+    monkeypatch.setattr(Trainer, "_train_step", counted)
+    data = write_folder(tmp_path / "data", per_class=8)
+    result = run_training("finetune", "xxs", str(data), out=tmp_path / "run", overrides=TINY, epochs=2,
+                          batch_size=4, console=Console(quiet=True))
+    assert release.is_set() and steps[-1] == result["global_step"]
+    state = load_checkpoint(tmp_path / "run" / "last.safetensors", with_train_state=True).train_info
+    assert state["epoch"] == 2 and state["global_step"] == result["global_step"]  # fit waited for the last one
