@@ -240,6 +240,39 @@ def test_grey_rgba_palette_and_corrupt(tmp_path):
     assert v.images.shape == (1, 3, 36, 36) and bool((v.images == 7).all())
 
 
+def test_pillows_pixel_limit_counts_the_pixels_decoded_not_the_photos(tmp_path, monkeypatch):
+    """A JPEG is decoded downscaled (libjpeg's draft), so a photo above Pillow's limit (a
+    200-megapixel phone camera's) decodes, without Pillow's warning; a PNG, decoded whole,
+    is still refused above twice the limit, and decodes quietly below it. Here the limit is
+    lowered to 20,000 pixels (refused above 40,000) so that small files stand for big ones."""
+    import warnings
+
+    from PIL import Image
+
+    from mmlit_cli.data.decode import decode_one, is_image_candidate
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (400, 480, 3), dtype=np.uint8))
+    photo.save(tmp_path / "photo.jpg", quality=90)
+    photo.save(tmp_path / "photo_no_extension", format="JPEG", quality=90)
+    photo.save(tmp_path / "big.png")
+    photo.resize((180, 150)).save(tmp_path / "mid.png")  # 27,000 pixels: above the limit, below twice it
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    unlimited = decode_one(str(tmp_path / "photo.jpg"), 32)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jpeg = decode_one(str(tmp_path / "photo.jpg"), 32)
+        mid = decode_one(str(tmp_path / "mid.png"), 32)
+        big = decode_one(str(tmp_path / "big.png"), 32)
+        candidate = is_image_candidate(str(tmp_path / "photo_no_extension"))
+    assert jpeg is not None and np.array_equal(jpeg, unlimited)
+    assert mid is not None and mid.shape == (32, 32, 3)
+    assert big is None and candidate
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert Image.MAX_IMAGE_PIXELS == 20_000  # Pillow's limit is as it was
+
+
 def test_class_lost_to_corrupt_files(tmp_path):
     fx.write_image_folder(tmp_path, {"ok": 2})
     fx.write_corrupt_jpeg(tmp_path / "broken" / "a.jpg")

@@ -9,6 +9,7 @@ functions, so it sees exactly the pixels training and `eval` see.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -82,12 +83,28 @@ def _open_image(path: str) -> Any:
     return Image.open(path)
 
 
+@contextlib.contextmanager
+def _pixel_limit_deferred():
+    """Pillow's decompression-bomb check off for the block, which gets Pillow's limit (the
+    pixels it warns at; it refuses twice as many). Pillow judges an image by its full size
+    when it opens it, so a 200-megapixel phone photo would be refused (and a 108-megapixel
+    one warned about) although a JPEG is decoded downscaled (`draft`): `decode_one` applies
+    the limit to the pixels it will actually decode."""
+    from PIL import Image
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield limit
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def is_image_candidate(path: str) -> bool:
     """Image extension, or any other file whose header Pillow recognises."""
     if os.path.splitext(path)[1].lower() in _ext_formats():
         return True
     try:
-        with _open_image(path):
+        with _pixel_limit_deferred(), _open_image(path):
             return True
     except Exception:  # noqa: BLE001 - not an image
         return False
@@ -111,9 +128,11 @@ def decode_one(path: str, size: int) -> np.ndarray | None:
     """One file -> uint8 [S, S, 3] (aspect-preserving resize + centre crop), None if undecodable."""
     from PIL import Image, ImageOps
     try:
-        with _open_image(path) as im:
+        with _pixel_limit_deferred() as limit, _open_image(path) as im:
             if im.format == "JPEG" and min(im.size) >= 2 * size:
                 im.draft(im.mode, (size, size))  # let libjpeg downscale big photos cheaply
+            if limit is not None and im.size[0] * im.size[1] > 2 * limit:
+                return None  # too many pixels to decode, even downscaled: Pillow's limit
             im.load()
             rgb = to_rgb(im)
             if rgb.size != (size, size):
