@@ -96,9 +96,10 @@ class CheckpointWriter:
     while one is serialized, fsynced and renamed (about 50 ms for preset s's last and best on
     a local SSD, more on a network one: on a GPU, where an epoch of CIFAR takes seconds, a
     few per cent of the run). `save` copies the tensors to the host at once, so the file
-    holds the state of that moment; files are written in the order saved, at most `pending`
-    waiting (each is a copy of the state). A write that failed raises its error at the next
-    `save` or `wait`, and the writes queued behind it are dropped (the older files stay whole).
+    holds the state of that moment; files are written in the order saved, with at most
+    `pending` copies of the state waiting in the queue (`save` waits for room). A write that
+    failed raises its error at the next `save` or `wait`, and the writes queued behind it
+    are dropped (the older files stay whole).
     Used as a context manager, it waits for every write on leaving, raising a write's error
     only when the block itself raised none."""
 
@@ -106,6 +107,7 @@ class CheckpointWriter:
         self._jobs: queue.Queue = queue.Queue(maxsize=pending)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._failed = False  # a write failed: drop the queued ones, until `wait` has seen the queue empty
 
     def save(self, path: Path, ckpt: Checkpoint) -> None:
         self._raise()
@@ -118,6 +120,7 @@ class CheckpointWriter:
     def wait(self) -> None:
         """Return once every checkpoint saved so far is on disk; raise a failed write's error."""
         self._jobs.join()
+        self._failed = False
         self._raise()
 
     def close(self, raise_error: bool = True) -> None:
@@ -127,6 +130,7 @@ class CheckpointWriter:
             self._jobs.put(None)
             self._thread.join()
             self._thread = None
+        self._failed = False
         if raise_error:
             self._raise()
 
@@ -142,10 +146,10 @@ class CheckpointWriter:
             try:
                 if job is None:
                     return
-                if self._error is None:
+                if not self._failed:
                     _write(*job)
             except BaseException as e:  # raised in the training thread, at its next save or wait
-                self._error = e
+                self._error, self._failed = e, True
             finally:
                 self._jobs.task_done()
 

@@ -90,13 +90,15 @@ class FigureBudget:
     meanwhile: on a GPU, where an epoch of CIFAR can take two seconds, every epoch's figure
     would cost the run a tenth of its time. So they are drawn while all the drawing so far has
     cost at most `share` of the run's wall time: every epoch of a run whose epochs are long,
-    every few epochs of a fast one; the run's first and last epochs always."""
+    every few epochs of a fast one; the first epoch of each process and the run's last always
+    (the recipe's last epoch, an early stop, or a stop at an epoch's end)."""
 
-    def __init__(self, share: float = 0.02):
-        self.share, self.spent, self.start = share, 0.0, time.perf_counter()
+    def __init__(self, share: float = 0.02, clock=time.perf_counter):
+        self.share, self.clock, self.spent = share, clock, 0.0
+        self.start = clock()
 
     def due(self) -> bool:
-        return self.spent <= self.share * (time.perf_counter() - self.start)
+        return self.spent <= self.share * (self.clock() - self.start)
 
     def charge(self, seconds: float) -> None:
         self.spent += seconds
@@ -172,7 +174,7 @@ class Trainer:
             return stopped
         if stopped is not None and self.step_in_epoch < self.steps_per_epoch:  # stopped within the epoch
             return stopped if self.record.save_within_epoch(loss_sum) else "nan"
-        return self._end_epoch(loss_sum, seen, time.perf_counter() - start) or stopped
+        return self._end_epoch(loss_sum, seen, time.perf_counter() - start, final=stopped is not None) or stopped
 
     def train_one_epoch(self) -> tuple[torch.Tensor, int, str | None]:
         """The steps of one epoch: (the epoch's loss sum on the device, images seen, why it
@@ -241,9 +243,10 @@ class Trainer:
                 return "nan"
         return None
 
-    def _end_epoch(self, loss_sum: torch.Tensor, seen: int, epoch_time: float) -> str | None:
-        """Validate, log and save after the last step of an epoch; "nan" (and nothing saved)
-        when the epoch's loss or the weights are not finite."""
+    def _end_epoch(self, loss_sum: torch.Tensor, seen: int, epoch_time: float, final: bool = False) -> str | None:
+        """Validate, log and save after the last step of an epoch (`final`: the run stops
+        after it, as it does after the recipe's last epoch); "nan" (and nothing saved) when the
+        epoch's loss or the weights are not finite."""
         train_loss = all_reduce_mean(loss_sum / max(self.step_in_epoch, 1), self.dist).item()
         if diverged(train_loss, self.model):
             return "nan"
@@ -262,7 +265,7 @@ class Trainer:
         if self.epoch < self.recipe.epochs:
             record.early_stop = row["stopped"] = record.patience_spent(self.recipe.patience)
         record.write_metrics({k: v for k, v in row.items() if v is not None})
-        figures = self.epoch >= self.recipe.epochs or record.early_stop is not None or self.figures.due()
+        figures = final or self.epoch >= self.recipe.epochs or record.early_stop is not None or self.figures.due()
         drawing = time.perf_counter()
         notes = epoch_notes(self.task, self.model, self.val_loader or self.train_loader, self.device,
                             self.opts.out_dir, row, figures) if self.dist.is_main else []

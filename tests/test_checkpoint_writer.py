@@ -17,6 +17,7 @@ from mmlit_cli.checkpoint import Checkpoint, CheckpointWriter, load_checkpoint
 from mmlit_cli.config import load_config
 from mmlit_cli.engine import Trainer
 from mmlit_cli.train import run_training
+from mmlit_cli.train_state import optimizer_to_tensors
 
 
 def tiny_checkpoint(value: float) -> Checkpoint:
@@ -37,16 +38,34 @@ def held_writes(monkeypatch) -> threading.Event:
 
 
 def test_the_file_holds_the_state_when_saved_not_when_written(tmp_path, monkeypatch):
+    """Weights, optimizer moments and their step counts, as the run saves them: the steps
+    taken while the file is being written (in place, on the same tensors) are not in it."""
     release = held_writes(monkeypatch)
-    ckpt = tiny_checkpoint(1.0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    def step():
+        model(torch.randn(8, 4)).square().mean().backward()
+        optimizer.step()
+
+    step()
+    ckpt = Checkpoint(model.state_dict(), load_config("xxs"), "classify", ["a", "b"], {"epoch": 1})
+    ckpt.train_tensors, ckpt.train_info = optimizer_to_tensors(optimizer)
+    at_save = {k: v.clone() for k, v in {**ckpt.tensors, **ckpt.train_tensors}.items()}
     with CheckpointWriter() as writer:
         writer.save(tmp_path / "last.safetensors", ckpt)
-        ckpt.tensors["w"].fill_(2.0)  # the next optimizer step, in place, while the file is being written
+        for _ in range(3):  # the next steps, while the file is being written
+            step()
         ckpt.info["epoch"] = 2
+        assert not torch.equal(model.weight, at_save["weight"])
         release.set()
         writer.wait()
-    saved = load_checkpoint(tmp_path / "last.safetensors")
-    assert torch.equal(saved.tensors["w"], torch.full((4, 4), 1.0)) and saved.info["epoch"] == 1
+    saved = load_checkpoint(tmp_path / "last.safetensors", with_train_state=True)
+    assert saved.info["epoch"] == 1
+    in_file = {**saved.tensors, **saved.train_tensors}
+    assert set(at_save) <= set(in_file)
+    for key, value in at_save.items():
+        assert torch.equal(in_file[key], value), key
 
 
 def test_writes_land_in_the_order_saved(tmp_path):

@@ -63,25 +63,34 @@ def test_figures_are_drawn_while_they_cost_little_of_the_run(tmp_path, monkeypat
 
     monkeypatch.setattr(plots, "confusion_image", slow)
     data = write_folder(tmp_path / "data", per_class=8)
+
+    def drawn(run):
+        acc = EventAccumulator(str(run), size_guidance={"images": 0})
+        acc.Reload()
+        return [e.step for e in acc.Images("val/confusion")]
+
     run_training("finetune", "xxs", str(data), out=tmp_path / "run", overrides=TINY, epochs=8, batch_size=8,
                  console=Console(quiet=True))
-    acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"images": 0})
-    acc.Reload()
-    drawn = [e.step for e in acc.Images("val/confusion")]
-    assert drawn[0] == 1 and drawn[-1] == 8 and len(drawn) < 8, drawn
+    steps = drawn(tmp_path / "run")
+    assert steps[0] == 1 and steps[-1] == 8 and len(steps) < 8, steps
     scalars, _, _ = tensorboard_events(tmp_path / "run")
     assert [step for step, _ in scalars["val/top1"]] == list(range(1, 9))
+    # a run stopped at an epoch's end (here by max_steps: 2 steps per epoch) draws that epoch
+    run_training("finetune", "xxs", str(data), out=tmp_path / "stopped", overrides=TINY, epochs=8, batch_size=8,
+                 max_steps=10, console=Console(quiet=True))
+    assert drawn(tmp_path / "stopped")[-1] == 5
 
 
 def test_the_figure_budget_is_a_share_of_the_run_so_far():
-    budget = FigureBudget(share=0.1)
-    budget.start -= 10.0  # 10 s into the run: 1 s of figures is the budget
-    assert budget.due()
+    now = [100.0]
+    budget = FigureBudget(share=0.1, clock=lambda: now[0])
+    assert budget.due()  # the first epoch's figures
+    now[0] += 10.0  # 10 s into the run: 1 s of figures is the budget
     budget.charge(0.9)
     assert budget.due()
     budget.charge(0.2)
     assert not budget.due()
-    budget.start -= 2.0  # 12 s: 1.2 s
+    now[0] += 2.0  # 12 s: 1.2 s
     assert budget.due()
 
 
