@@ -105,9 +105,13 @@ def main(argv=None) -> int:
           f"(epoch {best.get('epoch', '-')})", common.fmt_num(steady), rc]],
         f"time to accuracy on {device}: held-out top-1 of `mmlit finetune` within {args.budget_s:.0f} s"))
     print("   img/s per epoch: " + ", ".join(f"{r:,.0f}" for r in rates))
+    # what the command spent besides its training steps (compilation is in epoch 1's steps)
+    outside = wall - sum(r["epoch_time_s"] for r in rows)
+    print(f"   outside the epochs' steps: {outside:.1f} s of {wall:.1f} s (start-up, decoding, validation, "
+          f"checkpoints, figures; {outside / max(len(rows), 1):.2f} s per epoch)")
     if args.json:
         common.write_json(args.json, {"epochs": epochs, "wall_s": wall, "budget_s": args.budget_s, "rc": rc,
-                                      "rate_used": rate, "rows": rows})
+                                      "rate_used": rate, "outside_steps_s": outside, "rows": rows})
     return rc
 
 

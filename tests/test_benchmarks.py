@@ -2,6 +2,7 @@
 and the script runs end to end: a benchmark whose baselines drifted from mLiT would measure
 something else."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -121,6 +122,27 @@ def test_bench_tta_falls_back_to_rate_when_the_rates_file_has_none(tmp_path, mon
     epochs = int(commands[0][commands[0].index("--epochs") + 1])
     assert epochs == bench_tta.fitted_epochs(30, 10, 2, 16, 4) == 2  # 20 s at (16 + 4/3) / 2 s an epoch
     assert "--rate: no measured rate" in capsys.readouterr().out
+
+
+def test_bench_tta_says_what_the_command_spent_outside_its_epochs_steps(tmp_path, monkeypatch, capsys):
+    write_image_folder(tmp_path / "data" / "train", {"a": 8, "b": 8}, size=8)
+    write_image_folder(tmp_path / "data" / "val", {"a": 2, "b": 2}, size=8)
+    run = tmp_path / "run"
+
+    def finetune(cmd):  # two epochs of 1 s and 2 s of steps
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(
+            json.dumps({"epoch": e, "epoch_time_s": t, "train_img_per_s": 16 / t, "val_top1": 50.0}) + "\n"
+            for e, t in ((1, 1.0), (2, 2.0))))
+        return 0
+
+    clock = iter([100.0, 110.0])  # the command's start and end: 10 s of wall time
+    monkeypatch.setattr(bench_tta.subprocess, "call", finetune)
+    monkeypatch.setattr(bench_tta.time, "perf_counter", lambda: next(clock))
+    assert bench_tta.main(["--data", str(tmp_path / "data"), "--epochs", "2", "--device", "cpu",
+                           "--out", str(run), "--json", str(tmp_path / "tta.json")]) == 0
+    assert "outside the epochs' steps: 7.0 s of 10.0 s" in capsys.readouterr().out
+    assert json.loads((tmp_path / "tta.json").read_text())["outside_steps_s"] == 7.0
 
 
 def test_write_json_replaces_a_file_whole(tmp_path):
