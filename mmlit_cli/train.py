@@ -182,6 +182,8 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
             console.print(escape(_sample_note(getattr(plan.cfg, task_cls.command).epochs)), highlight=False)
     if plan.resume is not None and _finished(plan, task_cls.command):
         return _nothing_to_do(plan, None if quiet else console)
+    # a missing or broken --init file is said before the data is read (minutes, for a big folder)
+    init_ckpt = load_checkpoint(init) if init is not None and plan.resume is None else None
 
     train, val = _load_data(plan.spec, plan.cfg, task_cls.needs_labels, console if main_process else None,
                             resumed=plan.resume is not None)
@@ -193,7 +195,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
 
     if not quiet:
         _warn_imbalance(console, train, getattr(cfg, task_cls.command).class_balance, task_cls.needs_labels)
-    task, layer_decay = _new_task(task_cls, cfg, train, plan, init, None if quiet else console)
+    task, layer_decay = _new_task(task_cls, cfg, train, plan, init, init_ckpt, None if quiet else console)
     opts = RunOptions(out_dir=plan.run_dir, dataset=dataclasses.asdict(plan.spec), data_source=plan.spec.located(),
                       device=device, compile=compile, compile_mode=compile_mode, save_every=save_every,
                       max_steps=max_steps, layer_decay=layer_decay, quiet=quiet,
@@ -276,15 +278,16 @@ def _warn_imbalance(console: Console, train: ImageData, class_balance: str, labe
 
 
 def _new_task(task_cls, cfg: Config, train: ImageData, plan: RunPlan, init: str | Path | None,
-              console: Console | None):
+              init_ckpt: Checkpoint | None, console: Console | None):
     """(the task with its model, the layer-wise lr decay of its param groups). The initial
-    weights depend on the seed alone; `--init` loads a checkpoint's into a new run's model."""
+    weights depend on the seed alone; `--init` (the file `init`, loaded as `init_ckpt`) puts a
+    checkpoint's into a new run's model."""
     train_cfg = getattr(cfg, task_cls.command)
     torch.manual_seed(train_cfg.seed)
     task = task_cls(cfg, train.classes, _class_counts(train))
     layer_decay = 1.0 if plan.resume is None else layer_decay_of_run(plan.resume.train_info, train_cfg)
-    if init is not None and plan.resume is None:
-        _load_init(task, init, console)
+    if init_ckpt is not None:
+        _load_init(task, init, init_ckpt, console)
         layer_decay = train_cfg.layer_decay  # fine-tuning a pre-trained encoder: BEiT/MAE layer-wise lr decay
     return task, layer_decay
 
@@ -518,6 +521,8 @@ def resolved_config(kind: str, preset: str | None, dataset: str | None, *, data_
                 *(f"recorded at its start: {line}" for line in (plan.recipe_note or "").splitlines())]
         return "".join(f"# {line}\n" for line in head) + dump_config(plan.cfg)
     _check_validation(validation)
+    if shortcuts.get("init") is not None:  # as the run would, it says a missing or broken --init file
+        load_checkpoint(shortcuts["init"])
     shortcuts = {k: shortcuts.get(k) for k in ("epochs", "batch_size", "lr", "seed", "workers", "recipe", "loader",
                                                "patience", "class_balance")}
     plan = _new_plan(task_cls, preset, dataset, data_dir, False, validation, overrides, shortcuts)
@@ -558,9 +563,9 @@ def _load_data(spec: DataSpec, cfg: Config, require_labels: bool, console: Conso
     return train, val
 
 
-def _load_init(task, init: str | Path, console: Console | None) -> None:
+def _load_init(task, init: str | Path, ckpt: Checkpoint, console: Console | None) -> None:
     """`--init`: the checkpoint's weights into the task's model (see `load_weights_into`)."""
-    report = load_weights_into(task.init_target, load_checkpoint(init))
+    report = load_weights_into(task.init_target, ckpt)
     if not report.loaded:
         raise MmlitError(f"--init {init}: no tensor of that checkpoint fits this model")
     if console is not None:

@@ -105,6 +105,8 @@ CASES = [
     ("resume pretrain as finetune", lambda w: ["finetune", "--resume", str(w["root"] / "mae")], "mae run"),
     ("resume missing dir", lambda w: ["finetune", "--resume", str(w["root"] / "nothing")], "nothing to resume"),
     ("resume with --set", lambda w: ["finetune", "--resume", str(w["root"] / "clf"), "--set", "model.depth=2"], "--set"),
+    ("init missing, said before the data is read", lambda w: ["finetune", "--dataset", "cifar10", "--data-dir", str(w["root"] / "nope"), "--init", str(w["root"] / "gone.safetensors"), *SETS], "checkpoint not found"),
+    ("init missing, --print-config", lambda w: ["finetune", "--dataset", str(w["folder"]), "--init", str(w["root"] / "gone.safetensors"), "--print-config", *SETS], "checkpoint not found"),
     ("init not a checkpoint", lambda w: ["finetune", "--dataset", str(w["folder"]), "--init", str(w["root"] / "notes.safetensors"), "--out", str(w["root"] / "never3"), *SETS], "safetensors"),
     ("eval: the run's data has gone", lambda w: ["eval", str(w["root"] / "moved" / "best.safetensors")], "pass --dataset"),
     ("eval: old checkpoint, no dataset", lambda w: ["eval", str(w["root"] / "old.safetensors")], "--dataset is required"),
