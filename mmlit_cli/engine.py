@@ -3,8 +3,8 @@
     fit(): for epoch:
                train_one_epoch(): for batch: forward (bf16 autocast on CUDA) -> backward ->
                    clip -> AdamW step (lr: linear warm-up, then cosine) -> EMA
-               end of epoch: validate -> metrics.jsonl/.csv -> last/best.safetensors (written on
-                   a background thread) -> figures (within a 2 % time budget)
+               end of epoch: validate -> metrics.jsonl/.csv -> figures (within a 2 % time
+                   budget) -> last/best.safetensors (written on a background thread)
 
 A task (`tasks.py`) says what the model is, what its loss is and how it is validated;
 everything else - devices, DDP, checkpoints, resume, signals, logging - lives here once. The
