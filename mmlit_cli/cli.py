@@ -201,7 +201,7 @@ PatienceOpt = typer.Option(None, "--patience", help="Stop early when the validat
                            "has not improved for N epochs; best.safetensors stays the best epoch (default: 0, never).")
 PrintConfigOpt = typer.Option(False, "--print-config", help="Print the config the run would use, its recipe fitted "
                               "to the run, as YAML, and exit: nothing is read or written (the training images are "
-                              "counted; an --init file is checked).")
+                              "counted; an --init file and what --out holds are checked, as the run checks them).")
 ValOpt = typer.Option(None, "--val", help="Where validation and best.safetensors come from: auto (default: the "
                       "dataset's validation split, else a stratified data.val_fraction held out of train; the test "
                       "split is never looked at) or test (the paper protocol: train on all of train, validate on the "

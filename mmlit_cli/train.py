@@ -510,22 +510,29 @@ def resolved_config(kind: str, preset: str | None, dataset: str | None, *, data_
     """`--print-config`: the config a run would use, as YAML (the fitted recipe in words atop,
     as comments), without reading an image or writing a file. The training images are counted
     (`data.train_split_size`: a folder is listed, a named dataset is its official size); with
-    `resume`, the config the resumed run would use: the one the run recorded, with what
-    --epochs, --workers and --patience (and another process count, the lr) change; an option
-    the run keeps (--lr, --batch-size, ...) is checked against it as the run would check it."""
+    `resume`, or an `--out` holding this command's run (which the run would continue), the
+    config the resumed run would use: the one the run recorded, with what --epochs, --workers
+    and --patience (and another process count, the lr) change; an option the run keeps (--lr,
+    --batch-size, ...) is checked against it as the run would check it. What the run would
+    refuse before reading its data is refused: a missing or broken --init file, an --out
+    holding another run or other files."""
     task_cls = TASKS[kind]
     if resume is not None:
         plan = _resumed_run(Path(resume), task_cls, preset=preset, dataset=dataset, overrides=overrides,
                             validation=validation, options=shortcuts, data_dir=data_dir)
-        head = [f"resumed from {resume}: the config it recorded, as the resumed run would use it",
-                *(f"recorded at its start: {line}" for line in (plan.recipe_note or "").splitlines())]
-        return "".join(f"# {line}\n" for line in head) + dump_config(plan.cfg)
+        return _recorded_config(plan, f"resumed from {resume}: the config it recorded, as the resumed run would use it")
     _check_validation(validation)
-    if shortcuts.get("init") is not None:  # as the run would, it says a missing or broken --init file
-        load_checkpoint(shortcuts["init"])
+    init, out = shortcuts.get("init"), shortcuts.get("out")
+    if init is not None:
+        load_checkpoint(init)
     shortcuts = {k: shortcuts.get(k) for k in ("epochs", "batch_size", "lr", "seed", "workers", "recipe", "loader",
                                                "patience", "class_balance")}
     plan = _new_plan(task_cls, preset, dataset, data_dir, False, validation, overrides, shortcuts)
+    if out is not None:  # as `_new_run`: this command's run there is continued, anything else refused
+        continued = _continued_run(Path(out), task_cls, dataclasses.replace(plan, invocation=_invocation(plan, init)))
+        if continued is not None:
+            return _recorded_config(continued, f"the run in {out} continues: the config it recorded")
+        new_run_dir(out, kind, plan.cfg.name)
     images, classes = train_split_size(plan.spec.dataset, plan.cfg.data.val_fraction, plan.spec.validation == "auto",
                                        task_cls.needs_labels)
     plan = plan.fit_to(task_cls.command, images, resolve_device(device).type)
@@ -533,6 +540,11 @@ def resolved_config(kind: str, preset: str | None, dataset: str | None, *, data_
     head = [f"{plan.spec.dataset}: {images:,} training images, {classes} classes (counted, not read)",
             *(plan.recipe_note or "").splitlines()]
     return "".join(f"# {line}\n" for line in head) + dump_config(cfg)
+
+
+def _recorded_config(plan: RunPlan, first_line: str) -> str:
+    head = [first_line, *(f"recorded at its start: {line}" for line in (plan.recipe_note or "").splitlines())]
+    return "".join(f"# {line}\n" for line in head) + dump_config(plan.cfg)
 
 
 def _load_data(spec: DataSpec, cfg: Config, require_labels: bool, console: Console | None,

@@ -202,6 +202,32 @@ def test_print_config_of_a_resumed_run_is_what_the_resumed_run_uses(tmp_path):
     assert "a resumed run keeps it" in wrong.stderr + wrong.stdout
 
 
+def test_print_config_with_an_out_says_what_the_run_would_do_with_it(tmp_path):
+    """The same command again, its --out holding its run: the run would continue it, so the
+    config printed is the one recorded there; another run there, or other files, are refused
+    as the run refuses them; nothing in the folder is touched."""
+    data = write_folder(tmp_path / "data", per_class=6)
+    command = ("finetune", "--preset", "xxs", "--dataset", str(data), "--epochs", "1", "--batch-size", "8",
+               *[x for o in TINY for x in ("--set", o)])
+    first = mmlit(*command, "--out", "run", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()}
+
+    shown = mmlit(*command, "--out", "run", "--print-config", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert comments(shown.stdout)[0] == "the run in run continues: the config it recorded"
+    assert yaml.safe_load(shown.stdout) == yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+
+    other = mmlit(*command, "--set", "model.depth=2", "--out", "run", "--print-config", cwd=tmp_path)
+    assert other.returncode == 2 and "holds another run" in other.stderr, other.stderr
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    taken = mmlit(*command, "--out", "notes", "--print-config", cwd=tmp_path)
+    assert taken.returncode == 2 and "already exists and is not empty" in taken.stderr, taken.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()} == before
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
 def test_the_recipe_line_says_where_the_batch_came_from():
     """The batch is the preset's unless the GPU raised it or a short run shrank it; the recipe
     line says which (a batch the user set is theirs, and said plainly)."""
