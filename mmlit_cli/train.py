@@ -531,7 +531,7 @@ def resolved_config(kind: str, preset: str | None, dataset: str | None, *, data_
     if out is not None:  # as `_new_run`: this command's run there is continued, anything else refused
         continued = _continued_run(Path(out), task_cls, dataclasses.replace(plan, invocation=_invocation(plan, init)))
         if continued is not None:
-            return _recorded_config(continued, f"the run in {out} continues: the config it recorded")
+            return _recorded_config(continued, f"{out} holds this command's run: the config it recorded")
         new_run_dir(out, kind, plan.cfg.name)
     images, classes = train_split_size(plan.spec.dataset, plan.cfg.data.val_fraction, plan.spec.validation == "auto",
                                        task_cls.needs_labels)

@@ -215,7 +215,7 @@ def test_print_config_with_an_out_says_what_the_run_would_do_with_it(tmp_path):
 
     shown = mmlit(*command, "--out", "run", "--print-config", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
-    assert comments(shown.stdout)[0] == "the run in run continues: the config it recorded"
+    assert comments(shown.stdout)[0] == "run holds this command's run: the config it recorded"
     assert yaml.safe_load(shown.stdout) == yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
 
     other = mmlit(*command, "--set", "model.depth=2", "--out", "run", "--print-config", cwd=tmp_path)
