@@ -126,8 +126,7 @@ class CheckpointWriter:
     def close(self, raise_error: bool = True) -> None:
         """Wait, then end the thread."""
         if self._thread is not None:
-            self._jobs.join()
-            self._jobs.put(None)
+            self._jobs.put(None)  # behind the queued writes: the thread ends once they are made
             self._thread.join()
             self._thread = None
         self._failed = False

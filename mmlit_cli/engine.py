@@ -104,6 +104,27 @@ class FigureBudget:
         self.spent += seconds
 
 
+class EpochFigures:
+    """The end of an epoch's figures and notes: MAE's reconstruction.png (with its note under the
+    epoch's line), the figure TensorBoard shows for the epoch (the confusion matrix, the
+    reconstructions), drawn when `forced` or within the `FigureBudget`; the router warning always."""
+
+    def __init__(self, task, record: RunRecord, device: torch.device):
+        self.task, self.record, self.device = task, record, device
+        self.budget = FigureBudget()
+
+    def draw(self, model: torch.nn.Module, loader, row: dict, forced: bool) -> list[str]:
+        figures, start = forced or self.budget.due(), self.budget.clock()
+        out, events = self.record.facts.out_dir, self.record.events
+        main = self.record.dist.is_main
+        notes = epoch_notes(self.task, model, loader, self.device, out, row, figures) if main else []
+        if figures and events is not None:
+            events.images(lambda: self.task.epoch_images(out), self.record.epoch)
+        if figures:
+            self.budget.charge(self.budget.clock() - start)
+        return notes
+
+
 class Trainer:
     """The epoch/step loop. Where the run stands and what it writes (config.yaml, metrics,
     checkpoints, --resume) is its `record` (`run_record.RunRecord`)."""
@@ -144,7 +165,7 @@ class Trainer:
         self.progress = TrainingProgress(self.console, self.device, opts.log_every, self.dist.world_size,
                                          disable=not self.dist.is_main or opts.quiet)
         self.bad_loss: float | None = None  # a non-finite loss this rank saw, for the message
-        self.figures = FigureBudget()
+        self.figures = EpochFigures(task, self.record, self.device)
 
     # the record's counters, read by the loop (and by callers: `run_training`, tests)
     epoch = property(lambda self: self.record.epoch)
@@ -252,8 +273,8 @@ class Trainer:
             return "nan"
         record = self.record
         record.partial_loss_sum = 0.0
-        val = self.task.validate(self.ema_or_model(), self.val_loader, self.device, self.amp_dtype) \
-            if self.val_loader is not None else {}
+        model = self.model if self.ema is None else self.ema.module  # scored: the EMA when there is one
+        val = {} if self.val_loader is None else self.task.validate(model, self.val_loader, self.device, self.amp_dtype)
         record.epoch, record.step_in_epoch, world = record.epoch + 1, 0, self.dist.world_size
         row = {"epoch": self.epoch, "step": self.global_step, "train_loss": train_loss,
                "lr": self.optimizer.param_groups[-1]["lr"], **val,
@@ -265,13 +286,9 @@ class Trainer:
         if self.epoch < self.recipe.epochs:
             record.early_stop = row["stopped"] = record.patience_spent(self.recipe.patience)
         record.write_metrics({k: v for k, v in row.items() if v is not None})
-        figures = final or self.epoch >= self.recipe.epochs or record.early_stop is not None or self.figures.due()
-        drawing = time.perf_counter()
-        notes = epoch_notes(self.task, self.model, self.val_loader or self.train_loader, self.device,
-                            self.opts.out_dir, row, figures) if self.dist.is_main else []
-        record.log_events(row, figures)  # before the checkpoint: a resumed run never lacks an epoch it had saved
-        if figures:
-            self.figures.charge(time.perf_counter() - drawing)
+        record.log_events(row)  # before the checkpoint: a resumed run never lacks an epoch it had saved
+        notes = self.figures.draw(self.model, self.val_loader or self.train_loader, row,
+                                  forced=final or self.epoch >= self.recipe.epochs or record.early_stop is not None)
         record.save_epoch(row, improved)
         for line in (epoch_line(row, self.recipe.epochs), *notes):
             self._print(line)
@@ -293,9 +310,6 @@ class Trainer:
                         f"checkpoint; continue with --resume {escape(str(out))} (or the same command with that --out)")
         return {"stopped": stopped, "signal": self.stop.signal, "epoch": self.epoch, "global_step": self.global_step,
                 "history": self.record.history, "best": self.record.best, "best_saved": self.opts.save_best}
-
-    def ema_or_model(self):
-        return self.model if self.ema is None else self.ema.module
 
     # ------------------------------------------------------------------ printing
 

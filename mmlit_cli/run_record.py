@@ -127,13 +127,11 @@ class RunRecord:
         if self.global_step == 0 and self._resume_rng is None:  # every rank: the generators are gathered
             self.save_last()
 
-    def log_events(self, row: dict, figures: bool = True) -> None:
-        """The epoch's row, and its figures when `figures`, into TensorBoard's event file, when
-        there is one."""
+    def log_events(self, row: dict) -> None:
+        """The epoch's row into TensorBoard's event file, when there is one (its figures:
+        `engine.EpochFigures`)."""
         if self.events is not None:  # at the epoch: the axis a resume on another process count keeps
             self.events.scalars(row, self.epoch)
-            if figures:
-                self.events.images(lambda: self.task.epoch_images(self.facts.out_dir), self.epoch)
 
     def close_events(self, curves: Path | None = None) -> None:
         """The training curves (when drawn) into the event file, which is then closed."""

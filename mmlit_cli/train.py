@@ -411,10 +411,11 @@ def _lr_pinned(invocation: dict[str, Any] | None, section: str) -> bool:
 
 def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_dir: str | None, download: bool,
              validation: str | None, overrides: list[str] | None, shortcuts: dict[str, Any],
-             out: str | Path | None, init: str | Path | None = None) -> RunPlan:
+             out: str | Path | None, init: str | Path | None = None, probe: bool = True) -> RunPlan:
     """A new run: the preset with the user's overrides; its recipe is fitted to the run once
     the data is loaded (`RunPlan.fit_to`). When `out` holds a run this very command started
-    (torchrun's restarts, a requeued job, the up-arrow), that run, continued."""
+    (torchrun's restarts, a requeued job, the up-arrow), that run, continued. `probe`: check
+    that the run's folder can be written (a file is written and removed there)."""
     plan = _new_plan(task_cls, preset, dataset, data_dir, download, validation, overrides, shortcuts)
     plan = dataclasses.replace(plan, invocation=_invocation(plan, init))
     continued = _continued_run(Path(out), task_cls, plan) if out is not None else \
@@ -422,7 +423,8 @@ def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_
     if continued is not None:
         return continued
     run_dir = new_run_dir(out, kind, plan.cfg.name)
-    _check_writable(run_dir)
+    if probe:
+        _check_writable(run_dir)
     return dataclasses.replace(plan, run_dir=run_dir)
 
 
@@ -527,12 +529,10 @@ def resolved_config(kind: str, preset: str | None, dataset: str | None, *, data_
         load_checkpoint(init)
     shortcuts = {k: shortcuts.get(k) for k in ("epochs", "batch_size", "lr", "seed", "workers", "recipe", "loader",
                                                "patience", "class_balance")}
-    plan = _new_plan(task_cls, preset, dataset, data_dir, False, validation, overrides, shortcuts)
-    if out is not None:  # as `_new_run`: this command's run there is continued, anything else refused
-        continued = _continued_run(Path(out), task_cls, dataclasses.replace(plan, invocation=_invocation(plan, init)))
-        if continued is not None:
-            return _recorded_config(continued, f"{out} holds this command's run: the config it recorded")
-        new_run_dir(out, kind, plan.cfg.name)
+    plan = _new_run(kind, task_cls, preset, dataset, data_dir, False, validation, overrides, shortcuts, out, init,
+                    probe=False)
+    if plan.resume is not None:  # --out holds this command's run, which the run would continue
+        return _recorded_config(plan, f"{plan.run_dir} holds this command's run: the config it recorded")
     images, classes = train_split_size(plan.spec.dataset, plan.cfg.data.val_fraction, plan.spec.validation == "auto",
                                        task_cls.needs_labels)
     plan = plan.fit_to(task_cls.command, images, resolve_device(device).type)

@@ -3,6 +3,7 @@ a resumed run's charts hold each epoch once; without the package nothing is writ
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -50,18 +51,22 @@ def test_pretrain_logs_its_losses_and_reconstructions(tmp_path):
 def test_figures_are_drawn_while_they_cost_little_of_the_run(tmp_path, monkeypatch):
     """A confusion matrix that takes longer to draw than an epoch takes to train (as on a GPU)
     is drawn at the first and the last epoch, and between them only as the budget allows; the
-    scalars are logged at every epoch."""
+    scalars are logged at every epoch. The budget's clock is the test's: drawing a figure
+    moves it 10 s on, so the run would need minutes of steps to earn a second figure."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    import mmlit_cli.engine as engine
     import mmlit_cli.plots as plots
 
-    real = plots.confusion_image
+    real, drawn_for = plots.confusion_image, [0.0]
 
     def slow(*args, **kwargs):
-        time.sleep(0.3)
+        drawn_for[0] += 10.0
         return real(*args, **kwargs)
 
     monkeypatch.setattr(plots, "confusion_image", slow)
+    monkeypatch.setattr(engine, "FigureBudget",
+                        functools.partial(FigureBudget, clock=lambda: time.perf_counter() + drawn_for[0]))
     data = write_folder(tmp_path / "data", per_class=8)
 
     def drawn(run):

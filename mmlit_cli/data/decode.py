@@ -9,7 +9,6 @@ functions, so it sees exactly the pixels training and `eval` see.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import multiprocessing
 import os
@@ -72,29 +71,21 @@ def _ext_formats() -> dict[str, str]:
 
 
 def _open_image(path: str) -> Any:
-    """Image.open, trying the format the extension names first (much faster than probing)."""
+    """Image.open, trying the format the extension names first (much faster than probing),
+    without Pillow's decompression-bomb check: Pillow judges an image by its full size when it
+    opens it, so a 200-megapixel phone photo would be refused (and a 108-megapixel one warned
+    about) although a JPEG is decoded downscaled (`draft`); `decode_one` applies Pillow's
+    limit to the pixels it will actually decode."""
     from PIL import Image, UnidentifiedImageError
     fmt = _ext_formats().get(os.path.splitext(path)[1].lower())
-    if fmt is not None:
-        try:
-            return Image.open(path, formats=(fmt,))
-        except UnidentifiedImageError:
-            pass  # wrong extension: let Pillow probe every format
-    return Image.open(path)
-
-
-@contextlib.contextmanager
-def _pixel_limit_deferred():
-    """Pillow's decompression-bomb check off for the block, which gets Pillow's limit (the
-    pixels it warns at; it refuses twice as many). Pillow judges an image by its full size
-    when it opens it, so a 200-megapixel phone photo would be refused (and a 108-megapixel
-    one warned about) although a JPEG is decoded downscaled (`draft`): `decode_one` applies
-    the limit to the pixels it will actually decode."""
-    from PIL import Image
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
-        yield limit
+        if fmt is not None:
+            try:
+                return Image.open(path, formats=(fmt,))
+            except UnidentifiedImageError:
+                pass  # wrong extension: let Pillow probe every format
+        return Image.open(path)
     finally:
         Image.MAX_IMAGE_PIXELS = limit
 
@@ -104,7 +95,7 @@ def is_image_candidate(path: str) -> bool:
     if os.path.splitext(path)[1].lower() in _ext_formats():
         return True
     try:
-        with _pixel_limit_deferred(), _open_image(path):
+        with _open_image(path):
             return True
     except Exception:  # noqa: BLE001 - not an image
         return False
@@ -128,9 +119,10 @@ def decode_one(path: str, size: int) -> np.ndarray | None:
     """One file -> uint8 [S, S, 3] (aspect-preserving resize + centre crop), None if undecodable."""
     from PIL import Image, ImageOps
     try:
-        with _pixel_limit_deferred() as limit, _open_image(path) as im:
+        with _open_image(path) as im:
             if im.format == "JPEG" and min(im.size) >= 2 * size:
                 im.draft(im.mode, (size, size))  # let libjpeg downscale big photos cheaply
+            limit = Image.MAX_IMAGE_PIXELS  # (Pillow warns above it, refuses above twice it)
             if limit is not None and im.size[0] * im.size[1] > 2 * limit:
                 return None  # too many pixels to decode, even downscaled: Pillow's limit
             im.load()
