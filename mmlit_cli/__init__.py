@@ -1,40 +1,30 @@
-"""mmlit: train, evaluate and ship ultra-light vision transformers (mLiT / mmLiT)."""
+"""mmlit: train, evaluate and ship ultra-light vision transformers (mLiT / mmLiT).
+
+The Python API (`mmlit_cli.api`) is imported on first use, so that `mmlit --help` and the
+commands that need no model start without importing torch's model code:
+
+    create_model, create_mae    build a model from a preset, as timm.create_model does
+    load_model                  a trained classifier from a checkpoint (class_names, pretrained_cfg)
+    preprocess                  image files / Pillow images / arrays -> the batch the model takes
+    predict_paths               top-k predictions for files and folders, as `mmlit predict`
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-
 __version__ = "0.1.0"
 
-
-def create_model(preset: str | Path = "xs", num_classes: int | None = None, image_size: int | None = None,
-                 overrides: list[str] | None = None, **model_kwargs):
-    """Build an mLiT classifier from a preset name or YAML path, the way `timm.create_model` does.
-
-    >>> model = create_model("xxs", num_classes=10)
-    Keyword arguments override fields of the preset's `model` section (`depth=4`, ...).
-    """
-    from .config import load_config
-    from .model import MLiT
-
-    cfg = load_config(preset, overrides).model
-    changes = dict(model_kwargs)
-    if num_classes is not None:
-        changes["num_classes"] = num_classes
-    if image_size is not None:
-        changes["image_size"] = image_size
-    return MLiT(dataclasses.replace(cfg, **changes))
+_API = ("create_model", "create_mae", "load_model", "preprocess", "predict_paths")
 
 
-def create_mae(preset: str | Path = "xs", image_size: int | None = None, overrides: list[str] | None = None):
-    """Build the masked auto-encoder (mmLiT pre-training) around a preset's encoder."""
-    from .config import load_config
-    from .mae import MaskedAutoencoder
-
-    cfg = load_config(preset, overrides)
-    model_cfg = cfg.model if image_size is None else dataclasses.replace(cfg.model, image_size=image_size)
-    return MaskedAutoencoder(model_cfg, cfg.mae)
+def __getattr__(name: str):
+    if name in _API:
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'mmlit_cli' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "create_model", "create_mae"]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])
+
+
+__all__ = ["__version__", *_API]

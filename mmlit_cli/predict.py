@@ -116,7 +116,7 @@ def collect_images(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
 # Decoding and predicting
 # --------------------------------------------------------------------------------------------
 
-def _failure_reason(path: Path) -> str:
+def failure_reason(path: Path) -> str:
     """Why `data.decode_one` refused a file: open it again the same way, keep the error."""
     from PIL import Image
 
@@ -223,7 +223,7 @@ def predict_paths(ckpt_path: str | Path, paths: list[str], top_k: int = 5, batch
         arrays, ok = decode_files([str(f) for f in chunk], size)
         for f, good in zip(chunk, ok):
             if not good:
-                failures.append((str(f), _failure_reason(f)))
+                failures.append((str(f), failure_reason(f)))
         good_files = [f for f, good in zip(chunk, ok) if good]
         if not good_files:
             continue

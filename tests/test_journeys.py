@@ -270,7 +270,8 @@ def assert_png(path: Path) -> None:
 
 def test_every_readme_command_is_a_journey():
     assert sorted(readme_commands()) == sorted(JOURNEY_COMMANDS)
-    assert len(readme_python_blocks()) == 1  # run by test_python_api_example_runs
+    # run by test_python_api_example_runs and test_python_loads_a_trained_model_as_predict_reads_it
+    assert len(readme_python_blocks()) == 2
 
 
 def test_the_readme_reader_finds_commands_and_skips_placeholders():
@@ -703,11 +704,39 @@ def test_torchrun_with_four_processes_writes_one_run(home):
     assert r.stdout.count("done: runs/finetune/s/last.safetensors") == 1
 
 
+def readme_python_block(needle: str) -> str:
+    (block,) = [b for b in readme_python_blocks() if needle in b]
+    return block
+
+
 def test_python_api_example_runs(home):
-    (block,) = readme_python_blocks()
+    block = readme_python_block("create_mae")
     shapes = "\nprint(tuple(logits.shape), tuple(loss.shape), tuple(pred.shape), tuple(mask.shape), int(mask[0].sum()))"
     r = subprocess.run([sys.executable, "-c", block + shapes], cwd=home.path, env=home.env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     # 10 classes; a scalar loss; 144 patches of 3x3x3 pixels predicted, 75 % of them masked
     assert r.stdout.strip() == "(8, 10) () (8, 144, 27) (8, 144) 108"
+
+
+def test_python_loads_a_trained_model_as_predict_reads_it(home):
+    """The README's Python block on the README's checkpoint, in a fresh interpreter: its
+    class names and probabilities for two photos are what `mmlit predict` gives for them."""
+    home.ok(C10)
+    block = readme_python_block("load_model")
+    probs = "\nimport json; print(json.dumps(probs.tolist()))"
+    r = subprocess.run([sys.executable, "-c", block + probs], cwd=home.path, env=home.env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    labels_line, first, probs_line = r.stdout.strip().splitlines()
+    cli = subprocess.run([sys.executable, "-m", "mmlit_cli", "predict", "runs/c10-xxs/best.safetensors",
+                          "photos/cat0.jpg", "photos/ship0.jpg", "--top-k", "10", "--json"], cwd=home.path,
+                         env=home.env, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    predicted = json.loads(cli.stdout)
+    tops = [p["top"][0]["label"] for p in predicted]
+    assert labels_line == f"{tops!r} (3, {S}, {S})"  # the image size of the journeys' runs
+    for row, shown in zip(predicted, json.loads(probs_line)):
+        by_label = {t["label"]: t["prob"] for t in row["top"]}
+        assert [round(by_label[c], 5) for c in fx.CIFAR10_CLASSES] == [round(v, 5) for v in shown]
+    assert first.startswith("{'path': 'photos/airp0.jpg', 'top': [{'label': ")

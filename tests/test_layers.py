@@ -23,7 +23,7 @@ LAYERS = [
     ["model", "mae", "runtime", "onnx_classifier", "data"],
     ["checkpoint", "metrics", "summary"],
     ["evaluate", "plots", "events"],
-    ["predict", "export", "export_forms", "quantize", "deploy_benchmark"],
+    ["predict", "export", "export_forms", "quantize", "deploy_benchmark", "api"],
     ["recipe", "optim", "train_state", "run_record", "report", "tasks"],
     ["engine"],
     ["train"],
@@ -85,14 +85,27 @@ def test_no_module_imports_upward():
 
 
 def test_using_a_checkpoint_never_loads_the_trainer():
-    """In a fresh interpreter, importing evaluation, predict and export (and running nothing)
-    leaves every training module unloaded."""
+    """In a fresh interpreter, importing evaluation, predict, export and the Python API (and
+    running nothing) leaves every training module unloaded."""
     code = ("import json, sys; import mmlit_cli.evaluate, mmlit_cli.predict, mmlit_cli.export, "
-            "mmlit_cli.quantize, mmlit_cli.deploy_benchmark; "
+            "mmlit_cli.quantize, mmlit_cli.deploy_benchmark, mmlit_cli.api; "
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('mmlit_cli'))))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     loaded = {room(m) for m in json.loads(r.stdout)}
-    assert {"evaluate", "predict", "export", "runtime"} <= loaded
+    assert {"evaluate", "predict", "export", "runtime", "api"} <= loaded
     assert not loaded & TRAINING, sorted(loaded & TRAINING)
+
+
+def test_importing_the_package_loads_nothing_until_the_api_is_used():
+    """`import mmlit_cli` stays cheap (torch is not imported); `mmlit_cli.load_model` and the
+    rest of the Python API load on first use."""
+    code = ("import sys, mmlit_cli; before = 'torch' in sys.modules; f = mmlit_cli.load_model; "
+            "print(before, 'torch' in sys.modules, f.__module__, sorted(mmlit_cli.__all__))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split(" ", 3) == ["False", "True", "mmlit_cli.api",
+                                      "['__version__', 'create_mae', 'create_model', 'load_model', 'predict_paths', "
+                                      "'preprocess']\n"]

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +242,83 @@ def test_a_fifo_in_a_folder_is_left_out_not_waited_on(trained, tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert [Path(p["path"]).name for p in json.loads(done.stdout)] == ["a.png"]
+
+
+# ----------------------------------------------------------------------------- the Python API
+
+
+def test_load_model_and_preprocess_give_predicts_probabilities(trained):
+    """`mmlit_cli.load_model` + `preprocess` on files training has to convert (palette, grey,
+    RGBA, 16-bit, non-square, a big JPEG) give what `predict` gives, image by image."""
+    import mmlit_cli
+
+    root, ckpt = trained
+    files = sorted(str(p) for p in (root / "val").rglob("*") if p.is_file())
+    model = mmlit_cli.load_model(ckpt)
+    assert not model.training and model.class_names == CLASSES
+    _, stored = load_classifier(ckpt)
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (3, 12, 12) and cfg["label_names"] == CLASSES and cfg["num_classes"] == 3
+    assert cfg["mean"] == tuple(stored.mean) and cfg["std"] == tuple(stored.std) and cfg["interpolation"] == "bilinear"
+    with torch.inference_mode():
+        probs = model(mmlit_cli.preprocess(files, model)).softmax(dim=1)
+    result = predict_paths(ckpt, files, top_k=3, device="cpu")
+    assert [p["path"] for p in result.predictions] == files and not result.failures
+    for row, p in zip(result.predictions, probs):
+        by_label = {t["label"]: t["prob"] for t in row["top"]}
+        assert torch.allclose(p, torch.tensor([by_label[c] for c in CLASSES]), atol=1e-6), row["path"]
+
+
+def test_preprocess_reads_pillow_images_and_arrays_as_it_reads_files(trained, tmp_path):
+    import mmlit_cli
+
+    _, ckpt = trained
+    model = mmlit_cli.load_model(ckpt)
+    rng = np.random.default_rng(3)
+    wide = rng.integers(0, 256, (10, 17, 3), dtype=np.uint8)  # not square: resized and centre-cropped
+    grey = rng.integers(0, 256, (15, 9), dtype=np.uint8)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    Image.fromarray(grey, "L").save(tmp_path / "grey.png")
+    rgba = np.concatenate([wide, np.full((10, 17, 1), 99, np.uint8)], axis=-1)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    from_files = mmlit_cli.preprocess([tmp_path / "wide.png", str(tmp_path / "grey.png"), tmp_path / "rgba.png"], model)
+    assert from_files.shape == (3, 3, 12, 12) and from_files.dtype == torch.float32
+    from_pillow = mmlit_cli.preprocess([Image.open(tmp_path / n) for n in ("wide.png", "grey.png", "rgba.png")], model)
+    from_arrays = mmlit_cli.preprocess([wide, grey, rgba[..., :3]], model)
+    assert torch.equal(from_files, from_pillow) and torch.equal(from_files, from_arrays)
+    assert torch.equal(mmlit_cli.preprocess(wide, model), from_files[:1])  # one image, not in a list
+    # not the same as a plain square resize: the aspect is kept
+    square = mmlit_cli.preprocess(np.asarray(Image.fromarray(wide).resize((12, 12), Image.Resampling.BILINEAR)), model)
+    assert not torch.equal(square, from_files[:1])
+
+
+def test_preprocess_and_load_model_refuse_bad_input_by_name(trained, tmp_path):
+    import mmlit_cli
+    from mmlit_cli.model import MLiT
+
+    root, ckpt = trained
+    model = mmlit_cli.load_model(ckpt)
+    (tmp_path / "notes.txt").write_text("not an image")
+    cases = [([tmp_path / "missing.jpg"], "missing.jpg: file not found"),
+             ([str(tmp_path / "notes.txt")], "notes.txt: not an image Pillow can read"),
+             ([3], "got int"), ([np.zeros((4, 4, 3), np.float32)], "got float32 [4, 4, 3]"),
+             ([np.zeros((4, 4, 4), np.uint8)], "got uint8 [4, 4, 4]"), ([], "no image given")]
+    for images, needle in cases:
+        with pytest.raises(MmlitError, match=re.escape(needle)):
+            mmlit_cli.preprocess(images, model)
+    with pytest.raises(MmlitError, match="needs a model from mmlit_cli.load_model"):
+        mmlit_cli.preprocess([np.zeros((4, 4, 3), np.uint8)], MLiT(model.cfg))
+    with pytest.raises(CheckpointError, match="not a checkpoint file"):
+        mmlit_cli.load_model(root)
+
+
+def test_create_model_says_what_it_takes(trained):
+    import mmlit_cli
+    from mmlit_cli.config import load_config
+
+    model = mmlit_cli.create_model("xxs", num_classes=7, image_size=24)
+    preset = load_config("xxs")
+    assert model.pretrained_cfg["input_size"] == (3, 24, 24) and model.pretrained_cfg["num_classes"] == 7
+    assert model.pretrained_cfg["mean"] == tuple(preset.data.mean) and model.pretrained_cfg["label_names"] is None
+    x = mmlit_cli.preprocess(np.zeros((30, 40, 3), np.uint8), model)
+    assert model(x).shape == (1, 7)

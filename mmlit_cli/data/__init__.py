@@ -36,7 +36,7 @@ from ..errors import DataError
 from .batch_augment import BatchAugment
 from .device_loader import DeviceLoader
 from .augment import Normalize, RandomErasingUint8, build_batch_mix, build_train_transform, normalize
-from .decode import decode_files, decode_one, to_rgb, usable_cpus
+from .decode import decode_files, decode_one, fit_image, to_rgb, usable_cpus
 from .formats import read_idx
 from .loader import AugmentedImages, EpochSampler, build_loader, sample_seed, set_epoch
 from .pipeline import build_loaders, choose_loader, resolve_loader
@@ -49,7 +49,7 @@ __all__ = [
     "normalize", "Normalize", "AugmentedImages", "build_loader", "set_epoch", "default_data_dir",
     "BatchAugment", "DeviceLoader", "choose_loader", "resolve_loader", "build_loaders", "usable_cpus",
     # also public: what predict decodes files with, and the parts tests and tools use
-    "DataError", "SPLITS", "decode_files", "decode_one", "to_rgb", "read_idx", "sample_seed",
+    "DataError", "SPLITS", "decode_files", "decode_one", "fit_image", "to_rgb", "read_idx", "sample_seed",
     "EpochSampler", "RandomErasingUint8", "SAMPLE_DIR", "canonical_name", "is_sample", "train_split_size",
     "skipped_warning",
 ]

@@ -117,7 +117,7 @@ def to_rgb(im: Any) -> Any:
 
 def decode_one(path: str, size: int) -> np.ndarray | None:
     """One file -> uint8 [S, S, 3] (aspect-preserving resize + centre crop), None if undecodable."""
-    from PIL import Image, ImageOps
+    from PIL import Image
     try:
         with _open_image(path) as im:
             if im.format == "JPEG" and min(im.size) >= 2 * size:
@@ -126,15 +126,22 @@ def decode_one(path: str, size: int) -> np.ndarray | None:
             if limit is not None and im.size[0] * im.size[1] > 2 * limit:
                 return None  # too many pixels to decode, even downscaled: Pillow's limit
             im.load()
-            rgb = to_rgb(im)
-            if rgb.size != (size, size):
-                rgb = ImageOps.fit(rgb, (size, size), method=Image.Resampling.BILINEAR)
-            arr = np.asarray(rgb, dtype=np.uint8)
+            arr = fit_image(im, size)
     except Exception:  # noqa: BLE001 - any decoding failure means "skip this file"
         return None
     if arr.shape != (size, size, 3):
         return None
     return arr
+
+
+def fit_image(im: Any, size: int) -> np.ndarray:
+    """A Pillow image -> uint8 [S, S, 3]: RGB, the shorter side resized to S (bilinear), the
+    centre cropped; how every file is read for training, `eval` and `predict`."""
+    from PIL import Image, ImageOps
+    rgb = to_rgb(im)
+    if rgb.size != (size, size):
+        rgb = ImageOps.fit(rgb, (size, size), method=Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
 
 
 def _decode_chunk(args: tuple[list[str], int]) -> tuple[np.ndarray, np.ndarray]:

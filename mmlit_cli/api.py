@@ -1,0 +1,120 @@
+"""The Python API, in timm's terms: build a model (`create_model`, `create_mae`), load a trained
+one (`load_model`), feed it images the way training read them (`preprocess`), or get what
+`mmlit predict` prints (`predict_paths`).
+
+Every model made here carries `pretrained_cfg`, the dict timm users read to feed a model
+(`input_size`, `mean`, `std`, `interpolation`, `crop_pct`, `crop_mode`, `num_classes`,
+`label_names`); `preprocess` reads it, so images are resized and normalised exactly as
+`mmlit finetune`, `eval` and `predict` do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .config import Config, load_config
+from .data import Normalize, decode_one, fit_image
+from .errors import MmlitError
+from .evaluate import load_classifier
+from .mae import MaskedAutoencoder
+from .model import MLiT
+from .predict import failure_reason, predict_paths
+from .runtime import resolve_device
+
+__all__ = ["create_model", "create_mae", "load_model", "preprocess", "predict_paths"]
+
+
+def pretrained_cfg(cfg: Config, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """What a model of `cfg` expects as input, under timm's `pretrained_cfg` keys. `crop_pct`
+    1.0 and "center": the shorter side is resized to the image size and the centre kept."""
+    size = cfg.model.image_size
+    return {"input_size": (cfg.model.in_chans, size, size), "interpolation": "bilinear", "crop_pct": 1.0,
+            "crop_mode": "center", "mean": tuple(cfg.data.mean), "std": tuple(cfg.data.std),
+            "num_classes": cfg.model.num_classes, "label_names": list(class_names) if class_names else None}
+
+
+def create_model(preset: str | Path = "xs", num_classes: int | None = None, image_size: int | None = None,
+                 overrides: list[str] | None = None, **model_kwargs) -> MLiT:
+    """Build an mLiT classifier from a preset name or YAML path, the way `timm.create_model` does.
+
+    >>> model = create_model("xxs", num_classes=10)
+    Keyword arguments override fields of the preset's `model` section (`depth=4`, ...).
+    """
+    cfg = load_config(preset, overrides)
+    changes = dict(model_kwargs)
+    if num_classes is not None:
+        changes["num_classes"] = num_classes
+    if image_size is not None:
+        changes["image_size"] = image_size
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **changes))
+    model = MLiT(cfg.model)
+    model.pretrained_cfg = pretrained_cfg(cfg)
+    return model
+
+
+def create_mae(preset: str | Path = "xs", image_size: int | None = None,
+               overrides: list[str] | None = None) -> MaskedAutoencoder:
+    """Build the masked auto-encoder (mmLiT pre-training) around a preset's encoder."""
+    cfg = load_config(preset, overrides)
+    model_cfg = cfg.model if image_size is None else dataclasses.replace(cfg.model, image_size=image_size)
+    return MaskedAutoencoder(model_cfg, cfg.mae)
+
+
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> MLiT:
+    """The classifier a checkpoint holds, in eval mode on `device` ("auto": cuda, then mps,
+    then cpu), with `class_names` and `pretrained_cfg` set from the checkpoint. Raises
+    `MmlitError` for a file that is not an mmlit classifier checkpoint (an MAE-only one included:
+    fine-tune it first)."""
+    model, ckpt = load_classifier(checkpoint, resolve_device(str(device)))
+    model.class_names = ckpt.class_names
+    model.pretrained_cfg = pretrained_cfg(ckpt.config, ckpt.class_names)
+    return model
+
+
+def preprocess(images: Any, model: torch.nn.Module) -> torch.Tensor:
+    """Images -> the float batch `model` takes, on its device: [N, 3, S, S], resized and
+    normalised as in training (`model.pretrained_cfg`). `images`: one or a list of image file
+    paths, Pillow images and uint8 arrays ([H, W, 3] RGB or [H, W] grey). Raises `MmlitError`
+    naming the first image that cannot be read."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not isinstance(cfg, dict) or "input_size" not in cfg:
+        raise MmlitError("preprocess needs a model from mmlit_cli.load_model or create_model (its pretrained_cfg "
+                         "gives the image size and normalisation)")
+    if isinstance(images, (str, os.PathLike, np.ndarray)) or _is_pil(images):
+        images = [images]
+    size = cfg["input_size"][-1]
+    pixels = [_pixels(image, size) for image in images]
+    if not pixels:
+        raise MmlitError("no image given")
+    device = next(model.parameters()).device
+    batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).to(device)
+    return Normalize(cfg["mean"], cfg["std"], device)(batch)
+
+
+def _is_pil(image: Any) -> bool:
+    from PIL import Image
+    return isinstance(image, Image.Image)
+
+
+def _pixels(image: Any, size: int) -> np.ndarray:
+    """One image -> uint8 [S, S, 3]."""
+    from PIL import Image
+    if isinstance(image, (str, os.PathLike)):
+        arr = decode_one(str(image), size)
+        if arr is None:
+            raise MmlitError(f"{image}: {failure_reason(Path(image))}")
+        return arr
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+            raise MmlitError(f"expected a uint8 image array of shape [H, W, 3] or [H, W], got {image.dtype} "
+                             f"{list(image.shape)}")
+        image = Image.fromarray(image)
+    if isinstance(image, Image.Image):
+        return fit_image(image, size)
+    raise MmlitError(f"expected an image file path, a Pillow image or a uint8 array, got {type(image).__name__}")
