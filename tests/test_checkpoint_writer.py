@@ -4,7 +4,11 @@ the training thread, and the loop trains on while a write is still under way."""
 
 from __future__ import annotations
 
+import io
+import os
+import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -119,3 +123,37 @@ def test_training_goes_on_while_a_checkpoint_is_written(tmp_path, monkeypatch):
     assert release.is_set() and steps[-1] == result["global_step"]
     state = load_checkpoint(tmp_path / "run" / "last.safetensors", with_train_state=True).train_info
     assert state["epoch"] == 2 and state["global_step"] == result["global_step"]  # fit waited for the last one
+
+
+def test_the_stop_message_is_printed_once_its_checkpoint_is_on_disk(tmp_path, monkeypatch):
+    """Ctrl-C at step 2 with slow writes: when "saved a resumable checkpoint" is printed, the
+    file holds step 2 (a user may kill the process as soon as they read it)."""
+    write = checkpoint._write
+
+    def slow(*args):
+        time.sleep(0.3)
+        write(*args)
+
+    monkeypatch.setattr(checkpoint, "_write", slow)
+    step = Trainer._train_step
+
+    def interrupted(self, images, labels):
+        loss = step(self, images, labels)
+        if self.global_step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(Trainer, "_train_step", interrupted)
+    last, on_disk = tmp_path / "run" / "last.safetensors", []
+
+    class Screen(io.StringIO):
+        def write(self, text):
+            if "saved a resumable checkpoint" in text:
+                on_disk.append(load_checkpoint(last, with_train_state=True).train_info["global_step"])
+            return super().write(text)
+
+    data = write_folder(tmp_path / "data", per_class=8)
+    result = run_training("finetune", "xxs", str(data), out=tmp_path / "run", overrides=TINY, epochs=2,
+                          batch_size=4, console=Console(file=Screen(), width=200))
+    assert result["stopped"] == "interrupt" and result["global_step"] == 2
+    assert on_disk == [2]
