@@ -12,6 +12,10 @@ auto`: fitted to `--epochs`), in images/s:
                 timed between its warm-up and last step (decoding and compilation excluded)
   e2e workers   the same with `loader="workers"`
 
+`--profile N` adds where a bare step's time goes (torch.profiler over N steps: on CUDA the
+device's busy share of the step, kernels per step, the top ops and kernels by device time) and
+a table of SDPA's attention kernels at the preset's shapes (bench_attention.py).
+
 The e2e runs alternate (device, workers, device, workers, ...) for `--rounds` rounds, so drift
 on a shared machine hits both alike; each figure is the median over rounds and the table's
 ratio is e2e device / e2e workers. "aug/bare" says how much of a step the augmentation would
@@ -34,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_attention  # noqa: E402
 import common  # noqa: E402  (also puts the repository root on sys.path)
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -128,6 +133,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (bare and e2e)")
     p.add_argument("--skip-e2e", action="store_true", help="only bare and augmentation figures")
     p.add_argument("--sync-check", action="store_true", help="on CUDA: count host syncs in device-path steps")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile N bare steps (top ops and kernels), and time SDPA's attention kernels at the "
+                        "preset's shapes (bench_attention.py)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
@@ -160,6 +168,11 @@ def main(argv=None) -> int:
             aug_workers = bench_loader(cfg, data, args)
             print(f"   bare {bare:,.0f}  aug device {aug_device:,.0f}  aug workers ({ft.workers}) {aug_workers:,.0f} "
                   f"img/s", flush=True)
+            if args.profile:
+                try:  # a diagnostic: its failure must not cost the figures that follow
+                    print(bench_attention.attention_table([preset], device, ft.batch_size, steps=10), flush=True)
+                except Exception as e:  # noqa: BLE001
+                    print(f"   attention table failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             syncs = sync_check(cfg, data, device, args, tmp) if args.sync_check else None
             if syncs is not None:
                 print(f"   host syncs in 6 device-path steps: {syncs}", flush=True)

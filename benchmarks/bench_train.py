@@ -87,6 +87,13 @@ def bench_bare(cfg, classes: list[str], device: torch.device, args, tmp: Path) -
         dt = common.timed(lambda: [trainer._train_step(*batches[i % len(batches)]) for i in range(per_round)],
                           trainer.device)
         rates.append(per_round * B / dt)
+    if getattr(args, "profile", 0):  # bench_pipeline --profile N: where a step's time goes
+        try:  # a diagnostic: its failure must not cost the figures that follow
+            lines = common.profile_lines(lambda: trainer._train_step(*batches[0]), args.profile, trainer.device)
+        except Exception as e:  # noqa: BLE001
+            lines = [f"profile failed: {type(e).__name__}: {str(e)[:200]}"]
+        for line in lines:
+            print(f"   {line}", flush=True)
     return common.median(rates)
 
 

@@ -104,6 +104,46 @@ def timed(fn: Callable[[], Any], device: torch.device, repeat: int = 1) -> float
     return time.perf_counter() - start
 
 
+def profile_lines(step: Callable[[], Any], steps: int, device: torch.device, top: int = 8) -> list[str]:
+    """Where `steps` calls of `step` spend their time, by torch.profiler. On CUDA: the step's
+    wall time, the share of it the device is busy (low: the host, launching kernels, is what
+    the step waits for), kernels per step, and the top ops and kernels by device time. On
+    other devices: the top ops by their own CPU time. The profiler adds host time of its own."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    step()  # not the first call: allocations, cuBLAS handles
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+
+    def rows(chosen, time_of, total):
+        return [f"  {time_of(e) / 1000 / steps:8.3f} ms {time_of(e) / max(total, 1e-9):6.1%} "
+                f"{e.count / steps:6.1f} x  {e.key[:100]}" for e in sorted(chosen, key=time_of, reverse=True)[:top]]
+
+    lines = [f"profile of {steps} steps: {1000 * wall / steps:.2f} ms per step under the profiler"]
+    if cuda:
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        busy = sum(e.device_time_total for e in kernels)  # microseconds
+        lines[0] += (f"; the device busy {busy / 1e6 / wall:.0%} of it; "
+                     f"{sum(e.count for e in kernels) / steps:.0f} kernels per step")
+        ops = [e for e in events if e.device_type == DeviceType.CPU and e.self_device_time_total > 0]
+        lines += ["top ops by device time (per step, share, calls per step):",
+                  *rows(ops, lambda e: e.self_device_time_total, busy),
+                  "top kernels by device time:", *rows(kernels, lambda e: e.device_time_total, busy)]
+    else:
+        total = sum(e.self_cpu_time_total for e in events)
+        lines += ["top ops by their own CPU time (per step, share, calls per step):",
+                  *rows(events, lambda e: e.self_cpu_time_total, total)]
+    return lines
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

@@ -5,7 +5,9 @@
 #   1. the input pipeline against the model (benchmarks/bench_pipeline.py, --recipe paper: the
 #      full per-sample augmentation): bare step, augmentation alone on the device and in 8
 #      loader workers, end-to-end `mmlit finetune --recipe paper` img/s with --loader device
-#      and --loader workers (alternating), and a host-sync check of the device path;
+#      and --loader workers (alternating), a host-sync check of the device path, and where a
+#      bare step's time goes (torch.profiler: the device's busy share, top ops and kernels) with
+#      SDPA's attention kernels timed at the preset's shapes (benchmarks/bench_attention.py);
 #   2. time to accuracy: `mmlit finetune --preset s` on the 45,000 CIFAR-10 training JPEGs
 #      (the last 500 per class held out), its epochs fitted so that the whole command (decode
 #      and compile included) ends within TTA_S seconds; the held-out top-1 of its last epoch;
@@ -42,13 +44,13 @@ BUDGET_S=${BUDGET_S:-450}
 STEP_TIMEOUT_S=${STEP_TIMEOUT_S:-420}
 if [[ $MODE == cpu-quick ]]; then
     DEVICE=cpu; PER_CLASS=30; HOLDOUT=10; TTA_S=${TTA_S_QUICK:-90}; BUDGET_S=0; FALLBACK_RATE=40
-    PIPE_ARGS=(--steps 3 --warmup 1 --rounds 1 --batch 32 --workers 2)
+    PIPE_ARGS=(--steps 3 --warmup 1 --rounds 1 --batch 32 --workers 2 --profile 1)
 else
     # FALLBACK_RATE: s's end-to-end img/s when step 1 left none (killed, failed): the H200's
     # eager worker-loader figure of docs/BENCHMARKS.md, low on purpose, so that step 2 still
     # ends within its budget (with fewer epochs) rather than overrunning it.
     DEVICE=cuda; PER_CLASS=4500; HOLDOUT=500; FALLBACK_RATE=9000
-    PIPE_ARGS=(--steps 100 --warmup 30 --rounds 2 --batch 512 --workers 8 --sync-check)
+    PIPE_ARGS=(--steps 100 --warmup 30 --rounds 2 --batch 512 --workers 8 --sync-check --profile 10)
 fi
 STAMP=$(date +%Y%m%d-%H%M%S)
 HOST=$(hostname 2>/dev/null || echo host)

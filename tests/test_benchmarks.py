@@ -151,3 +151,40 @@ def test_write_json_replaces_a_file_whole(tmp_path):
     common.write_json(path, {"results": [1]})
     common.write_json(path, {"results": [1, 2]})
     assert path.read_text().count("results") == 1 and [p.name for p in tmp_path.iterdir()] == ["raw.json"]
+
+
+import bench_attention  # noqa: E402
+
+
+@pytest.mark.parametrize("pad_to,repeat_kv", [(24, False), (32, True), (None, True)])
+def test_attention_levers_compute_the_models_attention(pad_to, repeat_kv):
+    """bench_attention's levers (K/V repeated to every head, heads zero-padded to 24 or 32)
+    give mLiT's grouped attention, values and gradients: what they time is a drop-in."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 6, 13, 18, generator=gen, requires_grad=True)
+    k, v = (torch.randn(3, 3, 13, 18, generator=gen, requires_grad=True) for _ in range(2))
+    grad = torch.randn(3, 6, 13, 18, generator=gen)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    got = bench_attention.attention_call(q, k, v, pad_to, repeat_kv)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+    for g, w in zip(torch.autograd.grad(got, (q, k, v), grad), want_grads):
+        assert torch.allclose(g, w, atol=1e-5)
+
+
+def test_bench_attention_times_each_backend_at_the_presets_shapes(capsys):
+    assert bench_attention.main(["--device", "cpu", "--presets", "xxs", "--batch", "2", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("xxs ")]
+    assert len(rows) == 6 * 2  # 6 levers x (flash, math) on a CPU
+    assert all(row[:3] == ["xxs", "6/3", "x"] and float(row[-1]) > 0 for row in rows), out
+
+
+def test_profile_lines_name_what_a_step_spends_its_time_on():
+    import common
+
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    lines = common.profile_lines(lambda: (a @ b).relu_(), 3, torch.device("cpu"), top=2)
+    assert lines[0].startswith("profile of 3 steps: ") and "ms per step" in lines[0]
+    top = lines[2].split()
+    assert top[-1] == "aten::mm" and top[3] == "1.0", lines  # once a step, the most expensive op
