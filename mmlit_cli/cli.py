@@ -120,7 +120,8 @@ CkptDatasetOpt = typer.Option(None, "--dataset", "-d", help="Dataset name (as fo
                               "file "
                               "(default: the dataset the checkpoint was trained on).")
 DataDirOpt = typer.Option(None, "--data-dir", help="Where named datasets live (default: $MMLIT_DATA or ./data).")
-DeviceOpt = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
+DeviceOpt = typer.Option("auto", "--device",
+                         help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N (or N: --device 0) or mps.")
 
 
 def _train_command(kind: str, **options) -> None:

@@ -25,7 +25,11 @@ T = TypeVar("T")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks cuda, then mps, then cpu. Asking for a device that is not there is an error."""
+    """`auto` picks cuda, then mps, then cpu; a bare GPU number `N` is `cuda:N`, as in
+    Ultralytics' `device=0`. Asking for a device that is not there is an error."""
+    given = name
+    if name.isdigit():
+        name = f"cuda:{int(name)}"
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -35,13 +39,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise MmlitError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps") from None
+        raise MmlitError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N (or N) or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise MmlitError(f"--device {name}: no CUDA GPU is available here (use --device cpu or auto)")
+        raise MmlitError(f"--device {given}: no CUDA GPU is available here (use --device cpu or auto)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise MmlitError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+        raise MmlitError(f"--device {given}: only {torch.cuda.device_count()} CUDA device(s) present")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise MmlitError(f"--device {name}: MPS is not available here")
+        raise MmlitError(f"--device {given}: MPS is not available here")
     return device
 
 

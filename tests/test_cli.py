@@ -147,3 +147,21 @@ def test_export_into_a_folder_never_replaces_a_file_there(trained, tmp_path):
     r = mmlit("export", str(root / "run" / "best.safetensors"), "--out", str(tmp_path))
     assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "best.onnx").read_bytes() == b"an earlier export"
+
+
+def test_a_bare_gpu_number_is_that_cuda_device(monkeypatch):
+    """`--device 1` is `cuda:1` (Ultralytics' `device=1`); errors name what the user typed."""
+    import torch
+
+    from mmlit_cli.errors import MmlitError
+    from mmlit_cli.runtime import resolve_device
+
+    with pytest.raises(MmlitError, match=r"^--device 0: no CUDA GPU is available here"):
+        resolve_device("0")  # this machine: none
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("1") == torch.device("cuda", 1) and resolve_device("0") == torch.device("cuda", 0)
+    with pytest.raises(MmlitError, match=r"^--device 2: only 2 CUDA device\(s\) present"):
+        resolve_device("2")
+    with pytest.raises(MmlitError, match="unknown device '-1'"):
+        resolve_device("-1")
