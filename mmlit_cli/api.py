@@ -24,7 +24,7 @@ from .errors import MmlitError
 from .evaluate import load_classifier
 from .mae import MaskedAutoencoder
 from .model import MLiT
-from .predict import failure_reason, predict_paths
+from .predict import failure_reason, is_onnx, predict_paths
 from .runtime import resolve_device
 
 __all__ = ["create_model", "create_mae", "load_model", "preprocess", "predict_paths"]
@@ -71,6 +71,9 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> ML
     then cpu), with `class_names` and `pretrained_cfg` set from the checkpoint. Raises
     `MmlitError` for a file that is not an mmlit classifier checkpoint (an MAE-only one included:
     fine-tune it first)."""
+    if is_onnx(checkpoint):
+        raise MmlitError(f"{checkpoint} is an ONNX file: run it with onnxruntime, or get its predictions with "
+                         f"mmlit_cli.predict_paths; load_model reads .safetensors checkpoints")
     model, ckpt = load_classifier(checkpoint, resolve_device(str(device)))
     model.class_names = ckpt.class_names
     model.pretrained_cfg = pretrained_cfg(ckpt.config, ckpt.class_names)

@@ -310,6 +310,9 @@ def test_preprocess_and_load_model_refuse_bad_input_by_name(trained, tmp_path):
         mmlit_cli.preprocess([np.zeros((4, 4, 3), np.uint8)], MLiT(model.cfg))
     with pytest.raises(CheckpointError, match="not a checkpoint file"):
         mmlit_cli.load_model(root)
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    with pytest.raises(MmlitError, match="is an ONNX file: run it with onnxruntime"):
+        mmlit_cli.load_model(tmp_path / "model.onnx")
 
 
 def test_create_model_says_what_it_takes(trained):
