@@ -3,6 +3,7 @@
 The Python API (`mmlit_cli.api`) is imported on first use, so that `mmlit --help` and the
 commands that need no model start without importing torch's model code:
 
+    list_models                 the bundled presets (xxs, xs, s), as timm.list_models
     create_model, create_mae    build a model from a preset, as timm.create_model does
     load_model                  a trained classifier from a checkpoint (class_names, pretrained_cfg)
     preprocess                  image files / Pillow images / arrays -> the batch the model takes
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_API = ("create_model", "create_mae", "load_model", "preprocess", "predict_paths")
+_API = ("list_models", "create_model", "create_mae", "load_model", "preprocess", "predict_paths")
 
 
 def __getattr__(name: str):

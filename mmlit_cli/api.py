@@ -1,4 +1,5 @@
-"""The Python API, in timm's terms: build a model (`create_model`, `create_mae`), load a trained
+"""The Python API, in timm's terms: name the presets (`list_models`), build a model
+(`create_model`, `create_mae`), load a trained
 one (`load_model`), feed it images the way training read them (`preprocess`), or get what
 `mmlit predict` prints (`predict_paths`).
 
@@ -11,6 +12,7 @@ Every model made here carries `pretrained_cfg`, the dict timm users read to feed
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .config import Config, load_config
+from .config import Config, available_presets, load_config
 from .data import Normalize, decode_one, fit_image
 from .errors import MmlitError
 from .evaluate import load_classifier
@@ -27,7 +29,7 @@ from .model import MLiT
 from .predict import failure_reason, is_onnx, predict_paths
 from .runtime import resolve_device
 
-__all__ = ["create_model", "create_mae", "load_model", "preprocess", "predict_paths"]
+__all__ = ["list_models", "create_model", "create_mae", "load_model", "preprocess", "predict_paths"]
 
 
 def pretrained_cfg(cfg: Config, class_names: Sequence[str] | None = None) -> dict[str, Any]:
@@ -37,6 +39,11 @@ def pretrained_cfg(cfg: Config, class_names: Sequence[str] | None = None) -> dic
     return {"input_size": (cfg.model.in_chans, size, size), "interpolation": "bilinear", "crop_pct": 1.0,
             "crop_mode": "center", "mean": tuple(cfg.data.mean), "std": tuple(cfg.data.std),
             "num_classes": cfg.model.num_classes, "label_names": list(class_names) if class_names else None}
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """The bundled presets whose names match `pattern` (shell-style, as `timm.list_models`)."""
+    return [name for name in available_presets() if fnmatch.fnmatchcase(name, pattern)]
 
 
 def create_model(preset: str | Path = "xs", num_classes: int | None = None, image_size: int | None = None,

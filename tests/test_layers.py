@@ -107,5 +107,5 @@ def test_importing_the_package_loads_nothing_until_the_api_is_used():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split(" ", 3) == ["False", "True", "mmlit_cli.api",
-                                      "['__version__', 'create_mae', 'create_model', 'load_model', 'predict_paths', "
+                                      "['__version__', 'create_mae', 'create_model', 'list_models', 'load_model', 'predict_paths', "
                                       "'preprocess']\n"]

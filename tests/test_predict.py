@@ -325,3 +325,10 @@ def test_create_model_says_what_it_takes(trained):
     assert model.pretrained_cfg["mean"] == tuple(preset.data.mean) and model.pretrained_cfg["label_names"] is None
     x = mmlit_cli.preprocess(np.zeros((30, 40, 3), np.uint8), model)
     assert model(x).shape == (1, 7)
+
+
+def test_list_models_names_the_bundled_presets():
+    import mmlit_cli
+
+    assert mmlit_cli.list_models() == ["s", "xs", "xxs"] and mmlit_cli.list_models("x*") == ["xs", "xxs"]
+    assert mmlit_cli.list_models("vit*") == []
