@@ -68,12 +68,12 @@ def time_variant(backend: str, shapes: tuple[int, int, int, int, int], device: t
         warnings.simplefilter("always")
         try:
             step()
+            seconds = common.timed(lambda: [step() for _ in range(steps)], device)
         except Exception as e:  # noqa: BLE001 - a refusal (RuntimeError) or a kernel's own failure: a row
             # SDPA warns why each kernel refused ("... requires last dimension ... divisible by 8")
             why = [line.strip() for w in caught for line in str(w.message).splitlines()
                    if line.strip() and not line.rstrip().endswith(":") and "No viable backend" not in line]
             return None, ("; ".join(dict.fromkeys(why)) or str(e).splitlines()[0])[:90]
-        seconds = common.timed(lambda: [step() for _ in range(steps)], device)
     return 1000 * seconds / steps, ""
 
 

@@ -43,7 +43,7 @@ import common  # noqa: E402  (also puts the repository root on sys.path)
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from bench_train import _batches, bench_bare, bench_loader, step_clock  # noqa: E402
+from bench_train import _batches, bare_step, bench_bare, bench_loader, step_clock  # noqa: E402
 from mmlit_cli.engine import RunOptions, Trainer  # noqa: E402
 from mmlit_cli.tasks import ClassifyTask  # noqa: E402
 from mmlit_cli.config import load_config  # noqa: E402
@@ -99,6 +99,23 @@ def sync_check(cfg, data: ImageData, device: torch.device, args, tmp: Path, step
     for w in caught[:5]:
         print(f"   sync: {w.filename}:{w.lineno}: {str(w.message)[:120]}", flush=True)
     return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def diagnose(preset: str, cfg, classes: list[str], device: torch.device, args, tmp: Path) -> None:
+    """--profile: where a bare step's time goes, and SDPA's kernels at the preset's shapes."""
+    try:
+        step, dev = bare_step(cfg, classes, device, args.compile, tmp)
+        for i in range(3):
+            step(i)
+        lines = common.profile_lines(lambda: step(0), args.profile, dev)
+    except Exception as e:  # noqa: BLE001 - a diagnostic's failure is a line, not the end of the run
+        lines = [f"profile failed: {type(e).__name__}: {str(e)[:200]}"]
+    for line in lines:
+        print(f"   {line}", flush=True)
+    try:
+        print(bench_attention.attention_table([preset], device, cfg.finetune.batch_size, steps=10), flush=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"   attention table failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
 
 
 def bench_e2e(preset: str, dataset: str, cfg, loader: str, device: torch.device, args, out: Path) -> float:
@@ -168,11 +185,6 @@ def main(argv=None) -> int:
             aug_workers = bench_loader(cfg, data, args)
             print(f"   bare {bare:,.0f}  aug device {aug_device:,.0f}  aug workers ({ft.workers}) {aug_workers:,.0f} "
                   f"img/s", flush=True)
-            if args.profile:
-                try:  # a diagnostic: its failure must not cost the figures that follow
-                    print(bench_attention.attention_table([preset], device, ft.batch_size, steps=10), flush=True)
-                except Exception as e:  # noqa: BLE001
-                    print(f"   attention table failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             syncs = sync_check(cfg, data, device, args, tmp) if args.sync_check else None
             if syncs is not None:
                 print(f"   host syncs in 6 device-path steps: {syncs}", flush=True)
@@ -197,6 +209,9 @@ def main(argv=None) -> int:
                          common.fmt_num(wrk), common.fmt_ratio(dev / wrk),
                          " ".join(f"{x:.2f}" for x in rounds) or "-"])
             result["device_over_workers"] = dev / wrk
+            common.save_raw(args.json, info, args, results, quiet=True)
+            if args.profile:  # diagnostics last: whatever they do, the figures above are printed and saved
+                diagnose(preset, cfg, data.classes, device, args, tmp)
         amp = ", bf16 autocast" if device.type == "cuda" else ""
         print()
         print(common.format_table(

@@ -62,15 +62,16 @@ def recipe_config(preset: str, batch: int | None, workers: int | None, num_class
 # --------------------------------------------------------------------------- bare
 
 
-def bench_bare(cfg, classes: list[str], device: torch.device, args, tmp: Path) -> float:
-    """img/s of `Trainer._train_step` on random in-memory uint8 batches."""
+def bare_step(cfg, classes: list[str], device: torch.device, compile: bool, tmp: Path):
+    """(`step(i)`: `Trainer._train_step` on the i-th of 4 random uint8 batches held in (pinned, on
+    CUDA) memory, the trainer's device)."""
     B, S = cfg.finetune.batch_size, cfg.model.image_size
     fake = ImageData(torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8),
                      torch.randint(0, len(classes), (B,)), classes, "random")
     bare_cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, workers=0))
     torch.manual_seed(0)
     trainer = Trainer(ClassifyTask(bare_cfg, classes), bare_cfg, fake, None,
-                      RunOptions(out_dir=tmp / "bare", dataset={}, device=str(device), compile=args.compile,
+                      RunOptions(out_dir=tmp / "bare", dataset={}, device=str(device), compile=compile,
                                  quiet=True), Console(quiet=True))
     pin = device.type == "cuda"
     batches = []
@@ -79,21 +80,19 @@ def bench_bare(cfg, classes: list[str], device: torch.device, args, tmp: Path) -
         labels = torch.randint(0, len(classes), (B,))
         batches.append((images.pin_memory(), labels.pin_memory()) if pin else (images, labels))
     trainer.model.train()
+    return (lambda i: trainer._train_step(*batches[i % len(batches)])), trainer.device
+
+
+def bench_bare(cfg, classes: list[str], device: torch.device, args, tmp: Path) -> float:
+    """img/s of `Trainer._train_step` on random in-memory uint8 batches."""
+    step, dev = bare_step(cfg, classes, device, args.compile, tmp)
     for i in range(args.warmup):
-        trainer._train_step(*batches[i % len(batches)])
+        step(i)
     rates = []
     per_round = max(1, args.steps // args.bare_rounds)
     for _ in range(args.bare_rounds):
-        dt = common.timed(lambda: [trainer._train_step(*batches[i % len(batches)]) for i in range(per_round)],
-                          trainer.device)
-        rates.append(per_round * B / dt)
-    if getattr(args, "profile", 0):  # bench_pipeline --profile N: where a step's time goes
-        try:  # a diagnostic: its failure must not cost the figures that follow
-            lines = common.profile_lines(lambda: trainer._train_step(*batches[0]), args.profile, trainer.device)
-        except Exception as e:  # noqa: BLE001
-            lines = [f"profile failed: {type(e).__name__}: {str(e)[:200]}"]
-        for line in lines:
-            print(f"   {line}", flush=True)
+        dt = common.timed(lambda: [step(i) for i in range(per_round)], dev)
+        rates.append(per_round * cfg.finetune.batch_size / dt)
     return common.median(rates)
 
 

@@ -129,7 +129,9 @@ def profile_lines(step: Callable[[], Any], steps: int, device: torch.device, top
 
     lines = [f"profile of {steps} steps: {1000 * wall / steps:.2f} ms per step under the profiler"]
     if cuda:
-        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        # record_function labels (Optimizer.step#AdamW.step, ...) show on the GPU timeline too,
+        # spanning the kernels they launched: not kernels, and counted twice if kept
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
         busy = sum(e.device_time_total for e in kernels)  # microseconds
         lines[0] += (f"; the device busy {busy / 1e6 / wall:.0%} of it; "
                      f"{sum(e.count for e in kernels) / steps:.0f} kernels per step")

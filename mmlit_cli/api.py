@@ -3,7 +3,7 @@
 one (`load_model`), feed it images the way training read them (`preprocess`), or get what
 `mmlit predict` prints (`predict_paths`).
 
-Every model made here carries `pretrained_cfg`, the dict timm users read to feed a model
+Every classifier made here carries `pretrained_cfg`, the dict timm users read to feed a model
 (`input_size`, `mean`, `std`, `interpolation`, `crop_pct`, `crop_mode`, `num_classes`,
 `label_names`); `preprocess` reads it, so images are resized and normalised exactly as
 `mmlit finetune`, `eval` and `predict` do.
@@ -15,6 +15,7 @@ import dataclasses
 import fnmatch
 import os
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 
 from .config import Config, available_presets, load_config
 from .data import Normalize, decode_one, fit_image
-from .errors import MmlitError
+from .errors import MmlitError, one_line
 from .evaluate import load_classifier
 from .mae import MaskedAutoencoder
 from .model import MLiT
@@ -73,7 +74,7 @@ def create_mae(preset: str | Path = "xs", image_size: int | None = None,
     return MaskedAutoencoder(model_cfg, cfg.mae)
 
 
-def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> MLiT:
+def load_model(checkpoint: str | Path, device: str | torch.device | None = "cpu") -> MLiT:
     """The classifier a checkpoint holds, in eval mode on `device` ("auto": cuda, then mps,
     then cpu), with `class_names` and `pretrained_cfg` set from the checkpoint. Raises
     `MmlitError` for a file that is not an mmlit classifier checkpoint (an MAE-only one included:
@@ -81,25 +82,29 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> ML
     if is_onnx(checkpoint):
         raise MmlitError(f"{checkpoint} is an ONNX file: run it with onnxruntime, or get its predictions with "
                          f"mmlit_cli.predict_paths; load_model reads .safetensors checkpoints")
-    model, ckpt = load_classifier(checkpoint, resolve_device(str(device)))
+    model, ckpt = load_classifier(checkpoint, resolve_device("cpu" if device is None else str(device)))
     model.class_names = ckpt.class_names
     model.pretrained_cfg = pretrained_cfg(ckpt.config, ckpt.class_names)
     return model
 
 
 def preprocess(images: Any, model: torch.nn.Module) -> torch.Tensor:
-    """Images -> the float batch `model` takes, on its device: [N, 3, S, S], resized and
+    """Images -> the float32 batch `model` takes, on its device: [N, 3, S, S], resized and
     normalised as in training (`model.pretrained_cfg`). `images`: one or a list of image file
-    paths, Pillow images and uint8 arrays ([H, W, 3] RGB or [H, W] grey). Raises `MmlitError`
-    naming the first image that cannot be read."""
+    paths, Pillow images and uint8 arrays ([H, W, 3] RGB or [H, W] grey). Files are read exactly
+    as `mmlit predict` reads them; Pillow images and arrays are converted and resized the same
+    way, from their full pixels (for a big JPEG file `predict` lets libjpeg shrink it first, a
+    few grey levels apart). Raises `MmlitError` naming the first image that cannot be used."""
     cfg = getattr(model, "pretrained_cfg", None)
     if not isinstance(cfg, dict) or "input_size" not in cfg:
-        raise MmlitError("preprocess needs a model from mmlit_cli.load_model or create_model (its pretrained_cfg "
-                         "gives the image size and normalisation)")
+        raise MmlitError("preprocess needs a classifier from mmlit_cli.load_model or create_model (its "
+                         "pretrained_cfg gives the image size and normalisation)")
     if isinstance(images, (str, os.PathLike, np.ndarray)) or _is_pil(images):
         images = [images]
+    elif not isinstance(images, Iterable) or isinstance(images, (bytes, bytearray)):
+        raise MmlitError(f"expected an image or a list of images, got {type(images).__name__}")
     size = cfg["input_size"][-1]
-    pixels = [_pixels(image, size) for image in images]
+    pixels = [_pixels(image, size, i) for i, image in enumerate(images)]
     if not pixels:
         raise MmlitError("no image given")
     device = next(model.parameters()).device
@@ -112,8 +117,8 @@ def _is_pil(image: Any) -> bool:
     return isinstance(image, Image.Image)
 
 
-def _pixels(image: Any, size: int) -> np.ndarray:
-    """One image -> uint8 [S, S, 3]."""
+def _pixels(image: Any, size: int, index: int) -> np.ndarray:
+    """The `index`-th image -> uint8 [S, S, 3]."""
     from PIL import Image
     if isinstance(image, (str, os.PathLike)):
         arr = decode_one(str(image), size)
@@ -122,9 +127,15 @@ def _pixels(image: Any, size: int) -> np.ndarray:
         return arr
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
-            raise MmlitError(f"expected a uint8 image array of shape [H, W, 3] or [H, W], got {image.dtype} "
-                             f"{list(image.shape)}")
+            raise MmlitError(f"image {index}: expected a uint8 array of shape [H, W, 3] or [H, W], got "
+                             f"{image.dtype} {list(image.shape)}")
         image = Image.fromarray(image)
-    if isinstance(image, Image.Image):
+    if not isinstance(image, Image.Image):
+        raise MmlitError(f"image {index}: expected an image file path, a Pillow image or a uint8 array, got "
+                         f"{type(image).__name__}")
+    if image.width == 0 or image.height == 0:
+        raise MmlitError(f"image {index}: empty ({image.width}x{image.height} pixels)")
+    try:
         return fit_image(image, size)
-    raise MmlitError(f"expected an image file path, a Pillow image or a uint8 array, got {type(image).__name__}")
+    except Exception as e:  # noqa: BLE001 - a mode Pillow cannot convert, a closed or truncated image
+        raise MmlitError(f"image {index}: cannot convert it ({one_line(e)})") from None

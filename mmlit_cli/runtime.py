@@ -28,7 +28,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     """`auto` picks cuda, then mps, then cpu; a bare GPU number `N` is `cuda:N`, as in
     Ultralytics' `device=0`. Asking for a device that is not there is an error."""
     given = name
-    if name.isdigit():
+    if name.isascii() and name.isdigit():
         name = f"cuda:{int(name)}"
     if name == "auto":
         if torch.cuda.is_available():

@@ -299,14 +299,24 @@ def test_preprocess_and_load_model_refuse_bad_input_by_name(trained, tmp_path):
     root, ckpt = trained
     model = mmlit_cli.load_model(ckpt)
     (tmp_path / "notes.txt").write_text("not an image")
+    truncated = tmp_path / "truncated.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:4000])
     cases = [([tmp_path / "missing.jpg"], "missing.jpg: file not found"),
              ([str(tmp_path / "notes.txt")], "notes.txt: not an image Pillow can read"),
-             ([3], "got int"), ([np.zeros((4, 4, 3), np.float32)], "got float32 [4, 4, 3]"),
-             ([np.zeros((4, 4, 4), np.uint8)], "got uint8 [4, 4, 4]"), ([], "no image given")]
+             ([np.zeros((4, 4, 3), np.uint8), 3], "image 1: expected an image file path, a Pillow image or a uint8 "
+                                                   "array, got int"),
+             ([np.zeros((4, 4, 3), np.float32)], "image 0: expected a uint8 array of shape [H, W, 3] or [H, W], "
+                                                 "got float32 [4, 4, 3]"),
+             ([np.zeros((4, 4, 4), np.uint8)], "got uint8 [4, 4, 4]"), ([], "no image given"),
+             (5, "expected an image or a list of images, got int"), (b"x", "got bytes"),
+             ([np.zeros((0, 0, 3), np.uint8)], "image 0: empty (0x0 pixels)"),
+             ([Image.new("La", (5, 5))], "image 0: cannot convert it"),
+             ([Image.open(truncated)], "image 0: cannot convert it")]
     for images, needle in cases:
         with pytest.raises(MmlitError, match=re.escape(needle)):
             mmlit_cli.preprocess(images, model)
-    with pytest.raises(MmlitError, match="needs a model from mmlit_cli.load_model"):
+    with pytest.raises(MmlitError, match="needs a classifier from mmlit_cli.load_model"):
         mmlit_cli.preprocess([np.zeros((4, 4, 3), np.uint8)], MLiT(model.cfg))
     with pytest.raises(CheckpointError, match="not a checkpoint file"):
         mmlit_cli.load_model(root)
@@ -315,7 +325,7 @@ def test_preprocess_and_load_model_refuse_bad_input_by_name(trained, tmp_path):
         mmlit_cli.load_model(tmp_path / "model.onnx")
 
 
-def test_create_model_says_what_it_takes(trained):
+def test_create_model_says_what_it_takes():
     import mmlit_cli
     from mmlit_cli.config import load_config
 
