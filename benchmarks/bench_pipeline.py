@@ -105,9 +105,7 @@ def diagnose(preset: str, cfg, classes: list[str], device: torch.device, args, t
     """--profile: where a bare step's time goes, and SDPA's kernels at the preset's shapes."""
     try:
         step, dev = bare_step(cfg, classes, device, args.compile, tmp)
-        for i in range(3):
-            step(i)
-        lines = common.profile_lines(lambda: step(0), args.profile, dev)
+        lines = common.profile_lines(lambda: step(0), args.profile, dev)  # after a warm-up step of its own
     except Exception as e:  # noqa: BLE001 - a diagnostic's failure is a line, not the end of the run
         lines = [f"profile failed: {type(e).__name__}: {str(e)[:200]}"]
     for line in lines:

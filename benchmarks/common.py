@@ -113,14 +113,9 @@ def profile_lines(step: Callable[[], Any], steps: int, device: torch.device, top
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
-    step()  # not the first call: allocations, cuBLAS handles
-    sync(device)
+    step()  # not the first call: compilation, allocations, cuBLAS handles
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync(device)
-        wall = time.perf_counter() - start
+        wall = timed(step, device, repeat=steps)
     events = prof.key_averages()
 
     def rows(chosen, time_of, total):

@@ -1,7 +1,6 @@
 """The Python API, in timm's terms: name the presets (`list_models`), build a model
-(`create_model`, `create_mae`), load a trained
-one (`load_model`), feed it images the way training read them (`preprocess`), or get what
-`mmlit predict` prints (`predict_paths`).
+(`create_model`, `create_mae`), load a trained one (`load_model`), feed it images the way
+training read them (`preprocess`), or get what `mmlit predict` prints (`predict_paths`).
 
 Every classifier made here carries `pretrained_cfg`, the dict timm users read to feed a model
 (`input_size`, `mean`, `std`, `interpolation`, `crop_pct`, `crop_mode`, `num_classes`,
@@ -14,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np

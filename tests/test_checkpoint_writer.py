@@ -8,7 +8,6 @@ import io
 import os
 import signal
 import threading
-import time
 
 import pytest
 import torch
@@ -126,15 +125,16 @@ def test_training_goes_on_while_a_checkpoint_is_written(tmp_path, monkeypatch):
 
 
 def test_the_stop_message_is_printed_once_its_checkpoint_is_on_disk(tmp_path, monkeypatch):
-    """Ctrl-C at step 2 with slow writes: when "saved a resumable checkpoint" is printed, the
-    file holds step 2 (a user may kill the process as soon as they read it)."""
-    write = checkpoint._write
+    """Ctrl-C at step 2, every write held until the run waits for its checkpoints: when "saved
+    a resumable checkpoint" is printed, the file holds step 2 (a user may kill the process as
+    soon as they read it)."""
+    release, wait = held_writes(monkeypatch), CheckpointWriter.wait
 
-    def slow(*args):
-        time.sleep(0.3)
-        write(*args)
+    def waited(self):
+        release.set()
+        wait(self)
 
-    monkeypatch.setattr(checkpoint, "_write", slow)
+    monkeypatch.setattr(CheckpointWriter, "wait", waited)
     step = Trainer._train_step
 
     def interrupted(self, images, labels):
