@@ -102,18 +102,44 @@ def sync_check(cfg, data: ImageData, device: torch.device, args, tmp: Path, step
 
 
 def diagnose(preset: str, cfg, classes: list[str], device: torch.device, args, tmp: Path) -> None:
-    """--profile: where a bare step's time goes, and SDPA's kernels at the preset's shapes."""
+    """--profile: where a bare step's time goes, what the attention kernel layout a run chooses
+    is worth to the whole step, and SDPA's kernels at the preset's shapes."""
     try:
-        step, dev = bare_step(cfg, classes, device, args.compile, tmp)
+        step, dev, _ = bare_step(cfg, classes, device, args.compile, tmp)
         lines = common.profile_lines(lambda: step(0), args.profile, dev)  # after a warm-up step of its own
     except Exception as e:  # noqa: BLE001 - a diagnostic's failure is a line, not the end of the run
         lines = [f"profile failed: {type(e).__name__}: {str(e)[:200]}"]
+    try:
+        lines.append(attention_layout_line(cfg, classes, device, args, tmp))
+    except Exception as e:  # noqa: BLE001
+        lines.append(f"attention layout comparison failed: {type(e).__name__}: {str(e)[:200]}")
     for line in lines:
         print(f"   {line}", flush=True)
     try:
         print(bench_attention.attention_table([preset], device, cfg.finetune.batch_size, steps=10), flush=True)
     except Exception as e:  # noqa: BLE001
         print(f"   attention table failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+
+def attention_layout_line(cfg, classes: list[str], device: torch.device, args, tmp: Path, rounds: int = 3) -> str:
+    """The bare step with the attention layout `runtime.tune_attention` chooses on this device
+    (measured here even on a CPU, where runs do not tune) against the layout as built: ms per
+    step, alternating rounds of `args.profile` steps, medians."""
+    tuned, dev, note = bare_step(cfg, classes, device, args.compile, tmp, tune_attention=True)
+    if not note:
+        return "attention layout: as built (no layout measured at least 10 % faster for one layer)"
+    if args.compile:
+        return f"attention layout: {note} (the whole-step comparison is left out under --compile)"
+    built, _, _ = bare_step(cfg, classes, device, args.compile, tmp, tune_attention=False)
+    times: dict[str, list[float]] = {"chosen": [], "built": []}
+    for s in (tuned, built):
+        s(0)  # warm-up
+    for _ in range(rounds):
+        for name, s in (("chosen", tuned), ("built", built)):
+            times[name].append(1000 * common.timed(lambda: [s(i) for i in range(args.profile)], dev) / args.profile)
+    chosen, as_built = common.median(times["chosen"]), common.median(times["built"])
+    return (f"attention layout: {note}; whole bare step {chosen:.2f} ms against {as_built:.2f} ms as built "
+            f"({as_built / chosen:.2f}x)")
 
 
 def bench_e2e(preset: str, dataset: str, cfg, loader: str, device: torch.device, args, out: Path) -> float:

@@ -62,9 +62,11 @@ def recipe_config(preset: str, batch: int | None, workers: int | None, num_class
 # --------------------------------------------------------------------------- bare
 
 
-def bare_step(cfg, classes: list[str], device: torch.device, compile: bool, tmp: Path):
+def bare_step(cfg, classes: list[str], device: torch.device, compile: bool, tmp: Path,
+              tune_attention: bool | None = None):
     """(`step(i)`: `Trainer._train_step` on the i-th of 4 random uint8 batches held in (pinned, on
-    CUDA) memory, the trainer's device)."""
+    CUDA) memory, the trainer's device, the trainer's attention note: the kernel layout it chose,
+    "" when none; `tune_attention` as `RunOptions`' (None: on CUDA, as a run does))."""
     B, S = cfg.finetune.batch_size, cfg.model.image_size
     fake = ImageData(torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8),
                      torch.randint(0, len(classes), (B,)), classes, "random")
@@ -72,7 +74,7 @@ def bare_step(cfg, classes: list[str], device: torch.device, compile: bool, tmp:
     torch.manual_seed(0)
     trainer = Trainer(ClassifyTask(bare_cfg, classes), bare_cfg, fake, None,
                       RunOptions(out_dir=tmp / "bare", dataset={}, device=str(device), compile=compile,
-                                 quiet=True), Console(quiet=True))
+                                 tune_attention=tune_attention, quiet=True), Console(quiet=True))
     pin = device.type == "cuda"
     batches = []
     for _ in range(4):
@@ -80,12 +82,14 @@ def bare_step(cfg, classes: list[str], device: torch.device, compile: bool, tmp:
         labels = torch.randint(0, len(classes), (B,))
         batches.append((images.pin_memory(), labels.pin_memory()) if pin else (images, labels))
     trainer.model.train()
-    return (lambda i: trainer._train_step(*batches[i % len(batches)])), trainer.device
+    return (lambda i: trainer._train_step(*batches[i % len(batches)])), trainer.device, trainer.attention_note
 
 
 def bench_bare(cfg, classes: list[str], device: torch.device, args, tmp: Path) -> float:
     """img/s of `Trainer._train_step` on random in-memory uint8 batches."""
-    step, dev = bare_step(cfg, classes, device, args.compile, tmp)
+    step, dev, note = bare_step(cfg, classes, device, args.compile, tmp)
+    if note:
+        print(f"   {note}", flush=True)
     for i in range(args.warmup):
         step(i)
     rates = []

@@ -33,7 +33,7 @@ from .recipe import decay_share, one_cycle_share, peak_lr, warmup_steps
 from .report import StopRequest, TrainingProgress, epoch_line, router_warning, run_header
 from .run_record import RunFacts, RunRecord, diverged
 from .runtime import (all_reduce_mean, amp_dtype, forward_batch, maybe_compile, ranks_in_sync, rng_devices,
-                      setup_distributed, wrap_ddp)
+                      setup_distributed, tune_attention, wrap_ddp)
 
 
 # torch.compile of the s training step on an H200 took ~80 s and saved ~25 ms per step at batch
@@ -55,6 +55,7 @@ class RunOptions(RunFacts):
     device: str = "auto"
     compile: bool | None = False  # None: compile when it pays (`compile_pays`)
     compile_mode: str | None = None  # torch.compile mode: None/"default", "reduce-overhead", "max-autotune"
+    tune_attention: bool | None = None  # time SDPA's kernel layouts (`runtime.tune_attention`); None: on CUDA
     save_every: int = 200  # steps between in-epoch checkpoints (0 = only at epoch ends)
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests, benchmarks)
     log_every: int = 10
@@ -152,6 +153,7 @@ class Trainer:
             raise MmlitError("the training split is empty")
         self.total_steps = self.steps_per_epoch * self.recipe.epochs
         self.warmup_steps = warmup_steps(self.recipe, self.steps_per_epoch)
+        self.attention_note = self._tune_attention(cfg)
 
         self.peak_lr = peak_lr(self.recipe, self.dist.world_size)
         groups = param_groups(self.model, self.recipe.weight_decay, opts.layer_decay, decay_share(self.recipe))
@@ -166,6 +168,15 @@ class Trainer:
                                          disable=not self.dist.is_main or opts.quiet)
         self.bad_loss: float | None = None  # a non-finite loss this rank saw, for the message
         self.figures = EpochFigures(task, self.record, self.device)
+
+    def _tune_attention(self, cfg: Config) -> str:
+        """The attention kernel layout measured fastest for this run's batch (before the
+        model is compiled, wrapped or copied for EMA); a note for the run's header."""
+        if not (self.opts.tune_attention if self.opts.tune_attention is not None else self.device.type == "cuda"):
+            return ""
+        m = cfg.model
+        example = torch.zeros(self.recipe.batch_size, m.in_chans, m.image_size, m.image_size, device=self.device)
+        return tune_attention(self.model, example, self.amp_dtype)
 
     # the record's counters, read by the loop (and by callers: `run_training`, tests)
     epoch = property(lambda self: self.record.epoch)
@@ -319,6 +330,8 @@ class Trainer:
         self._print(run_header(self.task.kind, self.cfg.name, self.steps_per_epoch, r.epochs, r.batch_size,
                                self.dist.world_size, self.device, self.amp_dtype is not None, self.compiled,
                                self.loader_note, self.opts.out_dir))
+        if self.attention_note:
+            self._print(escape(self.attention_note))
         if self.opts.recipe_note:
             self._print(escape(self.opts.recipe_note))
 

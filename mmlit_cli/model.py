@@ -50,15 +50,20 @@ def split_fused_qkv(fused: torch.Tensor, num_heads: int, num_kv_heads: int, dim:
 
 
 class GroupedQueryAttention(nn.Module):
-    """Multi-head attention where `num_kv_heads` key/value heads serve `num_heads` query heads."""
+    """Multi-head attention where `num_kv_heads` key/value heads serve `num_heads` query heads.
 
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qkv_bias: bool = True):
+    `kernel_head_dim` and `kernel_repeat_kv` change how SDPA is called, not what is computed
+    (`forward_kernel_layout`); a run sets them for its device (`runtime.tune_attention`)."""
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qkv_bias: bool = True,
+                 kernel_head_dim: int | None = None, kernel_repeat_kv: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         # One fused projection for q, k and v: a single matmul instead of three.
         self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(num_heads * self.head_dim, dim)
+        self.set_kernel_layout(kernel_head_dim or self.head_dim, kernel_repeat_kv)
 
     def split_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, _ = x.shape
@@ -66,11 +71,55 @@ class GroupedQueryAttention(nn.Module):
         return split_fused_qkv(qkv.transpose(1, 2), self.num_heads, self.num_kv_heads, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_layout() != (self.head_dim, False):
+            return self.forward_kernel_layout(x)
         B, N, _ = x.shape
         q, k, v = self.split_qkv(x)
         # enable_gqa lets SDPA broadcast kv heads itself: no repeated K/V copies in memory.
         out = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.num_kv_heads != self.num_heads)
         return self.proj(out.transpose(1, 2).reshape(B, N, -1))
+
+    def forward_kernel_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward`, with SDPA given heads zero-padded to `kernel_head_dim` and, with
+        `kernel_repeat_kv`, a K/V head per query head. On CUDA, SDPA's fused kernels want a head
+        dim divisible by 8 (mLiT's are 18) and its memory-efficient kernel takes no grouped K/V;
+        refused, it falls back to its math path (the [B, H, T, T] scores in memory). The layout
+        is made on the weights, so no activation is copied: zero rows in the q/k/v projection
+        add nothing to q.k (the scale stays the unpadded head's) and give zero output columns,
+        which zero columns in `proj` drop; repeated K/V rows give the heads GQA shares."""
+        B, N, D = x.shape
+        H, KV, d, width = self.num_heads, self.num_kv_heads, self.head_dim, self.kernel_head_dim
+        repeat = H // KV if self.kernel_repeat_kv else 1
+        kv_heads = KV * repeat
+
+        def per_head(t: torch.Tensor) -> torch.Tensor:  # the qkv weight [.., D] or bias, one row block per head
+            q, k, v = split_fused_qkv(t.unflatten(0, (H + 2 * KV, d)), H, KV, dim=0)
+            heads = torch.cat([q, k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)])
+            pad = (0, 0) * (t.dim() - 1) + (0, width - d)
+            return F.pad(heads, pad).flatten(0, 1)
+
+        bias = None if self.qkv.bias is None else per_head(self.qkv.bias)
+        qkv = F.linear(x, per_head(self.qkv.weight), bias).view(B, N, H + 2 * kv_heads, width)
+        q, k, v = split_fused_qkv(qkv.transpose(1, 2), H, kv_heads, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, scale=d ** -0.5, enable_gqa=kv_heads != H)
+        proj_weight = F.pad(self.proj.weight.unflatten(1, (H, d)), (0, width - d)).flatten(1)
+        return F.linear(out.transpose(1, 2).reshape(B, N, H * width), proj_weight, self.proj.bias)
+
+    def kernel_layout(self) -> tuple[int, bool]:
+        return self.kernel_head_dim, self.kernel_repeat_kv
+
+    def set_kernel_layout(self, head_dim: int, repeat_kv: bool) -> None:
+        if head_dim < self.head_dim:
+            raise ValueError(f"kernel_head_dim {head_dim} is below the head dim {self.head_dim}")
+        self.kernel_head_dim, self.kernel_repeat_kv = head_dim, repeat_kv and self.num_kv_heads != self.num_heads
+
+    def kernel_layouts(self) -> list[tuple[int, bool]]:
+        """The layouts worth timing on CUDA: as built first; heads padded to a multiple of 8;
+        K/V repeated (grouped K/V only)."""
+        d = self.head_dim
+        widths = [d] if d % 8 == 0 else [d, -(-d // 8) * 8]
+        repeats = [False, True] if self.num_kv_heads != self.num_heads else [False]
+        return [(w, r) for r in repeats for w in widths]
 
 
 class SwiGLU(nn.Module):

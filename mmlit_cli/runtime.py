@@ -1,6 +1,7 @@
 """Where and how a model runs: the device, the autocast dtype, torch.compile, the process
-group under torchrun, the one way a batch goes through a model (`forward_batch`), and which
-CPU it runs on (`cpu_info`).
+group under torchrun, the one way a batch goes through a model (`forward_batch`), how SDPA is
+best called for the model's attention there (`tune_attention`), and which CPU it runs on
+(`cpu_info`).
 
 Training, evaluation, `predict` and `export` all take these from here, so evaluation never
 needs the training engine, and every path feeds a model the same way.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -71,6 +73,109 @@ def maybe_compile(module: torch.nn.Module, compile: bool = False, mode: str | No
     if not (compile or mode):
         return module
     return torch.compile(module, mode=None if mode in (None, "default") else mode)
+
+
+# --------------------------------------------------------------------------- attention kernels
+
+# A layout must beat the one in use by this much to replace it: timing noise is not a reason.
+ATTENTION_MARGIN = 0.9
+
+
+def _seconds_per_call(call: Callable[[], object], device: torch.device, calls: int) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / calls
+
+
+def attention_inputs(model: torch.nn.Module, example: torch.Tensor, amp_dtype: torch.dtype | None) -> dict:
+    """{attention module: (shape, dtype) of its input} in one forward of `example` through
+    `model` (no grad, under autocast, the RNG streams untouched)."""
+    seen, hooks = {}, []
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        seen.setdefault(module, (tuple(args[0].shape), args[0].dtype))
+
+    for m in model.modules():
+        if hasattr(m, "kernel_layouts"):
+            hooks.append(m.register_forward_pre_hook(record))
+    try:
+        with torch.random.fork_rng(devices=rng_devices(example.device)), torch.no_grad(), \
+                torch.autocast(example.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def tune_attention(model: torch.nn.Module, example: torch.Tensor, amp_dtype: torch.dtype | None,
+                   calls: int = 10, rounds: int = 3,
+                   time_layout: Callable[..., float] | None = None) -> str:
+    """Give each attention module of `model` the kernel layout (`GroupedQueryAttention.
+    kernel_layouts`: heads padded, K/V repeated; the same values) whose forward + backward is
+    fastest at the run's shapes, measured on `example`'s device in `amp_dtype`; returns a note
+    saying what was chosen ("" when nothing changed). Which of SDPA's kernels take mLiT's
+    18-wide grouped heads depends on the GPU and the torch build, so it is measured, not assumed.
+    Modules with the same shape share one measurement; the layouts alternate over `rounds` and
+    a layout replaces the one in use only when it is clearly faster (`ATTENTION_MARGIN`).
+    `time_layout(module, layout)`, seconds per call, replaces the measurement (tests)."""
+    device = example.device
+    groups: dict[tuple, list[torch.nn.Module]] = {}
+    for m, (shape, dtype) in attention_inputs(model, example, amp_dtype).items():
+        key = (m.num_heads, m.num_kv_heads, m.head_dim, m.qkv.bias is not None, shape, dtype, m.kernel_layout())
+        groups.setdefault(key, []).append(m)
+    notes = []
+    for (heads, kv_heads, head_dim, _, shape, dtype, current), modules in groups.items():
+        probe = modules[0]
+        times: dict[tuple[int, bool], list[float] | None] = {}
+        for _ in range(rounds):
+            for layout in probe.kernel_layouts():
+                if layout in times and times[layout] is None:
+                    continue  # refused before
+                try:
+                    seconds = (time_layout(probe, layout) if time_layout else
+                               _time_layout(probe, layout, shape, dtype, amp_dtype, calls, device))
+                    times.setdefault(layout, []).append(seconds)
+                except RuntimeError:  # no SDPA kernel for this layout here
+                    times[layout] = None
+        probe.set_kernel_layout(*current)
+        median = {lay: sorted(t)[len(t) // 2] for lay, t in times.items() if t}
+        if current not in median:
+            continue
+        best = min(median, key=median.get)
+        if best == current or median[best] > ATTENTION_MARGIN * median[current]:
+            continue
+        for m in modules:
+            m.set_kernel_layout(*best)
+        width, repeat = best
+        how = ", ".join(([f"heads padded to {width}"] if width != head_dim else [])
+                        + (["K/V repeated"] if repeat else []))
+        notes.append(f"attention {heads}/{kv_heads} heads x {head_dim} ({len(modules)} layers): {how}, "
+                     f"{1000 * median[best]:.2f} ms fwd+bwd against {1000 * median[current]:.2f} ms")
+    return "; ".join(notes)
+
+
+def _time_layout(module: torch.nn.Module, layout: tuple[int, bool], shape: tuple, dtype: torch.dtype,
+                 amp_dtype: torch.dtype | None, calls: int, device: torch.device) -> float:
+    """Seconds per forward + backward of `module` in `layout` on random input of `shape`; the
+    gradients are returned, not accumulated into the parameters."""
+    module.set_kernel_layout(*layout)
+    x = torch.randn(shape, generator=torch.Generator(device).manual_seed(0), dtype=dtype, device=device,
+                    requires_grad=True)  # its own generator: the run's RNG streams stay as they were
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def call():
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = module(x)
+        torch.autograd.grad(out, [x, *params], torch.ones_like(out))
+
+    call()  # warm-up: kernel selection, allocator
+    return _seconds_per_call(call, device, calls)
 
 
 # --------------------------------------------------------------------------- torchrun (DDP)

@@ -85,6 +85,7 @@ def test_bench_models_variant_subset(capsys):
 
 import bench_pipeline  # noqa: E402
 import bench_tta  # noqa: E402
+import bench_train  # noqa: E402
 from datafixtures import write_image_folder  # noqa: E402
 
 
@@ -188,3 +189,24 @@ def test_profile_lines_name_what_a_step_spends_its_time_on():
     assert lines[0].startswith("profile of 3 steps: ") and "ms per step" in lines[0]
     top = lines[2].split()
     assert top[-1] == "aten::mm" and top[3] == "1.0", lines  # once a step, the most expensive op
+
+
+def test_bench_pipeline_weighs_the_chosen_attention_layout_against_the_layout_as_built(tmp_path, monkeypatch):
+    """--profile's comparison: the bare step with the layout `tune_attention` chose (faked
+    fastest here) against the same step as built; a run on a CPU chooses nothing by default."""
+    import argparse
+
+    from mmlit_cli import runtime
+    from mmlit_cli.config import load_config
+
+    cfg = load_config("xxs", TINY + ["finetune.batch_size=4"])  # heads 4/2 x 6
+    args = argparse.Namespace(profile=1, compile=False)
+    _, _, note = bench_train.bare_step(cfg, ["a", "b"], torch.device("cpu"), False, tmp_path)
+    assert note == ""
+    monkeypatch.setattr(runtime, "_time_layout", lambda module, layout, *a: 0.001 if layout == (8, False) else 0.003)
+    line = bench_pipeline.attention_layout_line(cfg, ["a", "b"], torch.device("cpu"), args, tmp_path, rounds=1)
+    assert line.startswith("attention layout: attention 4/2 heads x 6 (3 layers): heads padded to 8, ")
+    assert "whole bare step" in line and line.endswith("x)"), line
+    monkeypatch.setattr(runtime, "_time_layout", lambda module, layout, *a: 0.001)
+    line = bench_pipeline.attention_layout_line(cfg, ["a", "b"], torch.device("cpu"), args, tmp_path, rounds=1)
+    assert line.startswith("attention layout: as built"), line

@@ -158,6 +158,42 @@ def test_gqa_equals_attention_written_out_from_the_weights():
     torch.testing.assert_close(attn(x), ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 4, 144), (6, 3, 108), (8, 4, 128), (4, 4, 72)])
+def test_every_kernel_layout_gives_the_attention_and_its_gradients_as_built(heads, kv_heads, dim):
+    """Heads zero-padded (18 -> 24, 32) and K/V repeated per query head change how SDPA is
+    called, never the values: outputs and the gradients of the input and of every weight equal
+    the layout as built, in float64. The weights' shapes and the state dict do not change."""
+    torch.manual_seed(5)
+    attn = GroupedQueryAttention(dim, heads, kv_heads).double()
+    keys = {k: v.shape for k, v in attn.state_dict().items()}
+    x = torch.randn(3, 17, dim, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(3, 17, dim, dtype=torch.float64)
+    ref = attn(x)
+    ref_grads = torch.autograd.grad(ref, [x, *attn.parameters()], grad_out)
+    d = dim // heads
+    layouts = set(attn.kernel_layouts()) | {(d + 14, False), (d + 14, True)}
+    assert (d, False) in layouts and len(layouts) > 2
+    for layout in sorted(layouts - {(d, False)}):
+        attn.set_kernel_layout(*layout)
+        out = attn(x)
+        grads = torch.autograd.grad(out, [x, *attn.parameters()], grad_out)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12, msg=f"layout {layout}")
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12, msg=f"layout {layout}")
+    assert {k: v.shape for k, v in attn.state_dict().items()} == keys
+
+
+def test_kernel_layouts_offer_a_multiple_of_8_and_kv_repeat_only_where_they_mean_something():
+    assert GroupedQueryAttention(144, 8, 4).kernel_layouts() == [(18, False), (24, False), (18, True), (24, True)]
+    assert GroupedQueryAttention(64, 4, 2).kernel_layouts() == [(16, False), (16, True)]
+    assert GroupedQueryAttention(64, 4, 4).kernel_layouts() == [(16, False)]
+    attn = GroupedQueryAttention(64, 4, 4)
+    attn.set_kernel_layout(16, True)  # nothing to repeat without grouped K/V
+    assert attn.kernel_layout() == (16, False)
+    with pytest.raises(ValueError, match="below the head dim"):
+        attn.set_kernel_layout(8, False)
+
+
 @pytest.mark.parametrize("preset", ["xxs", "xs", "s"])
 def test_preset_parameter_counts_match_the_spec(preset):
     model = create_model(preset, num_classes=100)
