@@ -32,8 +32,8 @@ from .optim import ModelEMA, build_adamw, param_groups, set_schedule
 from .recipe import decay_share, one_cycle_share, peak_lr, warmup_steps
 from .report import StopRequest, TrainingProgress, epoch_line, router_warning, run_header
 from .run_record import RunFacts, RunRecord, diverged
-from .runtime import (all_reduce_mean, amp_dtype, forward_batch, maybe_compile, ranks_in_sync, rng_devices,
-                      setup_distributed, tune_attention, wrap_ddp)
+from .runtime import (all_reduce_mean, amp_dtype, forward_batch, maybe_compile, ranks_agree, ranks_in_sync,
+                      rng_devices, setup_distributed, tune_attention, wrap_ddp)
 
 
 # torch.compile of the s training step on an H200 took ~80 s and saved ~25 ms per step at batch
@@ -143,6 +143,9 @@ class Trainer:
         # the config records what `loader: auto` chose, so a resumed run replays the same batches
         loader, self.loader_note = resolve_loader(task.recipe.loader, task.recipe.workers, self.device,
                                                   train_data, val_data)
+        if not ranks_agree(int(loader == "device"), self.dist, self.device):  # each rank measured its own GPU
+            loader, self.loader_note = "workers", (f"{task.recipe.workers} loader workers (the data fits on "
+                                                   "some processes' devices only)")
         self.recipe: TrainConfig = dataclasses.replace(task.recipe, loader=loader)
         self.cfg = dataclasses.replace(cfg, **{task.command: self.recipe})
         self.train_loader, self.val_loader = build_loaders(self.recipe, cfg.model.image_size, train_data, val_data,

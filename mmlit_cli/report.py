@@ -45,7 +45,7 @@ class LaggedScalar:
         host = torch.empty((), dtype=value.dtype, pin_memory=True)
         host.copy_(value.detach(), non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))  # the copy's stream (cuda:N's, not cuda:0's)
         self.pending = (host, event)
         return ready
 

@@ -201,7 +201,12 @@ def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
     """Read torchrun's environment; start the process group (nccl on CUDA, gloo otherwise)."""
     world = process_count()
     if world <= 1:
-        return Dist(), resolve_device(device_name)
+        device = resolve_device(device_name)
+        if device.type == "cuda" and device.index is not None:
+            # --device cuda:N: what runs on "the current device" (streams, events, cuBLAS
+            # handles, the pin-memory thread) runs on N too, not also on cuda:0
+            torch.cuda.set_device(device)
+        return Dist(), device
     dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     device = resolve_device(device_name)
     if device.type == "cuda":

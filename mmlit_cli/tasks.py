@@ -62,9 +62,11 @@ class ClassifyTask:
             targets = labels
         logits = model(images).float()
         if self.logit_shift is not None:  # trained on the prior-adjusted logits; predicts with the plain ones
-            logits = logits + self.logit_shift.to(logits.device)
-        weight = None if self.class_weight is None else self.class_weight.to(logits.device)
-        loss = F.cross_entropy(logits, targets, weight=weight, label_smoothing=self.recipe.label_smoothing)
+            self.logit_shift = self.logit_shift.to(logits.device)  # once: on CUDA each copy would sync
+            logits = logits + self.logit_shift
+        if self.class_weight is not None:
+            self.class_weight = self.class_weight.to(logits.device)
+        loss = F.cross_entropy(logits, targets, weight=self.class_weight, label_smoothing=self.recipe.label_smoothing)
         aux = self.model.aux_loss()
         return loss if aux is None else loss + aux
 

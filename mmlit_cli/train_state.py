@@ -56,6 +56,10 @@ def gather_rng_states(device: torch.device, dist: Dist) -> dict[str, torch.Tenso
     return gathered
 
 
+# AdamW's constructor flags that choose its implementation, not its arithmetic
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()
     tensors, scalars = {}, {}
@@ -82,6 +86,10 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
     if len(groups) != len(opt.param_groups):
         raise MmlitError(f"the saved optimizer state has {len(groups)} parameter groups where this run builds "
                          f"{len(opt.param_groups)}: the checkpoint does not fit this model or recipe")
+    # torch keeps a loaded group's flags, so a CPU run resumed on a GPU would stay on foreach
+    # AdamW: how the step runs is this run's (`build_adamw`), what it has learnt is the checkpoint's
+    groups = [{**g, **{k: now[k] for k in IMPLEMENTATION_FLAGS if k in now}}
+              for g, now in zip(groups, opt.param_groups)]
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 

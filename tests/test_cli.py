@@ -167,3 +167,22 @@ def test_a_bare_gpu_number_is_that_cuda_device(monkeypatch):
     for name in ("-1", "\u00b2", "\u0663"):  # a sign; superscript two and Arabic-Indic three are digits to isdigit()
         with pytest.raises(MmlitError, match="unknown device"):
             resolve_device(name)
+
+
+def test_a_single_process_on_cuda_n_makes_n_the_current_device(monkeypatch):
+    """Streams, events and handles taken from "the current device" (the lagged loss's event, the
+    pin-memory thread) must be cuda:N's when a run is given --device N, not cuda:0's."""
+    import torch
+
+    from mmlit_cli.runtime import setup_distributed
+
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert setup_distributed("1")[1] == torch.device("cuda", 1)
+    assert made_current == [torch.device("cuda", 1)]
+    for name in ("cuda", "cpu"):
+        setup_distributed(name)
+    assert made_current == [torch.device("cuda", 1)]  # "cuda" stays the current device, whichever it is

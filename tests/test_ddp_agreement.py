@@ -40,6 +40,18 @@ DRIVER = textwrap.dedent('''
             return value + float("nan") if len(calls) == 3 else value
 
         tasks.ClassifyTask.loss = nan_here
+    if spec.get("no_room_on_rank") == rank:  # as a GPU with less free memory: `loader: auto` picks workers here
+        from mmlit_cli.data import pipeline
+        pipeline.choose_loader = lambda device, nbytes: ("workers", "no room on this device")
+    if spec.get("show_loader"):
+        from mmlit_cli import engine
+        build = engine.build_loaders
+
+        def showing(recipe, *args, **kwargs):
+            print(f"rank {rank}: loader {recipe.loader}", flush=True)
+            return build(recipe, *args, **kwargs)
+
+        engine.build_loaders = showing
     run = dict(spec["run"], out=spec["out"][rank])
     try:
         run_training(**run)
@@ -87,3 +99,16 @@ def test_ranks_that_start_from_different_checkpoints_are_an_error_on_every_rank(
     for rank in (0, 1):
         assert f"rank {rank}: error: the processes do not start at the same step" in r.stdout, \
             r.stdout + r.stderr[-3000:]
+
+
+def test_ranks_use_one_loader_when_the_data_fits_on_some_of_their_devices_only(tmp_path):
+    """`loader: auto` asks each rank's device for room; one rank without it must not leave the
+    others augmenting on their devices (other batches than the recorded loader's): all use workers."""
+    data = write_folder(tmp_path / "data", per_class=8)
+    run = dict(kind="finetune", preset="xxs", dataset=str(data), overrides=TINY, epochs=1, batch_size=4,
+               device="cpu", save_every=0, quiet=True)
+    r = torchrun(tmp_path, {"run": run, "out": [str(tmp_path / "run")] * 2, "no_room_on_rank": 1, "show_loader": True})
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert "rank 0: loader workers" in r.stdout and "rank 1: loader workers" in r.stdout, r.stdout
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "loader: workers" in config, config

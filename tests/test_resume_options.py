@@ -187,3 +187,30 @@ def test_a_checkpoint_from_before_absolute_paths_resumes_where_it_was_run(traine
     resumed = mmlit("finetune", "--resume", "run", "--epochs", "2", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "colours" in resumed.stdout and str(trained) not in resumed.stdout
+
+
+def test_a_resumed_optimizer_runs_as_this_runs_device_wants_with_the_saved_moments():
+    """A checkpoint from a CUDA run (fused AdamW) resumed on the CPU, or the other way round:
+    torch's load_state_dict would keep the saved implementation flags; the run's own (from
+    `build_adamw`) stay, and the moments and step counts are the checkpoint's."""
+    import torch
+
+    from mmlit_cli.train_state import optimizer_from_tensors, optimizer_to_tensors
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+    saved = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}],
+                              lr=1e-2, fused=True)  # as on CUDA (fused AdamW also runs on the CPU)
+    for _ in range(2):
+        sum((p ** 2).sum() for p in params).backward()
+        saved.step()
+    tensors, info = optimizer_to_tensors(saved)
+    resumed = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}],
+                                lr=1e-2, foreach=True)  # as on the CPU
+    optimizer_from_tensors(resumed, tensors, info)
+    for group in resumed.param_groups:
+        assert group["foreach"] is True and not group["fused"]
+    assert resumed.param_groups[1]["weight_decay"] == 0.0
+    for p in params:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(resumed.state[p][key], saved.state[p][key])
