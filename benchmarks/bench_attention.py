@@ -7,9 +7,10 @@ the memory-efficient kernel does not take grouped K/V, so SDPA may fall back to 
 (the [B, H, T, T] scores in memory). This times one attention call, forward and backward, at
 the preset's shapes for each backend that accepts them, and two levers: K/V repeated to every
 head (no GQA), and q/k/v zero-padded to a head dim of 24 or 32 (the same output: zeros add
-nothing to q.k, and the padded output columns are dropped). A CUDA run chooses among these
-layouts itself, measured for its model (`mmlit_cli.runtime.tune_attention`); this table shows
-the kernels behind that choice.
+nothing to q.k, and the padded output columns are dropped). A CUDA run chooses a layout
+itself, timing its own attention layer (`mmlit_cli.runtime.tune_attention`, padding to the
+next multiple of 8 on the weights, not on q/k/v as here); this table shows which of SDPA's
+kernels each shape gets.
 
     python benchmarks/bench_attention.py --device cuda --presets xxs,s --batch 512
 """

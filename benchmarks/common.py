@@ -15,7 +15,6 @@ import statistics
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -27,7 +26,7 @@ if str(REPO) not in sys.path:  # benchmark the checkout, also when it is not pip
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from mmlit_cli.runtime import cpu_info, cpu_label  # noqa: E402
+from mmlit_cli.runtime import cpu_info, cpu_label, seconds_for  # noqa: E402
 
 DEFAULT_CIFAR = Path("/tmp/cifar10/train")
 CIFAR_TARBALLS = (REPO / "shared/data/cifar10-train-jpeg.tar.gz",
@@ -96,12 +95,7 @@ def machine_line(info: dict[str, Any]) -> str:
 
 def timed(fn: Callable[[], Any], device: torch.device, repeat: int = 1) -> float:
     """Seconds for `repeat` calls of fn, synchronising the device before and after."""
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    sync(device)
-    return time.perf_counter() - start
+    return seconds_for(fn, device, repeat)
 
 
 def profile_lines(step: Callable[[], Any], steps: int, device: torch.device, top: int = 8) -> list[str]:

@@ -32,8 +32,9 @@ from .optim import ModelEMA, build_adamw, param_groups, set_schedule
 from .recipe import decay_share, one_cycle_share, peak_lr, warmup_steps
 from .report import StopRequest, TrainingProgress, epoch_line, router_warning, run_header
 from .run_record import RunFacts, RunRecord, diverged
-from .runtime import (all_reduce_mean, amp_dtype, forward_batch, maybe_compile, ranks_agree, ranks_in_sync,
-                      rng_devices, setup_distributed, tune_attention, wrap_ddp)
+from .runtime import (all_reduce_mean, amp_dtype, attention_layouts, forward_batch, from_rank0, maybe_compile,
+                      ranks_agree, ranks_in_sync, rng_devices, set_attention_layouts, setup_distributed,
+                      tune_attention, wrap_ddp)
 
 
 # torch.compile of the s training step on an H200 took ~80 s and saved ~25 ms per step at batch
@@ -179,7 +180,10 @@ class Trainer:
             return ""
         m = cfg.model
         example = torch.zeros(self.recipe.batch_size, m.in_chans, m.image_size, m.image_size, device=self.device)
-        return tune_attention(self.model, example, self.amp_dtype)
+        note = tune_attention(self.model, example, self.amp_dtype)
+        # each rank timed its own GPU; rank 0's choice (the one its note names) runs everywhere
+        set_attention_layouts(self.model, from_rank0(attention_layouts(self.model), self.dist))
+        return note
 
     # the record's counters, read by the loop (and by callers: `run_training`, tests)
     epoch = property(lambda self: self.record.epoch)

@@ -82,11 +82,12 @@ class GroupedQueryAttention(nn.Module):
     def forward_kernel_layout(self, x: torch.Tensor) -> torch.Tensor:
         """`forward`, with SDPA given heads zero-padded to `kernel_head_dim` and, with
         `kernel_repeat_kv`, a K/V head per query head. On CUDA, SDPA's fused kernels want a head
-        dim divisible by 8 (mLiT's are 18) and its memory-efficient kernel takes no grouped K/V;
+        dim divisible by 8 (18 in xxs and s) and its memory-efficient kernel takes no grouped K/V;
         refused, it falls back to its math path (the [B, H, T, T] scores in memory). The layout
         is made on the weights, so no activation is copied: zero rows in the q/k/v projection
         add nothing to q.k (the scale stays the unpadded head's) and give zero output columns,
-        which zero columns in `proj` drop; repeated K/V rows give the heads GQA shares."""
+        which zero columns in `proj` drop; repeated K/V rows give the heads GQA shares. The
+        projection's output, kept for the backward pass, grows by the padding and the repeats."""
         B, N, D = x.shape
         H, KV, d, width = self.num_heads, self.num_kv_heads, self.head_dim, self.kernel_head_dim
         repeat = H // KV if self.kernel_repeat_kv else 1

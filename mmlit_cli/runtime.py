@@ -81,7 +81,8 @@ def maybe_compile(module: torch.nn.Module, compile: bool = False, mode: str | No
 ATTENTION_MARGIN = 0.9
 
 
-def _seconds_per_call(call: Callable[[], object], device: torch.device, calls: int) -> float:
+def seconds_for(call: Callable[[], object], device: torch.device, calls: int = 1) -> float:
+    """Seconds for `calls` calls of `call`, the device synchronised before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -89,7 +90,7 @@ def _seconds_per_call(call: Callable[[], object], device: torch.device, calls: i
         call()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / calls
+    return time.perf_counter() - start
 
 
 def attention_inputs(model: torch.nn.Module, example: torch.Tensor, amp_dtype: torch.dtype | None) -> dict:
@@ -117,12 +118,13 @@ def tune_attention(model: torch.nn.Module, example: torch.Tensor, amp_dtype: tor
                    calls: int = 10, rounds: int = 3,
                    time_layout: Callable[..., float] | None = None) -> str:
     """Give each attention module of `model` the kernel layout (`GroupedQueryAttention.
-    kernel_layouts`: heads padded, K/V repeated; the same values) whose forward + backward is
-    fastest at the run's shapes, measured on `example`'s device in `amp_dtype`; returns a note
-    saying what was chosen ("" when nothing changed). Which of SDPA's kernels take mLiT's
-    18-wide grouped heads depends on the GPU and the torch build, so it is measured, not assumed.
-    Modules with the same shape share one measurement; the layouts alternate over `rounds` and
-    a layout replaces the one in use only when it is clearly faster (`ATTENTION_MARGIN`).
+    kernel_layouts`: heads zero-padded, K/V repeated; the same values up to rounding) whose
+    forward + backward is fastest at the run's shapes, measured on `example`'s device in
+    `amp_dtype`; returns a note saying what was chosen ("" when nothing changed). Which of
+    SDPA's kernels take mLiT's 18-wide grouped heads depends on the GPU and the torch build, so
+    it is measured, not assumed. Modules with the same shape share one measurement; the layouts
+    alternate over `rounds`, and one replaces the layout in use only when it is clearly faster
+    (`ATTENTION_MARGIN`), or when the layout in use failed (out of memory, say) and it did not.
     `time_layout(module, layout)`, seconds per call, replaces the measurement (tests)."""
     device = example.device
     groups: dict[tuple, list[torch.nn.Module]] = {}
@@ -132,32 +134,48 @@ def tune_attention(model: torch.nn.Module, example: torch.Tensor, amp_dtype: tor
     notes = []
     for (heads, kv_heads, head_dim, _, shape, dtype, current), modules in groups.items():
         probe = modules[0]
-        times: dict[tuple[int, bool], list[float] | None] = {}
-        for _ in range(rounds):
-            for layout in probe.kernel_layouts():
-                if layout in times and times[layout] is None:
-                    continue  # refused before
-                try:
-                    seconds = (time_layout(probe, layout) if time_layout else
-                               _time_layout(probe, layout, shape, dtype, amp_dtype, calls, device))
-                    times.setdefault(layout, []).append(seconds)
-                except RuntimeError:  # no SDPA kernel for this layout here
-                    times[layout] = None
-        probe.set_kernel_layout(*current)
-        median = {lay: sorted(t)[len(t) // 2] for lay, t in times.items() if t}
-        if current not in median:
+        times: dict[tuple[int, bool], list[float]] = {}
+        failed: dict[tuple[int, bool], str] = {}
+        try:
+            for _ in range(rounds):
+                for layout in (lay for lay in probe.kernel_layouts() if lay not in failed):
+                    try:
+                        times.setdefault(layout, []).append(
+                            time_layout(probe, layout) if time_layout else
+                            _time_layout(probe, layout, shape, dtype, amp_dtype, calls, device))
+                    except RuntimeError as e:  # out of memory, or a kernel that failed on this device
+                        failed[layout] = type(e).__name__
+                        times.pop(layout, None)
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+        finally:
+            probe.set_kernel_layout(*current)
+        median = {lay: sorted(t)[len(t) // 2] for lay, t in times.items()}
+        if not median:
             continue
         best = min(median, key=median.get)
-        if best == current or median[best] > ATTENTION_MARGIN * median[current]:
+        if best == current or (current in median and median[best] > ATTENTION_MARGIN * median[current]):
             continue
         for m in modules:
             m.set_kernel_layout(*best)
         width, repeat = best
         how = ", ".join(([f"heads padded to {width}"] if width != head_dim else [])
-                        + (["K/V repeated"] if repeat else []))
+                        + (["K/V repeated"] if repeat else [])) or "as built"
+        against = (f"{1000 * median[current]:.2f} ms" if current in median
+                   else f"the layout as built, which failed here ({failed[current]})")
         notes.append(f"attention {heads}/{kv_heads} heads x {head_dim} ({len(modules)} layers): {how}, "
-                     f"{1000 * median[best]:.2f} ms fwd+bwd against {1000 * median[current]:.2f} ms")
+                     f"{1000 * median[best]:.2f} ms fwd+bwd against {against}")
     return "; ".join(notes)
+
+
+def attention_layouts(model: torch.nn.Module) -> list[tuple[int, bool]]:
+    """The kernel layout of each attention module of `model`, in module order."""
+    return [m.kernel_layout() for m in model.modules() if hasattr(m, "kernel_layouts")]
+
+
+def set_attention_layouts(model: torch.nn.Module, layouts: list) -> None:
+    for m, layout in zip([m for m in model.modules() if hasattr(m, "kernel_layouts")], layouts, strict=True):
+        m.set_kernel_layout(*layout)
 
 
 def _time_layout(module: torch.nn.Module, layout: tuple[int, bool], shape: tuple, dtype: torch.dtype,
@@ -175,7 +193,7 @@ def _time_layout(module: torch.nn.Module, layout: tuple[int, bool], shape: tuple
         torch.autograd.grad(out, [x, *params], torch.ones_like(out))
 
     call()  # warm-up: kernel selection, allocator
-    return _seconds_per_call(call, device, calls)
+    return seconds_for(call, device, calls) / calls
 
 
 # --------------------------------------------------------------------------- torchrun (DDP)
@@ -271,6 +289,15 @@ def agreed_stop(signum: int, diverged: bool, dist: Dist, device: torch.device) -
     t = torch.tensor([signum, int(diverged)], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t[0]), bool(t[1])
+
+
+def from_rank0(value: T, dist: Dist) -> T:
+    """`value` as rank 0 holds it, on every rank (a collective; picklable values)."""
+    if not dist.enabled:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def ranks_agree(value: int, dist: Dist, device: torch.device) -> bool:

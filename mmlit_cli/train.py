@@ -157,11 +157,12 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
                  loader: str | None = None, patience: int | None = None, class_balance: str | None = None,
                  device: str = "auto",
                  init: str | Path | None = None, resume: str | Path | None = None, compile: bool | None = None,
-                 compile_mode: str | None = None,
+                 compile_mode: str | None = None, tune_attention: bool | None = None,
                  save_every: int = 200, download: bool = False, max_steps: int | None = None,
                  validation: str | None = None, console: Console | None = None, quiet: bool = False) -> dict:
     """Train (`kind` = "finetune" or "pretrain"); returns the engine's summary. `validation`:
-    see `DataSpec` ("auto" when None; a resumed run keeps its own)."""
+    see `DataSpec` ("auto" when None; a resumed run keeps its own). `tune_attention`: time the
+    attention's kernel layouts first (`runtime.tune_attention`; None: on a CUDA GPU)."""
     console = console or Console()
     main_process = process_rank() == 0
     quiet = quiet or not main_process  # under torchrun, rank 0 alone speaks
@@ -197,8 +198,8 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
         _warn_imbalance(console, train, getattr(cfg, task_cls.command).class_balance, task_cls.needs_labels)
     task, layer_decay = _new_task(task_cls, cfg, train, plan, init, init_ckpt, None if quiet else console)
     opts = RunOptions(out_dir=plan.run_dir, dataset=dataclasses.asdict(plan.spec), data_source=plan.spec.located(),
-                      device=device, compile=compile, compile_mode=compile_mode, save_every=save_every,
-                      max_steps=max_steps, layer_decay=layer_decay, quiet=quiet,
+                      device=device, compile=compile, compile_mode=compile_mode, tune_attention=tune_attention,
+                      save_every=save_every, max_steps=max_steps, layer_decay=layer_decay, quiet=quiet,
                       save_best=plan.spec.validation != "test", recipe_note=plan.recipe_note,
                       invocation=plan.invocation)
     trainer = Trainer(task, cfg, train, val, opts, console)

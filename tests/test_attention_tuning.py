@@ -81,13 +81,44 @@ def test_mae_encoder_and_decoder_are_measured_at_their_own_shapes():
     assert probes == {6, 8}  # the encoder's 24/4 heads and the decoder's 16/2
 
 
-def test_measuring_leaves_the_rng_streams_and_the_gradients_alone():
+def test_measuring_leaves_the_rng_streams_the_mode_and_the_gradients_alone():
     torch.manual_seed(3)
-    model = MLiT(tiny_config().model)  # training mode: drop path draws from the RNG
+    model = MLiT(dataclasses.replace(tiny_config().model, drop_path=0.2))  # training mode: drop path draws
     state = torch.get_rng_state()
     tune_attention(model, torch.zeros(2, 3, 12, 12), None, calls=1, rounds=1)  # measured for real, on the CPU
     assert torch.equal(torch.get_rng_state(), state)
-    assert all(p.grad is None for p in model.parameters())
+    assert model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_a_layout_that_fails_is_left_out_and_a_failing_layout_as_built_is_replaced():
+    """Out of memory at the layout as built (SDPA's math path keeps [B, H, T, T] scores) while a
+    padded layout runs: the run takes the one that runs, and says why."""
+    model = MLiT(tiny_config().model)
+    x = torch.zeros(2, 3, 12, 12)
+
+    def timer(module, layout):
+        if layout == (6, False):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {(8, False): 0.002, (6, True): 0.003, (8, True): 0.0025}[layout]
+
+    note = tune_attention(model, x, None, time_layout=timer)
+    assert layouts(model) == {(8, False)}
+    assert note.endswith("heads padded to 8, 2.00 ms fwd+bwd against the layout as built, which failed here "
+                         "(OutOfMemoryError)"), note
+
+
+def test_an_interrupted_measurement_leaves_the_layouts_as_they_were():
+    model = MLiT(tiny_config().model)
+
+    def timer(module, layout):
+        module.set_kernel_layout(*layout)  # as the real measurement does
+        if layout == (8, False):
+            raise KeyboardInterrupt
+        return 0.001
+
+    with pytest.raises(KeyboardInterrupt):
+        tune_attention(model, torch.zeros(2, 3, 12, 12), None, time_layout=timer)
+    assert layouts(model) == {(6, False)}
 
 
 def trainer(tmp_path, name, tune, monkeypatch, batch):

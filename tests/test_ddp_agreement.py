@@ -52,6 +52,17 @@ DRIVER = textwrap.dedent('''
             return build(recipe, *args, **kwargs)
 
         engine.build_loaders = showing
+    if "fastest_layout_by_rank" in spec:  # each rank's GPU times another layout fastest
+        from mmlit_cli import engine, runtime
+        fastest = tuple(spec["fastest_layout_by_rank"][rank])
+        runtime._time_layout = lambda module, layout, *args: 0.001 if layout == fastest else 0.003
+        fit = engine.Trainer.fit
+
+        def showing_layouts(self):
+            print(f"rank {rank}: layouts {sorted(set(runtime.attention_layouts(self.model)))}", flush=True)
+            return fit(self)
+
+        engine.Trainer.fit = showing_layouts
     run = dict(spec["run"], out=spec["out"][rank])
     try:
         run_training(**run)
@@ -112,3 +123,16 @@ def test_ranks_use_one_loader_when_the_data_fits_on_some_of_their_devices_only(t
     assert "rank 0: loader workers" in r.stdout and "rank 1: loader workers" in r.stdout, r.stdout
     config = (tmp_path / "run" / "config.yaml").read_text()
     assert "loader: workers" in config, config
+
+
+def test_ranks_run_rank_0s_attention_layout_whatever_their_own_gpu_timed(tmp_path):
+    """Each rank times the attention's kernel layouts on its own device; rank 0's choice (the
+    one its printed note names) is the one every rank runs."""
+    data = write_folder(tmp_path / "data", per_class=8)
+    run = dict(kind="finetune", preset="xxs", dataset=str(data), overrides=TINY, epochs=1, batch_size=4,
+               device="cpu", save_every=0, quiet=True, tune_attention=True)
+    r = torchrun(tmp_path, {"run": run, "out": [str(tmp_path / "run")] * 2,
+                            "fastest_layout_by_rank": [[8, True], [6, True]]})
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: layouts [(8, True)]" in r.stdout, r.stdout
