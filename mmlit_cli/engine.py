@@ -180,7 +180,12 @@ class Trainer:
             return ""
         m = cfg.model
         example = torch.zeros(self.recipe.batch_size, m.in_chans, m.image_size, m.image_size, device=self.device)
-        note = tune_attention(self.model, example, self.amp_dtype)
+        as_built = attention_layouts(self.model)
+        try:
+            note = tune_attention(self.model, example, self.amp_dtype)
+        except Exception as e:  # noqa: BLE001 - a speed-up that fails is a line, not the end of the run
+            set_attention_layouts(self.model, as_built)
+            note = f"attention kernel layouts not measured ({type(e).__name__}: {e}); running them as built"
         # each rank timed its own GPU; rank 0's choice (the one its note names) runs everywhere
         set_attention_layouts(self.model, from_rank0(attention_layouts(self.model), self.dist))
         return note

@@ -15,7 +15,7 @@ from mmlit_cli.engine import RunOptions, Trainer
 from mmlit_cli.mae import MaskedAutoencoder
 from mmlit_cli.model import MLiT
 from mmlit_cli.runtime import attention_inputs, tune_attention
-from mmlit_cli.tasks import ClassifyTask
+from mmlit_cli.tasks import ClassifyTask, MAETask
 from helpers import TINY
 
 
@@ -121,15 +121,17 @@ def test_an_interrupted_measurement_leaves_the_layouts_as_they_were():
     assert layouts(model) == {(6, False)}
 
 
-def trainer(tmp_path, name, tune, monkeypatch, batch):
+def trainer(tmp_path, name, tune, monkeypatch, batch, time_layout=None, task=ClassifyTask):
     cfg = tiny_config()
+    recipe = dataclasses.replace(cfg.finetune, batch_size=8, loader="device")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=3, drop_path=0.2),
-                              finetune=dataclasses.replace(cfg.finetune, batch_size=8, loader="device"))
+                              **{task.command: recipe})
     data = ImageData(*batch, ["a", "b", "c"], "test")
     torch.manual_seed(0)
     with monkeypatch.context() as m:
-        m.setattr(runtime, "_time_layout", lambda module, layout, *a: {(8, True): 0.001}.get(layout, 0.003))
-        return Trainer(ClassifyTask(cfg, ["a", "b", "c"]), cfg, data, None,
+        m.setattr(runtime, "_time_layout",
+                  time_layout or (lambda module, layout, *a: {(8, True): 0.001}.get(layout, 0.003)))
+        return Trainer(task(cfg, ["a", "b", "c"]), cfg, data, None,
                        RunOptions(out_dir=tmp_path / name, dataset={}, device="cpu", tune_attention=tune, quiet=True),
                        Console(quiet=True))
 
@@ -157,3 +159,22 @@ def test_a_tuned_run_trains_as_the_untuned_one(tmp_path, monkeypatch):
     torch.testing.assert_close(losses["tuned"], losses["plain"], rtol=1e-5, atol=1e-6)
     for i, (a, b) in enumerate(zip(grads["plain"], grads["tuned"])):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=f"step {i}")
+
+
+def test_a_measurement_that_breaks_leaves_the_run_as_built_and_says_so(tmp_path, monkeypatch):
+    """MAE: the encoder's layout is chosen, then the decoder's measurement breaks: the run goes on
+    with every layer as built (the encoder's too) and its header says why."""
+    batch = (torch.zeros(8, 3, 12, 12, dtype=torch.uint8), torch.tensor([0, 1, 2] * 2 + [0, 1]))
+
+    def broken(module, layout, *args):
+        module.set_kernel_layout(*layout)
+        if module.head_dim == 8:  # the decoder's 16/2 heads
+            raise TypeError("unexpected keyword argument 'enable_gqa'")  # as an older torch would say
+        return 0.001 if layout == (8, False) else 0.003
+
+    t = trainer(tmp_path, "broken", True, monkeypatch, batch, time_layout=broken, task=MAETask)
+    assert layouts(t.model) == {(6, False), (8, False)}  # encoder 6 wide, decoder 8 wide, both as built
+    assert t.attention_note == ("attention kernel layouts not measured (TypeError: unexpected keyword argument "
+                                "'enable_gqa'); running them as built")
+    t.model.train()
+    assert torch.isfinite(t._train_step(*batch))
