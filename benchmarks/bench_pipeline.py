@@ -196,7 +196,7 @@ def main(argv=None) -> int:
             else Path(args.dataset)
         if args.subset:
             dataset = common.subset_folder(dataset, args.subset, tmp / "data")
-        rows, results = [], []
+        rows, results, diagnoses = [], [], []
         for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
             base = load_config(preset)
             data = load_split(str(dataset), "train", base.model.image_size, val_fraction=base.data.val_fraction)
@@ -234,8 +234,7 @@ def main(argv=None) -> int:
                          " ".join(f"{x:.2f}" for x in rounds) or "-"])
             result["device_over_workers"] = dev / wrk
             common.save_raw(args.json, info, args, results, quiet=True)
-            if args.profile:  # diagnostics last: whatever they do, the figures above are printed and saved
-                diagnose(preset, cfg, data.classes, device, args, tmp)
+            diagnoses.append((preset, cfg, data.classes))
         amp = ", bf16 autocast" if device.type == "cuda" else ""
         print()
         print(common.format_table(
@@ -246,6 +245,10 @@ def main(argv=None) -> int:
         print("   aug/bare: the augmentation's share of a step's time were it run serially before the step "
               "(= bare img/s / aug device img/s)")
         common.save_raw(args.json, info, args, results)
+        # diagnostics after every preset's figures: a device call cut short loses them, not xxs's figures
+        for preset, cfg, classes in diagnoses if args.profile else []:
+            print(f"-- {preset}: where the step's time goes", flush=True)
+            diagnose(preset, cfg, classes, device, args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

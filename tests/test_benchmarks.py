@@ -110,6 +110,20 @@ def test_bench_pipeline_keeps_the_rates_measured_before_it_is_killed(tmp_path, m
     assert bench_tta.pipeline_rate(str(out), "s") is None
 
 
+
+def test_bench_pipeline_measures_every_preset_before_it_diagnoses_any(tmp_path, monkeypatch):
+    """gpu.sh stops step 1 after 150 s: the second preset's figures must not wait behind the
+    first preset's profile and attention tables."""
+    write_image_folder(tmp_path / "data", {"a": 6, "b": 6}, size=32)
+    calls = []
+    monkeypatch.setattr(bench_pipeline, "bench_e2e", lambda preset, *a: calls.append(("e2e", preset)) or 100.0)
+    monkeypatch.setattr(bench_pipeline, "diagnose", lambda preset, *a: calls.append(("diagnose", preset)))
+    bench_pipeline.main(["--device", "cpu", "--presets", "xxs,xs", "--dataset", str(tmp_path / "data"),
+                         "--batch", "4", "--steps", "1", "--warmup", "0", "--rounds", "1", "--bare-rounds", "1",
+                         "--workers", "0", "--profile", "1", "--json", str(tmp_path / "p.json")])
+    assert calls == [("e2e", "xxs"), ("e2e", "xxs"), ("e2e", "xs"), ("e2e", "xs"),
+                     ("diagnose", "xxs"), ("diagnose", "xs")]
+
 def test_bench_tta_falls_back_to_rate_when_the_rates_file_has_none(tmp_path, monkeypatch, capsys):
     write_image_folder(tmp_path / "data" / "train", {"a": 8, "b": 8}, size=8)
     write_image_folder(tmp_path / "data" / "val", {"a": 2, "b": 2}, size=8)
