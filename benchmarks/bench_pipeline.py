@@ -104,13 +104,15 @@ def sync_check(cfg, data: ImageData, device: torch.device, args, tmp: Path, step
 def diagnose(preset: str, cfg, classes: list[str], device: torch.device, args, tmp: Path) -> None:
     """--profile: where a bare step's time goes, what the attention kernel layout a run chooses
     is worth to the whole step, and SDPA's kernels at the preset's shapes."""
-    try:
-        step, dev, _ = bare_step(cfg, classes, device, args.compile, tmp)
+    tuned = None
+    try:  # the step tuned as a CUDA run is (and, for the comparison below, on a CPU too)
+        tuned = bare_step(cfg, classes, device, args.compile, tmp, tune_attention=True)
+        step, dev, _ = tuned
         lines = common.profile_lines(lambda: step(0), args.profile, dev)  # after a warm-up step of its own
     except Exception as e:  # noqa: BLE001 - a diagnostic's failure is a line, not the end of the run
         lines = [f"profile failed: {type(e).__name__}: {str(e)[:200]}"]
     try:
-        lines.append(attention_layout_line(cfg, classes, device, args, tmp))
+        lines.append(attention_layout_line(cfg, classes, device, args, tmp, tuned=tuned))
     except Exception as e:  # noqa: BLE001
         lines.append(f"attention layout comparison failed: {type(e).__name__}: {str(e)[:200]}")
     for line in lines:
@@ -121,11 +123,13 @@ def diagnose(preset: str, cfg, classes: list[str], device: torch.device, args, t
         print(f"   attention table failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
 
 
-def attention_layout_line(cfg, classes: list[str], device: torch.device, args, tmp: Path, rounds: int = 3) -> str:
+def attention_layout_line(cfg, classes: list[str], device: torch.device, args, tmp: Path, rounds: int = 3,
+                          tuned=None) -> str:
     """The bare step with the attention layout `runtime.tune_attention` chooses on this device
     (measured here even on a CPU, where runs do not tune) against the layout as built: ms per
-    step, alternating rounds of `args.profile` steps, medians."""
-    tuned, dev, note = bare_step(cfg, classes, device, args.compile, tmp, tune_attention=True)
+    step, alternating rounds of `args.profile` steps, medians. `tuned`: that step, when made
+    already (`bare_step(..., tune_attention=True)`)."""
+    tuned, dev, note = tuned or bare_step(cfg, classes, device, args.compile, tmp, tune_attention=True)
     if not note:
         return "attention layout: as built (no layout measured at least 10 % faster for one layer)"
     if args.compile:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +29,10 @@ from .data import DeviceLoader, ImageData, Normalize, build_loaders, resolve_loa
 from .errors import MmlitError
 from .optim import ModelEMA, build_adamw, param_groups, set_schedule
 from .recipe import decay_share, one_cycle_share, peak_lr, warmup_steps
-from .report import StopRequest, TrainingProgress, epoch_line, router_warning, run_header
+from .report import StopRequest, TrainingProgress, epoch_line, router_warning, run_header, stop_line
 from .run_record import RunFacts, RunRecord, diverged
-from .runtime import (all_reduce_mean, amp_dtype, attention_layouts, forward_batch, from_rank0, maybe_compile,
-                      ranks_agree, ranks_in_sync, rng_devices, set_attention_layouts, setup_distributed,
-                      tune_attention, wrap_ddp)
+from .runtime import (all_reduce_mean, amp_dtype, choose_attention_layouts, forward_batch, maybe_compile,
+                      ranks_agree, ranks_in_sync, rng_devices, setup_distributed, wrap_ddp)
 
 
 # torch.compile of the s training step on an H200 took ~80 s and saved ~25 ms per step at batch
@@ -46,6 +44,28 @@ COMPILE_PAYS_AFTER_STEPS = 3200
 def compile_pays(device: torch.device, total_steps: int) -> bool:
     """Whether `--compile` is on by default: on a CUDA GPU, for runs long enough to repay it."""
     return device.type == "cuda" and total_steps >= COMPILE_PAYS_AFTER_STEPS
+
+
+def agreed_loader(recipe: TrainConfig, device: torch.device, dist, train_data: ImageData,
+                  val_data: ImageData | None) -> tuple[str, str]:
+    """`recipe.loader` resolved for this run (`data.resolve_loader`) and the choice in words;
+    under torchrun the ranks agree: each asked its own GPU for room, and one without it makes
+    every rank use loader workers."""
+    loader, note = resolve_loader(recipe.loader, recipe.workers, device, train_data, val_data)
+    if not ranks_agree(int(loader == "device"), dist, device):
+        return "workers", f"{recipe.workers} loader workers (the data fits on some processes' devices only)"
+    return loader, note
+
+
+def run_attention_layouts(model: torch.nn.Module, cfg: Config, batch_size: int, device: torch.device,
+                          amp_dtype: torch.dtype | None, dist, asked: bool | None) -> str:
+    """The attention's kernel layouts timed for this run's batch (`runtime.choose_attention_layouts`)
+    when `asked`, or, when None, on a CUDA GPU; the note for the run's header ("" when not timed)."""
+    if not (asked if asked is not None else device.type == "cuda"):
+        return ""
+    m = cfg.model
+    example = torch.zeros(batch_size, m.in_chans, m.image_size, m.image_size, device=device)
+    return choose_attention_layouts(model, example, amp_dtype, dist)
 
 
 @dataclass
@@ -142,11 +162,7 @@ class Trainer:
         self.model = task.model.to(self.device)
         self.normalize = Normalize(cfg.data.mean, cfg.data.std, self.device)  # made once: no per-step copies
         # the config records what `loader: auto` chose, so a resumed run replays the same batches
-        loader, self.loader_note = resolve_loader(task.recipe.loader, task.recipe.workers, self.device,
-                                                  train_data, val_data)
-        if not ranks_agree(int(loader == "device"), self.dist, self.device):  # each rank measured its own GPU
-            loader, self.loader_note = "workers", (f"{task.recipe.workers} loader workers (the data fits on "
-                                                   "some processes' devices only)")
+        loader, self.loader_note = agreed_loader(task.recipe, self.device, self.dist, train_data, val_data)
         self.recipe: TrainConfig = dataclasses.replace(task.recipe, loader=loader)
         self.cfg = dataclasses.replace(cfg, **{task.command: self.recipe})
         self.train_loader, self.val_loader = build_loaders(self.recipe, cfg.model.image_size, train_data, val_data,
@@ -157,7 +173,9 @@ class Trainer:
             raise MmlitError("the training split is empty")
         self.total_steps = self.steps_per_epoch * self.recipe.epochs
         self.warmup_steps = warmup_steps(self.recipe, self.steps_per_epoch)
-        self.attention_note = self._tune_attention(cfg)
+        # before the model is compiled, wrapped or copied for EMA
+        self.attention_note = run_attention_layouts(self.model, cfg, self.recipe.batch_size, self.device,
+                                                    self.amp_dtype, self.dist, opts.tune_attention)
 
         self.peak_lr = peak_lr(self.recipe, self.dist.world_size)
         groups = param_groups(self.model, self.recipe.weight_decay, opts.layer_decay, decay_share(self.recipe))
@@ -172,23 +190,6 @@ class Trainer:
                                          disable=not self.dist.is_main or opts.quiet)
         self.bad_loss: float | None = None  # a non-finite loss this rank saw, for the message
         self.figures = EpochFigures(task, self.record, self.device)
-
-    def _tune_attention(self, cfg: Config) -> str:
-        """The attention kernel layout measured fastest for this run's batch (before the
-        model is compiled, wrapped or copied for EMA); a note for the run's header."""
-        if not (self.opts.tune_attention if self.opts.tune_attention is not None else self.device.type == "cuda"):
-            return ""
-        m = cfg.model
-        example = torch.zeros(self.recipe.batch_size, m.in_chans, m.image_size, m.image_size, device=self.device)
-        as_built = attention_layouts(self.model)
-        try:
-            note = tune_attention(self.model, example, self.amp_dtype)
-        except Exception as e:  # noqa: BLE001 - a speed-up that fails is a line, not the end of the run
-            set_attention_layouts(self.model, as_built)
-            note = f"attention kernel layouts not measured ({type(e).__name__}: {e}); running them as built"
-        # each rank timed its own GPU; rank 0's choice (the one its note names) runs everywhere
-        set_attention_layouts(self.model, from_rank0(attention_layouts(self.model), self.dist))
-        return note
 
     # the record's counters, read by the loop (and by callers: `run_training`, tests)
     epoch = property(lambda self: self.record.epoch)
@@ -325,12 +326,8 @@ class Trainer:
             raise MmlitError(f"the loss became {self.bad_loss or 'nan'} at step {self.global_step}; stopped. The "
                              f"last good checkpoint is {out / 'last.safetensors'} (try a lower --lr or --set "
                              f"{self.task.command}.grad_clip=1.0)")
-        if stopped == "patience":
-            self._print(f"stopped early after epoch {self.epoch}: {escape(self.record.early_stop)}; the run is "
-                        f"finished (best.safetensors is epoch {self.record.best_epoch})")
-        if stopped == "interrupt":
-            self._print(f"[yellow]interrupted[/yellow] ({signal.Signals(self.stop.signal).name}): saved a resumable "
-                        f"checkpoint; continue with --resume {escape(str(out))} (or the same command with that --out)")
+        self._print(stop_line(stopped, self.epoch, self.record.early_stop, self.record.best_epoch, self.stop.signal,
+                              out))
         return {"stopped": stopped, "signal": self.stop.signal, "epoch": self.epoch, "global_step": self.global_step,
                 "history": self.record.history, "best": self.record.best, "best_saved": self.opts.save_best}
 
@@ -339,14 +336,12 @@ class Trainer:
     def _print_start(self) -> None:
         """The run in a line (two more with the fitted recipe)."""
         r = self.recipe
-        self._print(run_header(self.task.kind, self.cfg.name, self.steps_per_epoch, r.epochs, r.batch_size,
-                               self.dist.world_size, self.device, self.amp_dtype is not None, self.compiled,
-                               self.loader_note, self.opts.out_dir))
-        if self.attention_note:
-            self._print(escape(self.attention_note))
-        if self.opts.recipe_note:
-            self._print(escape(self.opts.recipe_note))
+        header = run_header(self.task.kind, self.cfg.name, self.steps_per_epoch, r.epochs, r.batch_size,
+                            self.dist.world_size, self.device, self.amp_dtype is not None, self.compiled,
+                            self.loader_note, self.opts.out_dir)
+        for line in (header, escape(self.attention_note), escape(self.opts.recipe_note or "")):
+            self._print(line)
 
-    def _print(self, msg: str) -> None:
-        if self.dist.is_main and not self.opts.quiet:
+    def _print(self, msg: str | None) -> None:
+        if msg and self.dist.is_main and not self.opts.quiet:  # (an empty line or None: nothing to say)
             self.console.print(msg, highlight=False)

@@ -158,6 +158,19 @@ def run_header(kind: str, name: str, steps_per_epoch: int, epochs: int, batch_si
             f", {escape(loader_note)} -> {escape(str(out_dir))}")
 
 
+def stop_line(stopped: str | None, epoch: int, early_stop: str | None, best_epoch: int | None, signum: int | None,
+              out_dir) -> str | None:
+    """What a run that stopped before its last epoch says last (rich markup): an early stop, an
+    interrupt with how to continue; None otherwise."""
+    if stopped == "patience":
+        return (f"stopped early after epoch {epoch}: {escape(early_stop)}; the run is finished "
+                f"(best.safetensors is epoch {best_epoch})")
+    if stopped == "interrupt":
+        return (f"[yellow]interrupted[/yellow] ({signal.Signals(signum).name}): saved a resumable checkpoint; "
+                f"continue with --resume {escape(str(out_dir))} (or the same command with that --out)")
+    return None
+
+
 def epoch_line(row: dict, epochs: int) -> str:
     """An epoch's row of metrics.jsonl as the line printed for it."""
     parts = [f"epoch {row['epoch']}/{epochs}", f"train loss {row['train_loss']:.4f}"]

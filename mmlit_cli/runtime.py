@@ -93,6 +93,11 @@ def seconds_for(call: Callable[[], object], device: torch.device, calls: int = 1
     return time.perf_counter() - start
 
 
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of `model` with kernel layouts (`GroupedQueryAttention`), in module order."""
+    return [m for m in model.modules() if hasattr(m, "kernel_layouts")]
+
+
 def attention_inputs(model: torch.nn.Module, example: torch.Tensor, amp_dtype: torch.dtype | None) -> dict:
     """{attention module: (shape, dtype) of its input} in one forward of `example` through
     `model` (no grad, under autocast, the RNG streams untouched)."""
@@ -101,9 +106,8 @@ def attention_inputs(model: torch.nn.Module, example: torch.Tensor, amp_dtype: t
     def record(module: torch.nn.Module, args: tuple) -> None:
         seen.setdefault(module, (tuple(args[0].shape), args[0].dtype))
 
-    for m in model.modules():
-        if hasattr(m, "kernel_layouts"):
-            hooks.append(m.register_forward_pre_hook(record))
+    for m in attention_modules(model):
+        hooks.append(m.register_forward_pre_hook(record))
     try:
         with torch.random.fork_rng(devices=rng_devices(example.device)), torch.no_grad(), \
                 torch.autocast(example.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -170,12 +174,25 @@ def tune_attention(model: torch.nn.Module, example: torch.Tensor, amp_dtype: tor
 
 def attention_layouts(model: torch.nn.Module) -> list[tuple[int, bool]]:
     """The kernel layout of each attention module of `model`, in module order."""
-    return [m.kernel_layout() for m in model.modules() if hasattr(m, "kernel_layouts")]
+    return [m.kernel_layout() for m in attention_modules(model)]
 
 
-def set_attention_layouts(model: torch.nn.Module, layouts: list) -> None:
-    for m, layout in zip([m for m in model.modules() if hasattr(m, "kernel_layouts")], layouts, strict=True):
+def choose_attention_layouts(model: torch.nn.Module, example: torch.Tensor, amp_dtype: torch.dtype | None,
+                             dist: Dist) -> str:
+    """`tune_attention` for a run: a measurement that breaks leaves every layer as built (a
+    speed-up that fails is a line, not the end of the run), and under torchrun every rank runs
+    rank 0's choice, the one its note names (each rank timed its own GPU). Returns the note."""
+    modules = attention_modules(model)
+    as_built = attention_layouts(model)
+    try:
+        note = tune_attention(model, example, amp_dtype)
+    except Exception as e:  # noqa: BLE001
+        for m, layout in zip(modules, as_built):
+            m.set_kernel_layout(*layout)
+        note = f"attention kernel layouts not measured ({type(e).__name__}: {e}); running them as built"
+    for m, layout in zip(modules, from_rank0(attention_layouts(model), dist), strict=True):
         m.set_kernel_layout(*layout)
+    return note
 
 
 def _time_layout(module: torch.nn.Module, layout: tuple[int, bool], shape: tuple, dtype: torch.dtype,
