@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from .report import StopRequest, TrainingProgress, epoch_line, router_warning, r
 from .run_record import RunFacts, RunRecord, diverged
 from .runtime import (all_reduce_mean, amp_dtype, choose_attention_layouts, forward_batch, maybe_compile,
                       ranks_agree, ranks_in_sync, rng_devices, setup_distributed, wrap_ddp)
+from .train_state import rng_state, set_rng_state
 
 
 # torch.compile of the s training step on an H200 took ~80 s and saved ~25 ms per step at batch
@@ -44,6 +46,38 @@ COMPILE_PAYS_AFTER_STEPS = 3200
 def compile_pays(device: torch.device, total_steps: int) -> bool:
     """Whether `--compile` is on by default: on a CUDA GPU, for runs long enough to repay it."""
     return device.type == "cuda" and total_steps >= COMPILE_PAYS_AFTER_STEPS
+
+
+def compile_failure(exc: BaseException) -> str:
+    """What broke torch.compile, in a line: the exception's type and the first line of its text
+    (inductor's goes on with pages of advice on logging)."""
+    first = str(exc).strip().split("\n", 1)[0][:200]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def first_compiled_step(step: Callable[[], torch.Tensor], train_eagerly: Callable[[], None], device: torch.device,
+                        dist) -> tuple[torch.Tensor, str]:
+    """`step()` (forward and backward) at the compiled model's first step, and the note for the
+    run ("" when all went well). torch.compile compiles the forward at the first call and the
+    backward at the first backward, and that can fail where the model is fine: no C compiler
+    (slim containers), a Triton or inductor bug. A single process then calls `train_eagerly()`
+    and takes the step again with the RNG rewound: the run is the one `--no-compile` gives.
+    Under torchrun one rank cannot take a step again alone (its backward may have joined the
+    others' gradient all-reduce), so the run stops, saying what to do."""
+    rng = rng_state(device)
+    try:
+        return step(), ""
+    except MmlitError:  # the user's to fix (a label out of range...), compiled or not
+        raise
+    except Exception as e:
+        if dist.enabled:
+            raise MmlitError(f"the first training step failed under torch.compile ({compile_failure(e)}); "
+                             f"--no-compile runs without it") from e
+        set_rng_state(rng, device)
+        train_eagerly()
+        loss = step()  # an error here is the model's, and is raised as it is
+        return loss, f"torch.compile failed at the first step ({compile_failure(e)}): training without it " \
+                     f"(--no-compile skips the attempt)"
 
 
 def agreed_loader(recipe: TrainConfig, device: torch.device, dist, train_data: ImageData,
@@ -184,6 +218,7 @@ class Trainer:
         self.compiled = bool(opts.compile or opts.compile_mode) if opts.compile is not None or opts.compile_mode \
             else compile_pays(self.device, self.total_steps)
         self.train_model = maybe_compile(wrap_ddp(self.model, self.dist, self.device), self.compiled, opts.compile_mode)
+        self.compile_untried = self.compiled  # torch.compile does its work, and may fail, at the first step
         self.record = RunRecord(opts, self.cfg, task, self.model, self.optimizer, self.ema, self.dist, self.device)
         self.stop = StopRequest()
         self.progress = TrainingProgress(self.console, self.device, opts.log_every, self.dist.world_size,
@@ -256,10 +291,7 @@ class Trainer:
         set_schedule(self.optimizer, one_cycle_share(r), self.global_step, self.total_steps, self.warmup_steps,
                      self.peak_lr, r.min_lr, r.betas)
         labels = labels.to(self.device, non_blocking=True)
-        loss = forward_batch(lambda x: self.task.loss(self.train_model, x, labels), images, self.normalize,
-                             self.device, self.amp_dtype)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = self._loss_and_grads(images, labels)
         if self.recipe.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)
         self.optimizer.step()
@@ -268,6 +300,26 @@ class Trainer:
         self.record.global_step += 1
         self.record.step_in_epoch += 1
         return loss.detach()
+
+    def _loss_and_grads(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The batch's loss; its gradients in the parameters' `.grad`. The compiled model's first
+        step is where torch.compile compiles, and may fail (`first_compiled_step`)."""
+        def step() -> torch.Tensor:
+            loss = forward_batch(lambda x: self.task.loss(self.train_model, x, labels), images, self.normalize,
+                                 self.device, self.amp_dtype)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            return loss
+
+        if not self.compile_untried:
+            return step()
+        self.compile_untried = False
+        loss, note = first_compiled_step(step, self._train_eagerly, self.device, self.dist)
+        self._print(escape(note))
+        return loss
+
+    def _train_eagerly(self) -> None:
+        self.train_model, self.compiled = self.model, False
 
     def _after_step(self, loss: torch.Tensor, batch_size: int, loss_sum: torch.Tensor) -> str | None:
         """The progress bar (and the NaN check on the loss it reads), the stops and the in-epoch
