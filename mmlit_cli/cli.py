@@ -523,6 +523,12 @@ def main() -> None:
     except Exception as e:  # a bug: still one line, with the way to see more
         if _state["debug"]:
             raise
+        from .runtime import compile_failure, is_compile_failure
+
+        if is_compile_failure(e):  # eval/predict --compile on a machine that cannot compile (training goes on eagerly)
+            err_console.print(f"[red]error:[/red] torch.compile failed ({escape(compile_failure(e))}); run without "
+                              "--compile", highlight=False, soft_wrap=True)
+            sys.exit(2)
         err_console.print(f"[red]internal error:[/red] {type(e).__name__}: {escape(str(e))} "
                           "(rerun with --debug for the traceback)",
                           highlight=False, soft_wrap=True)

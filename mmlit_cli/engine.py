@@ -32,8 +32,8 @@ from .optim import ModelEMA, build_adamw, param_groups, set_schedule
 from .recipe import decay_share, one_cycle_share, peak_lr, warmup_steps
 from .report import StopRequest, TrainingProgress, epoch_line, router_warning, run_header, stop_line
 from .run_record import RunFacts, RunRecord, diverged
-from .runtime import (all_reduce_mean, amp_dtype, choose_attention_layouts, forward_batch, maybe_compile,
-                      ranks_agree, ranks_in_sync, rng_devices, setup_distributed, wrap_ddp)
+from .runtime import (all_reduce_mean, amp_dtype, choose_attention_layouts, compile_failure, forward_batch,
+                      maybe_compile, ranks_agree, ranks_in_sync, rng_devices, setup_distributed, wrap_ddp)
 from .train_state import rng_state, set_rng_state
 
 
@@ -46,13 +46,6 @@ COMPILE_PAYS_AFTER_STEPS = 3200
 def compile_pays(device: torch.device, total_steps: int) -> bool:
     """Whether `--compile` is on by default: on a CUDA GPU, for runs long enough to repay it."""
     return device.type == "cuda" and total_steps >= COMPILE_PAYS_AFTER_STEPS
-
-
-def compile_failure(exc: BaseException) -> str:
-    """What broke torch.compile, in a line: the exception's type and the first line of its text
-    (inductor's goes on with pages of advice on logging)."""
-    first = str(exc).strip().split("\n", 1)[0][:200]
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def first_compiled_step(step: Callable[[], torch.Tensor], train_eagerly: Callable[[], None], device: torch.device,

@@ -64,6 +64,20 @@ def check_compile_mode(mode: str | None) -> None:
         raise MmlitError(f"--compile-mode must be {', '.join(COMPILE_MODES[:-1])} or {COMPILE_MODES[-1]}, got '{mode}'")
 
 
+def compile_failure(exc: BaseException) -> str:
+    """What broke torch.compile, in a line: the exception's type and the first line of its text
+    (inductor's goes on with pages of advice on logging)."""
+    first = str(exc).strip().split("\n", 1)[0][:200]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def is_compile_failure(exc: BaseException) -> bool:
+    """Whether torch.compile raised `exc` (dynamo or inductor: no working C compiler, a broken
+    cache, a bug of theirs) rather than the model. Told by the exception's class, so that
+    torch._dynamo need not be imported to ask."""
+    return any(c.__module__.startswith(("torch._dynamo", "torch._inductor")) for c in type(exc).__mro__)
+
+
 def maybe_compile(module: torch.nn.Module, compile: bool = False, mode: str | None = None):
     """`torch.compile(module)` when asked (a `mode` implies it), else the module itself.
 

@@ -154,3 +154,21 @@ def test_mmlit_finetune_without_a_c_compiler_trains_as_no_compile_does(tmp_path)
     weights = runs["--compile"][2]
     assert weights.keys() == runs["--no-compile"][2].keys()
     assert all(torch.equal(weights[k], runs["--no-compile"][2][k]) for k in weights)
+
+
+def test_eval_and_predict_compile_on_a_machine_that_cannot_is_a_one_line_error(tmp_path):
+    """`--compile` is asked for by name there, and a run of them takes seconds: a clear error that
+    says to drop it, not an internal error with inductor's pages of advice."""
+    from helpers import train_tiny
+
+    data, run = train_tiny(tmp_path)
+    env = {**os.environ, "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    for command in (["eval", str(run / "best.safetensors"), "--dataset", str(data)],
+                    ["predict", str(run / "best.safetensors"), str(data / "red")]):
+        r = subprocess.run([sys.executable, "-m", "mmlit_cli", *command, "--compile"], env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: torch.compile failed (InductorError: "), r.stderr
+        assert lines[0].endswith("; run without --compile")
+    assert not runtime.is_compile_failure(RuntimeError("Class values must be smaller than num_classes."))
