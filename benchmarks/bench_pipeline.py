@@ -244,7 +244,7 @@ def main(argv=None) -> int:
         print(common.format_table(
             ["preset", "batch", "workers", "bare", "aug device", "aug workers", "aug/bare", "e2e device",
              "e2e workers", "device/workers", "per round"], rows,
-            f"img/s on {device}{amp}{', compiled' if args.compile else ''}, recipe {args.recipe} "
+            f"img/s on {device}{amp}{', compiled' if args.compile else ', eager (no torch.compile)'}, recipe {args.recipe} "
             f"({args.steps} timed steps, {args.rounds} alternating rounds)"))
         print("   aug/bare: the augmentation's share of a step's time were it run serially before the step "
               "(= bare img/s / aug device img/s)")

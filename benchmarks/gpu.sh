@@ -6,7 +6,8 @@
 #   1. the input pipeline against the model (benchmarks/bench_pipeline.py, --recipe paper: the
 #      full per-sample augmentation): bare step, augmentation alone on the device and in 8
 #      loader workers, end-to-end `mmlit finetune --recipe paper` img/s with --loader device
-#      and --loader workers (one round each), a host-sync check of the device path, and where a
+#      and --loader workers (one round each; eager: compiling each run, ~80 s for s on the H200,
+#      does not fit the step, and step 2's epochs 2+ give s's compiled rate), a host-sync check of the device path, and where a
 #      bare step's time goes (torch.profiler: the device's busy share, top ops and kernels) with
 #      SDPA's attention kernels timed at the preset's shapes (benchmarks/bench_attention.py);
 #   2. time to accuracy: `mmlit finetune --preset s` on the 45,000 CIFAR-10 training JPEGs
