@@ -525,9 +525,10 @@ def main() -> None:
             raise
         from .runtime import compile_failure, is_compile_failure
 
-        if is_compile_failure(e):  # eval/predict --compile on a machine that cannot compile (training goes on eagerly)
+        if is_compile_failure(e):  # on a machine that cannot compile (a training run's first step goes on eagerly)
             err_console.print(f"[red]error:[/red] torch.compile failed ({escape(compile_failure(e))}); run without "
-                              "--compile", highlight=False, soft_wrap=True)
+                              "it: drop --compile (eval, predict) or pass --no-compile (finetune, pretrain)",
+                              highlight=False, soft_wrap=True)
             sys.exit(2)
         err_console.print(f"[red]internal error:[/red] {type(e).__name__}: {escape(str(e))} "
                           "(rerun with --debug for the traceback)",

@@ -33,7 +33,8 @@ from .recipe import decay_share, one_cycle_share, peak_lr, warmup_steps
 from .report import StopRequest, TrainingProgress, epoch_line, router_warning, run_header, stop_line
 from .run_record import RunFacts, RunRecord, diverged
 from .runtime import (all_reduce_mean, amp_dtype, choose_attention_layouts, compile_failure, forward_batch,
-                      maybe_compile, ranks_agree, ranks_in_sync, rng_devices, setup_distributed, wrap_ddp)
+                      is_compile_failure, maybe_compile, ranks_agree, ranks_in_sync, rng_devices, setup_distributed,
+                      wrap_ddp)
 from .train_state import rng_state, set_rng_state
 
 
@@ -56,21 +57,27 @@ def first_compiled_step(step: Callable[[], torch.Tensor], train_eagerly: Callabl
     (slim containers), a Triton or inductor bug. A single process then calls `train_eagerly()`
     and takes the step again with the RNG rewound: the run is the one `--no-compile` gives.
     Under torchrun one rank cannot take a step again alone (its backward may have joined the
-    others' gradient all-reduce), so the run stops, saying what to do."""
+    others' gradient all-reduce), so the run stops, saying what to do. (The RNG rewound is the
+    CPU's and CUDA's; on MPS the step taken again draws new numbers.)"""
     rng = rng_state(device)
     try:
         return step(), ""
     except MmlitError:  # the user's to fix (a label out of range...), compiled or not
         raise
     except Exception as e:
-        if dist.enabled:
+        if dist.enabled and is_compile_failure(e):
             raise MmlitError(f"the first training step failed under torch.compile ({compile_failure(e)}); "
                              f"--no-compile runs without it") from e
-        set_rng_state(rng, device)
-        train_eagerly()
-        loss = step()  # an error here is the model's, and is raised as it is
-        return loss, f"torch.compile failed at the first step ({compile_failure(e)}): training without it " \
-                     f"(--no-compile skips the attempt)"
+        if dist.enabled:
+            raise
+        failure = compile_failure(e)
+    # out of the `except` block: the failed step's graph and activations, held by the
+    # exception's traceback, are freed before the step is taken again
+    set_rng_state(rng, device)
+    train_eagerly()
+    loss = step()  # an error here is the model's, and is raised as it is
+    return loss, f"torch.compile failed at the first step ({failure}): training without it " \
+                 f"(--no-compile skips the attempt)"
 
 
 def agreed_loader(recipe: TrainConfig, device: torch.device, dist, train_data: ImageData,

@@ -71,11 +71,19 @@ def compile_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+# what torch.compile raises when it, not the model, broke: its backend (inductor, its C compiler,
+# Triton, its cache) or dynamo itself. Dynamo's TorchRuntimeError is the model's own error met
+# while tracing (a shape mismatch...), and is not one of them.
+_COMPILE_FAILURES = ("BackendCompilerFailed", "InternalTorchDynamoError")
+
+
 def is_compile_failure(exc: BaseException) -> bool:
-    """Whether torch.compile raised `exc` (dynamo or inductor: no working C compiler, a broken
-    cache, a bug of theirs) rather than the model. Told by the exception's class, so that
-    torch._dynamo need not be imported to ask."""
-    return any(c.__module__.startswith(("torch._dynamo", "torch._inductor")) for c in type(exc).__mro__)
+    """Whether torch.compile raised `exc` because it broke (`_COMPILE_FAILURES`, or anything of
+    inductor's) rather than the model. Told by the exception's class, so that torch._dynamo need
+    not be imported to ask."""
+    return any(c.__module__.startswith("torch._inductor")
+               or (c.__module__.startswith("torch._dynamo") and c.__name__ in _COMPILE_FAILURES)
+               for c in type(exc).__mro__)
 
 
 def maybe_compile(module: torch.nn.Module, compile: bool = False, mode: str | None = None):
