@@ -66,9 +66,11 @@ def check_compile_mode(mode: str | None) -> None:
 
 def compile_failure(exc: BaseException) -> str:
     """What broke torch.compile, in a line: the exception's type and the first line of its text
-    (inductor's goes on with pages of advice on logging)."""
-    first = str(exc).strip().split("\n", 1)[0][:200]
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    (inductor's goes on with pages of advice on logging), with the next one when the first only
+    introduces it ("backend='inductor' raised:")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[:2] if lines and lines[0].endswith(":") else lines[:1])[:300]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # what torch.compile raises when it, not the model, broke: its backend (inductor, its C compiler,

@@ -162,6 +162,10 @@ def test_what_counts_as_compile_failing():
     assert not runtime.is_compile_failure(made(dynamo.TorchRuntimeError))
     assert not runtime.is_compile_failure(RuntimeError(FAILURE))
     assert runtime.compile_failure(RuntimeError(FAILURE)) == "RuntimeError: " + FAILURE.split("\n")[0]
+    wrapped = "backend='inductor' raised:\nImportError: /tmp/c/x.main.so: file too short\n\nSet TORCHDYNAMO_VERBOSE=1"
+    assert runtime.compile_failure(RuntimeError(wrapped)) == ("RuntimeError: backend='inductor' raised: ImportError: "
+                                                              "/tmp/c/x.main.so: file too short")
+    assert runtime.compile_failure(RuntimeError()) == "RuntimeError"
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile needs a C++ compiler")
