@@ -226,3 +226,24 @@ def test_eval_and_predict_compile_on_a_machine_that_cannot_is_a_one_line_error(t
         assert lines[0].endswith("; run without it: drop --compile (eval, predict) or pass --no-compile (finetune, "
                                  "pretrain)")
     assert not runtime.is_compile_failure(RuntimeError("Class values must be smaller than num_classes."))
+
+
+def test_benchmark_says_in_a_line_why_the_compiled_row_cannot_run(tmp_path):
+    """`mmlit benchmark` keeps its compiled row where torch.compile cannot work, saying why in a
+    line (the C++ compiler), without inductor's advice on logging."""
+    from helpers import train_tiny
+
+    data, run = train_tiny(tmp_path)
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['onnxruntime'] = None\n")  # ONNX rows: skipped
+    env = {**os.environ, "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(hide), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "mmlit_cli", "benchmark", str(run / "best.safetensors"), "--dataset",
+                        str(data), "--json", "--calls", "3", "--limit", "6"], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = {row["format"]: row for row in json.loads(r.stdout)["rows"]}
+    assert rows["pytorch-eager"]["available"] and not rows["pytorch-compiled"]["available"]
+    note = rows["pytorch-compiled"]["note"]
+    assert note.startswith("cannot run here (") and "C++ compiler" in note and "TORCHDYNAMO_VERBOSE" not in note, note
