@@ -35,7 +35,7 @@ from .data import Normalize, skipped_warning
 from .errors import MmlitError, one_line
 from .evaluate import load_classifier, load_eval_split, match_classes
 from .onnx_classifier import PIP_HINT
-from .runtime import compile_failure, cpu_info, forward_batch, is_compile_failure
+from .runtime import cpu_info, forward_batch, is_compile_failure
 
 FORMATS = {
     "pytorch-eager": "PyTorch eager",
@@ -303,8 +303,8 @@ def _run(ckpt_path, dataset, split, data_dir, threads, batch_size, calls, limit,
                     _accuracy_pass(r, images, labels, ref_top1, ref_routes, batch_size)
             except Exception as exc:  # noqa: BLE001 - e.g. torch.compile without a C++ compiler
                 r.row.available = False
-                why = compile_failure(exc) if is_compile_failure(exc) else one_line(exc, limit=300)
-                r.row.note = f"cannot run here ({why})"
+                # torch.compile's text goes on with pages of advice on logging: its first line
+                r.row.note = f"cannot run here ({one_line(exc, limit=300, first_line=is_compile_failure(exc))})"
                 continue
             live.append(r)
         say(f"batch-1 latency: {calls} calls per format, {ROUNDS} rotating rounds")

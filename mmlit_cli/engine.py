@@ -80,6 +80,29 @@ def first_compiled_step(step: Callable[[], torch.Tensor], train_eagerly: Callabl
                  f"(--no-compile skips the attempt)"
 
 
+class StepModel:
+    """The model a training step calls: the model under DDP (torchrun) and torch.compile, as the
+    run asks (`compile` None: when it pays, `compile_pays`). torch.compile compiles at the first
+    step and may fail there; the step then goes on with the model itself (`first_compiled_step`)."""
+
+    def __init__(self, model: torch.nn.Module, dist, device: torch.device, compile: bool | None,
+                 mode: str | None, total_steps: int):
+        self.model, self.dist, self.device = model, dist, device
+        self.compiled = bool(compile or mode) if compile is not None or mode else compile_pays(device, total_steps)
+        self.module = maybe_compile(wrap_ddp(model, dist, device), self.compiled, mode)
+        self.untried = self.compiled  # torch.compile does its work, and may fail, at the first step
+
+    def run(self, step: Callable[[torch.nn.Module], torch.Tensor]) -> tuple[torch.Tensor, str]:
+        """`step(module)` (forward and backward) and a note for the run ("" unless compile failed)."""
+        if not self.untried:
+            return step(self.module), ""
+        self.untried = False
+        return first_compiled_step(lambda: step(self.module), self.train_eagerly, self.device, self.dist)
+
+    def train_eagerly(self) -> None:
+        self.module, self.compiled = self.model, False
+
+
 def agreed_loader(recipe: TrainConfig, device: torch.device, dist, train_data: ImageData,
                   val_data: ImageData | None) -> tuple[str, str]:
     """`recipe.loader` resolved for this run (`data.resolve_loader`) and the choice in words;
@@ -89,6 +112,24 @@ def agreed_loader(recipe: TrainConfig, device: torch.device, dist, train_data: I
     if not ranks_agree(int(loader == "device"), dist, device):
         return "workers", f"{recipe.workers} loader workers (the data fits on some processes' devices only)"
     return loader, note
+
+
+def run_loaders(recipe: TrainConfig, image_size: int, device: torch.device, dist, train_data: ImageData,
+                val_data: ImageData | None) -> tuple[TrainConfig, str, object, object | None]:
+    """(`recipe` with the loader this run uses, that choice in words, the training loader, the
+    validation loader or None): `loader: auto` resolved as the ranks agree (`agreed_loader`)."""
+    loader, note = agreed_loader(recipe, device, dist, train_data, val_data)
+    recipe = dataclasses.replace(recipe, loader=loader)
+    return (recipe, note, *build_loaders(recipe, image_size, train_data, val_data, device, dist.rank,
+                                         dist.world_size, dist.enabled))
+
+
+def epoch_row(epoch: int, step: int, train_loss: float, lr: float, val: dict, epoch_time: float, seen: int,
+              world: int) -> dict:
+    """An epoch's row of metrics.jsonl (`seen`: the images this process trained on)."""
+    return {"epoch": epoch, "step": step, "train_loss": train_loss, "lr": lr, **val,
+            "epoch_time_s": round(epoch_time, 3), "train_img_per_s": round(seen * world / max(epoch_time, 1e-9), 1),
+            "world_size": world}
 
 
 def run_attention_layouts(model: torch.nn.Module, cfg: Config, batch_size: int, device: torch.device,
@@ -196,12 +237,9 @@ class Trainer:
         self.model = task.model.to(self.device)
         self.normalize = Normalize(cfg.data.mean, cfg.data.std, self.device)  # made once: no per-step copies
         # the config records what `loader: auto` chose, so a resumed run replays the same batches
-        loader, self.loader_note = agreed_loader(task.recipe, self.device, self.dist, train_data, val_data)
-        self.recipe: TrainConfig = dataclasses.replace(task.recipe, loader=loader)
+        self.recipe, self.loader_note, self.train_loader, self.val_loader = run_loaders(
+            task.recipe, cfg.model.image_size, self.device, self.dist, train_data, val_data)
         self.cfg = dataclasses.replace(cfg, **{task.command: self.recipe})
-        self.train_loader, self.val_loader = build_loaders(self.recipe, cfg.model.image_size, train_data, val_data,
-                                                           self.device, self.dist.rank, self.dist.world_size,
-                                                           self.dist.enabled)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
             raise MmlitError("the training split is empty")
@@ -215,10 +253,8 @@ class Trainer:
         groups = param_groups(self.model, self.recipe.weight_decay, opts.layer_decay, decay_share(self.recipe))
         self.optimizer = build_adamw(groups, self.peak_lr, self.recipe.betas, self.device)
         self.ema = ModelEMA(self.model, self.recipe.ema_decay) if self.recipe.ema else None
-        self.compiled = bool(opts.compile or opts.compile_mode) if opts.compile is not None or opts.compile_mode \
-            else compile_pays(self.device, self.total_steps)
-        self.train_model = maybe_compile(wrap_ddp(self.model, self.dist, self.device), self.compiled, opts.compile_mode)
-        self.compile_untried = self.compiled  # torch.compile does its work, and may fail, at the first step
+        self.step_model = StepModel(self.model, self.dist, self.device, opts.compile, opts.compile_mode,
+                                    self.total_steps)
         self.record = RunRecord(opts, self.cfg, task, self.model, self.optimizer, self.ema, self.dist, self.device)
         self.stop = StopRequest()
         self.progress = TrainingProgress(self.console, self.device, opts.log_every, self.dist.world_size,
@@ -226,6 +262,10 @@ class Trainer:
         self.bad_loss: float | None = None  # a non-finite loss this rank saw, for the message
         self.figures = EpochFigures(task, self.record, self.device)
 
+    # what the step calls, compiled or not (read by the header, benchmarks, tests)
+    train_model = property(lambda self: self.step_model.module)
+    compiled = property(lambda self: self.step_model.compiled)
+    compile_untried = property(lambda self: self.step_model.untried)
     # the record's counters, read by the loop (and by callers: `run_training`, tests)
     epoch = property(lambda self: self.record.epoch)
     global_step = property(lambda self: self.record.global_step)
@@ -302,24 +342,17 @@ class Trainer:
         return loss.detach()
 
     def _loss_and_grads(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The batch's loss; its gradients in the parameters' `.grad`. The compiled model's first
-        step is where torch.compile compiles, and may fail (`first_compiled_step`)."""
-        def step() -> torch.Tensor:
-            loss = forward_batch(lambda x: self.task.loss(self.train_model, x, labels), images, self.normalize,
-                                 self.device, self.amp_dtype)
+        """The batch's loss; its gradients in the parameters' `.grad`."""
+        def step(model: torch.nn.Module) -> torch.Tensor:
+            loss = forward_batch(lambda x: self.task.loss(model, x, labels), images, self.normalize, self.device,
+                                 self.amp_dtype)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             return loss
 
-        if not self.compile_untried:
-            return step()
-        self.compile_untried = False
-        loss, note = first_compiled_step(step, self._train_eagerly, self.device, self.dist)
+        loss, note = self.step_model.run(step)
         self._print(escape(note))
         return loss
-
-    def _train_eagerly(self) -> None:
-        self.train_model, self.compiled = self.model, False
 
     def _after_step(self, loss: torch.Tensor, batch_size: int, loss_sum: torch.Tensor) -> str | None:
         """The progress bar (and the NaN check on the loss it reads), the stops and the in-epoch
@@ -352,17 +385,11 @@ class Trainer:
         model = self.model if self.ema is None else self.ema.module  # scored: the EMA when there is one
         val = {} if self.val_loader is None else self.task.validate(model, self.val_loader, self.device, self.amp_dtype)
         record.epoch, record.step_in_epoch, world = record.epoch + 1, 0, self.dist.world_size
-        row = {"epoch": self.epoch, "step": self.global_step, "train_loss": train_loss,
-               "lr": self.optimizer.param_groups[-1]["lr"], **val,
-               "epoch_time_s": round(epoch_time, 3), "train_img_per_s": round(seen * world / max(epoch_time, 1e-9), 1),
-               "world_size": world}
+        row = epoch_row(self.epoch, self.global_step, train_loss, self.optimizer.param_groups[-1]["lr"], val,
+                        epoch_time, seen, world)
         if self.dist.enabled:
             row["ranks_in_sync"] = ranks_in_sync(self.model, self.dist)
-        improved = record.update_best(row, train_loss)
-        if self.epoch < self.recipe.epochs:
-            record.early_stop = row["stopped"] = record.patience_spent(self.recipe.patience)
-        record.write_metrics({k: v for k, v in row.items() if v is not None})
-        record.log_events(row)  # before the checkpoint: a resumed run never lacks an epoch it had saved
+        improved = record.close_epoch(row, train_loss, self.recipe.patience, last=self.epoch >= self.recipe.epochs)
         notes = self.figures.draw(self.model, self.val_loader or self.train_loader, row,
                                   forced=final or self.epoch >= self.recipe.epochs or record.early_stop is not None)
         record.save_epoch(row, improved)
@@ -386,13 +413,11 @@ class Trainer:
     # ------------------------------------------------------------------ printing
 
     def _print_start(self) -> None:
-        """The run in a line (two more with the fitted recipe)."""
+        """The run in a line (more with the attention's layout and the fitted recipe)."""
         r = self.recipe
-        header = run_header(self.task.kind, self.cfg.name, self.steps_per_epoch, r.epochs, r.batch_size,
-                            self.dist.world_size, self.device, self.amp_dtype is not None, self.compiled,
-                            self.loader_note, self.opts.out_dir)
-        for line in (header, escape(self.attention_note), escape(self.opts.recipe_note or "")):
-            self._print(line)
+        self._print(run_header(self.task.kind, self.cfg.name, self.steps_per_epoch, r.epochs, r.batch_size,
+                               self.dist.world_size, self.device, self.amp_dtype is not None, self.compiled,
+                               self.loader_note, self.opts.out_dir, (self.attention_note, self.opts.recipe_note)))
 
     def _print(self, msg: str | None) -> None:
         if msg and self.dist.is_main and not self.opts.quiet:  # (an empty line or None: nothing to say)

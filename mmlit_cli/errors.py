@@ -26,11 +26,16 @@ class CheckpointError(MmlitError):
     """A checkpoint that cannot be read or does not fit what was asked of it."""
 
 
-def one_line(exc: BaseException, with_type: bool = True, limit: int | None = None) -> str:
+def one_line(exc: BaseException, with_type: bool = True, limit: int | None = None, first_line: bool = False) -> str:
     """An exception as one line for a message: its text with white space folded (the type's
-    name when it has none), after `Type: ` when `with_type`, cut to `limit` characters."""
+    name when it has none), after `Type: ` when `with_type`, cut to `limit` characters.
+    `first_line`: only the text's first line, with the next when the first only introduces it
+    ("backend='inductor' raised:"), for texts that go on with pages of advice."""
     name = type(exc).__name__
-    text = " ".join(str(exc).split()) or name
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if first_line:
+        lines = lines[:2] if lines and lines[0].rstrip().endswith(":") else lines[:1]
+    text = " ".join(" ".join(lines).split()) or name
     if with_type and text != name:
         text = f"{name}: {text}"
     if limit is not None and len(text) > limit:

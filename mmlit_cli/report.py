@@ -151,11 +151,13 @@ class StopRequest:
 
 
 def run_header(kind: str, name: str, steps_per_epoch: int, epochs: int, batch_size: int, world_size: int,
-               device, bf16: bool, compiled: bool, loader_note: str, out_dir) -> str:
-    """The first line of a run (rich markup)."""
-    return (f"[bold]{kind}[/bold] {name}: {steps_per_epoch} steps/epoch x {epochs} epochs, batch {batch_size} x "
-            f"{world_size} process(es), device {device}{', bf16' if bf16 else ''}{', compiled' if compiled else ''}"
-            f", {escape(loader_note)} -> {escape(str(out_dir))}")
+               device, bf16: bool, compiled: bool, loader_note: str, out_dir, notes: tuple = ()) -> str:
+    """The first line of a run (rich markup), then a line for each of `notes` (plain text; an
+    empty or None note has none)."""
+    header = (f"[bold]{kind}[/bold] {name}: {steps_per_epoch} steps/epoch x {epochs} epochs, batch {batch_size} x "
+              f"{world_size} process(es), device {device}{', bf16' if bf16 else ''}{', compiled' if compiled else ''}"
+              f", {escape(loader_note)} -> {escape(str(out_dir))}")
+    return "\n".join([header, *(escape(note) for note in notes if note)])
 
 
 def stop_line(stopped: str | None, epoch: int, early_stop: str | None, best_epoch: int | None, signum: int | None,

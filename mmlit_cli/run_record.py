@@ -61,6 +61,17 @@ def moved_to_world(epoch: int, step_in_epoch: int, loss_sum: float, batch: int, 
     return new_step, epoch * steps_per_epoch + new_step, loss_sum
 
 
+def write_metrics(out: Path, history: list[dict]) -> None:
+    """metrics.jsonl and metrics.csv, each epoch's row of `history` (rewritten atomically)."""
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    columns = [k for k in history[-1] if not isinstance(history[-1][k], (list, dict))]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(out / "metrics.csv", buf.getvalue())
+
+
 @dataclass
 class RunFacts:
     """What a run records about itself besides its counters (the part of `engine.RunOptions`
@@ -127,12 +138,6 @@ class RunRecord:
         if self.global_step == 0 and self._resume_rng is None:  # every rank: the generators are gathered
             self.save_last()
 
-    def log_events(self, row: dict) -> None:
-        """The epoch's row into TensorBoard's event file, when there is one (its figures:
-        `engine.EpochFigures`)."""
-        if self.events is not None:  # at the epoch: the axis a resume on another process count keeps
-            self.events.scalars(row, self.epoch)
-
     def close_events(self, curves: Path | None = None) -> None:
         """The training curves (when drawn) into the event file, which is then closed."""
         if self.events is not None:
@@ -141,19 +146,19 @@ class RunRecord:
             self.events.close()
             self.events = None
 
-    def write_metrics(self, row: dict) -> None:
-        """The epoch's row, appended to metrics.jsonl and metrics.csv (rewritten atomically)."""
-        self.history.append(row)
-        if not self.dist.is_main:
-            return
-        out = self.facts.out_dir
-        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
-        columns = [k for k in self.history[-1] if not isinstance(self.history[-1][k], (list, dict))]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(self.history)
-        atomic_write_text(out / "metrics.csv", buf.getvalue())
+    def close_epoch(self, row: dict, train_loss: float, patience: int, last: bool) -> bool:
+        """An epoch's `row` recorded, before its checkpoint (so a resumed run never lacks an epoch
+        it had saved): the best so far, an early stop (`patience`; none after the `last` epoch),
+        metrics.jsonl/.csv and TensorBoard's scalars. Returns whether the epoch improved."""
+        improved = self.update_best(row, train_loss)
+        if not last:
+            self.early_stop = row["stopped"] = self.patience_spent(patience)
+        self.history.append({k: v for k, v in row.items() if v is not None})
+        if self.dist.is_main:
+            write_metrics(self.facts.out_dir, self.history)
+        if self.events is not None:  # at the epoch: the axis a resume on another process count keeps
+            self.events.scalars(row, self.epoch)
+        return improved
 
     # ------------------------------------------------------------------ counters
 

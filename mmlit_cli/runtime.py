@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import torch
 
-from .errors import MmlitError
+from .errors import MmlitError, one_line
 
 T = TypeVar("T")
 
@@ -65,12 +65,9 @@ def check_compile_mode(mode: str | None) -> None:
 
 
 def compile_failure(exc: BaseException) -> str:
-    """What broke torch.compile, in a line: the exception's type and the first line of its text
-    (inductor's goes on with pages of advice on logging), with the next one when the first only
-    introduces it ("backend='inductor' raised:")."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = " ".join(lines[:2] if lines and lines[0].endswith(":") else lines[:1])[:300]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    """What broke torch.compile, in a line: its type and first line (inductor's text goes on with
+    pages of advice on logging)."""
+    return one_line(exc, limit=300, first_line=True)
 
 
 # what torch.compile raises when it, not the model, broke: its backend (inductor, its C compiler,
@@ -213,7 +210,7 @@ def choose_attention_layouts(model: torch.nn.Module, example: torch.Tensor, amp_
     except Exception as e:  # noqa: BLE001
         for m, layout in zip(modules, as_built):
             m.set_kernel_layout(*layout)
-        note = f"attention kernel layouts not measured ({type(e).__name__}: {e}); running them as built"
+        note = f"attention kernel layouts not measured ({one_line(e)}); running them as built"
     for m, layout in zip(modules, from_rank0(attention_layouts(model), dist), strict=True):
         m.set_kernel_layout(*layout)
     return note

@@ -95,7 +95,7 @@ def test_a_compile_failing_in_the_first_backward_leaves_the_eager_run(tmp_path, 
     broken_compile(monkeypatch)
     t = trainer(tmp_path, "broken", True, console=Console(file=sys.stdout, width=400))
     assert t.compiled and t.compile_untried
-    made, task_loss, eagerly = [], t.task.loss, t._train_eagerly
+    made, task_loss, eagerly = [], t.task.loss, t.step_model.train_eagerly
 
     def recorded_loss(*args):
         loss = task_loss(*args)
@@ -107,7 +107,7 @@ def test_a_compile_failing_in_the_first_backward_leaves_the_eager_run(tmp_path, 
         eagerly()
 
     monkeypatch.setattr(t.task, "loss", recorded_loss)
-    monkeypatch.setattr(t, "_train_eagerly", checked_eagerly)
+    monkeypatch.setattr(t.step_model, "train_eagerly", checked_eagerly)
     fell_back = steps(t)
     assert not t.compiled and t.train_model is t.model
     torch.testing.assert_close(fell_back[0], plain[0], rtol=0, atol=0)
@@ -142,7 +142,7 @@ def test_under_torchrun_a_failing_compile_stops_the_run_with_what_to_do(tmp_path
                                 (RuntimeError, RuntimeError, r"^Failed to find C compiler")):
         broken_compile(monkeypatch, error)
         t = trainer(tmp_path, "ddp", True)
-        t.dist = dataclasses.replace(t.dist, world_size=2)
+        t.dist = t.step_model.dist = dataclasses.replace(t.dist, world_size=2)
         with pytest.raises(raised, match=said):
             t._train_step(*batch())
 
