@@ -69,6 +69,30 @@ def test_every_op_at_every_magnitude_equals_torchvisions_functional_op(policy):
                 assert torch.equal(ours, theirs), (name, magnitude, int((ours != theirs).sum()))
 
 
+def tf32(t: torch.Tensor) -> torch.Tensor:
+    """float32 rounded to TF32's 10-bit mantissa (to nearest, ties to even), as a GPU's tensor
+    cores read a convolution's operands when cuDNN may use TF32 (torch's default)."""
+    bits = t.contiguous().view(torch.int32)
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return bits.view(torch.float32)
+
+
+def test_sharpness_is_exact_when_the_convolution_computes_in_tf32(monkeypatch):
+    """A GPU convolves float32 in TF32 unless told not to; the sharpness blur must still round
+    to torchvision's pixels (with 1/13 read in TF32, ~1 % of them moved by one)."""
+    images = varied_images(48)
+    n = len(images)
+    table = magnitude_table("trivial", S)
+    magnitudes = [float(m) * sign for m in table[OPS.index("Sharpness"), 1::6] for sign in (1, -1)]
+    theirs = [torch.stack([torchvision_op(im, "Sharpness", m) for im in images]) for m in magnitudes]
+    conv2d = torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda x, w, *a, **k: conv2d(tf32(x), tf32(w), *a, **k))
+    for m, expected in zip(magnitudes, theirs):
+        ours = apply_ops(images, OpParams(torch.full((n,), OPS.index("Sharpness")),
+                                          torch.full((n,), m, dtype=torch.float64)))
+        assert torch.equal(ours, expected), (m, int((ours != expected).sum()))
+
+
 def test_mixed_ops_in_one_batch_each_image_gets_only_its_own():
     images = varied_images()
     n = len(images)

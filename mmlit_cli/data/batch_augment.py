@@ -241,11 +241,14 @@ def _autocontrast(x: torch.Tensor) -> torch.Tensor:
 
 def _sharpen_degenerate(x: torch.Tensor) -> torch.Tensor:
     """torchvision's `adjust_sharpness_image` blur: 3x3 (1, 5 centre)/13, rounded; the border
-    keeps its pixels."""
-    kernel = torch.full((3, 3), 1.0 / 13.0, device=x.device)
-    kernel[1, 1] = 5.0 / 13.0
+    keeps its pixels. The convolution sums integers (weights 1 and 5, pixels 0..255), exact in
+    any precision a GPU's conv may use (TF32 reads 1/13 with a 10-bit mantissa, enough to move
+    ~1 % of the rounded pixels); the one division by 13 then rounds as torchvision's float32
+    sum does, since an integer over 13 is never within 1/26 of a half."""
+    kernel = torch.ones(3, 3, device=x.device)
+    kernel[1, 1] = 5.0
     kernel = kernel.expand(x.shape[1], 1, 3, 3)
-    blurred = F.conv2d(x, kernel, groups=x.shape[1]).round_()
+    blurred = F.conv2d(x, kernel, groups=x.shape[1]).div_(13.0).round_()
     return F.pad(blurred, (1, 1, 1, 1)) + x * _border(x)
 
 
