@@ -21,8 +21,9 @@
 #
 # Environment (all optional):
 #   LOG_DIR   where the log and JSON files go (default benchmarks/results)
-#   DATA      CIFAR-10 JPEG ImageFolder (default /tmp/cifar10/train; unpacked from
-#             shared/data/cifar10-train-jpeg.tar.gz or /work/shared/data/... when missing)
+#   DATA      CIFAR-10 JPEG ImageFolder (default /tmp/cifar10/train; when missing, unpacked from
+#             cifar10-train-jpeg.tar.gz in .device-data/ (ignored by git: the device call carries
+#             it), shared/data/, ../shared/data/ or /work/shared/data/)
 #   PYTHON    interpreter with mmlit installed (default: python)
 #   PRESETS   presets of step 1 (default s,xxs: s first, whose rate step 2 fits its epochs to)
 #   TTA_S     wall-time budget of the time-to-accuracy command (default 300)
@@ -89,8 +90,9 @@ run() {  # run a titled step, log it, keep going on failure; skip it once the bu
 ensure_data() {
     if [[ -d "$DATA" ]]; then return 0; fi
     local tarball
-    for tarball in shared/data/cifar10-train-jpeg.tar.gz ../shared/data/cifar10-train-jpeg.tar.gz \
-                   /work/shared/data/cifar10-train-jpeg.tar.gz data/cifar10-train-jpeg.tar.gz; do
+    for tarball in .device-data/cifar10-train-jpeg.tar.gz shared/data/cifar10-train-jpeg.tar.gz \
+                   ../shared/data/cifar10-train-jpeg.tar.gz /work/shared/data/cifar10-train-jpeg.tar.gz \
+                   data/cifar10-train-jpeg.tar.gz; do
         if [[ -f "$tarball" && "$DATA" == */train ]]; then
             echo "unpacking $tarball -> $(dirname "$DATA")"
             mkdir -p "$(dirname "$DATA")" && tar xzf "$tarball" -C "$(dirname "$DATA")"
