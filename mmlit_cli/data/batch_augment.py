@@ -11,8 +11,9 @@ magnitude, erased box), yet the whole batch goes through a fixed sequence of ten
                     `torch.where` selections
     erasing         a per-image box mask, filled with uniform uint8 noise
 
-Nothing reads a value back to the host and nothing depends on how many images drew which op,
-so a batch costs the same few dozen kernels on a GPU whatever the draws. Each op, for fixed
+Nothing reads a value back to the host or copies one to the device (tests/test_device_sync.py
+traces a batch on a stand-in GPU), and nothing depends on how many images drew which op, so a
+batch costs the same few dozen kernels on a GPU whatever the draws. Each op, for fixed
 parameters, computes what torchvision's functional op computes on that image (the tests
 compare them); the sampling follows torchvision's (op uniform over the 14, magnitude bin
 uniform, sign a fair coin).
@@ -245,8 +246,9 @@ def _sharpen_degenerate(x: torch.Tensor) -> torch.Tensor:
     any precision a GPU's conv may use (TF32 reads 1/13 with a 10-bit mantissa, enough to move
     ~1 % of the rounded pixels); the one division by 13 then rounds as torchvision's float32
     sum does, since an integer over 13 is never within 1/26 of a half."""
-    kernel = torch.ones(3, 3, device=x.device)
-    kernel[1, 1] = 5.0
+    # 5 in the centre, ones around it, made on the device: `kernel[1, 1] = 5.0` would copy a
+    # host scalar there, which waits for every kernel queued before it
+    kernel = F.pad(torch.full((1, 1), 5.0, device=x.device), (1, 1, 1, 1), value=1.0)
     kernel = kernel.expand(x.shape[1], 1, 3, 3)
     blurred = F.conv2d(x, kernel, groups=x.shape[1]).div_(13.0).round_()
     return F.pad(blurred, (1, 1, 1, 1)) + x * _border(x)

@@ -11,6 +11,9 @@ Order and augmentation depend on (seed, epoch, batch index, rank) only:
   share (`rank::world_size`), as `DistributedSampler` does;
 - batch i of an epoch is augmented from a generator seeded with (seed, epoch, i, rank), so a
   resumed run starts at any batch without replaying the ones before it.
+The generators are the device's, and a CPU's and a GPU's draw different numbers from one seed:
+a run resumed mid-epoch on another kind of device takes the rest of that epoch in another
+order (some images twice, some not at all), and the epochs after it as that device draws them.
 """
 
 from __future__ import annotations
