@@ -243,9 +243,9 @@ def _autocontrast(x: torch.Tensor) -> torch.Tensor:
 def _sharpen_degenerate(x: torch.Tensor) -> torch.Tensor:
     """torchvision's `adjust_sharpness_image` blur: 3x3 (1, 5 centre)/13, rounded; the border
     keeps its pixels. The convolution sums integers (weights 1 and 5, pixels 0..255), exact in
-    any precision a GPU's conv may use (TF32 reads 1/13 with a 10-bit mantissa, enough to move
-    ~1 % of the rounded pixels); the one division by 13 then rounds as torchvision's float32
-    sum does, since an integer over 13 is never within 1/26 of a half."""
+    whatever precision the backend computes (cuDNN's TF32 would read 1/13 with a 10-bit
+    mantissa, enough to move ~1 % of the rounded pixels); the one division by 13 then rounds as
+    torchvision's float32 sum does, since an integer over 13 is never within 1/26 of a half."""
     # 5 in the centre, ones around it, made on the device: `kernel[1, 1] = 5.0` would copy a
     # host scalar there, which waits for every kernel queued before it
     kernel = F.pad(torch.full((1, 1), 5.0, device=x.device), (1, 1, 1, 1), value=1.0)
