@@ -262,7 +262,7 @@ class Trainer:
         self.bad_loss: float | None = None  # a non-finite loss this rank saw, for the message
         self.figures = EpochFigures(task, self.record, self.device)
 
-    # what the step calls, compiled or not (read by the header, benchmarks, tests)
+    # what the step calls, compiled or not (`compiled`: the header; all three: the tests)
     train_model = property(lambda self: self.step_model.module)
     compiled = property(lambda self: self.step_model.compiled)
     compile_untried = property(lambda self: self.step_model.untried)

@@ -6,14 +6,14 @@ gather, and per-sample augmentation runs on the whole batch (`BatchAugment`). On
 takes the CPU out of the step; on a CPU it replaces ~300 us of per-image transforms by a few
 batched ops.
 
-Order and augmentation depend on (seed, epoch, batch index, rank) only:
+Order and augmentation depend on (seed, epoch, batch index, rank) and the kind of device only:
 - every process draws the same permutation of the split (seed, epoch) and takes its own
   share (`rank::world_size`), as `DistributedSampler` does;
 - batch i of an epoch is augmented from a generator seeded with (seed, epoch, i, rank), so a
   resumed run starts at any batch without replaying the ones before it.
-The generators are the device's, and a CPU's and a GPU's draw different numbers from one seed:
-a run resumed mid-epoch on another kind of device takes the rest of that epoch in another
-order (some images twice, some not at all), and the epochs after it as that device draws them.
+The generators are the device's, and a CPU's and a GPU's draw different numbers from one seed,
+so a run resumed mid-epoch on another kind of device takes the rest of that epoch in another
+order (some images twice, some not at all).
 """
 
 from __future__ import annotations
