@@ -118,7 +118,8 @@ def test_eval_lists_a_class_with_no_images_in_the_split_last_as_having_none(trai
     rows = [f"{p},{p.parent.name},{'val' if p.parent.name != 'green' and p.stem.endswith('0') else 'train'}"
             for p in sorted(folder.rglob("*.png"))]
     (tmp_path / "labels.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
-    r = mmlit("eval", str(root / "run" / "best.safetensors"), "--dataset", str(tmp_path / "labels.csv"))
+    r = mmlit("eval", str(root / "run" / "best.safetensors"), "--dataset", str(tmp_path / "labels.csv"),
+              "--out", str(tmp_path / "eval"))  # not runs/eval/ in the checkout
     assert r.returncode == 0, r.stderr
     table = [line for line in r.stdout.splitlines() if line.startswith("│")]
     names = [line.split("│")[1].strip() for line in table]
