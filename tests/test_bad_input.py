@@ -51,6 +51,11 @@ def world(tmp_path_factory):
                         "classes": "[]", "info": "{}"})
     (root / "taken").mkdir()
     (root / "taken" / "precious.txt").write_text("keep me")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x13\x37" * 50)
+    rows = [f"colours/{c}/{c}_{i:03d}.png,{c},{'val' if i < 2 else 'train'}" for c in ("red", "green", "blue")
+            for i in range(6)]
+    rows[1:1] = ["gone.png,red,train", "broken.jpg,red,val"]  # lines 3 and 4: one before decoding, one after
+    (root / "bad-rows.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
     return w
 
 
@@ -114,6 +119,8 @@ CASES = [
     ("predict a folder", lambda w: ["predict", str(w["root"]), str(w["folder"])], "is a folder, not a checkpoint file"),
     ("eval --out a file", lambda w: ["eval", str(w["root"] / "clf" / "best.safetensors"), "--out", str(w["root"] / "notyaml.yaml")], "is a file: --out names a folder"),
     ("eval --out not empty", lambda w: ["eval", str(w["root"] / "clf" / "best.safetensors"), "--out", str(w["root"] / "taken")], "not empty: choose another --out"),
+    ("label file: every bad row, train's and val's, in one line", lambda w: ["finetune", "--dataset", str(w["root"] / "bad-rows.csv"), *SETS],
+     "2 bad row(s): line 3: gone.png not found; line 4: broken.jpg does not decode as an image"),
     ("plot a checkpoint", lambda w: ["plot", str(w["root"] / "clf" / "best.safetensors")], "plot takes a run's folder"),
     ("preset a folder", lambda w: ["count-params", "--preset", str(w["folder"])], "is a folder: a preset is a name"),
 ]

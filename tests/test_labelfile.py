@@ -106,6 +106,32 @@ def test_every_bad_row_is_reported_with_its_line_number(tmp_path):
     assert unlabelled.classes == [] and unlabelled.labels.tolist() == [-1]  # pre-training needs no labels
 
 
+def test_one_error_names_every_bad_row_of_every_split(tmp_path):
+    """Missing files, empty labels and files that do not decode, in train and in val: one run
+    names them all, whichever split it was loading, so the user mends the CSV once."""
+    fx.write_image_folder(tmp_path / "img", {"a": 3, "b": 3}, ext="png")
+    fx.write_corrupt_jpeg(tmp_path / "img" / "a" / "broken.jpg")
+    fx.write_corrupt_jpeg(tmp_path / "img" / "b" / "broken.jpg")
+    good = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "img").rglob("*.png"))
+    rows = [[good[0], "a", "train"], ["img/a/broken.jpg", "a", "train"],  # line 3: train, does not decode
+            [good[1], "a", "train"], [good[3], "b", "train"], [good[4], "b", "train"],
+            ["img/b/broken.jpg", "b", "val"],  # line 7: val, does not decode
+            [good[2], "a", "val"], ["img/a/gone.png", "a", "train"],  # line 9: no such file
+            [good[5], "", "val"]]  # line 10: empty label
+    table = write_csv(tmp_path / "t.csv", ["path", "label", "split"], rows)
+    every = [f"{table}: 4 bad row(s): line 3: img/a/broken.jpg does not decode as an image; line 7: "
+             f"img/b/broken.jpg does not decode as an image; line 9: img/a/gone.png not found; line 10: empty label"]
+    for split in ("train", "val"):
+        with pytest.raises(DataError) as e:
+            load_split(str(table), split, 16)
+        assert [str(e.value)] == every
+    del rows[7:]  # the rows that are bad before decoding: the files that do not decode are still named
+    with pytest.raises(DataError) as e:
+        load_split(str(write_csv(tmp_path / "d.csv", ["path", "label", "split"], rows)), "val", 16)
+    assert str(e.value).endswith("2 bad row(s): line 3: img/a/broken.jpg does not decode as an image; line 7: "
+                                 "img/b/broken.jpg does not decode as an image")
+
+
 def test_finetune_eval_and_print_config_take_a_label_file(tables, tmp_path):
     from mmlit_cli.evaluate import evaluate_checkpoint
     from mmlit_cli.train import resolved_config, run_training

@@ -45,6 +45,15 @@ def is_label_file(path: Path) -> bool:
 
 def read_rows(csv_path: Path, require_labels: bool) -> list[Row]:
     """The CSV's rows, checked: one `DataError` naming every bad row by its line number."""
+    rows, bad = checked_rows(csv_path, require_labels)
+    if bad:
+        raise _bad_rows(csv_path, bad)
+    return rows
+
+
+def checked_rows(csv_path: Path, require_labels: bool) -> tuple[list[Row], list[tuple[int, str]]]:
+    """(the CSV's good rows, its bad ones as (line, problem)); `DataError` if it has no usable
+    header or no row at all."""
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -67,31 +76,40 @@ def read_rows(csv_path: Path, require_labels: bool) -> list[Row]:
         full = Path(path).expanduser()
         full = full if full.is_absolute() else csv_path.parent / full
         if not path:
-            bad.append(f"line {line}: no image path")
+            bad.append((line, "no image path"))
         elif not full.is_file():
-            bad.append(f"line {line}: {path} not found")
+            bad.append((line, f"{path} not found"))
         elif require_labels and not label:
-            bad.append(f"line {line}: empty label")
+            bad.append((line, "empty label"))
         elif split_col and split not in SPLIT_NAMES:
-            bad.append(f"line {line}: split {split!r} is not train, val or test")
+            bad.append((line, f"split {split!r} is not train, val or test"))
         else:
             rows.append(Row(line, str(full), label, split or None, path))
-    _raise_bad(csv_path, bad)
-    if not rows:
+    if not rows and not bad:
         raise DataError(f"{csv_path}: no rows")
-    return rows
+    return rows, bad
 
 
-def _raise_bad(csv_path: Path, bad: list[str]) -> None:
-    if bad:
-        more = f"; and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
-        raise DataError(f"{csv_path}: {len(bad)} bad row(s): {'; '.join(bad[:_SHOWN])}{more}")
+def _bad_rows(csv_path: Path, bad: list[tuple[int, str]]) -> DataError:
+    """One error for every bad row, (line, problem), in line order."""
+    shown = "; ".join(f"line {line}: {problem}" for line, problem in sorted(bad)[:_SHOWN])
+    more = f"; and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
+    return DataError(f"{csv_path}: {len(bad)} bad row(s): {shown}{more}")
+
+
+def _undecodable(rows: list[Row], ok: list[bool]) -> list[tuple[int, str]]:
+    """The rows whose file did not decode (`ok`: decode_files' verdicts), as (line, problem)."""
+    return [(r.line, f"{r.given} does not decode as an image") for r, good in zip(rows, ok) if not good]
 
 
 def label_file_split(csv_path: Path, split: str, hold: float | None,
                      require_labels: bool) -> tuple[list[Row], list[str], str]:
     """(rows of `split`, classes, how they were chosen), nothing decoded."""
-    rows = sorted(read_rows(csv_path, require_labels), key=lambda r: r.path)  # as a folder lists its files
+    return _split(csv_path, read_rows(csv_path, require_labels), split, hold)
+
+
+def _split(csv_path: Path, rows: list[Row], split: str, hold: float | None) -> tuple[list[Row], list[str], str]:
+    rows = sorted(rows, key=lambda r: r.path)  # as a folder lists its files
     classes = sorted({r.label for r in rows if r.label})
     part, note = _split_rows(csv_path, rows, split, hold, classes)
     return part, classes, note
@@ -100,14 +118,25 @@ def label_file_split(csv_path: Path, split: str, hold: float | None,
 def load_label_file(csv_path: Path, split: str, image_size: int, hold: float | None,
                     require_labels: bool) -> ImageData:
     """`split` of the CSV's images, decoded. `hold`: the fraction of train held out for
-    validation when no row is in `val` (None: nothing held out, the paper protocol)."""
-    part, classes, note = label_file_split(csv_path, split, hold, require_labels)
+    validation when no row is in `val` (None: nothing held out, the paper protocol). A CSV with
+    bad rows is reported whole, in one error: every bad row and every file that does not decode,
+    in any split (the rows not yet decoded are decoded for it, on this failing path only), so
+    that one run shows the user all there is to mend."""
+    rows, bad = checked_rows(csv_path, require_labels)
+    if not bad:
+        part, classes, note = _split(csv_path, rows, split, hold)
+        images, ok = decode_files([r.path for r in part], image_size)
+        if all(ok):
+            return _image_data(csv_path, part, classes, note, images)
+        bad, decoded = _undecodable(part, ok), {r.line for r in part}
+        rows = [r for r in rows if r.line not in decoded]
+    _, ok = decode_files([r.path for r in rows], image_size)
+    raise _bad_rows(csv_path, bad + _undecodable(rows, ok))
+
+
+def _image_data(csv_path: Path, part: list[Row], classes: list[str], note: str, images) -> ImageData:
     labelled = bool(classes)
     index = {c: i for i, c in enumerate(classes)}
-    paths = [r.path for r in part]
-    images, ok = decode_files(paths, image_size)
-    _raise_bad(csv_path, [f"line {r.line}: {r.given} does not decode as an image"
-                          for r, good in sorted(zip(part, ok), key=lambda t: t[0].line) if not good])
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([index[r.label] if labelled else -1 for r in part], dtype=torch.int64)
     kind = f"{len(classes)} classes" if classes else "unlabeled"
