@@ -52,7 +52,9 @@ measured for fine-tuning). Every rule is measured against the plain loop (docs/R
 
 Before these rules, `fit_to_device` sets what the device decides (batch size and loader
 workers on a CUDA GPU). A value the user set (`--lr`, `--batch-size`, `--set
-finetune.augment.mixup_alpha=0.2`, ...) is kept as set.
+finetune.augment.mixup_alpha=0.2`, ...) is kept as set, and the fitting does not turn off the
+feature it belongs to: the keys without which it does nothing (here `mix_prob`) keep the
+preset's values (`KEPT_FOR`).
 """
 
 from __future__ import annotations
@@ -195,8 +197,24 @@ def _scale(value: float, s: float) -> float:
     return value if s >= 1 else round(value * s, 3)  # 3 decimals keep config.yaml readable
 
 
+# The fitting never turns off a feature the user set: a key keeps the preset's value, unscaled,
+# when the user set a key that does nothing without it. On a short run (s = 0) `--set
+# finetune.augment.mixup_alpha=0.2` would otherwise mix with probability 0, and
+# `auto_augment=rand` would run on no image at magnitude 0. The siblings are still fitted: mixup
+# set, cutmix stays off on a short run.
+KEPT_FOR = {
+    "mix_prob": ("mixup_alpha", "cutmix_alpha"),
+    "mixup_alpha": ("mix_prob",),
+    "cutmix_alpha": ("mix_prob",),
+    "auto_augment_prob": ("auto_augment", "randaug_magnitude", "randaug_num_ops"),
+    "randaug_magnitude": ("auto_augment", "auto_augment_prob", "randaug_num_ops"),
+}
+
+
 def _scaled_augment(aug: AugmentConfig, s: float, pinned: set[str], crop_flip: float = 1.0) -> AugmentConfig:
-    """The preset's augmentation at strength `s`, its crop and flip at share `crop_flip`."""
+    """The preset's augmentation at strength `s`, its crop and flip at share `crop_flip`;
+    `pinned` (keys under the section: "augment.mixup_alpha") are kept, and so are the keys
+    they need (`KEPT_FOR`)."""
     changes: dict[str, Any] = {
         "crop_padding": aug.crop_padding if crop_flip >= 1 else round(aug.crop_padding * crop_flip),
         "hflip": _scale(aug.hflip, crop_flip),
@@ -208,7 +226,9 @@ def _scaled_augment(aug: AugmentConfig, s: float, pinned: set[str], crop_flip: f
         # TrivialAugment has no magnitude to turn down: the share of images it augments is.
         "auto_augment_prob": _scale(aug.auto_augment_prob, s),
     }
-    return dataclasses.replace(aug, **{k: v for k, v in changes.items() if f"augment.{k}" not in pinned})
+    kept = {k for k, needed_by in KEPT_FOR.items() if any(f"augment.{n}" in pinned for n in needed_by)}
+    return dataclasses.replace(aug, **{k: v for k, v in changes.items()
+                                       if f"augment.{k}" not in pinned and k not in kept})
 
 
 def fit_recipe(cfg: Config, section: str, reference_epochs: int, train_images: int, world_size: int = 1,
