@@ -13,8 +13,8 @@
 #   2. time to accuracy: `mmlit finetune --preset s` on the 45,000 CIFAR-10 training JPEGs
 #      (the last 500 per class held out), its epochs fitted so that the whole command (decode
 #      and compile included) ends within TTA_S seconds; the held-out top-1 of its last epoch;
-#   3. with the time left: CUDA graphs (--compile-mode reduce-overhead) against the default
-#      compile, as real `mmlit finetune` runs of s.
+#   3. with the time left: CUDA graphs (--compile-mode reduce-overhead), a real 3-epoch
+#      `mmlit finetune` run of s (step 2 gives the default compile's rate to compare).
 #
 #   pip install -e . && bash benchmarks/gpu.sh
 #   bash benchmarks/gpu.sh --cpu-quick          # the same steps on a CPU with tiny budgets (a dry run)

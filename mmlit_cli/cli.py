@@ -77,7 +77,7 @@ def count_params(
     overrides: Optional[List[str]] = SetOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
-    """Parameters per component, the paper's figure beside ours, and MACs per image.
+    """Parameters per component, the paper's figure beside ours (xxs and s at 100 classes), and MACs per image.
 
     Example:  mmlit count-params --preset s --num-classes 100 --json
     """
@@ -182,8 +182,8 @@ PretrainRecipeOpt = _recipe_option("warm-up (the preset's share of the run) and 
 SeedOpt = typer.Option(None, "--seed", help="Override the recipe's seed.")
 WorkersOpt = typer.Option(None, "--workers", "-j", help="Data-loading processes (with --loader workers; default: "
                           "the preset's, as many as the machine has up to 8 on a CUDA GPU).")
-LoaderOpt = typer.Option(None, "--loader", help="Where batches come from: auto (default: the device where the "
-                         "split fits), device (the decoded split on the training device, shuffled and augmented "
+LoaderOpt = typer.Option(None, "--loader", help="Where batches come from: auto (default: device on a CPU, and on "
+                         "a CUDA GPU when the split takes under 25% of its free memory; workers elsewhere), device (the decoded split on the training device, shuffled and augmented "
                          "there in batches; no workers) or workers (a DataLoader augmenting image by image).")
 ResumeOpt = typer.Option(None, "--resume", help="Continue the run in this directory from last.safetensors. It "
                          f"keeps its recorded config: only {RESUME_MAY_CHANGE} may change.")
@@ -274,7 +274,7 @@ def eval_(
     """
     from .data import skipped_warning
     from .evaluate import evaluate_checkpoint, write_eval_files
-    from .train import new_run_dir
+    from .files import new_run_dir
 
     report = evaluate_checkpoint(checkpoint, dataset, split, data_dir, batch_size, device,
                                  compile=compile, compile_mode=compile_mode, classes_by_position=classes_by_position)

@@ -2,7 +2,8 @@
 
     fit(): for epoch:
                train_one_epoch(): for batch: forward (bf16 autocast on CUDA) -> backward ->
-                   clip -> AdamW step (lr: linear warm-up, then cosine) -> EMA
+                   clip (when grad_clip > 0) -> AdamW step (lr: the recipe's blend of
+                   one-cycle and linear warm-up then cosine, `optim`) -> EMA
                end of epoch: validate -> metrics.jsonl/.csv -> figures (within a 2 % time
                    budget) -> last/best.safetensors (written on a background thread)
 
@@ -274,8 +275,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> dict:
-        """Train to the last epoch, or until stopped: by Ctrl-C or `max_steps` (a resumable
-        checkpoint is saved), or by a non-finite loss (an error; the last good checkpoint stays)."""
+        """Train to the last epoch, or until stopped: by Ctrl-C, SIGTERM or `max_steps` (a
+        resumable checkpoint is saved), by `--patience` (no improvement), or by a non-finite loss
+        (an error; the last good checkpoint stays)."""
         with self.stop, self.record.writer:  # leaving it waits for the checkpoints being written
             self.record.start()
             self._print_start()
@@ -287,7 +289,7 @@ class Trainer:
 
     def _run_epoch(self) -> str | None:
         """An epoch (what is left of it, after a resume) and its end-of-epoch work; returns why
-        the run stops ("nan", "interrupt", "max_steps"), or None to go on."""
+        the run stops ("nan", "interrupt", "max_steps", "patience"), or None to go on."""
         start = time.perf_counter()
         loss_sum, seen, stopped = self.train_one_epoch()
         if stopped == "nan":

@@ -3,7 +3,8 @@
 Every file mmlit writes (checkpoints, metrics, config.yaml, figures, CSV, ONNX) goes through
 `atomic_write`, so a reader or a SIGKILL never sees half of one. `walk_files` is the one way
 a folder is listed (image folders for training and `eval`, folders given to `predict`), so
-the same folder always gives the same files in the same order.
+the same folder always gives the same files in the same order. `new_run_dir` is where a
+command writes (training runs and `eval`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from .errors import MmlitError
 
 _UMASK_LOCK = threading.Lock()
 
@@ -81,3 +83,23 @@ def walk_files(folder: Path) -> list[Path]:
         found += [rel + (f,) for f in filenames if not f.startswith(".") and not _special(os.path.join(dirpath, f))]
     found.sort()
     return [Path(folder).joinpath(*parts) for parts in found]
+
+
+def new_run_dir(out: str | Path | None, kind: str, name: str, resumable: bool = False) -> Path:
+    """The folder a command writes into: `--out DIR`, which must not hold files already (a
+    `resumable` command's error says how to continue the run there), or without it
+    `runs/<kind>/<name>`, `<name>2`, ... (the first that does not exist)."""
+    if out is not None:
+        path = Path(out)
+        if path.exists() and not path.is_dir():
+            raise MmlitError(f"--out {path} is a file: --out names a folder; choose another")
+        if path.exists() and any(path.iterdir()):
+            resume = f", or continue that run with --resume {path}" if resumable else ""
+            raise MmlitError(f"output directory {path} already exists and is not empty: choose another --out{resume}")
+        return path
+    base = Path("runs") / kind
+    for i in range(1, 10_000):
+        path = base / (name if i == 1 else f"{name}{i}")
+        if not path.exists():
+            return path
+    raise MmlitError(f"too many runs in {base}")

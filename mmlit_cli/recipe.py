@@ -52,7 +52,8 @@ measured for fine-tuning). Every rule is measured against the plain loop (docs/R
 
 Before these rules, `fit_to_device` sets what the device decides (batch size and loader
 workers on a CUDA GPU). A value the user set (`--lr`, `--batch-size`, `--set
-finetune.augment.mixup_alpha=0.2`, ...) is kept as set, and the fitting does not turn off the
+finetune.augment.mixup_alpha=0.2`, ...) is kept as set (a warm-up longer than half the run is
+capped at half, as the schedules run it), and the fitting does not turn off the
 feature it belongs to: the keys without which it does nothing (here `mix_prob`) keep the
 preset's values (`KEPT_FOR`).
 """
@@ -238,7 +239,8 @@ def fit_recipe(cfg: Config, section: str, reference_epochs: int, train_images: i
 
     `reference_epochs` is the length the preset's recipe was written for (its own `epochs`
     before `--epochs`); `pinned` holds the dotted keys the user set (`finetune.lr`,
-    `finetune.augment.mixup_alpha`, `model.drop_path`, ...), which are kept as set.
+    `finetune.augment.mixup_alpha`, `model.drop_path`, ...), which are kept as set (but
+    `warmup_epochs`, capped at half the run).
     """
     recipe: TrainConfig = getattr(cfg, section)
     mine = {k[len(section) + 1:] for k in pinned if k.startswith(section + ".")}

@@ -23,6 +23,7 @@ from .data import DATASET_NAMES, SAMPLE_DIR, ImageData, canonical_name, default_
     skipped_warning, train_split_size, usable_cpus
 from .engine import RunOptions, Trainer
 from .errors import DataNotFound, MmlitError
+from .files import new_run_dir
 from .recipe import SAMPLE_EPOCHS, batch_origin, describe, fit_recipe, fit_to_device, pinned_keys
 from .runtime import check_compile_mode, end_distributed, process_count, process_rank, resolve_device
 from .tasks import TASKS
@@ -75,24 +76,6 @@ class DataSpec:
 
 def _absolute(path: str | Path) -> str:
     return str(Path(path).expanduser().resolve())
-
-
-def new_run_dir(out: str | Path | None, kind: str, name: str) -> Path:
-    """`--out DIR` must not hold files already; without it, `runs/<kind>/<name>`, `<name>2`, ..."""
-    if out is not None:
-        path = Path(out)
-        if path.exists() and not path.is_dir():
-            raise MmlitError(f"--out {path} is a file: --out names a folder; choose another")
-        if path.exists() and any(path.iterdir()):
-            resume = f", or continue that run with --resume {path}" if kind in TASKS else ""
-            raise MmlitError(f"output directory {path} already exists and is not empty: choose another --out{resume}")
-        return path
-    base = Path("runs") / kind
-    for i in range(1, 10_000):
-        path = base / (name if i == 1 else f"{name}{i}")
-        if not path.exists():
-            return path
-    raise MmlitError(f"too many runs in {base}")
 
 
 def _apply_shortcuts(cfg: Config, section: str, **values: Any) -> Config:
@@ -423,7 +406,7 @@ def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_
         _restarted_run(kind, task_cls, plan)
     if continued is not None:
         return continued
-    run_dir = new_run_dir(out, kind, plan.cfg.name)
+    run_dir = new_run_dir(out, kind, plan.cfg.name, resumable=True)
     if probe:
         _check_writable(run_dir)
     return dataclasses.replace(plan, run_dir=run_dir)

@@ -109,3 +109,31 @@ def test_importing_the_package_loads_nothing_until_the_api_is_used():
     assert r.stdout.split(" ", 3) == ["False", "True", "mmlit_cli.api",
                                       "['__version__', 'create_mae', 'create_model', 'list_models', 'load_model', 'predict_paths', "
                                       "'preprocess']\n"]
+
+
+def test_the_checkpoint_commands_never_load_the_trainer(tmp_path):
+    """As a user runs them, each in a fresh process: `eval`, `predict` and `export` on a
+    trained checkpoint end with no training module loaded (a command that borrowed a helper
+    from `train` would load the whole engine; `eval` did). `benchmark` is left out for time (it
+    compiles a model): its command imports `deploy_benchmark` and `runtime` only, which the
+    tests above keep clear of training."""
+    from helpers import train_tiny
+
+    data, run = train_tiny(tmp_path)
+    ckpt = str(run / "best.safetensors")
+    commands = {"evaluate": ["eval", ckpt, "--dataset", str(data), "--out", str(tmp_path / "eval")],
+                "predict": ["predict", ckpt, str(data / "red")],
+                "export": ["export", ckpt, "--out", str(tmp_path / "model.onnx")]}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")])}
+    for name, argv in commands.items():
+        modules = tmp_path / f"{name}.json"
+        code = ("import atexit, json, sys; out = sys.argv[1]; atexit.register(lambda: open(out, 'w').write("
+                "json.dumps(sorted(m for m in sys.modules if m.startswith('mmlit_cli'))))); "
+                "sys.argv = ['mmlit', *sys.argv[2:]]; from mmlit_cli.cli import main; main()")
+        r = subprocess.run([sys.executable, "-c", code, str(modules), *argv], capture_output=True, text=True,
+                           env=env, cwd=tmp_path, timeout=600)
+        assert r.returncode == 0, (name, r.stderr[-2000:])
+        loaded = {room(m) for m in json.loads(modules.read_text())}
+        assert name in loaded  # the command's own module (the key), loaded as it ran
+        # cli's help texts read `recipe`'s numbers (it imports only config: no torch, no engine)
+        assert not loaded & (TRAINING - {"recipe"}), (name, sorted(loaded & TRAINING))
