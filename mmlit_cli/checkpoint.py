@@ -172,7 +172,7 @@ def _json_field(meta: dict[str, str], key: str, kind: type, path: Path) -> Any:
 
 def load_checkpoint(path: str | Path, with_train_state: bool = False) -> Checkpoint:
     """Read and validate a checkpoint; every problem is a one-line `CheckpointError`."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         inside = [p.name for p in (path / "best.safetensors", path / "last.safetensors") if p.is_file()]
         hint = f": pass a checkpoint file in it ({' or '.join(str(path / n) for n in inside)})" if inside else \
@@ -180,6 +180,9 @@ def load_checkpoint(path: str | Path, with_train_state: bool = False) -> Checkpo
         raise CheckpointError(f"{path} is a folder{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix.lower() == ".onnx":  # `predict` runs these; every other command reads checkpoints
+        raise CheckpointError(f"{path} is an exported ONNX file: this needs the .safetensors checkpoint it was "
+                              f"exported from (mmlit predict runs ONNX files)")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -223,6 +226,8 @@ class InitReport:
     loaded: list[str]
     skipped: list[str]  # in the checkpoint, not used (decoder, mismatched head...)
     missing: list[str]  # in the model, not in the checkpoint (kept at their initialisation)
+    # in both under one name, in other shapes: "blocks.0.attn.qkv.weight [108, 36] there, [216, 72] here"
+    mismatched: list[str] = field(default_factory=list)
 
 
 def load_weights_into(model: torch.nn.Module, ckpt: Checkpoint) -> InitReport:
@@ -231,7 +236,7 @@ def load_weights_into(model: torch.nn.Module, ckpt: Checkpoint) -> InitReport:
     source = encoder_state(ckpt)
     own = model.state_dict()
     loaded, skipped = [], sorted(k for k in ckpt.tensors if ckpt.task == "mae" and not k.startswith("encoder."))
-    to_load = {}
+    to_load, mismatched = {}, []
     for name, tensor in source.items():
         if name == "pos_embed" and name in own and tensor.shape != own[name].shape:
             tensor = resize_pos_embed(tensor, own[name].shape[1])
@@ -240,6 +245,8 @@ def load_weights_into(model: torch.nn.Module, ckpt: Checkpoint) -> InitReport:
             loaded.append(name)
         else:
             skipped.append(name)
+            if name in own:
+                mismatched.append(f"{name} {list(tensor.shape)} there, {list(own[name].shape)} here")
     model.load_state_dict(to_load, strict=False)
     missing = sorted(k for k in own if k not in to_load)
-    return InitReport(sorted(loaded), sorted(skipped), missing)
+    return InitReport(sorted(loaded), sorted(skipped), missing, mismatched)

@@ -357,6 +357,7 @@ def predict(
                                  f"in {shown_from}"), highlight=False, soft_wrap=True)
     if as_json and csv_path:
         raise MmlitError("use --json or --csv, not both")
+    csv_path = csv_path and os.path.expanduser(csv_path)  # `--csv=~/p.csv`: the shell leaves that ~ to us
     if csv_path and Path(csv_path).exists():
         raise MmlitError(f"{csv_path} already exists: choose another --csv file")
     result = predict_paths(checkpoint, paths, top_k=top_k, batch_size=batch_size, device=device,

@@ -414,11 +414,32 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
         raise ConfigError(f"{source}: {e}") from None
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _PresetLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error: YAML
+    keeps the last silently, and an edited preset with `depth: 9` left above `depth: 4` would
+    train a model its author did not read."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float)) and key in seen:
+                raise _DuplicateKey(f"'{key}' is given twice in one section (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(preset: str | Path = "xs", overrides: list[str] | None = None) -> Config:
     """Load a preset by name or path, apply `--set` overrides and validate the result."""
     path = resolve_preset_path(str(preset))
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_PresetLoader) or {}
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     except OSError as e:

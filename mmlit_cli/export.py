@@ -118,9 +118,9 @@ def output_path(ckpt_path: str | Path, out_path: str | Path | None = None, int8:
     """Where an export goes: `out_path`, `<out_path>/<checkpoint stem>.onnx` for a folder (one
     that exists, or a new one named with a trailing slash), or the checkpoint path with
     `.onnx` (`.int8.onnx` for an int8 export)."""
-    ckpt_path = Path(ckpt_path)
+    ckpt_path = Path(ckpt_path).expanduser()
     name = ckpt_path.stem + (".int8.onnx" if int8 else ".onnx")
-    out = Path(out_path) if out_path is not None else ckpt_path.with_name(name)
+    out = Path(out_path).expanduser() if out_path is not None else ckpt_path.with_name(name)
     folder = out.is_dir() or str(out_path).endswith(("/", os.sep))
     return out / name if folder else out
 

@@ -75,10 +75,21 @@ def _special(path: str) -> bool:
 
 def walk_files(folder: Path) -> list[Path]:
     """Every non-hidden file under `folder` (FIFOs, sockets and devices left out), recursively
-    (hidden folders skipped), sorted by the parts of its path relative to `folder`."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    (hidden folders skipped), sorted by the parts of its path relative to `folder`. Linked
+    folders are followed, as torchvision's ImageFolder follows them (a class folder may be a
+    link), each real folder once; a link to `folder` or above it is not followed (it would
+    loop, and list the folders beside `folder` as if inside it). The folders are walked in
+    sorted order, so which of two paths to one folder lists it is fixed."""
+    found, seen = [], set()
+    top = os.path.realpath(folder)
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        above = dirpath != str(folder) and (top + os.sep).startswith(real.rstrip(os.sep) + os.sep)
+        if real in seen or above:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel = Path(dirpath).relative_to(folder).parts
         found += [rel + (f,) for f in filenames if not f.startswith(".") and not _special(os.path.join(dirpath, f))]
     found.sort()
@@ -86,15 +97,17 @@ def walk_files(folder: Path) -> list[Path]:
 
 
 def new_run_dir(out: str | Path | None, kind: str, name: str, resumable: bool = False) -> Path:
-    """The folder a command writes into: `--out DIR`, which must not hold files already (a
-    `resumable` command's error says how to continue the run there), or without it
+    """The folder a command writes into: `--out DIR` (`~` expanded), which must not hold files
+    already (a `resumable` command's error says how to continue the run there, when it holds
+    one), or without it
     `runs/<kind>/<name>`, `<name>2`, ... (the first that does not exist)."""
     if out is not None:
-        path = Path(out)
+        path = Path(out).expanduser()  # `--out=~/runs/x`: the shell leaves that ~ to us
         if path.exists() and not path.is_dir():
             raise MmlitError(f"--out {path} is a file: --out names a folder; choose another")
         if path.exists() and any(path.iterdir()):
-            resume = f", or continue that run with --resume {path}" if resumable else ""
+            has_run = resumable and (path / "last.safetensors").is_file()
+            resume = f", or continue that run with --resume {path}" if has_run else ""
             raise MmlitError(f"output directory {path} already exists and is not empty: choose another --out{resume}")
         return path
     base = Path("runs") / kind

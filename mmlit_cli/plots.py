@@ -84,7 +84,7 @@ def plot_curves(run_dir: str | Path) -> Path | None:
     Returns the PNG path, or None when the run has no finished epoch yet (no metrics.jsonl,
     or no row with a loss). Raises `PlotUnavailable` without matplotlib.
     """
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).expanduser()
     if run_dir.is_file() and run_dir.name == "metrics.jsonl":
         run_dir = run_dir.parent
     if run_dir.is_file():

@@ -287,6 +287,14 @@ def _resumed_run(run_dir: Path, task_cls, *, preset: str | None = None, dataset:
     options = {k: v for k, v in (options or {}).items() if v is not None}
     loader = options.pop("loader", None)
     changes = {k: options.pop(k) for k in RESUMED_CONFIG_MAY_CHANGE if k in options}
+    run_dir = run_dir.expanduser()
+    if run_dir.is_file() and run_dir.suffix == ".safetensors":  # `--resume runs/x/last.safetensors`, as YOLO takes it
+        if run_dir.name != "last.safetensors":
+            raise MmlitError(f"{run_dir} is not a run's last checkpoint: --resume takes the run's folder "
+                             f"({run_dir.parent}), which resumes from its last.safetensors")
+        run_dir = run_dir.parent
+    if not run_dir.exists():
+        raise MmlitError(f"nothing to resume: {run_dir} does not exist")
     last = run_dir / "last.safetensors"
     if not last.is_file():
         raise MmlitError(f"nothing to resume in {run_dir}: no last.safetensors")
@@ -294,7 +302,9 @@ def _resumed_run(run_dir: Path, task_cls, *, preset: str | None = None, dataset:
     if ckpt.train_info is None:
         raise MmlitError(f"{last} holds no training state (it is not a run's last checkpoint)")
     if ckpt.task != task_cls.kind:
-        raise MmlitError(f"{run_dir} is a {ckpt.task} run; resume it with the matching command")
+        command = next((c.command for c in TASKS.values() if c.kind == ckpt.task), None)
+        how = f"mmlit {command} --resume {run_dir}" if command else "the command that trained it"
+        raise MmlitError(f"{run_dir} is a {command or ckpt.task} run: resume it with {how}")
     cfg = ckpt.config
     if preset is not None and load_config(preset).name != cfg.name:
         raise MmlitError(f"{run_dir} was trained with preset '{cfg.name}', not '{preset}'")
@@ -402,7 +412,8 @@ def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_
     that the run's folder can be written (a file is written and removed there)."""
     plan = _new_plan(task_cls, preset, dataset, data_dir, download, validation, overrides, shortcuts)
     plan = dataclasses.replace(plan, invocation=_invocation(plan, init))
-    continued = _continued_run(Path(out), task_cls, plan) if out is not None else \
+    out = None if out is None else Path(out).expanduser()  # `--out=~/runs/x`: the shell leaves that ~ to us
+    continued = _continued_run(out, task_cls, plan) if out is not None else \
         _restarted_run(kind, task_cls, plan)
     if continued is not None:
         return continued
@@ -484,6 +495,9 @@ def _new_plan(task_cls, preset: str | None, dataset: str | None, data_dir: str |
     if is_sample(dataset) and f"{section}.epochs" not in pinned:
         shortcuts = {**shortcuts, "epochs": SAMPLE_EPOCHS[section]}
     cfg = _apply_shortcuts(load_config(preset or "xs", overrides), section, **shortcuts)
+    if cfg.model.in_chans != 3:  # a model of other channels is for count-params and the Python API
+        raise MmlitError(f"model.in_chans is {cfg.model.in_chans}: training needs 3, as every image is decoded as "
+                         f"RGB (grey ones with 3 equal channels)")
     # The preset's own length is the one its recipe was written for (`RunPlan.fit_to` fits it).
     reference_epochs = getattr(load_config(preset or "xs"), section).epochs
     spec = DataSpec(dataset, data_dir, download, validation or "auto")
@@ -564,6 +578,12 @@ def _load_init(task, init: str | Path, ckpt: Checkpoint, console: Console | None
     report = load_weights_into(task.init_target, ckpt)
     if not report.loaded:
         raise MmlitError(f"--init {init}: no tensor of that checkpoint fits this model")
+    # A head of another class count is replaced, as timm does; any other tensor in another
+    # shape means another architecture, and a run that goes on trains mostly from scratch.
+    other = [m for m in report.mismatched if not m.startswith("head.")]
+    if other:
+        raise MmlitError(f"--init {init} is another architecture ({len(other)} tensor(s) differ in shape: "
+                         f"{other[0]}): train with its preset and --set (its config.yaml says them)")
     if console is not None:
         console.print(escape(f"--init {init}: loaded {len(report.loaded)} tensors; skipped "
                              f"{len(report.skipped)} ({_short(report.skipped)}); new "

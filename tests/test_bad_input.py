@@ -56,6 +56,12 @@ def world(tmp_path_factory):
             for i in range(6)]
     rows[1:1] = ["gone.png,red,train", "broken.jpg,red,val"]  # lines 3 and 4: one before decoding, one after
     (root / "bad-rows.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    (root / "one-class.csv").write_text("path,label\n" + "".join(f"colours/red/red_{i:03d}.png,red\n" for i in range(6)))
+    (root / "val-only-class.csv").write_text("path,label,split\n" + "".join(
+        f"colours/{c}/{c}_{i:03d}.png,{c},{'val' if c == 'blue' or i < 2 else 'train'}\n"
+        for c in ("red", "green", "blue") for i in range(6)))
+    (root / "model.onnx").write_bytes(b"\x08\x07an onnx file, as far as eval can tell")
+    (root / "dup.yaml").write_text("name: dup\nmodel:\n  depth: 9\n  embed_dim: 36\n  depth: 4\n")
     return w
 
 
@@ -107,7 +113,14 @@ CASES = [
     ("cuda without GPU", lambda w: ["finetune", "--dataset", str(w["folder"]), "--device", "cuda", "--out", str(w["root"] / "never"), *SETS], "no CUDA GPU"),
     ("unknown device", lambda w: ["finetune", "--dataset", str(w["folder"]), "--device", "tpu", "--out", str(w["root"] / "never2"), *SETS], "unknown device"),
     ("resume other preset", lambda w: ["finetune", "--resume", str(w["root"] / "clf"), "--preset", "s"], "not 's'"),
-    ("resume pretrain as finetune", lambda w: ["finetune", "--resume", str(w["root"] / "mae")], "mae run"),
+    ("resume pretrain as finetune", lambda w: ["finetune", "--resume", str(w["root"] / "mae")], "is a pretrain run: resume it with mmlit pretrain --resume"),
+    ("resume a checkpoint other than last", lambda w: ["finetune", "--resume", str(w["root"] / "clf" / "best.safetensors")], "is not a run's last checkpoint: --resume takes the run's folder"),
+    ("eval an ONNX file", lambda w: ["eval", str(w["root"] / "model.onnx"), "--dataset", str(w["folder"])], "is an exported ONNX file: this needs the .safetensors checkpoint"),
+    ("init of another architecture", lambda w: ["finetune", "--dataset", str(w["folder"]), "--init", str(w["root"] / "clf" / "best.safetensors"), "--out", str(w["root"] / "never5")], "is another architecture"),
+    ("in_chans other than 3", lambda w: ["finetune", "--dataset", str(w["folder"]), *SETS, "--set", "model.in_chans=1", "--out", str(w["root"] / "never6")], "model.in_chans is 1: training needs 3"),
+    ("label file with one class", lambda w: ["finetune", "--dataset", str(w["root"] / "one-class.csv"), *SETS], "every row has the label 'red'; a classifier needs at least 2"),
+    ("label file with a class only in val", lambda w: ["finetune", "--dataset", str(w["root"] / "val-only-class.csv"), *SETS], "label(s) in val/test rows but in no train row: blue"),
+    ("preset with a key given twice", lambda w: ["count-params", "--preset", str(w["root"] / "dup.yaml")], "'depth' is given twice in one section (line 5)"),
     ("resume missing dir", lambda w: ["finetune", "--resume", str(w["root"] / "nothing")], "nothing to resume"),
     ("resume with --set", lambda w: ["finetune", "--resume", str(w["root"] / "clf"), "--set", "model.depth=2"], "--set"),
     ("init missing, said before the data is read", lambda w: ["finetune", "--dataset", "cifar10", "--data-dir", str(w["root"] / "nope"), "--init", str(w["root"] / "gone.safetensors"), *SETS], "checkpoint not found"),
@@ -141,6 +154,18 @@ def test_bad_input(case, world, monkeypatch, capsys):
     assert len(err.splitlines()) == 1, err
     assert needle in err, err
     assert snapshot(world["root"]) == before
+
+
+def test_a_full_out_folder_advises_resume_only_when_it_holds_a_run(world, monkeypatch, capsys):
+    """`--out` naming a folder with files: --resume is advised only where there is a run to
+    resume (a last.safetensors), not for a folder of notes or of images."""
+    monkeypatch.chdir(world["root"])
+    for out, advised in (("taken", False), ("colours", False)):
+        monkeypatch.setattr(sys, "argv", ["mmlit", "finetune", "--dataset", str(world["folder"]), "--out", out, *SETS])
+        with pytest.raises(SystemExit):
+            cli.main()
+        err = capsys.readouterr().err
+        assert "already exists and is not empty" in err and ("--resume" in err) == advised, err
 
 
 def test_eval_into_a_full_folder_does_not_advise_a_resume_it_does_not_have(world, monkeypatch, capsys):

@@ -105,12 +105,21 @@ def _undecodable(rows: list[Row], ok: list[bool]) -> list[tuple[int, str]]:
 def label_file_split(csv_path: Path, split: str, hold: float | None,
                      require_labels: bool) -> tuple[list[Row], list[str], str]:
     """(rows of `split`, classes, how they were chosen), nothing decoded."""
-    return _split(csv_path, read_rows(csv_path, require_labels), split, hold)
+    return _split(csv_path, read_rows(csv_path, require_labels), split, hold, require_labels)
 
 
-def _split(csv_path: Path, rows: list[Row], split: str, hold: float | None) -> tuple[list[Row], list[str], str]:
+def _split(csv_path: Path, rows: list[Row], split: str, hold: float | None,
+           require_labels: bool) -> tuple[list[Row], list[str], str]:
     rows = sorted(rows, key=lambda r: r.path)  # as a folder lists its files
     classes = sorted({r.label for r in rows if r.label})
+    if require_labels:  # what a folder's classes must be, a label file's must be too
+        if len(classes) < 2:
+            raise DataError(f"{csv_path}: every row has the label {classes[0]!r}; a classifier needs at least 2 "
+                            f"classes")
+        trained = {r.label for r in rows if r.split in (None, "train")}
+        extra = [c for c in classes if c not in trained]
+        if extra:
+            raise DataError(f"{csv_path}: label(s) in val/test rows but in no train row: {', '.join(extra[:5])}")
     part, note = _split_rows(csv_path, rows, split, hold, classes)
     return part, classes, note
 
@@ -124,7 +133,7 @@ def load_label_file(csv_path: Path, split: str, image_size: int, hold: float | N
     that one run shows the user all there is to mend."""
     rows, bad = checked_rows(csv_path, require_labels)
     if not bad:
-        part, classes, note = _split(csv_path, rows, split, hold)
+        part, classes, note = _split(csv_path, rows, split, hold, require_labels)
         images, ok = decode_files([r.path for r in part], image_size)
         if all(ok):
             return _image_data(csv_path, part, classes, note, images)
