@@ -46,14 +46,21 @@ def list_models(pattern: str = "*") -> list[str]:
     return [name for name in available_presets() if fnmatch.fnmatchcase(name, pattern)]
 
 
-def create_model(preset: str | Path = "xs", num_classes: int | None = None, image_size: int | None = None,
-                 overrides: list[str] | None = None, **model_kwargs) -> MLiT:
+def create_model(preset: str | Path = "xs", pretrained: bool = False, num_classes: int | None = None,
+                 image_size: int | None = None, overrides: list[str] | str | None = None, **model_kwargs) -> MLiT:
     """Build an mLiT classifier from a preset name or YAML path, the way `timm.create_model` does.
 
     >>> model = create_model("xxs", num_classes=10)
     Keyword arguments override fields of the preset's `model` section (`depth=4`, ...).
+    `pretrained=True` is an error: mmlit ships no weights (train them, then `load_model`).
     """
-    cfg = load_config(preset, overrides)
+    if not isinstance(pretrained, bool):  # create_model("xxs", 10): timm's second argument is `pretrained`
+        raise MmlitError(f"create_model's second argument is pretrained, as in timm.create_model: pass "
+                         f"num_classes={pretrained!r} by name")
+    if pretrained:
+        raise MmlitError("mmlit has no pretrained weights to download: train a model (mmlit finetune) and load "
+                         "its checkpoint with mmlit_cli.load_model")
+    cfg = load_config(preset, [overrides] if isinstance(overrides, str) else overrides)
     changes = dict(model_kwargs)
     if num_classes is not None:
         changes["num_classes"] = num_classes
@@ -66,11 +73,14 @@ def create_model(preset: str | Path = "xs", num_classes: int | None = None, imag
 
 
 def create_mae(preset: str | Path = "xs", image_size: int | None = None,
-               overrides: list[str] | None = None) -> MaskedAutoencoder:
-    """Build the masked auto-encoder (mmLiT pre-training) around a preset's encoder."""
-    cfg = load_config(preset, overrides)
+               overrides: list[str] | str | None = None, **mae_kwargs) -> MaskedAutoencoder:
+    """Build the masked auto-encoder (mmLiT pre-training) around a preset's encoder. Keyword
+    arguments override fields of the preset's `mae` section (`mask_ratio=0.5`, ...)."""
+    cfg = load_config(preset, [overrides] if isinstance(overrides, str) else overrides)
     model_cfg = cfg.model if image_size is None else dataclasses.replace(cfg.model, image_size=image_size)
-    return MaskedAutoencoder(model_cfg, cfg.mae)
+    mae_cfg = dataclasses.replace(cfg.mae, **mae_kwargs)
+    mae_cfg.validate()
+    return MaskedAutoencoder(model_cfg, mae_cfg)
 
 
 def load_model(checkpoint: str | Path, device: str | torch.device | None = "cpu") -> MLiT:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,16 @@ RESUME_MAY_CHANGE = ("--epochs, --patience, --workers, --data-dir, --download, -
                      "and --save-every")
 # The keys of a run's config section that --resume may change (with their options or --set).
 RESUMED_CONFIG_MAY_CHANGE = ("epochs", "patience", "workers")
+
+
+def _check_finite(section: Any, where: str) -> None:
+    """NaN and inf in a section's numbers are errors: YAML and --set read `nan` and `inf` as
+    floats, and every range check (`lr > 0`, ...) is False for NaN, so it would pass them."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if any(isinstance(x, float) and not math.isfinite(x) for x in (value if isinstance(value, (list, tuple))
+                                                                       else [value])):
+            raise ConfigError(f"{where}.{f.name} must be a finite number, got {value}")
 
 
 @dataclass
@@ -83,10 +94,17 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"model: {msg}")
 
+        _check_finite(self, "model")
+
+        def whole(name: str) -> int:  # the Python API's keywords (create_model) are not type-checked as YAML is
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer, got {value!r}")
+            return value
+
         for name in ("image_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
                      "num_kv_heads", "mlp_hidden_first", "mlp_hidden_last", "top_k"):
-            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        need(self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}")
+            need(whole(name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        need(whole("num_classes") >= 0, f"num_classes must be >= 0, got {self.num_classes}")
         need(self.image_size % self.patch_size == 0,
              f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         need(self.embed_dim % self.num_heads == 0,
@@ -116,6 +134,7 @@ class MAEConfig:
     norm_pix_loss: bool = True  # per-patch normalised pixel targets, as in the original MAE
 
     def validate(self) -> None:
+        _check_finite(self, "mae")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"mae: mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.decoder_dim % self.decoder_heads or self.decoder_heads % self.decoder_kv_heads:
@@ -143,6 +162,7 @@ class AugmentConfig:
     mix_prob: float = 1.0  # probability that a batch is mixed at all
 
     def validate(self, where: str) -> None:
+        _check_finite(self, f"{where}.augment")
         if self.auto_augment not in ("trivial", "rand", "none"):
             raise ConfigError(f"{where}.augment.auto_augment must be trivial, rand or none, "
                               f"got {self.auto_augment!r}")
@@ -212,6 +232,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, where: str) -> None:
+        _check_finite(self, where)
         if self.epochs <= 0:
             raise ConfigError(f"{where}.epochs must be positive, got {self.epochs}")
         if self.batch_size <= 0:
@@ -260,6 +281,7 @@ class DataConfig:
     val_fraction: float = 0.1  # held out, stratified, when a dataset has no validation split
 
     def validate(self) -> None:
+        _check_finite(self, "data")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ConfigError("data: mean and std must be three numbers each, std > 0")
         if not 0.0 < self.val_fraction < 1.0:
@@ -440,6 +462,9 @@ def load_config(preset: str | Path = "xs", overrides: list[str] | None = None) -
         data = yaml.load(path.read_text(), Loader=_PresetLoader) or {}
     except _DuplicateKey as e:
         raise ConfigError(f"{path}: {e}") from None
+    except UnicodeDecodeError:  # a checkpoint or an image given as --preset
+        hint = ": a checkpoint goes to --init, eval or predict" if path.suffix == ".safetensors" else ""
+        raise ConfigError(f"{path} is not a YAML preset (not text){hint}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     except OSError as e:

@@ -20,6 +20,8 @@ per-expert form as the test oracle.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -274,11 +276,37 @@ class MLiT(nn.Module):
         if isinstance(self.head, nn.Linear):
             nn.init.zeros_(self.head.weight)
 
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new head for `num_classes` (0: none, the model returns the class token's features),
+        zero-initialised as at construction, on the old head's device and dtype; as timm's."""
+        cfg = dataclasses.replace(self.cfg, num_classes=num_classes)
+        cfg.validate()
+        self.cfg, like = cfg, self.norm.weight
+        self.head = nn.Linear(self.cfg.embed_dim, num_classes, device=like.device, dtype=like.dtype) \
+            if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        if isinstance(getattr(self, "pretrained_cfg", None), dict):
+            self.pretrained_cfg["num_classes"] = num_classes
+
     def moe_layers(self) -> list[MoEFeedForward]:
         return [b.ffn for b in self.blocks]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens with their position embedding, no class token: [B, N, D]."""
+        C, S = self.cfg.in_chans, self.cfg.image_size
+        if x.dim() != 4 or tuple(x.shape[1:]) != (C, S, S) or not x.is_floating_point():
+            # as timm's patch embedding asserts its image size: the shape error from deep inside says less
+            raise ValueError(f"mLiT takes float images [N, {C}, {S}, {S}], normalised; got {x.dtype} "
+                             f"{list(x.shape)} (mmlit_cli.preprocess makes them from files or Pillow images)")
         return self.patch_embed(x) + self.pos_embed[:, 1:]
 
     def cls_embed(self, batch: int) -> torch.Tensor:

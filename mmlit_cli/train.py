@@ -514,7 +514,8 @@ def resolved_config(kind: str, preset: str | None, dataset: str | None, *, data_
     config the resumed run would use: the one the run recorded, with what --epochs, --workers
     and --patience (and another process count, the lr) change; an option the run keeps (--lr,
     --batch-size, ...) is checked against it as the run would check it. What the run would
-    refuse before reading its data is refused: a missing or broken --init file, an --out
+    refuse before reading its data is refused: a missing or broken --init file, or one of another
+    architecture (checked on a model built and dropped), an --out
     holding another run or other files."""
     task_cls = TASKS[kind]
     if resume is not None:
@@ -523,8 +524,7 @@ def resolved_config(kind: str, preset: str | None, dataset: str | None, *, data_
         return _recorded_config(plan, f"resumed from {resume}: the config it recorded, as the resumed run would use it")
     _check_validation(validation)
     init, out = shortcuts.get("init"), shortcuts.get("out")
-    if init is not None:
-        load_checkpoint(init)
+    init_ckpt = None if init is None else load_checkpoint(init)
     shortcuts = {k: shortcuts.get(k) for k in ("epochs", "batch_size", "lr", "seed", "workers", "recipe", "loader",
                                                "patience", "class_balance")}
     plan = _new_run(kind, task_cls, preset, dataset, data_dir, False, validation, overrides, shortcuts, out, init,
@@ -535,6 +535,8 @@ def resolved_config(kind: str, preset: str | None, dataset: str | None, *, data_
                                        task_cls.needs_labels)
     plan = plan.fit_to(task_cls.command, images, resolve_device(device).type)
     cfg = task_cls.fit_config(plan.cfg, classes)
+    if init_ckpt is not None:  # the architecture check the run makes, on a model built here and dropped
+        _load_init(task_cls(cfg, [str(i) for i in range(classes)]), init, init_ckpt, None)
     head = [f"{plan.spec.dataset}: {images:,} training images, {classes} classes (counted, not read)",
             *(plan.recipe_note or "").splitlines()]
     return "".join(f"# {line}\n" for line in head) + dump_config(cfg)

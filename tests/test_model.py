@@ -291,6 +291,44 @@ def test_invalid_model_config_is_a_clear_error():
         create_model("xxs", image_size=35)
 
 
+def test_the_python_api_says_what_is_wrong_as_timm_would():
+    """Input of the wrong size, dtype or rank is named at the model's door (not a shape error
+    from deep inside); create_model's arguments are checked by type; timm's `pretrained`
+    argument is taken (and refused when true: mmlit ships no weights)."""
+    from mmlit_cli import create_mae
+    from mmlit_cli.errors import ConfigError, MmlitError
+
+    model = create_model("xxs", num_classes=10)
+    for x in (torch.randn(1, 3, 32, 32), torch.zeros(1, 3, 36, 36, dtype=torch.uint8), torch.randn(3, 36, 36)):
+        with pytest.raises(ValueError, match=r"mLiT takes float images \[N, 3, 36, 36\]"):
+            model(x)
+    for bad in (2.5, True, "10"):
+        with pytest.raises(ConfigError, match="num_classes must be an integer"):
+            create_model("xxs", num_classes=bad)
+    with pytest.raises(MmlitError, match="no pretrained weights"):
+        create_model("xxs", pretrained=True)
+    with pytest.raises(MmlitError, match="pass num_classes=10 by name"):
+        create_model("xxs", 10)
+    assert create_model("xxs", False, num_classes=3).num_classes == 3
+    assert create_model("xxs", overrides="model.depth=2").cfg.depth == 2  # one --set as a string
+    assert create_mae("xxs", mask_ratio=0.5).mae_cfg.mask_ratio == 0.5
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        create_mae("xxs", mask_ratio=1.5)
+
+
+def test_reset_classifier_gives_a_new_head_as_timm_does():
+    model = create_model("xxs", num_classes=10).to(torch.float64)
+    assert model.num_classes == 10 and model.get_classifier() is model.head
+    features = model.forward_features(torch.randn(2, 3, 36, 36, dtype=torch.float64))[:, 0]
+    model.reset_classifier(4)
+    out = model(torch.randn(2, 3, 36, 36, dtype=torch.float64))
+    assert out.shape == (2, 4) and out.dtype == torch.float64 and not out.any()  # zero-initialised, as built
+    assert model.num_classes == 4 and model.pretrained_cfg["num_classes"] == 4
+    model.reset_classifier(0)
+    x = torch.randn(2, 3, 36, 36, dtype=torch.float64)
+    assert torch.equal(model(x), model.forward_features(x)[:, 0]) and features.shape == (2, 108)
+
+
 def test_bf16_autocast_forward_backward_and_fp32_gates():
     torch.manual_seed(7)
     model = create_model("xxs", num_classes=5, depth=3)
