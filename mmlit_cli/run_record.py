@@ -126,7 +126,10 @@ class RunRecord:
         if self.dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
             note = "".join(f"# {line}\n" for line in (self.facts.recipe_note or "").splitlines())
-            atomic_write_text(out / "config.yaml", note + dump_config(self.cfg))
+            # the values below are the fitted ones: fitting them again (--recipe auto) would
+            # treat the run's length as a preset's and change them
+            again = "# to train with exactly this recipe again: --preset config.yaml --recipe paper\n"
+            atomic_write_text(out / "config.yaml", note + again + dump_config(self.cfg))
             # a resumed run hides what an attempt logged after its checkpoint (an epoch logged,
             # then killed before it was saved): that epoch is logged again
             self.events = open_event_log(out, purge_step=self.epoch + 1 if self.global_step else None)

@@ -209,6 +209,12 @@ def _resume(trainer: Trainer, plan: RunPlan, console: Console | None) -> None:
     console.print(escape(f"{plan.run_dir} holds this run's last.safetensors; " if plan.continued else "") +
                   escape(f"{how} {plan.run_dir} at epoch {trainer.epoch + 1}, step {trainer.global_step}"),
                   highlight=False)
+    had, epochs = getattr(plan.resume.config, trainer.task.command).epochs, trainer.recipe.epochs
+    if had != epochs:
+        console.print(escape(
+            f"note: {epochs} epochs, where the run had {had}: the lr schedule is stretched to {epochs} epochs and "
+            f"goes on from where that puts step {trainer.global_step}; the rest of the recipe stays as the run "
+            f"started it (a new run would fit it to {epochs} epochs)"), highlight=False)
     world = trainer.dist.world_size
     if saved_world != world:
         how = "as set" if _lr_pinned(plan.invocation, trainer.task.command) else f"x {world}/{saved_world}"

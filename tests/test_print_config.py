@@ -50,7 +50,8 @@ def test_print_config_is_the_config_the_run_saves_and_touches_nothing(tmp_path, 
     printed_cfg, saved_cfg = yaml.safe_load(printed), yaml.safe_load(saved)
     assert printed_cfg[kind].pop("loader") == "auto" and saved_cfg[kind].pop("loader") == "device"
     assert printed_cfg == saved_cfg  # the loader aside: the run chooses it once the data is loaded
-    assert head[1:] == comments(saved)  # the fitted recipe in words, as the run wrote it
+    # the fitted recipe in words, as the run wrote it, and how to train that recipe again as it is
+    assert head[1:] + ["to train with exactly this recipe again: --preset config.yaml --recipe paper"] == comments(saved)
     text = out.export_text()
     assert all(line.strip() in text for line in head[1:]), (head, text)  # and printed it
 

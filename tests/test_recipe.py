@@ -352,6 +352,17 @@ def test_a_run_prints_its_recipe_and_config_yaml_holds_the_fitted_values(tmp_pat
     assert saved["augment"]["mixup_alpha"] == 0 and saved["augment"]["auto_augment_prob"] == 0
     assert saved["augment"]["cutmix_alpha"] == 0.5  # set by the user: kept
     assert (out / "config.yaml").read_text().startswith("# recipe auto")
+    # what its header says: `--preset config.yaml --recipe paper` is this recipe again, as it is
+    # (auto would fit the fitted values once more, to 2 of 2 epochs: one-cycle turned into cosine)
+    assert "# to train with exactly this recipe again: --preset config.yaml --recipe paper\n" in \
+        (out / "config.yaml").read_text()
+    again = subprocess.run([sys.executable, "-m", "mmlit_cli", "finetune", "--preset", str(out / "config.yaml"),
+                            "--recipe", "paper", "--dataset", str(data), "--print-config"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    run, shown = yaml.safe_load((out / "config.yaml").read_text()), yaml.safe_load(again.stdout)
+    assert shown["finetune"].pop("recipe") == "paper" and run["finetune"].pop("recipe") == "auto"
+    assert shown == run
 
 
 def test_resume_keeps_the_fitted_recipe(tmp_path):
