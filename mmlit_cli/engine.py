@@ -416,10 +416,12 @@ class Trainer:
 
     def _print_start(self) -> None:
         """The run in a line (more with the attention's layout and the fitted recipe)."""
-        r = self.recipe
+        r, recipe = self.recipe, self.opts.recipe_note
+        if recipe and self.global_step:  # resumed: the line is the start's; the notes before it say what changed
+            recipe = "\n".join(f"as the run started: {line.strip()}" for line in recipe.splitlines())
         self._print(run_header(self.task.kind, self.cfg.name, self.steps_per_epoch, r.epochs, r.batch_size,
                                self.dist.world_size, self.device, self.amp_dtype is not None, self.compiled,
-                               self.loader_note, self.opts.out_dir, (self.attention_note, self.opts.recipe_note)))
+                               self.loader_note, self.opts.out_dir, (self.attention_note, recipe)))
 
     def _print(self, msg: str | None) -> None:
         if msg and self.dist.is_main and not self.opts.quiet:  # (an empty line or None: nothing to say)

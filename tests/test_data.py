@@ -326,6 +326,32 @@ def test_missing_dataset_message(tmp_path):
             load_split(name, "test", 32, data_dir=tmp_path)
 
 
+def test_a_partly_missing_dataset_names_only_what_is_missing_and_how_to_fetch_it(tmp_path):
+    """One file gone of three: the message names that one (it named every expected file), and
+    says which commands download (eval takes no --download; the message used to tell it to)."""
+    fx.write_tiny_imagenet(tmp_path)
+    (tmp_path / "tiny-imagenet-200" / "val" / "val_annotations.txt").unlink()
+    with pytest.raises(DataError) as e:
+        load_split("tiny-imagenet", "val", 32, data_dir=tmp_path)
+    msg = str(e.value)
+    assert "val_annotations.txt" in msg and "wnids.txt" not in msg
+    assert msg.endswith("or pass --download to mmlit finetune or pretrain.")
+    fx.write_fashion_mnist(tmp_path / "fm")
+    gone = next((tmp_path / "fm").rglob("t10k-labels*"))
+    gone.unlink()
+    with pytest.raises(DataError) as e:
+        load_split("fashion-mnist", "test", 32, data_dir=tmp_path / "fm")
+    expected = str(e.value).split(". ")[0]  # before the how-to, which names a file as an example
+    assert "t10k-labels-idx1-ubyte(.gz)" in expected and "t10k-images" not in expected
+
+
+def test_a_class_listed_twice_in_wnids_is_an_error(tmp_path):
+    """It made a second class of that name with no image, and loaded the first one's images twice."""
+    fx.write_tiny_imagenet(tmp_path, wnids=("n01443537", "n01629819", "n01443537"))
+    with pytest.raises(DataError, match="wnids.txt lists n01443537 more than once"):
+        load_split("tiny-imagenet", "train", 32, data_dir=tmp_path)
+
+
 def test_unknown_name_and_bad_arguments(tmp_path):
     with pytest.raises(DataError, match="unknown dataset 'imagenet21k'.*cifar10.*tiny-imagenet"):
         load_split("imagenet21k", "train", 32)

@@ -109,6 +109,7 @@ def test_the_first_command_with_resume_added_is_accepted(trained, tmp_path):
     assert [row["epoch"] for row in rows if "val_top1" in row] == [1, 2]
     # the new length is said, with what it changes and what it does not
     assert "note: 2 epochs, where the run had 1: the lr schedule is stretched to 2 epochs" in resumed.stdout
+    assert "as the run started: recipe auto, fitted to 1 of 300 epochs" in resumed.stdout  # not as if it were now
     unknown = mmlit("finetune", "--resume", "run", "--set", "model.nope=1", cwd=tmp_path)
     assert unknown.returncode == 2 and "unknown key 'model.nope'" in unknown.stderr
 

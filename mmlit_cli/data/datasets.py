@@ -66,8 +66,13 @@ def _download(name: str, root: Path, split: str, manual_hint: str) -> None:
 
 
 def _missing(name: str, expected: list[Path], manual_hint: str) -> DataNotFound:
-    shown = " ".join(str(p) for p in expected[:3]) + (" ..." if len(expected) > 3 else "")
-    return DataNotFound(f"{name} not found: expected {shown}. {manual_hint}, or pass --download.")
+    """The error for a dataset not where it should be: the expected files that are not there
+    (all of them when none is), and how to put them there. `eval`, `benchmark` and `export`
+    take no --download: the training commands fetch a dataset."""
+    absent = [p for p in expected if not p.exists()] or expected
+    shown = " ".join(str(p) for p in absent[:3]) + (" ..." if len(absent) > 3 else "")
+    return DataNotFound(f"{name} not found: expected {shown}. {manual_hint}, or pass --download to mmlit "
+                        f"finetune or pretrain.")
 
 
 def _find_or_download(name: str, root: Path, split: str, download: bool,
@@ -197,7 +202,9 @@ def _load_fashion_mnist(root: Path, split: str, image_size: int, download: bool,
                 return found
         return None
 
-    expected = lambda: [root / f"{s}(.gz)" for s in stems]  # noqa: E731
+    expected = lambda: [root / f"{s}(.gz)" for s in stems  # noqa: E731 - the ones in none of the folders
+                        if not any((d / n).is_file() for d in dirs for n in (s, f"{s}.gz"))] or \
+        [root / f"{s}(.gz)" for s in stems]
     img_path, lab_path = _find_or_download("fashion-mnist", root, official, download, locate,
                                            expected, hint + f" (or {dirs[1]}, {dirs[2]})")
     images, labels = read_idx(img_path), read_idx(lab_path).astype(np.int64)
@@ -292,6 +299,9 @@ def _load_tiny_imagenet(root: Path, split: str, image_size: int, download: bool)
     base = _find_or_download("tiny-imagenet", root, split, download, locate,
                              lambda: [root / "tiny-imagenet-200" / n for n in need], hint)
     wnids = read_text_names(base / "wnids.txt")
+    twice = sorted({w for w in wnids if wnids.count(w) > 1})
+    if twice:  # each would be a class of its own, one of them with no image
+        raise DataError(f"{base / 'wnids.txt'} lists {', '.join(twice[:3])} more than once")
     if len(wnids) < 2:
         raise DataError(f"{base / 'wnids.txt'} lists {len(wnids)} class(es); expected 200")
     index = {w: i for i, w in enumerate(wnids)}
