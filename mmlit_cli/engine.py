@@ -31,7 +31,7 @@ from .data import DeviceLoader, ImageData, Normalize, build_loaders, resolve_loa
 from .errors import MmlitError
 from .optim import ModelEMA, build_adamw, param_groups, set_schedule
 from .recipe import decay_share, one_cycle_share, peak_lr, warmup_steps
-from .report import StopRequest, TrainingProgress, epoch_line, router_warning, run_header, stop_line
+from .report import StopRequest, TrainingProgress, as_started, epoch_line, router_warning, run_header, stop_line
 from .run_record import RunFacts, RunRecord, diverged
 from .runtime import (all_reduce_mean, amp_dtype, choose_attention_layouts, compile_failure, forward_batch,
                       is_compile_failure, maybe_compile, ranks_agree, ranks_in_sync, rng_devices, setup_distributed,
@@ -275,9 +275,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> dict:
-        """Train to the last epoch, or until stopped: by Ctrl-C, SIGTERM or `max_steps` (a
-        resumable checkpoint is saved), by `--patience` (no improvement), or by a non-finite loss
-        (an error; the last good checkpoint stays)."""
+        """Train to the last epoch or a stop: Ctrl-C, SIGTERM or `max_steps` (a resumable checkpoint
+        is saved), `--patience`, or a non-finite loss (an error; the last good checkpoint stays)."""
         with self.stop, self.record.writer:  # leaving it waits for the checkpoints being written
             self.record.start()
             self._print_start()
@@ -416,9 +415,7 @@ class Trainer:
 
     def _print_start(self) -> None:
         """The run in a line (more with the attention's layout and the fitted recipe)."""
-        r, recipe = self.recipe, self.opts.recipe_note
-        if recipe and self.global_step:  # resumed: the line is the start's; the notes before it say what changed
-            recipe = "\n".join(f"as the run started: {line.strip()}" for line in recipe.splitlines())
+        r, recipe = self.recipe, as_started(self.opts.recipe_note) if self.global_step else self.opts.recipe_note
         self._print(run_header(self.task.kind, self.cfg.name, self.steps_per_epoch, r.epochs, r.batch_size,
                                self.dist.world_size, self.device, self.amp_dtype is not None, self.compiled,
                                self.loader_note, self.opts.out_dir, (self.attention_note, recipe)))

@@ -160,6 +160,12 @@ def run_header(kind: str, name: str, steps_per_epoch: int, epochs: int, batch_si
     return "\n".join([header, *(escape(note) for note in notes if note)])
 
 
+def as_started(recipe_note: str | None) -> str | None:
+    """A resumed run's recipe line: the one fitted at the run's start (the notes printed before
+    it say what the resume changed), not a recipe fitted now."""
+    return recipe_note and "\n".join(f"as the run started: {line.strip()}" for line in recipe_note.splitlines())
+
+
 def stop_line(stopped: str | None, epoch: int, early_stop: str | None, best_epoch: int | None, signum: int | None,
               out_dir) -> str | None:
     """What a run that stopped before its last epoch says last (rich markup): an early stop, an
