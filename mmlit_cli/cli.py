@@ -38,6 +38,11 @@ def _flags_show_no_type() -> None:
 
 _flags_show_no_type()
 
+# click's exceptions, or the copy of click that Typer >= 0.29 carries inside it
+_click_errors = sys.modules[typer.BadParameter.__module__]
+# click >= 8.2 shows `mmlit` alone's help through this error; older click prints it and exits
+_NO_ARGS_HELP = getattr(_click_errors, "NoArgsIsHelpError", ())
+
 app = typer.Typer(
     name="mmlit",
     help="Train, evaluate and ship ultra-light vision transformers (mLiT / mmLiT, arXiv 2407.17783).\n\n"
@@ -509,10 +514,30 @@ def plot(run_dir: str = typer.Argument(..., help="A run directory holding metric
     console.print(f"curves: {path}", highlight=False)
 
 
+def _usage_error_line(e: Exception) -> str:
+    """A mistake on the command line (an unknown option, a value of the wrong type, a missing
+    argument) in one line, as mmlit's own errors are, with where to find the options: Typer's
+    box around the usage line would be six."""
+    ctx = getattr(e, "ctx", None)
+    where = f"; see '{ctx.command_path} -h'" if ctx is not None else ""
+    return f"{e.format_message().rstrip('.')}{where}"
+
+
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
     try:
-        app()
+        # standalone_mode=False: click hands usage errors to us instead of printing its box
+        code = app(standalone_mode=False)
+    except _NO_ARGS_HELP as e:  # `mmlit` alone (click >= 8.2 raises this to show the help)
+        if e.format_message().strip():  # Typer's rich help has been printed already
+            e.show()
+        sys.exit(e.exit_code)
+    except _click_errors.ClickException as e:
+        err_console.print(f"[red]error:[/red] {escape(_usage_error_line(e))}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:  # Ctrl-C or end of input at a prompt
+        err_console.print("interrupted")
+        sys.exit(130)
     except (MmlitError, OSError) as e:  # OSError: disk full, permissions... still the user's to fix
         if _state["debug"]:
             raise
@@ -535,6 +560,9 @@ def main() -> None:
                           "(rerun with --debug for the traceback)",
                           highlight=False, soft_wrap=True)
         sys.exit(1)
+    # a command's typer.Exit(code) (and -h, --version: 0) comes back as the code
+    if isinstance(code, int) and not isinstance(code, bool) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -187,3 +187,28 @@ def test_a_single_process_on_cuda_n_makes_n_the_current_device(monkeypatch):
     for name in ("cuda", "cpu"):
         setup_distributed(name)
     assert made_current == [torch.device("cuda", 1)]  # "cuda" stays the current device, whichever it is
+
+
+@pytest.mark.parametrize("args, words", [
+    (["finetune", "--bogus"], ["No such option: --bogus", "see 'python -m mmlit_cli finetune -h'"]),
+    (["finetune", "--epochs", "abc"], ["Invalid value for '--epochs'", "finetune -h"]),
+    (["frobnicate"], ["No such command 'frobnicate'", "see 'python -m mmlit_cli -h'"]),
+    (["eval"], ["Missing argument", "eval -h"]),
+])
+def test_a_command_line_mistake_is_one_line_with_where_to_look(args, words):
+    """An unknown option or command, a value of the wrong type, a missing argument: one line on
+    stderr, as mmlit's own errors are (not Typer's six-line box), exit code 2."""
+    r = mmlit(*args)
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
+    assert all(w in r.stderr for w in words), r.stderr
+
+
+def test_help_version_and_the_bare_command_still_print_to_stdout():
+    """Usage errors are caught without swallowing what click handles by exiting: -h and
+    --version exit 0, `mmlit` alone prints the help (exit 2, click's convention since 8.2)."""
+    assert mmlit("-h").returncode == 0 and "finetune" in mmlit("-h").stdout
+    version = mmlit("--version")
+    assert version.returncode == 0 and version.stdout.startswith("mmlit ")
+    bare = mmlit()
+    assert bare.returncode in (0, 2) and "finetune" in bare.stdout and "error" not in bare.stderr
