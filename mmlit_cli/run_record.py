@@ -95,6 +95,14 @@ class RunFacts:
     invocation: dict[str, Any] | None = None
 
 
+def stopped_early(info: dict, patience: int) -> bool:
+    """Whether a checkpoint's run (its `train_info`) stopped early and stays stopped under
+    `patience` (0: never stop): a run resumed with a larger --patience goes on, as the new
+    patience is not spent."""
+    epochs_since_best = int(info["epoch"]) - int(info.get("best_epoch", info["epoch"]))
+    return bool(info.get("early_stop")) and patience > 0 and epochs_since_best >= patience
+
+
 class RunRecord:
     """The counters of a run (epoch, step, best, training time), its files, and --resume."""
 
@@ -266,6 +274,8 @@ class RunRecord:
         self.epoch, self.step_in_epoch = int(info["epoch"]), int(info["step_in_epoch"])
         self.global_step, self.best, self.elapsed = int(info["global_step"]), info["best"], float(info["elapsed"])
         self.best_epoch, self.early_stop = int(info.get("best_epoch", self.epoch)), info.get("early_stop")
+        if not stopped_early(info, getattr(self.cfg, self.task.command).patience):
+            self.early_stop = None  # resumed with a --patience the run has not spent: it goes on
         self.resume_loss_sum = float(info.get("epoch_loss_sum", 0.0))
         saved_world = int(info.get("world_size", 1))
         if saved_world == self.dist.world_size:

@@ -25,6 +25,7 @@ from .engine import RunOptions, Trainer
 from .errors import DataNotFound, MmlitError
 from .files import new_run_dir
 from .recipe import SAMPLE_EPOCHS, batch_origin, describe, fit_recipe, fit_to_device, pinned_keys
+from .run_record import stopped_early
 from .runtime import check_compile_mode, end_distributed, process_count, process_rank, resolve_device
 from .tasks import TASKS
 from .train_state import layer_decay_of_run
@@ -215,6 +216,10 @@ def _resume(trainer: Trainer, plan: RunPlan, console: Console | None) -> None:
             f"note: {epochs} epochs, where the run had {had}: the lr schedule is stretched to {epochs} epochs and "
             f"goes on from where that puts step {trainer.global_step}; the rest of the recipe stays as the run "
             f"started it (a new run would fit it to {epochs} epochs)"), highlight=False)
+    early_stop = plan.resume.train_info.get("early_stop")
+    if early_stop and trainer.record.early_stop is None:
+        console.print(escape(f"note: the run had stopped early ({early_stop}); with --patience "
+                             f"{trainer.recipe.patience or 0} it goes on"), highlight=False)
     world = trainer.dist.world_size
     if saved_world != world:
         how = "as set" if _lr_pinned(plan.invocation, trainer.task.command) else f"x {world}/{saved_world}"
@@ -232,8 +237,8 @@ def _check_validation(validation: str | None) -> None:
 def _finished(plan: RunPlan, section: str) -> bool:
     """Whether the checkpoint a plan resumes from ended its run (all its epochs done, or
     stopped by --patience)."""
-    info = plan.resume.train_info
-    return int(info["epoch"]) >= getattr(plan.cfg, section).epochs or bool(info.get("early_stop"))
+    info, recipe = plan.resume.train_info, getattr(plan.cfg, section)
+    return int(info["epoch"]) >= recipe.epochs or stopped_early(info, recipe.patience)
 
 
 def _nothing_to_do(plan: RunPlan, console: Console | None) -> dict:

@@ -1,5 +1,6 @@
 """`--patience N`: a run stops when its monitored validation figure has not improved for N
-epochs, keeps the best epoch, records why, and a resumed stopped run says it is finished."""
+epochs, keeps the best epoch, records why, and a resumed stopped run says it is finished (unless
+a larger --patience lets it go on)."""
 
 from __future__ import annotations
 
@@ -68,3 +69,24 @@ def test_without_patience_a_run_goes_on(tmp_path, monkeypatch):
     result = run_training("finetune", "xxs", str(data), out=tmp_path / "run", overrides=TINY, epochs=4,
                           batch_size=8, quiet=True)
     assert result["stopped"] is None and result["epoch"] == 4
+
+
+@pytest.mark.parametrize("patience,goes_on", [(4, True), (0, True), (2, False), (1, False)])
+def test_a_stopped_run_resumed_with_a_patience_it_has_not_spent_goes_on(tmp_path, monkeypatch, patience, goes_on):
+    """`--patience` may change on --resume: a larger one (or 0, never stop) that the run has not
+    spent lets it train on from where it stopped; one it has spent leaves it finished."""
+    data = write_folder(tmp_path / "data", per_class=8)
+    scripted(monkeypatch, tasks.ClassifyTask, "val_top1", [10, 30, 20, 25, 40, 50, 60, 70])
+    first = run_training("finetune", "xxs", str(data), out=tmp_path / "run", overrides=TINY, epochs=8, batch_size=8,
+                         patience=2, quiet=True)
+    assert first["stopped"] == "patience" and first["epoch"] == 4
+    said = Console(record=True, width=300)
+    resumed = run_training("finetune", None, None, resume=tmp_path / "run", patience=patience, console=said)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    if goes_on:
+        assert resumed["stopped"] is None and resumed["epoch"] == 8, said.export_text()
+        assert [r["epoch"] for r in rows] == list(range(1, 9)) and [r["val_top1"] for r in rows][4:] == [40, 50, 60, 70]
+        assert f"had stopped early (val_top1 has not improved for 2 epochs" in said.export_text()
+        assert epoch_of(tmp_path / "run" / "best.safetensors") == 8
+    else:
+        assert resumed["stopped"] == "finished" and len(rows) == 4
