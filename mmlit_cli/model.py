@@ -79,7 +79,7 @@ class GroupedQueryAttention(nn.Module):
         q, k, v = self.split_qkv(x)
         # enable_gqa lets SDPA broadcast kv heads itself: no repeated K/V copies in memory.
         out = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.proj(out.transpose(1, 2).reshape(B, N, -1))
+        return self.proj(out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
 
     def forward_kernel_layout(self, x: torch.Tensor) -> torch.Tensor:
         """`forward`, with SDPA given heads zero-padded to `kernel_head_dim` and, with

@@ -259,6 +259,16 @@ def test_every_preset_runs_forward_and_backward(preset, image_size):
     assert model.pos_embed.shape[1] == (image_size // 3) ** 2 + 1
 
 
+def test_an_empty_batch_gives_empty_logits_as_any_torch_module_does():
+    """A batch of 0 images (the last, empty chunk of a split, a filter that kept nothing) is a
+    batch like any other: [0, classes] logits, in training and in eval, and a backward pass."""
+    model = create_model("xxs", num_classes=7)
+    logits = model(torch.empty(0, 3, 36, 36))
+    assert logits.shape == (0, 7)
+    logits.sum().backward()
+    assert model.eval()(torch.empty(0, 3, 36, 36)).shape == (0, 7)
+
+
 def test_head_reads_the_class_token_only():
     """The logits change when the final class-token features change and not when any patch
     token's do (edited on the way out of the last LayerNorm, so the whole forward is tested)."""
