@@ -62,7 +62,7 @@ def write_cifar10_python(root: str | os.PathLike, n_per_batch: int = 4, n_test: 
         train_y.append(y)
     tx, ty = rand_images(n_test, 32, seed=99), cycle_labels(n_test, 10)
     _dump({b"batch_label": b"testing batch 1 of 1", b"labels": ty.tolist(),
-           b"data": tx.reshape(n_test, -1), b"filenames": [b"t.png"] * n_test},
+           b"data": tx.reshape(n_test, 3072), b"filenames": [b"t.png"] * n_test},
           d / "test_batch", protocol, legacy_numpy)
     _dump({b"num_cases_per_batch": n_per_batch, b"num_vis": 3072,
            b"label_names": [n.encode() for n in CIFAR10_CLASSES]}, d / "batches.meta", protocol)

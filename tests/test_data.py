@@ -280,6 +280,34 @@ def test_class_lost_to_corrupt_files(tmp_path):
         load_split(str(tmp_path), "train", 20)
 
 
+def test_a_held_out_class_whose_one_file_does_not_decode_is_scored_on_none(tmp_path):
+    """With few images a class, the one file held out for validation can be the broken one: the
+    validation split then has none of that class (the file is skipped with the others), and
+    training reads the rest. Only a training split that loses a class is an error."""
+    from mmlit_cli.data.folders import folder_split
+
+    fx.write_image_folder(tmp_path, {"cat": 10, "dog": 10})
+    held_cat = [f for f, lab in zip(*(lambda p: (p.files, p.labels))(folder_split(tmp_path, "val", 0.1, True)))
+                if lab == 0]
+    assert len(held_cat) == 1
+    fx.write_corrupt_jpeg(held_cat[0])
+    val = load_split(str(tmp_path), "val", 20)
+    assert val.labels.tolist() == [1] and val.skipped == held_cat and val.classes == ["cat", "dog"]
+    train = load_split(str(tmp_path), "train", 20)
+    assert torch.bincount(train.labels).tolist() == [9, 9] and train.skipped == []
+
+
+def test_an_empty_split_is_an_error_not_a_score(tmp_path):
+    """A dataset file with no rows (an empty CIFAR test batch) is refused: scored, it read as
+    0 % of 1 image. An empty dataset name is not the current folder."""
+    fx.write_cifar10_python(tmp_path, n_per_batch=4, n_test=0)
+    with pytest.raises(DataError, match="the 'test' split has no images"):
+        load_split("cifar10", "test", 32, data_dir=tmp_path)
+    assert len(load_split("cifar10", "train", 32, data_dir=tmp_path)) > 0
+    with pytest.raises(DataError, match="empty string"):
+        load_split(" ", "train", 32)
+
+
 def test_decode_pool_matches_inline(tmp_path, monkeypatch):
     shutil.copytree(D.SAMPLE_DIR / "val", tmp_path / "val")  # 200 real CIFAR-10 JPEGs, 10 classes
     fx.write_corrupt_jpeg(tmp_path / "val" / "cat" / "x.jpg")

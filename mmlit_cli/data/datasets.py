@@ -262,7 +262,7 @@ def _load_flowers102(root: Path, split: str, image_size: int, download: bool) ->
         raise DataError(f"flowers102: {len(absent)} image(s) missing, e.g. {absent[0]}. {hint}.")
     classes = _flowers_classes()
     images, labels_t, skipped = decode_labelled(paths, labs.tolist(), classes, image_size,
-                                                f"flowers102 {base}")
+                                                f"flowers102 {base}", every_class=split == "train")
     return ImageData(images, labels_t, classes,
                      f"flowers102 '{split}' split, {base} ({len(labels_t)} images)", skipped)
 
@@ -338,7 +338,7 @@ def _load_tiny_imagenet(root: Path, split: str, image_size: int, download: bool)
         if not paths:
             raise DataError(f"{ann} lists no images")
     images, labels_t, skipped = decode_labelled(paths, labels, classes, image_size,
-                                                f"tiny-imagenet {base}")
+                                                f"tiny-imagenet {base}", every_class=split == "train")
     note = split_note("tiny-imagenet", split, part,
                       "tiny-imagenet has no labelled test split")
     return ImageData(images, labels_t, classes, f"{note}, {base} ({len(labels_t)} images)",

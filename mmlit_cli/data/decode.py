@@ -200,8 +200,11 @@ def decode_files(paths: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def decode_labelled(paths: list[str], labels: list[int], classes: list[str], size: int,
-                    where: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Decode files; skip undecodable ones; fail if a class present in `labels` vanishes."""
+                    where: str, every_class: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Decode files; skip undecodable ones; fail if a class present in `labels` vanishes, when
+    `every_class` (a training split: a class with nothing to learn from). A validation or test
+    split may lose one: with a few images a class, the part held out for validation can be just
+    the one file that does not decode, and the class is then scored on none."""
     images, ok = decode_files(paths, size)
     skipped = [p for p, good in zip(paths, ok) if not good]
     lab = np.asarray(labels, dtype=np.int64)
@@ -209,7 +212,7 @@ def decode_labelled(paths: list[str], labels: list[int], classes: list[str], siz
         had = set(lab.tolist())
         images, lab = images[ok], lab[ok]
         lost = sorted(had - set(lab.tolist()))
-        if lost and classes:
+        if lost and classes and every_class:
             names = ", ".join(repr(classes[c]) for c in lost[:5]) + (" ..." if len(lost) > 5 else "")
             raise DataError(f"{where}: no readable image left for class(es) {names} "
                             f"({len(skipped)} undecodable files, e.g. {skipped[0]})")

@@ -140,7 +140,7 @@ def load_folder(root: Path, split: str, image_size: int, hold: float | None,
     """`split` of the image folder `root` (see `folder_split`), decoded."""
     part = folder_split(root, split, hold, require_labels)
     images, labels_t, skipped = decode_labelled(part.files, part.labels, part.classes, image_size,
-                                                f"image folder {part.part_dir}")
+                                                f"image folder {part.part_dir}", every_class=split == "train")
     kind = f"{len(part.classes)} classes" if part.classes else "unlabeled"
     where = f", {part.part_dir.relative_to(root)}/" if part.part_dir != root else ""
     return ImageData(images, labels_t, part.classes,

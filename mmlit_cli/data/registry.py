@@ -106,8 +106,20 @@ def load_split(dataset: str, split: str, image_size: int, data_dir: str | os.Pat
     if not 0.0 < float(val_fraction) < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
 
+    if not str(dataset).strip():  # not the current folder: an unset variable in a script gives ""
+        raise DataError(f"the dataset is an empty string: use one of {', '.join(DATASET_NAMES)}, or the path "
+                        f"of an image folder ('.' for the current one)")
+    data = _load(dataset, split, image_size, data_dir, download, float(val_fraction) if holdout else None,
+                 require_labels)
+    if len(data) == 0:  # scored, an empty split would read as 0 % of 1 image
+        raise DataError(f"{data.source}: the '{split}' split has no images")
+    return data
+
+
+def _load(dataset: str, split: str, image_size: int, data_dir, download: bool, hold: float | None,
+          require_labels: bool) -> ImageData:
+    """`load_split`, its arguments checked: a named dataset, an image folder or a label file."""
     name = _ALIASES.get(str(dataset).strip().lower(), str(dataset).strip().lower())
-    hold = float(val_fraction) if holdout else None
     if name in DATASET_NAMES:
         root = Path(data_dir).expanduser().resolve() if data_dir is not None else default_data_dir()
         loader = NAMED_LOADERS[name]
