@@ -212,6 +212,24 @@ def test_folder_split_layouts(tmp_path):
         load_split(str(tmp_path / "c"), "val", 20)
 
 
+def test_split_folders_named_in_capitals_and_a_stray_folder_beside_train(tmp_path):
+    """Train/ and Val/ (as Kaggle names them) are the splits, not two classes; train/ with a
+    folder beside it that is no split is refused (its classes would be 'notes' and 'train'),
+    while a class that is named train (its images directly in it) stays a class."""
+    fx.write_image_folder(tmp_path / "k" / "Train", {"x": 3, "y": 4}, ext="jpg")
+    fx.write_image_folder(tmp_path / "k" / "Val", {"x": 1, "y": 2}, ext="jpg", seed=1)
+    tr, va = load_split(str(tmp_path / "k"), "train", 20), load_split(str(tmp_path / "k"), "val", 20)
+    assert tr.classes == ["x", "y"] and len(tr) == 7 and va.labels.tolist() == [0, 1, 1]
+
+    fx.write_image_folder(tmp_path / "s" / "train", {"x": 3, "y": 3})
+    fx.write_image_folder(tmp_path / "s" / "notes", {"stray": 1})
+    with pytest.raises(DataError, match="looks like a training split, but notes beside it"):
+        load_split(str(tmp_path / "s"), "train", 20)
+
+    fx.write_image_folder(tmp_path / "v", {"train": 3, "bus": 3})  # vehicles: a class named train
+    assert load_split(str(tmp_path / "v"), "train", 20).classes == ["bus", "train"]
+
+
 def test_unlabeled_folder(tmp_path):
     fx.write_unlabeled_folder(tmp_path, n=5)
     d = load_split(str(tmp_path), "train", 16, require_labels=False)

@@ -132,6 +132,22 @@ def test_one_error_names_every_bad_row_of_every_split(tmp_path):
                                  "img/b/broken.jpg does not decode as an image")
 
 
+def test_a_file_listed_twice_is_a_bad_row_and_valid_is_val(tmp_path):
+    """A file on two rows could be in train and val, or have two labels: the second row is a bad
+    row, however its path is written. `valid` and `validation` name the val split, as folders do."""
+    fx.write_image_folder(tmp_path / "img", {"a": 3, "b": 3}, ext="png")
+    good = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "img").rglob("*.png"))
+    rows = [[g, g.split("/")[1], "train"] for g in good]
+    twice = rows + [[good[0], "a", "val"], ["./" + good[1].replace("/a/", "/b/../a/"), "b", "train"]]
+    with pytest.raises(DataError) as e:
+        load_split(str(write_csv(tmp_path / "twice.csv", ["path", "label", "split"], twice)), "train", 16)
+    assert str(e.value).endswith(f"2 bad row(s): line 8: {good[0]} is listed again (first on line 2); line 9: "
+                                 f"./img/b/../a/{good[1].split('/')[-1]} is listed again (first on line 3)")
+    rows[2][2], rows[5][2] = "valid", "Validation"
+    val = load_split(str(write_csv(tmp_path / "valid.csv", ["path", "label", "split"], rows)), "val", 16)
+    assert val.labels.tolist() == [0, 1] and "'val' split" in val.source
+
+
 def test_finetune_eval_and_print_config_take_a_label_file(tables, tmp_path):
     from mmlit_cli.evaluate import evaluate_checkpoint
     from mmlit_cli.train import resolved_config, run_training

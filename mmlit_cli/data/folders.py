@@ -73,6 +73,16 @@ def _scan_part(folder: Path, classes: list[str] | None,
     return classes, files, labels
 
 
+def _not_a_class(train: Path, others: list[str]) -> None:
+    """A `train/` beside folders that are not splits is a class only if it holds images: one
+    that holds class folders and no image is a split layout with a stray folder beside it, whose
+    classes would otherwise become 'train' and that folder's name."""
+    if _subdirs(train) and not list_images(train):
+        raise DataError(f"{train} holds class folders, so it looks like a training split, but "
+                        f"{', '.join(others[:3])} beside it is not val/, valid/, validation/ or test/: "
+                        f"rename it, or move it out of {train.parent}")
+
+
 @dataclass
 class FolderSplit:
     """The files of one split of an image folder, before decoding."""
@@ -88,16 +98,18 @@ def folder_split(root: Path, split: str, hold: float | None, require_labels: boo
     """Which files make `split` of the image folder `root` (nothing is decoded). `hold`: the
     fraction of train held out for validation when there is no val/ folder (None: nothing
     held out, the paper protocol)."""
-    dirs = _subdirs(root)
+    named = {d.lower(): d for d in _subdirs(root)}  # Train/ and Val/ too, as Kaggle names them
     split_names = {n for names in _SPLIT_DIRS.values() for n in names}
     # root/train/<class>/ (+ val/ or test/); other folders next to train/ and val/ are ignored
-    split_layout = "train" in dirs and (set(dirs) <= split_names or len(set(dirs) & split_names) > 1)
-    train_root = root / "train" if split_layout else root
+    split_layout = "train" in named and (set(named) <= split_names or len(set(named) & split_names) > 1)
+    train_root = root / named["train"] if split_layout else root
+    if "train" in named and not split_layout:
+        _not_a_class(root / named["train"], [d for n, d in named.items() if n != "train"])
 
     def find(which: str) -> Path | None:
         for n in _SPLIT_DIRS[which] if split_layout else ():
-            if (root / n).is_dir():
-                return root / n
+            if n in named:
+                return root / named[n]
         return None
 
     val_dir, test_dir = find("val"), find("test")

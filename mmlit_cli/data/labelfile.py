@@ -9,13 +9,16 @@ of their paths, so the same images as a folder give the same split and the same 
 whatever the rows' order. With a `split` column the rows say
 which split each image is in; a split that no row names is handled as for a folder without
 that sub-folder (validation held out of train, stratified, unless the paper protocol). Every
-bad row (no file, an empty label, an unknown split, an image that does not decode) is
-reported with its line number in one error: nothing trains on a row that silently failed.
+bad row (no file, an empty label, an unknown split, an image that does not decode, a file
+listed again) is reported with its line number in one error: nothing trains on a row that
+silently failed, and no image is in two splits or has two labels. `valid` and `validation`
+are `val`, as for folders.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from .splits import ImageData, stratified_holdout
 
 IMAGE_COLUMNS = ("path", "file", "image", "filename")
 SPLIT_NAMES = ("train", "val", "test")
+SPLIT_ALIASES = {"valid": "val", "validation": "val"}  # as an image folder's valid/ and validation/
 _SHOWN = 8  # bad rows listed in the error; the rest are counted
 
 
@@ -69,14 +73,19 @@ def checked_rows(csv_path: Path, require_labels: bool) -> tuple[list[Row], list[
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"cannot read {csv_path}: {one_line(e)}") from None
     rows, bad = [], []
+    first_line: dict[str, int] = {}  # each file's first row: a file listed twice could be in train and val
     for line, r in raw:
         path = (r.get(image_col) or "").strip()
         label = (r.get(label_col) or "").strip() if label_col else ""
         split = (r.get(split_col) or "").strip().lower() if split_col else None
+        split = SPLIT_ALIASES.get(split, split)
         full = Path(path).expanduser()
         full = full if full.is_absolute() else csv_path.parent / full
+        key = os.path.normpath(full)
         if not path:
             bad.append((line, "no image path"))
+        elif key in first_line:
+            bad.append((line, f"{path} is listed again (first on line {first_line[key]})"))
         elif not full.is_file():
             bad.append((line, f"{path} not found"))
         elif require_labels and not label:
@@ -85,6 +94,8 @@ def checked_rows(csv_path: Path, require_labels: bool) -> tuple[list[Row], list[
             bad.append((line, f"split {split!r} is not train, val or test"))
         else:
             rows.append(Row(line, str(full), label, split or None, path))
+        if path:
+            first_line.setdefault(key, line)
     if not rows and not bad:
         raise DataError(f"{csv_path}: no rows")
     return rows, bad
