@@ -97,6 +97,15 @@ def test_malformed_cifar_pickle(tmp_path):
         load_split("cifar10", "test", 32, data_dir=tmp_path)
 
 
+@pytest.mark.parametrize("labels", [None, [[1, 2], [3]], ["cat"] * 6])
+def test_cifar_labels_that_are_not_integers_are_a_data_error(tmp_path, labels):
+    fx.write_cifar10_python(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    fx._dump({b"labels": labels, b"data": fx.rand_images(6, 32).reshape(6, 3072)}, batch, 2)
+    with pytest.raises(DataError, match="test_batch is malformed: its 'labels' are not a list of integer labels"):
+        load_split("cifar10", "test", 32, data_dir=tmp_path)
+
+
 # ------------------------------------------------------------------------------------ SVHN
 
 def test_svhn(tmp_path):
@@ -142,6 +151,9 @@ def test_idx_bad_magic(tmp_path):
     fx.write_fashion_mnist(tmp_path, gz=False)
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"\x12\x34\x56\x78" + bytes(100))
     with pytest.raises(DataError, match="magic"):
+        load_split("fashion-mnist", "test", 28, data_dir=tmp_path)
+    fx.write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((6, 0, 28), np.uint8))  # images of height 0
+    with pytest.raises(DataError, match=r"expected uint8 images \[N, H, W\].*\[6, 0, 28\]"):
         load_split("fashion-mnist", "test", 28, data_dir=tmp_path)
 
 
@@ -256,6 +268,22 @@ def test_grey_rgba_palette_and_corrupt(tmp_path):
     np.testing.assert_array_equal(img[2], pal.transpose(2, 0, 1))
     v = load_split(str(tmp_path), "val", 36)
     assert v.images.shape == (1, 3, 36, 36) and bool((v.images == 7).all())
+
+
+def test_a_16_bit_image_comes_down_to_8_bits_whatever_its_values(tmp_path):
+    """A 16-bit grey PNG (or TIFF) is scaled by 255/65535 always: two near-identical dark images,
+    one with a single pixel above 255, decode to the same 8-bit image."""
+    from PIL import Image
+    from mmlit_cli.data.decode import decode_one
+
+    dark = np.full((20, 20), 200 * 257, np.uint16)  # 8-bit 200, as 16 bits
+    brighter_corner = dark.copy()
+    brighter_corner[0, 0] = 65535
+    for name, pixels in (("dark.png", dark), ("corner.png", brighter_corner), ("dark.tif", dark)):
+        Image.fromarray(pixels).save(tmp_path / name)
+        assert decode_one(str(tmp_path / name), 20)[5, 5].tolist() == [200, 200, 200], name
+    Image.fromarray(np.full((20, 20), 200, np.uint16)).save(tmp_path / "faint.png")
+    assert decode_one(str(tmp_path / "faint.png"), 20)[5, 5].tolist() == [1, 1, 1]  # 200 of 65535, not of 255
 
 
 def test_pillows_pixel_limit_counts_the_pixels_decoded_not_the_photos(tmp_path, monkeypatch):
@@ -389,6 +417,22 @@ def test_a_partly_missing_dataset_names_only_what_is_missing_and_how_to_fetch_it
         load_split("fashion-mnist", "test", 32, data_dir=tmp_path / "fm")
     expected = str(e.value).split(". ")[0]  # before the how-to, which names a file as an example
     assert "t10k-labels-idx1-ubyte(.gz)" in expected and "t10k-images" not in expected
+
+
+def test_tiny_imagenet_text_files_with_a_byte_order_mark_and_two_synsets_of_one_name(tmp_path):
+    """wnids.txt, words.txt and val_annotations.txt saved with a BOM (as Windows editors do) read
+    as without; two wnids whose words are the same text (ImageNet's two cranes) stay two names."""
+    w = fx.write_tiny_imagenet(tmp_path)
+    for name in ("wnids.txt", "words.txt", "val/val_annotations.txt"):
+        path = w["dir"] / name
+        path.write_text("\ufeff" + path.read_text(), encoding="utf-8")
+    words = w["dir"] / "words.txt"
+    words.write_text(words.read_text(encoding="utf-8").replace("European fire salamander", "goldfish, Carassius "
+                                                                "auratus"), encoding="utf-8")
+    val = load_split("tiny-imagenet", "val", 64, data_dir=tmp_path)
+    assert val.labels.tolist() == w["val_labels"]
+    assert val.classes == ["goldfish, Carassius auratus (n01443537)", "goldfish, Carassius auratus (n01629819)",
+                           "tabby"]
 
 
 def test_a_class_listed_twice_in_wnids_is_an_error(tmp_path):

@@ -208,7 +208,8 @@ def _load_fashion_mnist(root: Path, split: str, image_size: int, download: bool,
     img_path, lab_path = _find_or_download("fashion-mnist", root, official, download, locate,
                                            expected, hint + f" (or {dirs[1]}, {dirs[2]})")
     images, labels = read_idx(img_path), read_idx(lab_path).astype(np.int64)
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or images.dtype != np.uint8:
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or images.dtype != np.uint8 \
+            or 0 in images.shape[1:]:
         raise DataError(f"{img_path.parent}: expected uint8 images [N, H, W] and N labels, got "
                         f"{images.dtype} {list(images.shape)} and {list(labels.shape)} labels")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
@@ -273,7 +274,7 @@ def _tiny_names(base: Path, wnids: list[str]) -> list[str]:
         return list(wnids)
     wanted, found = set(wnids), {}
     try:
-        with open(words, encoding="utf-8") as f:
+        with open(words, encoding="utf-8-sig") as f:
             for line in f:
                 wnid, _, text = line.rstrip("\n").partition("\t")
                 if wnid in wanted and text.strip():
@@ -282,7 +283,10 @@ def _tiny_names(base: Path, wnids: list[str]) -> list[str]:
         return list(wnids)
     short = [found.get(w, w).split(",")[0].strip() or w for w in wnids]
     dup = {s for s in short if short.count(s) > 1}
-    return [found.get(w, w) if s in dup else s for w, s in zip(wnids, short)]
+    names = [found.get(w, w) if s in dup else s for w, s in zip(wnids, short)]
+    # two synsets with one text (ImageNet has two "crane"s): the wnid tells them apart, as
+    # classes are matched by name (eval, --init) and shown by name (predict)
+    return [f"{n} ({w})" if names.count(n) > 1 else n for w, n in zip(wnids, names)]
 
 
 def _load_tiny_imagenet(root: Path, split: str, image_size: int, download: bool) -> ImageData:
@@ -319,7 +323,7 @@ def _load_tiny_imagenet(root: Path, split: str, image_size: int, download: bool)
     else:
         ann = base / "val" / "val_annotations.txt"
         try:
-            lines = ann.read_text(encoding="utf-8").splitlines()
+            lines = ann.read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise DataError(f"cannot read {ann} ({one_line(exc)})") from None
         for lineno, line in enumerate(lines, 1):

@@ -107,7 +107,10 @@ def to_rgb(im: Any) -> Any:
         return im
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         a = np.asarray(im).astype(np.float64)
-        if a.size and a.max() > 255:
+        # A 16-bit image (I;16, or a PNG's "I": Pillow < 10.3 opens 16-bit grey PNGs so) always
+        # comes down to 8 bits; judged by its values, a dark one would decode 257x too bright.
+        sixteen_bit = im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG")
+        if sixteen_bit or (a.size and a.max() > 255):
             a = a * (255.0 / 65535.0)
         im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
     if im.mode == "P" and "transparency" in im.info:

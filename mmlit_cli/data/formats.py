@@ -109,7 +109,10 @@ def _decode_names(names: Any, path: Path) -> list[str]:
 def cifar_pickle_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     d = _safe_unpickle(path)
     data = np.asarray(_get(d, "data", path))
-    labels = np.asarray(_get(d, label_key, path), dtype=np.int64).reshape(-1)
+    try:
+        labels = np.asarray(_get(d, label_key, path), dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError, OverflowError):  # None, ragged lists, text: not N integers
+        raise DataError(f"{path} is malformed: its {label_key!r} are not a list of integer labels") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise DataError(f"{path} is malformed: expected uint8 data [N, 3072] and N labels, got "
                         f"{data.dtype} {list(data.shape)} and {len(labels)} labels")
@@ -137,7 +140,8 @@ def cifar_pickle_names(path: Path, key: str) -> list[str]:
 
 def read_text_names(path: Path) -> list[str]:
     try:
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first name
+        return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read {path} ({one_line(exc)})") from None
 
