@@ -3,6 +3,7 @@ functions that tests call directly."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -337,7 +338,8 @@ def predict(
                                                 "(default: one test image per class of the bundled sample)."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="How many labels per image."),
     as_json: bool = typer.Option(False, "--json", help='Print a JSON list of {"path", "top": [{"label", "prob"}]}.'),
-    csv_path: Optional[str] = typer.Option(None, "--csv", help="Write the predictions to this CSV file."),
+    csv_path: Optional[str] = typer.Option(None, "--csv", help="Write the predictions to this CSV file "
+                                           "('-': standard output)."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass: memory and speed "
                                    "only (the probabilities are the same to float rounding; an int8 .onnx file "
                                    "quantises each batch's activations, so an image's can move slightly with "
@@ -352,7 +354,7 @@ def predict(
     Example:  mmlit predict runs/finetune/xxs/best.safetensors photos/ --top-k 3
               mmlit predict xxs.int8.onnx photos/ --json
     """
-    from .predict import predict_paths, sample_images, write_csv
+    from .predict import csv_rows, predict_paths, sample_images, write_csv
 
     shown_from = None  # the table shows the sample's files relative to its folder, named once above it
     if not paths:
@@ -363,7 +365,7 @@ def predict(
     if as_json and csv_path:
         raise MmlitError("use --json or --csv, not both")
     csv_path = csv_path and os.path.expanduser(csv_path)  # `--csv=~/p.csv`: the shell leaves that ~ to us
-    if csv_path and Path(csv_path).exists():
+    if csv_path and csv_path != "-" and Path(csv_path).exists():
         raise MmlitError(f"{csv_path} already exists: choose another --csv file")
     result = predict_paths(checkpoint, paths, top_k=top_k, batch_size=batch_size, device=device,
                            compile=compile, compile_mode=compile_mode)
@@ -371,6 +373,8 @@ def predict(
         err_console.print(f"[red]failed[/red] {escape(path)}: {escape(reason)}", highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps(result.predictions))
+    elif csv_path == "-":  # a pipe's: `mmlit predict ... --csv - | ...`
+        csv.writer(sys.stdout, lineterminator="\n").writerows(csv_rows(result))
     elif csv_path:
         write_csv(result, csv_path)
         console.print(f"{len(result.predictions)} predictions written to {csv_path}", highlight=False)

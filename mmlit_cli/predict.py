@@ -238,29 +238,34 @@ def predict_paths(ckpt_path: str | Path, paths: list[str], top_k: int = 5, batch
     return result
 
 
-def write_csv(result: PredictResult, path: str | Path) -> Path:
-    """Write the predictions as CSV, atomically; returns the path.
+def csv_rows(result: PredictResult) -> list[list[str]]:
+    """The predictions as CSV rows, header first.
 
     Columns: `path,label,prob` (the top-1 class and its probability), then
     `label_2,prob_2, ..., label_k,prob_k` for the rest of the top-k. Probabilities have 6
     decimals. One row per predicted file, in input order; failures are not written.
     """
-    path = Path(path)
     k = max((len(p["top"]) for p in result.predictions), default=result.top_k or 1)
     header = ["path", "label", "prob"]
     for j in range(2, k + 1):
         header += [f"label_{j}", f"prob_{j}"]
+    rows = [header]
+    for p in result.predictions:
+        row = [p["path"]]
+        for t in p["top"]:
+            row += [t["label"], f"{t['prob']:.6f}"]
+        rows.append(row)
+    return rows
+
+
+def write_csv(result: PredictResult, path: str | Path) -> Path:
+    """Write the predictions as CSV (`csv_rows`), atomically; returns the path."""
+    path = Path(path)
 
     def write(tmp: str) -> None:
         # surrogateescape: a file name that is not UTF-8 is written as the bytes it has on disk
         with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            for p in result.predictions:
-                row = [p["path"]]
-                for t in p["top"]:
-                    row += [t["label"], f"{t['prob']:.6f}"]
-                w.writerow(row)
+            csv.writer(f).writerows(csv_rows(result))
 
     try:
         atomic_write(path, write)

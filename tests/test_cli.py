@@ -111,6 +111,24 @@ def test_eval_and_predict_json_through_the_command_are_the_library_results(train
     assert len(preds) == 12 and all(len(p["top"]) == 2 for p in preds)
 
 
+def test_predict_csv_dash_writes_to_standard_output_and_no_file(trained, tmp_path):
+    """`--csv -` is standard output (for a pipe), the rows `--csv FILE` writes; no file named -."""
+    import csv as csv_module
+
+    root, folder = trained
+    ckpt = str(root / "run" / "best.safetensors")
+    r = subprocess.run([sys.executable, "-m", "mmlit_cli", "predict", ckpt, str(folder / "red"), "--csv", "-",
+                        "-k", "2"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    to_file = subprocess.run([sys.executable, "-m", "mmlit_cli", "predict", ckpt, str(folder / "red"), "--csv",
+                              "p.csv", "-k", "2"], capture_output=True, text=True, cwd=tmp_path)
+    assert to_file.returncode == 0, to_file.stderr
+    rows = list(csv_module.reader(r.stdout.splitlines()))
+    assert rows == list(csv_module.reader((tmp_path / "p.csv").read_text().splitlines()))
+    assert rows[0] == ["path", "label", "prob", "label_2", "prob_2"] and len(rows) == 13
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv"]
+
+
 def test_eval_lists_a_class_with_no_images_in_the_split_last_as_having_none(trained, tmp_path):
     """A label file whose val rows leave a class out: that class has no accuracy, so the table
     says "no images" and puts it after the scored classes, not first as the worst at 0 %."""

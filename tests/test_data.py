@@ -400,6 +400,23 @@ def test_missing_dataset_message(tmp_path):
             load_split(name, "test", 32, data_dir=tmp_path)
 
 
+def test_a_named_dataset_and_a_folder_mistaken_for_each_other_are_pointed_out(tmp_path, monkeypatch):
+    """`--dataset cifar10` not found, with a ./cifar10 folder here: the error says how to read
+    that folder. cifar-10-batches-py/ (or another named dataset's folder) given as an image
+    folder: the error says which --dataset and --data-dir read it."""
+    fx.write_image_folder(tmp_path / "cifar10", {"a": 2, "b": 2})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"cifar10 is also a folder here: --dataset \./cifar10 reads it as an image"):
+        load_split("cifar10", "train", 32, data_dir=tmp_path / "elsewhere")
+    w = fx.write_cifar10_python(tmp_path / "dl")
+    with pytest.raises(DataError, match=f"holds cifar10's files: pass --dataset cifar10 --data-dir {w['dir']}$"):
+        load_split(str(w["dir"]), "train", 32)
+    assert len(load_split("cifar10", "test", 32, data_dir=w["dir"])) == 6  # and that reads it
+    fx.write_fashion_mnist(tmp_path / "fm", gz=True)
+    with pytest.raises(DataError, match="holds fashion-mnist's files"):
+        load_split(str(tmp_path / "fm"), "train", 28)
+
+
 def test_a_partly_missing_dataset_names_only_what_is_missing_and_how_to_fetch_it(tmp_path):
     """One file gone of three: the message names that one (it named every expected file), and
     says which commands download (eval takes no --download; the message used to tell it to)."""

@@ -11,7 +11,7 @@ import operator
 import os
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, DataNotFound
 from .datasets import NAMED_LOADERS, SAMPLE_DIR
 from .folders import folder_split, load_folder
 from .labelfile import is_label_file, label_file_split, load_label_file
@@ -78,6 +78,19 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("MMLIT_DATA") or "data").expanduser().resolve()
 
 
+# a file that only a named dataset's folder holds: given as an image folder, it is that dataset
+_DATASET_FILES = (("cifar10", "data_batch_1"), ("cifar10", "data_batch_1.bin"), ("cifar100", "meta"),
+                  ("cifar100", "fine_label_names.txt"), ("fashion-mnist", "train-images-idx3-ubyte"),
+                  ("fashion-mnist", "train-images-idx3-ubyte.gz"), ("svhn", "train_32x32.mat"),
+                  ("flowers102", "imagelabels.mat"), ("tiny-imagenet", "wnids.txt"))
+
+
+def _named_dataset_files(folder: Path) -> str | None:
+    """The named dataset whose files `folder` holds (cifar-10-batches-py/ passed as an image
+    folder), or None."""
+    return next((name for name, file in _DATASET_FILES if (folder / file).is_file()), None)
+
+
 def load_split(dataset: str, split: str, image_size: int, data_dir: str | os.PathLike | None = None,
                download: bool = False, val_fraction: float = 0.1,
                require_labels: bool = True, holdout: bool = True) -> ImageData:
@@ -120,14 +133,26 @@ def _load(dataset: str, split: str, image_size: int, data_dir, download: bool, h
           require_labels: bool) -> ImageData:
     """`load_split`, its arguments checked: a named dataset, an image folder or a label file."""
     name = _ALIASES.get(str(dataset).strip().lower(), str(dataset).strip().lower())
+    path = Path(str(dataset)).expanduser()
     if name in DATASET_NAMES:
         root = Path(data_dir).expanduser().resolve() if data_dir is not None else default_data_dir()
         loader = NAMED_LOADERS[name]
-        return loader(root, split, image_size, download, hold)
+        try:
+            return loader(root, split, image_size, download, hold)
+        except DataNotFound as e:
+            if path.is_dir():  # ./cifar10 here, an image folder the user meant
+                raise DataNotFound(f"{e} ({dataset} is also a folder here: --dataset ./{dataset} reads it as an "
+                                   f"image folder, --data-dir {dataset} looks for the dataset's files in it)") from None
+            raise
 
-    path = Path(str(dataset)).expanduser()
     if path.is_dir():
-        return load_folder(path.resolve(), split, image_size, hold, require_labels)
+        try:
+            return load_folder(path.resolve(), split, image_size, hold, require_labels)
+        except DataError as e:
+            named = _named_dataset_files(path)
+            if named is None:
+                raise
+            raise DataError(f"{e}; {path} holds {named}'s files: pass --dataset {named} --data-dir {path}") from None
     if is_label_file(path):
         return load_label_file(path.resolve(), split, image_size, hold, require_labels)
     if path.exists():
