@@ -55,6 +55,14 @@ class Checkpoint:
         return self.config.data.std
 
     @property
+    def held_out(self) -> bool:
+        """Whether its run held validation out of the training split. A `--val test` run (the
+        paper protocol) trained on all of it: its "val" split is the test split, as `eval`,
+        `benchmark` and `export` then read it (held out, "val" would be images it trained on)."""
+        recorded = self.info.get("dataset")
+        return not (isinstance(recorded, dict) and recorded.get("validation") == "test")
+
+    @property
     def class_names(self) -> list[str]:
         """The stored class names, or "0", "1", ... when the run had none."""
         return list(self.classes) or [str(i) for i in range(self.config.model.num_classes)]

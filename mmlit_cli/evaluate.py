@@ -53,7 +53,8 @@ def load_eval_split(ckpt: Checkpoint, path: str | Path, dataset: str | None, spl
         where = f" in {recorded_dir}" if recorded_dir and data_dir == recorded_dir else ""
         note = f"no --dataset: using {dataset}{where}, the dataset {Path(path).name} was trained on"
     try:
-        data = load_split(dataset, split, ckpt.image_size, data_dir=data_dir, val_fraction=ckpt.config.data.val_fraction)
+        data = load_split(dataset, split, ckpt.image_size, data_dir=data_dir, val_fraction=ckpt.config.data.val_fraction,
+                          holdout=ckpt.held_out)
     except MmlitError as e:
         if note is None:
             raise

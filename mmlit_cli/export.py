@@ -203,8 +203,8 @@ def load_int8_data(ckpt: Checkpoint, dataset: str, data_dir: str | None = None, 
     from .quantize import CALIBRATION_IMAGES
 
     cfg = ckpt.config
-    train = load_split(dataset, "train", ckpt.image_size, data_dir=data_dir, val_fraction=cfg.data.val_fraction)
-    held = load_split(dataset, "val", ckpt.image_size, data_dir=data_dir, val_fraction=cfg.data.val_fraction)
+    train, held = (load_split(dataset, split, ckpt.image_size, data_dir=data_dir, val_fraction=cfg.data.val_fraction,
+                              holdout=ckpt.held_out) for split in ("train", "val"))
     train, _ = match_classes(train, ckpt.classes, cfg.model.num_classes, dataset, classes_by_position)
     # labels as the model means them
     held, _ = match_classes(held, ckpt.classes, cfg.model.num_classes, dataset, classes_by_position)

@@ -162,6 +162,16 @@ def test_the_paper_protocol_validates_on_test_keeps_no_best_and_survives_resume(
     assert last.result.num_images == 12
     assert last.result.loss == pytest.approx(rows[-1]["val_loss"], rel=1e-5)
 
+    # `eval` as a user runs it, no --split: the run's "val" is the test split it validated on,
+    # not a part held out of the train/ images it trained on
+    r = subprocess.run([sys.executable, "-m", "mmlit_cli", "eval", str(out / "last.safetensors"), "--json",
+                        "--device", "cpu", "--out", str(tmp_path / "ev")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    scored = json.loads(r.stdout)
+    assert scored["num_images"] == 12 and scored["loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-5)
+    train = evaluate_checkpoint(out / "last.safetensors", None, "train", device="cpu")
+    assert train.result.num_images == 36  # all of train/, as the run trained on it
+
 
 def test_an_unknown_validation_choice_is_refused(train_test, tmp_path):
     with pytest.raises(MmlitError, match="--val must be auto or test"):
