@@ -64,12 +64,37 @@ def moved_to_world(epoch: int, step_in_epoch: int, loss_sum: float, batch: int, 
 def write_metrics(out: Path, history: list[dict]) -> None:
     """metrics.jsonl and metrics.csv, each epoch's row of `history` (rewritten atomically)."""
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    columns = [k for k in history[-1] if not isinstance(history[-1][k], (list, dict))]
+    # every row's columns, in order of first use: rows of a resumed run can differ (ranks_in_sync
+    # on several processes, stopped on the row --patience ended)
+    columns = list(dict.fromkeys(k for h in history for k, v in h.items() if not isinstance(v, (list, dict))))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(out / "metrics.csv", buf.getvalue())
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's rows, for a resumed run to go on with (and rewrite): one that is not a row
+    mmlit writes (a JSON object with an integer epoch; an edit gone wrong) is an error naming its
+    line, not dropped, as the file is rewritten at the next epoch."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MmlitError(f"cannot read {path} ({exc})") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("epoch"), int) and not isinstance(row["epoch"], bool)):
+            raise MmlitError(f"{path}, line {number}: not a row of a run's metrics ({line[:40]!r}); mend or "
+                             f"delete that line to resume")
+        rows.append(row)
+    return rows
 
 
 @dataclass
@@ -288,8 +313,7 @@ class RunRecord:
             torch.manual_seed(seed + 1_000_003 * self.global_step + self.dist.rank)  # the old streams: other ranks'
         history = self.facts.out_dir / "metrics.jsonl"
         if history.exists():
-            rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
-            self.history = [h for h in rows if h["epoch"] <= self.epoch]
+            self.history = [h for h in read_metrics(history) if h["epoch"] <= self.epoch]
 
     def take_resume_loss_sum(self) -> float:
         """Where this epoch's loss sum starts: the saved partial sum once after a resume, else 0."""

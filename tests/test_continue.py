@@ -145,3 +145,33 @@ def test_differences_name_the_keys_both_sides_have():
     here = {"config": {"finetune": {"lr": 0.01, "epochs": 3, "new": 2}}, "dataset": {"dataset": "/e"}}
     assert _differences(there, here) == "finetune.lr: None there, 0.01 here; dataset.dataset: /d there, /e here"
     assert _differences(there, there) == ""
+
+
+@pytest.mark.parametrize("bad_line", ['{"epoch": 2, "ste', '[1, 2]', '{"epoch": "x"}'])
+def test_a_metrics_file_with_a_line_that_is_no_row_is_named_and_left_as_it_is(data, tmp_path, bad_line):
+    """A resumed run rewrites metrics.jsonl: a line that is not a row (an edit gone wrong) is a
+    one-line error naming it, not an internal error, and not silently dropped."""
+    stopped = run_training("finetune", "xxs", str(data), out=tmp_path / "run", max_steps=3, overrides=TINY,
+                           epochs=3, batch_size=8, device="cpu", quiet=True)
+    assert stopped["stopped"] == "max_steps"
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + bad_line + "\n")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    r = run(command(data, tmp_path / "run"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"metrics.jsonl, line 2: not a row of a run's metrics" in r.stderr and "mend or delete" in r.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+
+
+def test_metrics_csv_has_every_rows_columns(tmp_path):
+    """A column only some rows have (ranks_in_sync before a resume on one process, stopped on
+    the row --patience ended) stays in metrics.csv, as in metrics.jsonl."""
+    import csv
+
+    from mmlit_cli.run_record import write_metrics
+
+    write_metrics(tmp_path, [{"epoch": 1, "loss": 1.0, "ranks_in_sync": True}, {"epoch": 2, "loss": 0.5},
+                             {"epoch": 3, "loss": 0.4, "stopped": "patience", "expert_usage": [[0.5, 0.5]]}])
+    rows = list(csv.reader((tmp_path / "metrics.csv").read_text().splitlines()))
+    assert rows[0] == ["epoch", "loss", "ranks_in_sync", "stopped"]
+    assert rows[1] == ["1", "1.0", "True", ""] and rows[3] == ["3", "0.4", "", "patience"]
