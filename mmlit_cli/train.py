@@ -154,6 +154,8 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     device_type = resolve_device(device).type  # a missing GPU is reported before any data is read
     check_compile_mode(compile_mode)
     _check_validation(validation)
+    if save_every < 0:
+        raise MmlitError(f"--save-every must be >= 0 (0 = a checkpoint at epoch ends only), got {save_every}")
     shortcuts = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, workers=workers, recipe=recipe,
                      loader=loader, patience=patience, class_balance=class_balance)
     if resume is not None:
@@ -453,6 +455,10 @@ def _continued_run(out: Path, task_cls, command: RunPlan) -> RunPlan | None:
         return None
     ckpt = load_checkpoint(last, with_train_state=True)
     recorded = (ckpt.train_info or {}).get("invocation")
+    other = next((c.command for c in TASKS.values() if c.kind == ckpt.task), None)
+    if ckpt.train_info is not None and ckpt.task != task_cls.kind and other is not None:
+        raise MmlitError(f"{out} holds a {other} run: choose another --out, or continue that run with mmlit {other} "
+                         f"--resume {out}")
     if recorded is None or ckpt.task != task_cls.kind:
         return None  # not a run this mmlit can tell apart: new_run_dir refuses the folder
     differences = _differences(recorded, command.invocation)
