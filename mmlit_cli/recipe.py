@@ -44,6 +44,9 @@ it can fall where the batch rule holds a run near 1,500 steps while the share fa
 peak lr, the product of the lr per image (falling with s) and the batch (rising with the
 images seen). At s = 0 the optimiser is the plain loop's that wins short runs.
 
+With fewer training images than a global batch (and no batch set), the batch is all of them:
+an epoch is that one step, and the lr follows the batch it has.
+
 The learning rate always follows the global batch, the fitted one too: `lr = lr_base * batch *
 processes / 256` (DeiT's and MAE's linear rule, `peak_lr`); `paper` runs it too. Pre-training
 keeps the preset's optimiser (no batch rule, no short-run lr factor); its warm-up keeps the
@@ -244,6 +247,10 @@ def fit_recipe(cfg: Config, section: str, reference_epochs: int, train_images: i
     """
     recipe: TrainConfig = getattr(cfg, section)
     mine = {k[len(section) + 1:] for k in pinned if k.startswith(section + ".")}
+    if "batch_size" not in mine and recipe.batch_size * world_size > train_images:
+        # fewer images than a global batch: an epoch's one step takes them all, and the lr (rule
+        # 1) follows the batch that step has, not one the data cannot fill
+        recipe = dataclasses.replace(recipe, batch_size=max(train_images // world_size, 1))
     if recipe.recipe == "auto" and section == "finetune" and "batch_size" not in mine:
         recipe = dataclasses.replace(recipe, batch_size=short_run_batch(
             recipe.batch_size, train_images * recipe.epochs, world_size))
@@ -280,15 +287,16 @@ def fit_recipe(cfg: Config, section: str, reference_epochs: int, train_images: i
     return dataclasses.replace(cfg, model=model, **{section: recipe}).validate()
 
 
-def batch_origin(preset: int, device: int, fitted: int) -> str:
+def batch_origin(preset: int, device: int, fitted: int, every_image: bool = False) -> str:
     """Where a run's batch came from when it is not the preset's: "preset 128 -> 512 on the
-    GPU -> 90 for a short run" (`device`: after `fit_to_device`; `fitted`: after `fit_recipe`;
-    a batch the user set is kept by both, so it has no origin)."""
+    GPU -> 90 for a short run" (`device`: after `fit_to_device`; `fitted`: after `fit_recipe`,
+    `every_image` when that is all the training images; a batch the user set is kept by both,
+    so it has no origin)."""
     steps = [f"preset {preset}"]
     if device != preset:
         steps.append(f"{device} on the GPU")
     if fitted != device:
-        steps.append(f"{fitted} for a short run")
+        steps.append(f"{fitted}, all the training images" if every_image else f"{fitted} for a short run")
     return " -> ".join(steps) if len(steps) > 1 else ""
 
 

@@ -128,7 +128,8 @@ class RunPlan:
         device_cfg = fit_to_device(self.cfg, section, device_type, train_images, world,
                                    max(usable_cpus() // local_world, 1), self.pinned)
         cfg = fit_recipe(device_cfg, section, self.reference_epochs, train_images, world, self.pinned)
-        origin = batch_origin(*(getattr(c, section).batch_size for c in (self.cfg, device_cfg, cfg)))
+        batches = [getattr(c, section).batch_size for c in (self.cfg, device_cfg, cfg)]
+        origin = batch_origin(*batches, every_image=batches[2] == max(train_images // world, 1) < batches[1])
         note = describe(cfg, section, self.reference_epochs, train_images, world, f"{section}.lr" in self.pinned,
                         origin)
         return dataclasses.replace(self, cfg=cfg, recipe_note=note)
