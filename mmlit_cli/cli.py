@@ -18,7 +18,7 @@ from rich.table import Table
 
 from . import __version__
 from .config import RESUME_MAY_CHANGE
-from .errors import MmlitError
+from .errors import MmlitError, one_line
 from .recipe import SAMPLE_EPOCHS
 
 def _flags_show_no_type() -> None:
@@ -553,14 +553,20 @@ def main() -> None:
     except Exception as e:  # a bug: still one line, with the way to see more
         if _state["debug"]:
             raise
-        from .runtime import compile_failure, is_compile_failure
+        from .runtime import compile_failure, is_compile_failure, peer_failure
 
+        lost = peer_failure(e)
+        if lost is not None:  # this rank's side of another one dying: the run's checkpoint stands
+            err_console.print(f"[red]error:[/red] another process of this run stopped ({escape(lost)}); its last "
+                              "checkpoint stands: torchrun --max-restarts continues from it, as does the same "
+                              "command again", highlight=False, soft_wrap=True)
+            sys.exit(1)
         if is_compile_failure(e):  # on a machine that cannot compile (a training run's first step goes on eagerly)
             err_console.print(f"[red]error:[/red] torch.compile failed ({escape(compile_failure(e))}); run without "
                               "it: drop --compile (eval, predict) or pass --no-compile (finetune, pretrain)",
                               highlight=False, soft_wrap=True)
             sys.exit(2)
-        err_console.print(f"[red]internal error:[/red] {type(e).__name__}: {escape(str(e))} "
+        err_console.print(f"[red]internal error:[/red] {escape(one_line(e, limit=500))} "
                           "(rerun with --debug for the traceback)",
                           highlight=False, soft_wrap=True)
         sys.exit(1)

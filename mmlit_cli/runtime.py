@@ -85,6 +85,22 @@ def is_compile_failure(exc: BaseException) -> bool:
                for c in type(exc).__mro__)
 
 
+# what a collective raises in a process whose peer died (killed, out of memory, its machine
+# gone): gloo's and NCCL's words for a lost connection, or torch's DistBackendError
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def peer_failure(exc: BaseException) -> str | None:
+    """When `exc` is this process's side of another process of the run stopping (under torchrun),
+    what it said, in a line; else None. Told by the class's name, as for compile failures."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    backend = any(c.__name__ == "DistBackendError" for c in type(exc).__mro__)
+    if backend or (isinstance(exc, RuntimeError) and any(words in str(exc) for words in _PEER_LOST)):
+        return one_line(exc, limit=200, first_line=True)
+    return None
+
+
 def maybe_compile(module: torch.nn.Module, compile: bool = False, mode: str | None = None):
     """`torch.compile(module)` when asked (a `mode` implies it), else the module itself.
 

@@ -230,3 +230,29 @@ def test_help_version_and_the_bare_command_still_print_to_stdout():
     assert version.returncode == 0 and version.stdout.startswith("mmlit ")
     bare = mmlit()
     assert bare.returncode in (0, 2) and "finetune" in bare.stdout and "error" not in bare.stderr
+
+
+@pytest.mark.parametrize("world, said", [("2", "error: another process of this run stopped ("),
+                                         ("1", "internal error: RuntimeError: ")])
+def test_a_peer_process_that_died_is_said_as_such_not_as_an_internal_error(monkeypatch, capsys, world, said):
+    """Under torchrun, the ranks left when one dies (killed, out of memory) fail in a collective
+    with gloo's "Connection reset by peer": one line that says so and that the checkpoint stands."""
+    import torch.distributed as dist
+
+    from mmlit_cli import cli
+
+    gloo = "[../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:21421: Connection reset by peer"
+    errors = [RuntimeError(gloo + "\nmore lines of gloo")]
+    if hasattr(dist, "DistBackendError") and world == "2":
+        errors.append(dist.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp, remote process exited"))
+    for error in errors:
+        def fail(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(cli, "app", fail)
+        monkeypatch.setenv("WORLD_SIZE", world)
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and err.count("\n") == 1 and err.startswith(said), err
+        assert ("more lines" in err) == (world == "1")  # an internal error says all, in one line
