@@ -140,8 +140,17 @@ def _train_command(kind: str, **options) -> None:
         print(resolved_config(kind, **{k: options.get(k) for k in keep}), end="")
         return
 
-    result = run_training(kind, console=console, **options)
+    try:
+        result = run_training(kind, console=console, **options)
+    except KeyboardInterrupt:  # a second Ctrl-C (`report.StopRequest`), before the first one's save was done
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # from here, Ctrl-C ends the process (no traceback)
+        err_console.print("interrupted again: stopped at once, without saving; the run's last.safetensors holds it "
+                          "as it was last saved (--resume continues from there)", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     if result["stopped"] == "interrupt":  # 130 after Ctrl-C, 143 after SIGTERM: 128 + the signal, as shells do
+        # the run is saved: one more Ctrl-C while Python shuts down ends the process at once, where
+        # Python's own handler would print a KeyboardInterrupt traceback from a finalizer
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         raise typer.Exit(128 + (result.get("signal") or signal.SIGINT))
     if not result.get("main_process", True):  # under torchrun, rank 0 reports what it wrote
         return

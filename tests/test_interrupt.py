@@ -93,6 +93,44 @@ def test_sigint_or_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_pa
     assert [r["epoch"] for r in rows] == list(range(1, target + 1))
 
 
+def test_a_second_ctrl_c_stops_at_once_and_says_what_is_left(monkeypatch, capsys):
+    """Ctrl-C twice, the second before the first one's save is done: the run gives up at once
+    (`StopRequest` raises KeyboardInterrupt) and says so, with what is left, exit 130; it was
+    exit 130 with nothing said. (Two signals sent back to back reach Python as one, so the
+    command is driven here; the subprocess test below sends them apart.)"""
+    from mmlit_cli import cli, train
+
+    def interrupted_twice(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run_training", interrupted_twice)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave pytest's own handler in place
+    monkeypatch.setattr(sys, "argv", ["mmlit", "finetune", "--preset", "xxs"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 130 and err.count("\n") == 1, err
+    assert err.startswith("interrupted again: stopped at once, without saving") and "--resume" in err
+
+
+@pytest.mark.parametrize("gap_s", [0.005, 0.03])
+def test_ctrl_c_twice_never_ends_in_a_traceback(tmp_path, gap_s):
+    """A second Ctrl-C lands mid-save (said in a line, exit 130) or after the save, while Python
+    shuts down, where its default handler printed a KeyboardInterrupt traceback from a finalizer:
+    now it ends the process at once (killed by SIGINT, as the shell reports 130)."""
+    folder = write_folder(tmp_path / "data", per_class=40)
+    out = tmp_path / "run"
+    proc = start(folder, out, "--save-every", "0")
+    wait_for(proc, out / "metrics.jsonl")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(gap_s)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in stderr, stderr
+    assert "interrupted again" in stderr or "interrupted (SIGINT): saved" in stdout, (stdout[-300:], stderr)
+    load_checkpoint(out / "last.safetensors", with_train_state=True)
+
+
 def test_sigterm_to_the_process_group_with_loader_workers_still_saves(tmp_path):
     """Schedulers and torchrun signal the whole group: the DataLoader's worker processes get
     SIGTERM too, and must leave the stop to the training process."""
