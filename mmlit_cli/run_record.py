@@ -225,11 +225,17 @@ class RunRecord:
     # ------------------------------------------------------------------ checkpoints
 
     def save_last(self, metrics: dict | None = None) -> None:
-        """last.safetensors, with the training state. Every rank calls it; rank 0 writes."""
+        """last.safetensors, with the training state. Every rank calls it; rank 0 writes. Its
+        weights are the ones the run scores: the EMA's when there is one (what eval, export and
+        predict then read: with --val test it is the run's only model); the weights being trained
+        are then in the training state (`_train_state`)."""
         rng = gather_rng_states(self.device, self.dist)
         if self.dist.is_main:
-            self.writer.save(self.facts.out_dir / "last.safetensors",
-                             self._checkpoint(self.model.state_dict(), metrics, rng))
+            self.writer.save(self.facts.out_dir / "last.safetensors", self._checkpoint(self._scored(), metrics, rng))
+
+    def _scored(self) -> dict[str, torch.Tensor]:
+        """The weights validation scores: the EMA's when the run keeps one."""
+        return self.ema.shadow if self.ema is not None else self.model.state_dict()
 
     def save_within_epoch(self, loss_sum: torch.Tensor) -> bool:
         """last.safetensors within an epoch, with the epoch's loss sum so far: its mean over
@@ -247,8 +253,7 @@ class RunRecord:
         """last.safetensors, and best.safetensors when the monitored figure improved."""
         self.save_last(row)
         if improved and self.facts.save_best and self.dist.is_main:
-            weights = self.ema.shadow if self.ema is not None else self.model.state_dict()
-            self.writer.save(self.facts.out_dir / "best.safetensors", self._checkpoint(weights, row))
+            self.writer.save(self.facts.out_dir / "best.safetensors", self._checkpoint(self._scored(), row))
 
     def _checkpoint(self, weights: dict[str, torch.Tensor], metrics: dict | None,
                     rng: dict[str, torch.Tensor] | None = None) -> Checkpoint:
@@ -273,8 +278,8 @@ class RunRecord:
             "dataset": self.facts.dataset, "world_size": self.dist.world_size,
             "layer_decay": self.facts.layer_decay, "recipe_note": self.facts.recipe_note,
             "invocation": self.facts.invocation}
-        if self.ema is not None:
-            tensors.update({f"ema/{k}": v for k, v in self.ema.shadow.items()})
+        if self.ema is not None:  # the checkpoint's weights are the EMA's: the trained ones go here
+            tensors.update({f"model/{k}": v for k, v in self.model.state_dict().items()})
             info["ema_updates"] = self.ema.updates
         return tensors, info
 
@@ -288,12 +293,15 @@ class RunRecord:
         if ckpt.train_info is None:
             raise MmlitError("the checkpoint has no training state to resume from")
         info = ckpt.train_info
-        self.model.load_state_dict(ckpt.tensors)
+        trained = {k[6:]: v for k, v in ckpt.train_tensors.items() if k.startswith("model/")}
+        # a run with an EMA saves the EMA as its weights and the trained ones as model/...; older
+        # checkpoints did the other way round (the EMA as ema/...), and still resume
+        ema = ckpt.tensors if trained else {k[4:]: v for k, v in ckpt.train_tensors.items() if k.startswith("ema/")}
+        self.model.load_state_dict(trained or ckpt.tensors)
         optimizer_from_tensors(self.optimizer, ckpt.train_tensors, info["optimizer"])
         if self.ema is not None:
-            ema = {k[4:]: v.to(self.device) for k, v in ckpt.train_tensors.items() if k.startswith("ema/")}
             if ema:
-                self.ema.module.load_state_dict(ema)
+                self.ema.module.load_state_dict({k: v.to(self.device) for k, v in ema.items()})
             # Runs saved before the warm-up existed: the EMA was updated once per step.
             self.ema.updates = int(info.get("ema_updates", info["global_step"]))
         self.epoch, self.step_in_epoch = int(info["epoch"]), int(info["step_in_epoch"])

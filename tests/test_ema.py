@@ -60,8 +60,9 @@ def test_a_short_run_averages_its_trained_weights_not_its_initial_ones(tmp_path)
     torch.manual_seed(4)  # the initial weights depend on the seed alone
     initial = MLiT(last.config.model).state_dict()
     best = load_checkpoint(out / "best.safetensors").tensors
+    live = {k[len("model/"):]: v for k, v in last.train_tensors.items() if k.startswith("model/")}
     moved = sum((best[k] - initial[k]).norm() ** 2 for k in initial) ** 0.5
-    trained = sum((last.tensors[k] - initial[k]).norm() ** 2 for k in initial) ** 0.5
+    trained = sum((live[k] - initial[k]).norm() ** 2 for k in initial) ** 0.5
     assert moved > 0.5 * trained  # without the warm-up: ~0.001 x (4 steps of decay 0.9998)
 
 
@@ -79,8 +80,37 @@ def test_resume_keeps_the_update_count_and_the_average(tmp_path):
     part = load_checkpoint(tmp_path / "part" / "last.safetensors", with_train_state=True)
     assert part.train_info["ema_updates"] == full.train_info["ema_updates"] == full.train_info["global_step"]
     for k, v in full.train_tensors.items():
-        if k.startswith("ema/"):
+        if k.startswith("model/"):  # the weights trained; the checkpoint's own are the EMA (below)
             torch.testing.assert_close(part.train_tensors[k], v, rtol=1e-5, atol=1e-6)
     a = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert [r["val_loss"] for r in b] == pytest.approx([r["val_loss"] for r in a], rel=1e-5)
+
+
+def test_a_checkpoint_of_the_older_layout_resumes_as_the_new_one(tmp_path):
+    """Checkpoints written before last.safetensors held the EMA kept the trained weights as the
+    checkpoint's and the EMA as ema/... in the training state: such a run resumes to the same
+    figures as the same run saved in the new layout."""
+    import shutil
+
+    from mmlit_cli.checkpoint import save_checkpoint
+
+    data = write_folder(tmp_path / "colours")
+    kw = dict(overrides=EMA, epochs=2, batch_size=8, seed=2, quiet=True)
+    run_training("finetune", "xxs", str(data), out=tmp_path / "new", max_steps=3, save_every=0, **kw)
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    ckpt = load_checkpoint(tmp_path / "old" / "last.safetensors", with_train_state=True)
+    live = {k[len("model/"):]: v for k, v in ckpt.train_tensors.items() if k.startswith("model/")}
+    assert live
+    ckpt.train_tensors = {k: v for k, v in ckpt.train_tensors.items() if not k.startswith("model/")}
+    ckpt.train_tensors.update({f"ema/{k}": v for k, v in ckpt.tensors.items()})
+    ckpt.tensors = live
+    save_checkpoint(tmp_path / "old" / "last.safetensors", ckpt)
+    for run in ("new", "old"):
+        run_training("finetune", None, None, resume=tmp_path / run, quiet=True)
+    rows = {run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("new", "old")}
+    assert [r["val_loss"] for r in rows["old"]] == pytest.approx([r["val_loss"] for r in rows["new"]], rel=1e-6)
+    a, b = (load_checkpoint(tmp_path / run / "last.safetensors").tensors for run in ("new", "old"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)

@@ -383,17 +383,21 @@ def test_pretrain_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path)
 
 def test_ema_is_what_gets_validated_and_saved_as_best(folder, tmp_path):
     """EMA on (with the load-balancing loss, whose tensor a model copy must not trip over):
-    best.safetensors holds the averaged weights, not the live ones, and validation counts
-    expert usage on the model it runs."""
+    best.safetensors and last.safetensors hold the averaged weights, the ones validation scored
+    (with --val test, last is the run's only model), not the live ones, which last keeps in its
+    training state to resume; validation counts expert usage on the model it runs."""
     out = tmp_path / "ema"
     finetune(folder, out, epochs=1, overrides=TINY + ["finetune.ema=true", "finetune.ema_decay=0.9",
                                                       "model.aux_loss_weight=0.01"])
     best = load_checkpoint(out / "best.safetensors").tensors
     last = load_checkpoint(out / "last.safetensors", with_train_state=True)
-    ema = {k[len("ema/"):]: v for k, v in last.train_tensors.items() if k.startswith("ema/")}
-    assert ema.keys() == best.keys()
-    assert all(torch.equal(best[k], ema[k]) for k in best)
-    assert any(not torch.equal(best[k], last.tensors[k]) for k in best)  # averaged, not the live weights
+    live = {k[len("model/"):]: v for k, v in last.train_tensors.items() if k.startswith("model/")}
+    assert live.keys() == best.keys() == last.tensors.keys()
+    assert all(torch.equal(best[k], last.tensors[k]) for k in best)  # one epoch: best is last, both the EMA
+    assert any(not torch.equal(best[k], live[k]) for k in best)  # averaged, not the live weights
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    scored = evaluate_checkpoint(out / "last.safetensors", str(folder), "val", device="cpu").result
+    assert scored.loss == pytest.approx(row["val_loss"], rel=1e-5)  # last.safetensors is the model scored
 
     pre = tmp_path / "ema-mae"
     run_training("pretrain", "xxs", str(folder), out=pre, overrides=TINY + ["pretrain.ema=true"], epochs=1,
