@@ -373,6 +373,8 @@ def predict(
                                  f"in {shown_from}"), highlight=False, soft_wrap=True)
     if as_json and csv_path:
         raise MmlitError("use --json or --csv, not both")
+    if csv_path is not None and not csv_path.strip():
+        raise MmlitError("--csv is empty: name a file, or - for standard output")
     csv_path = csv_path and os.path.expanduser(csv_path)  # `--csv=~/p.csv`: the shell leaves that ~ to us
     if csv_path and csv_path != "-" and Path(csv_path).exists():
         raise MmlitError(f"{csv_path} already exists: choose another --csv file")
@@ -403,7 +405,7 @@ def predict(
 def export(
     checkpoint: str = typer.Argument(..., help="A classifier checkpoint (.safetensors)."),
     format: str = typer.Option("onnx", "--format", "-f", help="Export format (onnx)."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output file, or folder (one that exists, or ends in /) (default: the checkpoint "
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output .onnx file, or folder (one that exists, or ends in /) (default: the checkpoint "
                                       "path with .onnx, or .int8.onnx with --int8). Never overwritten."),
     int8: bool = typer.Option(False, "--int8", help="int8 weights (ONNX Runtime dynamic quantization; the MoE "
                               "router stays float); checked against PyTorch on top-1 and router agreement."),

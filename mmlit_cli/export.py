@@ -120,8 +120,12 @@ def output_path(ckpt_path: str | Path, out_path: str | Path | None = None, int8:
     `.onnx` (`.int8.onnx` for an int8 export)."""
     ckpt_path = Path(ckpt_path).expanduser()
     name = ckpt_path.stem + (".int8.onnx" if int8 else ".onnx")
+    if out_path is not None and not str(out_path).strip():  # an unset variable in a script, not "here"
+        raise MmlitError("--out is empty: name a .onnx file or a folder")
     out = Path(out_path).expanduser() if out_path is not None else ckpt_path.with_name(name)
     folder = out.is_dir() or str(out_path).endswith(("/", os.sep))
+    if not folder and out.suffix.lower() != ".onnx":  # predict, Netron and ONNX tools tell the file by it
+        raise MmlitError(f"--out {out_path}: an ONNX file's name ends in .onnx (a new folder's in /)")
     return out / name if folder else out
 
 
