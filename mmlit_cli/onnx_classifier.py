@@ -90,6 +90,10 @@ class OnnxClassifier:
         if (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or size < 1
                 or inputs[0].shape[1:] != [3, size, size]):
             raise MmlitError(f"{path}: its metadata does not match its input {inputs[0].shape}")
+        width = next(o for o in outputs if o.name == "logits").shape[-1]  # an int, or a name if dynamic
+        if isinstance(width, int) and width != len(classes):
+            raise MmlitError(f"{path}: its metadata names {len(classes)} classes where its output 'logits' has "
+                             f"{width}")
         return cls(path, session, classes, size, mean, std, meta)
 
     @property

@@ -86,6 +86,9 @@ def world(tmp_path_factory):
         bare = onnx.load(str(w["fp32"]))
         del bare.metadata_props[:]
         onnx.save(bare, str(root / "bare.onnx"))
+        two = onnx.load(str(w["fp32"]))  # metadata naming 2 classes, logits of 3
+        next(p for p in two.metadata_props if p.key == "classes").value = '["a", "b"]'
+        onnx.save(two, str(root / "two-names.onnx"))
     return w
 
 
@@ -325,6 +328,8 @@ BAD = [
     ("export: an empty --out", lambda w: ["export", w["ckpt"], "--out", ""], (), "--out is empty"),
     ("predict: an empty --csv", lambda w: ["predict", w["ckpt"], w["data"], "--csv", ""], (), "--csv is empty"),
     ("predict: not an onnx model", lambda w: ["predict", w["root"] / "notes.onnx", w["data"]], (), "not an ONNX model"),
+    ("predict: onnx whose classes are not its logits", lambda w: ["predict", w["root"] / "two-names.onnx", w["data"]],
+     (), "its metadata names 2 classes where its output 'logits' has 3"),
     ("predict: onnx without mmlit metadata", lambda w: ["predict", w["root"] / "bare.onnx", w["data"]], (),
      "no usable mmlit metadata"),
     ("predict onnx without onnxruntime", lambda w: ["predict", w["fp32"], w["data"]], ("onnxruntime",), "mmlit[onnx]"),
