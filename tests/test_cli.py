@@ -52,6 +52,17 @@ def test_count_params_table_shows_components_and_paper_figure():
         assert word in r.stdout
 
 
+@pytest.mark.parametrize("args, compared", [([], True), (["--set", "model.drop_path=0.1"], True),
+                                            (["--set", "model.depth=3"], False), (["--image-size", "24"], False),
+                                            (["--num-classes", "10"], False)])
+def test_count_params_compares_with_the_paper_only_the_architecture_it_published(args, compared):
+    """The paper's 0.67 M is xxs at 100 classes: beside a deeper or shallower model, or another
+    input size, its difference would read as our reconstruction's error."""
+    base = ["--num-classes", "100"] if "--num-classes" not in args else []
+    out = json.loads(mmlit("count-params", "--preset", "xxs", *base, *args, "--json", check=True).stdout)
+    assert (out["paper_total"] == 670_000) == compared and (out["paper_total"] is None) != compared
+
+
 def test_count_params_image_size_and_set():
     from mmlit_cli import create_model
 
