@@ -277,6 +277,7 @@ def _run(ckpt_path, dataset, split, data_dir, threads, batch_size, calls, limit,
     images, labels = _sample(data, limit)
     if len(images) == 0:
         raise MmlitError(f"{name} '{split}' has no images")
+    batch_size = min(batch_size, len(images))  # the batch the images/s are timed at (--limit 5: 5)
     report = BenchmarkReport(ckpt_path, data.source, split, len(images), threads, batch_size, calls,
                              machine_info(threads), warnings=[w for w in [skipped_warning(data.skipped)] if w])
     say(f"reference: PyTorch eager on {len(images)} images")
