@@ -249,7 +249,7 @@ def finetune(
 ) -> None:
     """Supervised training, from scratch or from a checkpoint (--init). The head gets the dataset's classes.
 
-    Example:  mmlit finetune --preset xxs   (the bundled sample, about a minute on a CPU)
+    Example:  mmlit finetune --preset xxs   (the bundled sample, within two minutes on a CPU)
               mmlit finetune --preset xxs --dataset ./my-images --epochs 30 --out runs/mine
     """
     _train_command("finetune", **locals())

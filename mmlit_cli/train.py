@@ -495,7 +495,8 @@ def _differences(there: dict[str, Any], here: dict[str, Any], prefix: str = "") 
         if isinstance(a, dict) and isinstance(b, dict):
             found += [d for d in _differences(a, b, f"{prefix}{key}.").split("; ") if d]
         elif a != b:
-            found.append(f"{prefix.removeprefix('config.')}{key}: {a} there, {b} here")
+            shown = ["not set" if v is None else v for v in (a, b)]  # None: the option was not given
+            found.append(f"{prefix.removeprefix('config.')}{key}: {shown[0]} there, {shown[1]} here")
     return "; ".join(found[:3]) + ("; ..." if len(found) > 3 else "")
 
 

@@ -109,7 +109,7 @@ def test_a_finished_run_says_so_and_exits_0_and_another_run_is_refused(data, tmp
 
     other = run(command(data, out, "--lr", "0.01", "--seed", "5"))
     assert other.returncode == 2 and "Traceback" not in other.stderr
-    assert other.stderr.strip() == (f"error: {out} holds another run (finetune.lr: None there, 0.01 here; "
+    assert other.stderr.strip() == (f"error: {out} holds another run (finetune.lr: not set there, 0.01 here; "
                                     f"finetune.seed: 0 there, 5 here): choose another --out, or continue that run "
                                     f"with --resume {out}")
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
@@ -143,7 +143,7 @@ def test_a_run_resumed_with_more_epochs_is_that_command_now(data, tmp_path):
 def test_differences_name_the_keys_both_sides_have():
     there = {"config": {"finetune": {"lr": None, "epochs": 3}, "old": 1}, "dataset": {"dataset": "/d"}}
     here = {"config": {"finetune": {"lr": 0.01, "epochs": 3, "new": 2}}, "dataset": {"dataset": "/e"}}
-    assert _differences(there, here) == "finetune.lr: None there, 0.01 here; dataset.dataset: /d there, /e here"
+    assert _differences(there, here) == "finetune.lr: not set there, 0.01 here; dataset.dataset: /d there, /e here"
     assert _differences(there, there) == ""
 
 

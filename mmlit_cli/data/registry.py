@@ -163,4 +163,4 @@ def _load(dataset: str, split: str, image_size: int, data_dir, download: bool, h
         raise DataError(f"image folder {path.resolve()} does not exist (known dataset names: "
                         f"{', '.join(DATASET_NAMES)})")
     raise DataError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASET_NAMES)}, "
-                    f"or the path of an image folder")
+                    f"the path of an image folder, or a .csv label file")
