@@ -4,7 +4,6 @@ functions that tests call directly."""
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 import signal
@@ -90,20 +89,13 @@ def count_params(
     """
     from . import create_model
     from .config import load_config
-    from .summary import PAPER_PARAMS, count_macs, parameter_breakdown
+    from .summary import count_macs, paper_params, parameter_breakdown
 
     cfg = load_config(preset, overrides)
     model = create_model(preset, num_classes=num_classes, image_size=image_size, overrides=overrides)
     breakdown = parameter_breakdown(model)
     macs = count_macs(model)
-    # the paper's figure is for its own architecture at 100 classes: beside another (--set
-    # model.depth=3, --image-size 24) it would read as our error
-    architecture = ("image_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
-                    "num_kv_heads", "qkv_bias", "mlp_hidden_first", "mlp_hidden_last", "expert_stages", "top_k")
-    as_published = cfg.name in PAPER_PARAMS and all(
-        getattr(model.cfg, k) == getattr(dataclasses.replace(load_config(cfg.name).model, num_classes=100), k)
-        for k in architecture)
-    paper = PAPER_PARAMS[cfg.name] if as_published else None
+    paper = paper_params(cfg.name, model.cfg)
     if as_json:
         print(json.dumps({"preset": cfg.name, "num_classes": model.cfg.num_classes,
                           "image_size": model.cfg.image_size, "components": breakdown.components,

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from .config import load_config
 from .model import MLiT, MoEFeedForward
 
 # Published totals (arXiv 2407.17783 abstract), for 100 classes (CIFAR-100).
 PAPER_PARAMS = {"s": 2_360_000, "xxs": 670_000}
+# what sets a model's parameter count (not drop path, router noise...)
+_ARCHITECTURE = ("image_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
+                 "num_kv_heads", "qkv_bias", "mlp_hidden_first", "mlp_hidden_last", "expert_stages", "top_k")
+
+
+def paper_params(preset: str, model_cfg) -> int | None:
+    """The paper's parameter count for `model_cfg` when it is the architecture the paper published
+    (the preset `preset` at 100 classes, at its input size), else None: beside another (--set
+    model.depth=3, --image-size 24) the paper's figure would read as our reconstruction's error."""
+    if preset not in PAPER_PARAMS:
+        return None
+    published = dataclasses.replace(load_config(preset).model, num_classes=100)
+    same = all(getattr(model_cfg, k) == getattr(published, k) for k in _ARCHITECTURE)
+    return PAPER_PARAMS[preset] if same else None
 
 COMPONENTS = ("patch embedding", "position/class tokens", "attention", "router", "per-expert W1",
               "shared V", "shared W2", "norms", "head")
