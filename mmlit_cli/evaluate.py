@@ -36,6 +36,14 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tup
     return model.to(device).eval(), ckpt
 
 
+def checkpoint_split(ckpt: Checkpoint, dataset: str, split: str, data_dir: str | None) -> ImageData:
+    """`split` of `dataset` as the checkpoint's run divided it: its `val_fraction` held out of
+    train, or (a `--val test` run, `Checkpoint.held_out`) nothing held out, so that "val" is
+    never images the run trained on."""
+    return load_split(dataset, split, ckpt.image_size, data_dir=data_dir, val_fraction=ckpt.config.data.val_fraction,
+                      holdout=ckpt.held_out)
+
+
 def load_eval_split(ckpt: Checkpoint, path: str | Path, dataset: str | None, split: str,
                     data_dir: str | None) -> tuple[ImageData, str, str | None]:
     """(data, dataset, note): `split` of `dataset` when given; else of the dataset the
@@ -53,8 +61,7 @@ def load_eval_split(ckpt: Checkpoint, path: str | Path, dataset: str | None, spl
         where = f" in {recorded_dir}" if recorded_dir and data_dir == recorded_dir else ""
         note = f"no --dataset: using {dataset}{where}, the dataset {Path(path).name} was trained on"
     try:
-        data = load_split(dataset, split, ckpt.image_size, data_dir=data_dir, val_fraction=ckpt.config.data.val_fraction,
-                          holdout=ckpt.held_out)
+        data = checkpoint_split(ckpt, dataset, split, data_dir)
     except MmlitError as e:
         if note is None:
             raise

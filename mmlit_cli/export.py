@@ -40,9 +40,9 @@ import torch
 
 from . import __version__
 from .checkpoint import Checkpoint
-from .data import Normalize, load_split, skipped_warning
+from .data import Normalize, skipped_warning
 from .errors import MmlitError, one_line
-from .evaluate import load_classifier, match_classes
+from .evaluate import checkpoint_split, load_classifier, match_classes
 from .export_forms import export_forms
 from .files import atomic_write
 from .onnx_classifier import PIP_HINT
@@ -207,8 +207,7 @@ def load_int8_data(ckpt: Checkpoint, dataset: str, data_dir: str | None = None, 
     from .quantize import CALIBRATION_IMAGES
 
     cfg = ckpt.config
-    train, held = (load_split(dataset, split, ckpt.image_size, data_dir=data_dir, val_fraction=cfg.data.val_fraction,
-                              holdout=ckpt.held_out) for split in ("train", "val"))
+    train, held = (checkpoint_split(ckpt, dataset, split, data_dir) for split in ("train", "val"))
     train, _ = match_classes(train, ckpt.classes, cfg.model.num_classes, dataset, classes_by_position)
     # labels as the model means them
     held, _ = match_classes(held, ckpt.classes, cfg.model.num_classes, dataset, classes_by_position)

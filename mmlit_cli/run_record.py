@@ -120,12 +120,32 @@ class RunFacts:
     invocation: dict[str, Any] | None = None
 
 
+def patience_is_spent(epoch: int, best_epoch: int, patience: int) -> bool:
+    """Whether `patience` epochs (0: never) have passed since the best one: --patience's rule."""
+    return patience > 0 and epoch - best_epoch >= patience
+
+
 def stopped_early(info: dict, patience: int) -> bool:
     """Whether a checkpoint's run (its `train_info`) stopped early and stays stopped under
-    `patience` (0: never stop): a run resumed with a larger --patience goes on, as the new
-    patience is not spent."""
-    epochs_since_best = int(info["epoch"]) - int(info.get("best_epoch", info["epoch"]))
-    return bool(info.get("early_stop")) and patience > 0 and epochs_since_best >= patience
+    `patience`: a run resumed with a larger --patience goes on, as the new patience is not spent."""
+    epoch = int(info["epoch"])
+    return bool(info.get("early_stop")) and patience_is_spent(epoch, int(info.get("best_epoch", epoch)), patience)
+
+
+def restore_weights(ckpt: Checkpoint, model: torch.nn.Module, ema, device: torch.device) -> None:
+    """A last.safetensors' trained weights into `model` and its EMA into `ema` (when the run keeps
+    one). With an EMA, the checkpoint's weights are the EMA's (the ones scored and shipped) and
+    the trained ones are in its training state as model/...; older checkpoints had it the other
+    way round (the EMA as ema/...), and still resume."""
+    trained = {k[len("model/"):]: v for k, v in ckpt.train_tensors.items() if k.startswith("model/")}
+    averaged = ckpt.tensors if trained else \
+        {k[len("ema/"):]: v for k, v in ckpt.train_tensors.items() if k.startswith("ema/")}
+    model.load_state_dict(trained or ckpt.tensors)
+    if ema is not None:
+        if averaged:
+            ema.module.load_state_dict({k: v.to(device) for k, v in averaged.items()})
+        # Runs saved before the warm-up existed: the EMA was updated once per step.
+        ema.updates = int(ckpt.train_info.get("ema_updates", ckpt.train_info["global_step"]))
 
 
 class RunRecord:
@@ -217,7 +237,7 @@ class RunRecord:
 
     def patience_spent(self, patience: int) -> str | None:
         """Why the run stops early, when `patience` epochs have passed since its best (0: never)."""
-        if patience and self.epoch - self.best_epoch >= patience:
+        if patience_is_spent(self.epoch, self.best_epoch, patience):
             return (f"{self.task.monitor} has not improved for {patience} epochs (best {self.best:.4g} at epoch "
                     f"{self.best_epoch}; --patience {patience})")
         return None
@@ -293,17 +313,8 @@ class RunRecord:
         if ckpt.train_info is None:
             raise MmlitError("the checkpoint has no training state to resume from")
         info = ckpt.train_info
-        trained = {k[6:]: v for k, v in ckpt.train_tensors.items() if k.startswith("model/")}
-        # a run with an EMA saves the EMA as its weights and the trained ones as model/...; older
-        # checkpoints did the other way round (the EMA as ema/...), and still resume
-        ema = ckpt.tensors if trained else {k[4:]: v for k, v in ckpt.train_tensors.items() if k.startswith("ema/")}
-        self.model.load_state_dict(trained or ckpt.tensors)
+        restore_weights(ckpt, self.model, self.ema, self.device)
         optimizer_from_tensors(self.optimizer, ckpt.train_tensors, info["optimizer"])
-        if self.ema is not None:
-            if ema:
-                self.ema.module.load_state_dict({k: v.to(self.device) for k, v in ema.items()})
-            # Runs saved before the warm-up existed: the EMA was updated once per step.
-            self.ema.updates = int(info.get("ema_updates", info["global_step"]))
         self.epoch, self.step_in_epoch = int(info["epoch"]), int(info["step_in_epoch"])
         self.global_step, self.best, self.elapsed = int(info["global_step"]), info["best"], float(info["elapsed"])
         self.best_epoch, self.early_stop = int(info.get("best_epoch", self.epoch)), info.get("early_stop")

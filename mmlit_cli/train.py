@@ -128,8 +128,9 @@ class RunPlan:
         device_cfg = fit_to_device(self.cfg, section, device_type, train_images, world,
                                    max(usable_cpus() // local_world, 1), self.pinned)
         cfg = fit_recipe(device_cfg, section, self.reference_epochs, train_images, world, self.pinned)
-        batches = [getattr(c, section).batch_size for c in (self.cfg, device_cfg, cfg)]
-        origin = batch_origin(*batches, every_image=batches[2] == max(train_images // world, 1) < batches[1])
+        preset, device, fitted = (getattr(c, section).batch_size for c in (self.cfg, device_cfg, cfg))
+        every_image = device * world > train_images and fitted == max(train_images // world, 1)  # `fit_recipe`'s cap
+        origin = batch_origin(preset, device, fitted, every_image)
         note = describe(cfg, section, self.reference_epochs, train_images, world, f"{section}.lr" in self.pinned,
                         origin)
         return dataclasses.replace(self, cfg=cfg, recipe_note=note)
@@ -232,6 +233,11 @@ def _resume(trainer: Trainer, plan: RunPlan, console: Console | None) -> None:
             f"{trainer.recipe.batch_size} x {world} and the peak lr {trainer.peak_lr:.3g} ({how})"), highlight=False)
 
 
+def _command_of(ckpt: Checkpoint) -> str | None:
+    """The command that trains a checkpoint's task ("pretrain" for an MAE), or None if unknown."""
+    return next((c.command for c in TASKS.values() if c.kind == ckpt.task), None)
+
+
 def _check_validation(validation: str | None) -> None:
     if validation is not None and validation not in VALIDATION:
         raise MmlitError(f"--val must be {' or '.join(VALIDATION)}, got '{validation}'")
@@ -316,7 +322,7 @@ def _resumed_run(run_dir: Path, task_cls, *, preset: str | None = None, dataset:
     if ckpt.train_info is None:
         raise MmlitError(f"{last} holds no training state (it is not a run's last checkpoint)")
     if ckpt.task != task_cls.kind:
-        command = next((c.command for c in TASKS.values() if c.kind == ckpt.task), None)
+        command = _command_of(ckpt)
         how = f"mmlit {command} --resume {run_dir}" if command else "the command that trained it"
         raise MmlitError(f"{run_dir} is a {command or ckpt.task} run: resume it with {how}")
     cfg = ckpt.config
@@ -456,7 +462,7 @@ def _continued_run(out: Path, task_cls, command: RunPlan) -> RunPlan | None:
         return None
     ckpt = load_checkpoint(last, with_train_state=True)
     recorded = (ckpt.train_info or {}).get("invocation")
-    other = next((c.command for c in TASKS.values() if c.kind == ckpt.task), None)
+    other = _command_of(ckpt)
     if ckpt.train_info is not None and ckpt.task != task_cls.kind and other is not None:
         raise MmlitError(f"{out} holds a {other} run: choose another --out, or continue that run with mmlit {other} "
                          f"--resume {out}")
