@@ -193,7 +193,11 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     trainer = Trainer(task, cfg, train, val, opts, console)
     if plan.resume is not None:
         _resume(trainer, plan, None if quiet else console)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:  # a second Ctrl-C, an error: TensorBoard's writer thread ends before the
+        trainer.record.close_events()  # process does (left inside protobuf's C code, it aborts the exit)
+        raise
     result["out_dir"] = str(plan.run_dir)
     result["main_process"] = main_process
     if trainer.dist.is_main and result["stopped"] in (None, "patience"):

@@ -23,13 +23,14 @@ SLOWER = [o for o in TINY if not o.startswith("model.image_size")] + ["model.ima
 LONG = 200  # epochs: the run cannot finish before the signal arrives
 
 
-def start(folder, out, *extra, group=False):
+def start(folder, out, *extra, group=False, env=None):
     cmd = [sys.executable, "-m", "mmlit_cli", "finetune", "--preset", "xxs", "--dataset", str(folder),
            "--out", str(out), "--epochs", str(LONG), "--batch-size", "4", "--save-every", "1", "--device", "cpu",
            *extra]
     for o in SLOWER:
         cmd += ["--set", o]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group,
+                            env=env)
 
 
 def wait_for(proc, path, timeout=300):
@@ -113,19 +114,47 @@ def test_a_second_ctrl_c_stops_at_once_and_says_what_is_left(monkeypatch, capsys
     assert err.startswith("interrupted again: stopped at once, without saving") and "--resume" in err
 
 
-@pytest.mark.parametrize("gap_s", [0.005, 0.03])
-def test_ctrl_c_twice_never_ends_in_a_traceback(tmp_path, gap_s):
-    """A second Ctrl-C lands mid-save (said in a line, exit 130) or after the save, while Python
-    shuts down, where its default handler printed a KeyboardInterrupt traceback from a finalizer:
-    now it ends the process at once (killed by SIGINT, as the shell reports 130)."""
+def test_an_interrupted_fit_closes_its_event_log(tmp_path, monkeypatch):
+    """A second Ctrl-C (KeyboardInterrupt out of `fit`) still ends TensorBoard's writer before the
+    process ends: left running, its thread can be inside protobuf's C code at exit, which
+    aborts the process ("terminate called without an active exception", SIGABRT)."""
+    pytest.importorskip("torch.utils.tensorboard")
+    from mmlit_cli import engine
+    from mmlit_cli.train import run_training
+
+    seen = {}
+
+    def interrupted_fit(self):
+        self.record.start()
+        seen["events"] = self.record.events
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.Trainer, "fit", interrupted_fit)
+    with pytest.raises(KeyboardInterrupt):
+        run_training("finetune", "xxs", str(write_folder(tmp_path / "data", per_class=4)), out=tmp_path / "run",
+                     overrides=TINY, epochs=2, batch_size=4, quiet=True)
+    events = seen["events"]
+    assert events is not None and events.writer.all_writers is None  # SummaryWriter.close() ran
+
+
+def test_ctrl_c_twice_never_ends_in_a_traceback(tmp_path):
+    """A second Ctrl-C as the run says its first one's save, while it waits for its checkpoint
+    writes and winds down: a line (exit 130) or the process ended at once (killed by SIGINT, as
+    the shell reports 130), never a traceback or an abort. Sent when the "interrupted" line is
+    read, not after a sleep."""
     folder = write_folder(tmp_path / "data", per_class=40)
     out = tmp_path / "run"
-    proc = start(folder, out, "--save-every", "0")
+    proc = start(folder, out, "--save-every", "0", env={**os.environ, "PYTHONUNBUFFERED": "1"})
     wait_for(proc, out / "metrics.jsonl")
     proc.send_signal(signal.SIGINT)
-    time.sleep(gap_s)
-    proc.send_signal(signal.SIGINT)
+    said = []
+    for line in proc.stdout:  # unbuffered: each line as the run prints it
+        said.append(line)
+        if "interrupted (SIGINT)" in line:
+            proc.send_signal(signal.SIGINT)
+            break
     stdout, stderr = proc.communicate(timeout=120)
+    stdout = "".join(said) + stdout
     assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in stderr, stderr
     assert "interrupted again" in stderr or "interrupted (SIGINT): saved" in stdout, (stdout[-300:], stderr)
     load_checkpoint(out / "last.safetensors", with_train_state=True)
