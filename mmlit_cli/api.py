@@ -10,7 +10,6 @@ Every classifier made here carries `pretrained_cfg`, the dict timm users read to
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import os
 from collections.abc import Iterable
@@ -20,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .config import Config, available_presets, load_config
+from .config import Config, available_presets, load_config, with_values
 from .data import Normalize, decode_one, fit_image
 from .errors import MmlitError, one_line
 from .evaluate import load_classifier
@@ -46,27 +45,35 @@ def list_models(pattern: str = "*") -> list[str]:
     return [name for name in available_presets() if fnmatch.fnmatchcase(name, pattern)]
 
 
+# timm's names for the same knobs: create_model("xxs", drop_path_rate=0.1) as in timm
+_TIMM_ALIASES = {"drop_path_rate": "drop_path"}
+
+
 def create_model(preset: str | Path = "xs", pretrained: bool = False, num_classes: int | None = None,
                  image_size: int | None = None, overrides: list[str] | str | None = None, **model_kwargs) -> MLiT:
     """Build an mLiT classifier from a preset name or YAML path, the way `timm.create_model` does.
 
     >>> model = create_model("xxs", num_classes=10)
-    Keyword arguments override fields of the preset's `model` section (`depth=4`, ...).
+    Keyword arguments override fields of the preset's `model` section (`depth=4`, ...; timm's
+    `drop_path_rate` is `drop_path`), checked as `--set` checks them.
     `pretrained=True` is an error: mmlit ships no weights (train them, then `load_model`).
     """
+    load_hint = "load a trained checkpoint with mmlit_cli.load_model(path)"
+    if isinstance(pretrained, (str, os.PathLike)) or "checkpoint_path" in model_kwargs:
+        raise MmlitError(f"create_model builds a new model: {load_hint}")
     if not isinstance(pretrained, bool):  # create_model("xxs", 10): timm's second argument is `pretrained`
         raise MmlitError(f"create_model's second argument is pretrained, as in timm.create_model: pass "
                          f"num_classes={pretrained!r} by name")
     if pretrained:
-        raise MmlitError("mmlit has no pretrained weights to download: train a model (mmlit finetune) and load "
-                         "its checkpoint with mmlit_cli.load_model")
+        raise MmlitError(f"mmlit has no pretrained weights to download: train a model (mmlit finetune) and "
+                         f"{load_hint}")
     cfg = load_config(preset, [overrides] if isinstance(overrides, str) else overrides)
-    changes = dict(model_kwargs)
+    changes = {_TIMM_ALIASES.get(k, k): v for k, v in model_kwargs.items()}
     if num_classes is not None:
         changes["num_classes"] = num_classes
     if image_size is not None:
         changes["image_size"] = image_size
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **changes))
+    cfg = with_values(cfg, {"model": changes}, "create_model")
     model = MLiT(cfg.model)
     model.pretrained_cfg = pretrained_cfg(cfg)
     return model
@@ -75,12 +82,14 @@ def create_model(preset: str | Path = "xs", pretrained: bool = False, num_classe
 def create_mae(preset: str | Path = "xs", image_size: int | None = None,
                overrides: list[str] | str | None = None, **mae_kwargs) -> MaskedAutoencoder:
     """Build the masked auto-encoder (mmLiT pre-training) around a preset's encoder. Keyword
-    arguments override fields of the preset's `mae` section (`mask_ratio=0.5`, ...)."""
+    arguments override fields of the preset's `mae` section (`mask_ratio=0.5`, ...); the
+    encoder's are changed with `overrides` (`"model.depth=4"`)."""
     cfg = load_config(preset, [overrides] if isinstance(overrides, str) else overrides)
-    model_cfg = cfg.model if image_size is None else dataclasses.replace(cfg.model, image_size=image_size)
-    mae_cfg = dataclasses.replace(cfg.mae, **mae_kwargs)
-    mae_cfg.validate()
-    return MaskedAutoencoder(model_cfg, mae_cfg)
+    changes: dict[str, Any] = {"mae": mae_kwargs}
+    if image_size is not None:
+        changes["model"] = {"image_size": image_size}
+    cfg = with_values(cfg, changes, "create_mae")
+    return MaskedAutoencoder(cfg.model, cfg.mae)
 
 
 def load_model(checkpoint: str | Path, device: str | torch.device | None = "cpu") -> MLiT:
@@ -88,7 +97,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device | None = "cpu"
     then cpu), with `class_names` and `pretrained_cfg` set from the checkpoint. Raises
     `MmlitError` for a file that is not an mmlit classifier checkpoint (an MAE-only one included:
     fine-tune it first)."""
-    if is_onnx(checkpoint):
+    if is_onnx(checkpoint) and Path(checkpoint).is_file():
         raise MmlitError(f"{checkpoint} is an ONNX file: run it with onnxruntime, or get its predictions with "
                          f"mmlit_cli.predict_paths; load_model reads .safetensors checkpoints")
     model, ckpt = load_classifier(checkpoint, resolve_device("cpu" if device is None else str(device)))
@@ -102,12 +111,16 @@ def preprocess(images: Any, model: torch.nn.Module) -> torch.Tensor:
     normalised as in training (`model.pretrained_cfg`). `images`: one or a list of image file
     paths, Pillow images and uint8 arrays ([H, W, 3] RGB or [H, W] grey). Files are read exactly
     as `mmlit predict` reads them; Pillow images and arrays are converted and resized the same
-    way, from their full pixels (for a big JPEG file `predict` lets libjpeg shrink it first, a
-    few grey levels apart). Raises `MmlitError` naming the first image that cannot be used."""
+    way, from their full pixels (for a big JPEG file `predict` lets libjpeg shrink it first: a
+    mean of a few grey levels apart, up to about 20 at single pixels). Raises `MmlitError`
+    naming the first image that cannot be used."""
     cfg = getattr(model, "pretrained_cfg", None)
     if not isinstance(cfg, dict) or "input_size" not in cfg:
         raise MmlitError("preprocess needs a classifier from mmlit_cli.load_model or create_model (its "
                          "pretrained_cfg gives the image size and normalisation)")
+    if cfg["input_size"][0] != 3:  # images are decoded as RGB, as training decodes them
+        raise MmlitError(f"preprocess makes RGB batches [N, 3, S, S]; this model takes {cfg['input_size'][0]} "
+                         f"channel(s) (model.in_chans): convert its input yourself")
     if isinstance(images, (str, os.PathLike, np.ndarray)) or _is_pil(images):
         images = [images]
     elif not isinstance(images, Iterable) or isinstance(images, (bytes, bytearray)):

@@ -156,15 +156,15 @@ def _train_command(kind: str, **options) -> None:
         return
     out_dir = result["out_dir"]
     if result.get("best_saved", True):
-        console.print(f"done: {out_dir}/last.safetensors, {out_dir}/best.safetensors, {out_dir}/metrics.jsonl",
+        console.print(escape(f"done: {out_dir}/last.safetensors, {out_dir}/best.safetensors, {out_dir}/metrics.jsonl"),
                       highlight=False)
     else:
-        console.print(f"done: {out_dir}/last.safetensors, {out_dir}/metrics.jsonl (no best.safetensors: the "
-                      f"validation split is the test split)", highlight=False)
+        console.print(escape(f"done: {out_dir}/last.safetensors, {out_dir}/metrics.jsonl (no best.safetensors: the "
+                             f"validation split is the test split)"), highlight=False)
     if result.get("curves"):
-        console.print(f"curves: {result['curves']}", highlight=False)
+        console.print(escape(f"curves: {result['curves']}"), highlight=False)
     elif result.get("curves_note"):
-        console.print(f"note: no curves.png ({result['curves_note']})", highlight=False)
+        console.print(escape(f"note: no curves.png ({result['curves_note']})"), highlight=False)
 
 
 # Options shared by `finetune` and `pretrain` (each recipe shortcut overrides that command's section).
@@ -300,13 +300,13 @@ def eval_(
     if out is not None or not as_json:
         confusion_path, note = write_eval_files(report, new_run_dir(out, "eval", Path(checkpoint).parent.name or "eval"))
         if note:
-            err_console.print(f"note: {note}", highlight=False)
+            err_console.print(escape(f"note: {note}"), highlight=False)
     if as_json:
         print(json.dumps(report.as_dict()))
         return
     _print_eval(report)
     if confusion_path is not None:
-        console.print(f"confusion matrix: {confusion_path}", highlight=False)
+        console.print(escape(f"confusion matrix: {confusion_path}"), highlight=False)
 
 
 def _print_eval(report) -> None:
@@ -323,7 +323,7 @@ def _print_eval(report) -> None:
     shown = per_class if len(per_class) <= 30 else per_class[:15] + [("...", float("nan"), 0)] + per_class[-5:]
     for name, acc, n in shown:
         shown_acc = "" if acc != acc else "no images" if n == 0 else f"{acc:.1f} %"
-        table.add_row(name, shown_acc, str(n) if acc == acc else "")
+        table.add_row(escape(name), shown_acc, str(n) if acc == acc else "")
     console.print(table)
     usage = Table(title="expert usage per layer (share of routed tokens)")
     usage.add_column("layer", justify="right")
@@ -388,14 +388,14 @@ def predict(
         csv.writer(sys.stdout, lineterminator="\n").writerows(csv_rows(result))
     elif csv_path:
         write_csv(result, csv_path)
-        console.print(f"{len(result.predictions)} predictions written to {csv_path}", highlight=False)
+        console.print(escape(f"{len(result.predictions)} predictions written to {csv_path}"), highlight=False)
     else:
         table = Table(title=f"{len(result.predictions)} images, {result.images_per_s:,.0f} img/s")
         table.add_column("file", overflow="fold")
         table.add_column(f"top-{result.top_k}")
         for p in result.predictions:
             shown = os.path.relpath(p["path"], shown_from) if shown_from else p["path"]
-            table.add_row(escape(shown), "  ".join(f"{t['label']} {100 * t['prob']:.1f}%" for t in p["top"]))
+            table.add_row(escape(shown), escape("  ".join(f"{t['label']} {100 * t['prob']:.1f}%" for t in p["top"])))
         console.print(table)
     if result.failures:
         raise typer.Exit(1)
@@ -526,7 +526,7 @@ def plot(run_dir: str = typer.Argument(..., help="A run directory holding metric
     path = plot_curves(run_dir)
     if path is None:
         raise MmlitError(f"{run_dir} has no metrics.jsonl with a finished epoch yet")
-    console.print(f"curves: {path}", highlight=False)
+    console.print(escape(f"curves: {path}"), highlight=False)
 
 
 def _usage_error_line(e: Exception) -> str:

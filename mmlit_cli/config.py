@@ -478,7 +478,13 @@ def load_config(preset: str | Path = "xs", overrides: list[str] | None = None) -
 def with_overrides(cfg: Config, overrides: list[str] | None) -> Config:
     """`cfg` with `--set` overrides applied, validated."""
     over = parse_overrides(overrides)
-    return config_from_dict(_merge(cfg.to_dict(), over), "--set") if over else cfg
+    return with_values(cfg, over, "--set") if over else cfg
+
+
+def with_values(cfg: Config, values: dict[str, Any], source: str) -> Config:
+    """`cfg` with nested `values` ({"model": {"depth": 4}}) applied, checked as a preset's are:
+    an unknown key or a wrong type is a `ConfigError` naming `source`."""
+    return config_from_dict(_merge(cfg.to_dict(), values), source)
 
 
 def dump_config(cfg: Config) -> str:

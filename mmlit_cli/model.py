@@ -280,12 +280,21 @@ class MLiT(nn.Module):
     def num_classes(self) -> int:
         return self.cfg.num_classes
 
+    @property
+    def num_features(self) -> int:
+        """Width of the features the head reads (timm's name): the class token's embed_dim."""
+        return self.cfg.embed_dim
+
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new head for `num_classes` (0: none, the model returns the class token's features),
-        zero-initialised as at construction, on the old head's device and dtype; as timm's."""
+        zero-initialised as at construction, on the old head's device and dtype; as timm's. The
+        pooling is the class token's ("token", timm's name; the only one). Class names the model
+        carried (`load_model`) are dropped when the number of classes changes: they named the old head."""
+        if global_pool not in (None, "token"):
+            raise ValueError(f"mLiT pools by its class token: global_pool must be 'token' or None, got {global_pool!r}")
         cfg = dataclasses.replace(self.cfg, num_classes=num_classes)
         cfg.validate()
         self.cfg, like = cfg, self.norm.weight
@@ -294,8 +303,12 @@ class MLiT(nn.Module):
         if num_classes > 0:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+        if len(getattr(self, "class_names", None) or [None] * num_classes) != num_classes:
+            self.class_names = None
         if isinstance(getattr(self, "pretrained_cfg", None), dict):
             self.pretrained_cfg["num_classes"] = num_classes
+            if len(self.pretrained_cfg.get("label_names") or [None] * num_classes) != num_classes:
+                self.pretrained_cfg["label_names"] = None
 
     def moe_layers(self) -> list[MoEFeedForward]:
         return [b.ffn for b in self.blocks]
@@ -322,8 +335,10 @@ class MLiT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(self.embed(x))
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features[:, 0])
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The class token's features through the head (`pre_logits`: before it, as timm's)."""
+        pooled = features[:, 0]
+        return pooled if pre_logits else self.head(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -54,16 +54,17 @@ def _read_history(path: Path) -> list[dict]:
     """Rows of metrics.jsonl, one per epoch (the last row wins for a repeated epoch)."""
     rows: dict[int, dict] = {}
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_bytes().splitlines()
     except OSError as exc:
         raise MmlitError(f"cannot read {path} ({one_line(exc, with_type=False)})") from None
-    for line in lines:
+    for line in lines:  # a line that is not a row (a torn write, stray bytes) is left out, as a plot can
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             continue
-        if isinstance(row, dict) and isinstance(row.get("epoch"), (int, float)):
-            rows[int(row["epoch"])] = row
+        epoch = row.get("epoch") if isinstance(row, dict) else None
+        if isinstance(epoch, (int, float)) and not isinstance(epoch, bool) and math.isfinite(epoch):
+            rows[int(epoch)] = row
     return [rows[e] for e in sorted(rows)]
 
 
@@ -84,6 +85,8 @@ def plot_curves(run_dir: str | Path) -> Path | None:
     Returns the PNG path, or None when the run has no finished epoch yet (no metrics.jsonl,
     or no row with a loss). Raises `PlotUnavailable` without matplotlib.
     """
+    if not str(run_dir).strip():
+        raise MmlitError("no run folder given: plot takes a run's folder (the one holding metrics.jsonl)")
     run_dir = Path(run_dir).expanduser()
     if run_dir.is_file() and run_dir.name == "metrics.jsonl":
         run_dir = run_dir.parent
@@ -127,7 +130,7 @@ def plot_curves(run_dir: str | Path) -> Path | None:
                      f"{ys[best]:.2f}% (epoch {xs[best]})", fontsize=10)
     if losses:
         axes[0].set_title("loss per epoch", fontsize=10)
-    fig.suptitle(f"{run_dir.name}: {len(rows)} epoch{'s' if len(rows) != 1 else ''}")
+    fig.suptitle(f"{run_dir.resolve().name}: {len(rows)} epoch{'s' if len(rows) != 1 else ''}")
     return _save(fig, run_dir / "curves.png")
 
 

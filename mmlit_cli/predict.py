@@ -188,7 +188,7 @@ def sample_images() -> list[str]:
 
 
 def predict_paths(ckpt_path: str | Path, paths: list[str], top_k: int = 5, batch_size: int = 256,
-                  device: str = "auto", compile: bool = False, compile_mode: str | None = None) -> PredictResult:
+                  device: str | torch.device | None = "auto", compile: bool = False, compile_mode: str | None = None) -> PredictResult:
     """Top-k class probabilities (softmax) for every image among `paths` (see `collect_images`).
 
     `ckpt_path` is a checkpoint, or an ONNX file written by `mmlit export` (`*.onnx`, run with
@@ -204,6 +204,7 @@ def predict_paths(ckpt_path: str | Path, paths: list[str], top_k: int = 5, batch
         raise MmlitError(f"--batch-size must be a positive integer, got {batch_size!r}")
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    device = "auto" if device is None else str(device)  # as load_model: None, "cuda:1", torch.device(...)
     if not paths:
         raise MmlitError("no image given: pass image files, folders or glob patterns")
     runner = _onnx_runner if is_onnx(ckpt_path) else _torch_runner

@@ -313,7 +313,7 @@ def test_the_python_api_says_what_is_wrong_as_timm_would():
         with pytest.raises(ValueError, match=r"mLiT takes float images \[N, 3, 36, 36\]"):
             model(x)
     for bad in (2.5, True, "10"):
-        with pytest.raises(ConfigError, match="num_classes must be an integer"):
+        with pytest.raises(ConfigError, match="model.num_classes: expected an integer"):
             create_model("xxs", num_classes=bad)
     with pytest.raises(MmlitError, match="no pretrained weights"):
         create_model("xxs", pretrained=True)
@@ -337,6 +337,42 @@ def test_reset_classifier_gives_a_new_head_as_timm_does():
     model.reset_classifier(0)
     x = torch.randn(2, 3, 36, 36, dtype=torch.float64)
     assert torch.equal(model(x), model.forward_features(x)[:, 0]) and features.shape == (2, 108)
+
+
+def test_timm_names_for_features_pooling_and_class_names():
+    """timm's `num_features`, `forward_head(pre_logits=True)` and `reset_classifier(n,
+    global_pool)`; a reset to another number of classes drops the names of the old head."""
+    model = create_model("xxs", num_classes=3, depth=2)
+    model.class_names = ["cat", "dog", "owl"]
+    model.pretrained_cfg["label_names"] = list(model.class_names)
+    x = torch.randn(2, 3, 36, 36)
+    features = model.forward_features(x)
+    assert model.num_features == 108 == model.forward_head(features, pre_logits=True).shape[1]
+    assert torch.equal(model.forward_head(features, pre_logits=True), features[:, 0])
+    model.reset_classifier(3, global_pool="token")  # the same classes: a new head for the same names
+    assert model.class_names == ["cat", "dog", "owl"] == model.pretrained_cfg["label_names"]
+    model.reset_classifier(5)
+    assert model.class_names is None and model.pretrained_cfg["label_names"] is None
+    with pytest.raises(ValueError, match="pools by its class token"):
+        model.reset_classifier(5, global_pool="avg")
+
+
+def test_create_model_checks_its_keywords_as_set_does():
+    from mmlit_cli import create_mae
+    from mmlit_cli.errors import ConfigError, MmlitError
+
+    with pytest.raises(ConfigError, match=r"create_model: unknown key 'model.foo' \(known keys: image_size"):
+        create_model("xxs", foo=1)
+    with pytest.raises(ConfigError, match="model.depth: expected an integer, got .2."):
+        create_model("xxs", depth="2")
+    assert create_model("xxs", drop_path_rate=0.1).cfg.drop_path == 0.1  # timm's name for it
+    for bad in ({"pretrained": "runs/x/best.safetensors"}, {"checkpoint_path": "runs/x/best.safetensors"}):
+        with pytest.raises(MmlitError, match=r"builds a new model: load a trained checkpoint with .*load_model"):
+            create_model("xxs", **bad)
+    with pytest.raises(ConfigError, match="create_mae: unknown key 'mae.depth'"):
+        create_mae("xxs", depth=2)  # the encoder's keys go to overrides=
+    mae = create_mae("xxs", image_size=24, overrides="model.depth=2", mask_ratio=0.5)
+    assert (mae.model_cfg.image_size, mae.model_cfg.depth, mae.mae_cfg.mask_ratio) == (24, 2, 0.5)
 
 
 def test_bf16_autocast_forward_backward_and_fp32_gates():

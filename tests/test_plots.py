@@ -1,6 +1,8 @@
 """`curves.png` from a run's metrics.jsonl and `confusion.png` from an evaluation."""
 
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -122,3 +124,47 @@ def test_missing_matplotlib_raises_plot_unavailable(run, tmp_path, monkeypatch):
     with pytest.raises(PlotUnavailable):
         plot_confusion(torch.eye(3, dtype=torch.int64), ["a", "b", "c"], tmp_path / "c.png")
     assert issubclass(PlotUnavailable, MmlitError)
+
+
+
+def test_curves_leave_out_lines_that_are_not_rows(tmp_path):
+    """A torn write or stray bytes in metrics.jsonl (not UTF-8, an epoch that is not a finite
+    number) is left out, as a bad JSON line is: the good rows are still drawn, as without it."""
+    rows = [json.dumps({"epoch": e, "train_loss": 2.0 / e, "val_loss": 2.2 / e}).encode() for e in (1, 2, 3)]
+
+    def draw(name, stray: bytes):
+        run_dir = tmp_path / name / "run"  # the folder's name is the figure's title: the same for all
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_bytes(b"\n".join([rows[0], stray, *rows[1:]]) + b"\n")
+        return _pixels(plot_curves(run_dir))
+
+    clean = draw("clean", b"")
+    strays = [b"\xff garbage", b'{"epoch": 1e400, "train_loss": 9.0}', b'{"epoch": true, "train_loss": 9.0}',
+              '{"epoch": 4, "train_loss": 9.0, "note": "\xe9"}'.encode("latin-1")]
+    for i, stray in enumerate(strays):
+        assert np.array_equal(draw(f"stray{i}", stray), clean), stray
+
+
+def test_curves_of_the_current_folder_are_titled_by_its_name(run, monkeypatch):
+    _, run_dir = run
+    by_path = _pixels(plot_curves(run_dir))
+    monkeypatch.chdir(run_dir)
+    assert np.array_equal(_pixels(plot_curves(".")), by_path)  # "run: 3 epochs", not ": 3 epochs"
+    with pytest.raises(MmlitError, match="no run folder given"):
+        plot_curves("")
+
+
+def test_names_in_square_brackets_are_printed_as_they_are(run, tmp_path):
+    """Rich reads `[plot]` or `[exp1]` as markup and drops it: the matplotlib hint lost its
+    extra, a run folder its name. Fresh processes, matplotlib made unimportable in one."""
+    data, run_dir = run
+    exp = tmp_path / "[exp1]"
+    shutil.copytree(run_dir, exp)
+    plot = subprocess.run([sys.executable, "-m", "mmlit_cli", "plot", str(exp)], capture_output=True, text=True)
+    assert plot.returncode == 0 and f"curves: {exp}/curves.png" in plot.stdout, plot.stdout + plot.stderr
+    no_matplotlib = ("import sys; sys.modules['matplotlib'] = None; from mmlit_cli.cli import main; "
+                     "sys.argv[0] = 'mmlit'; main()")
+    ev = subprocess.run([sys.executable, "-c", no_matplotlib, "eval", str(exp / "last.safetensors"), "--dataset",
+                         str(data), "--out", str(tmp_path / "ev")], capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr
+    assert 'pip install "mmlit[plot]"' in ev.stderr and "no matplotlib" not in ev.stdout, ev.stderr

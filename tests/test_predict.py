@@ -320,9 +320,25 @@ def test_preprocess_and_load_model_refuse_bad_input_by_name(trained, tmp_path):
         mmlit_cli.preprocess([np.zeros((4, 4, 3), np.uint8)], MLiT(model.cfg))
     with pytest.raises(CheckpointError, match="not a checkpoint file"):
         mmlit_cli.load_model(root)
+    with pytest.raises(MmlitError, match="not found: .*model.onnx"):
+        mmlit_cli.load_model(tmp_path / "model.onnx")  # missing: said so, not "is an ONNX file"
     (tmp_path / "model.onnx").write_bytes(b"onnx")
     with pytest.raises(MmlitError, match="is an ONNX file: run it with onnxruntime"):
         mmlit_cli.load_model(tmp_path / "model.onnx")
+    grey = mmlit_cli.create_model("xxs", num_classes=3, in_chans=1, image_size=12, patch_size=3,
+                                  overrides=["model.depth=1"])
+    with pytest.raises(MmlitError, match=r"preprocess makes RGB batches \[N, 3, S, S\]; this model takes 1 "):
+        mmlit_cli.preprocess([np.zeros((4, 4, 3), np.uint8)], grey)
+
+
+def test_predict_paths_takes_the_devices_load_model_takes(trained):
+    import mmlit_cli
+
+    root, ckpt = trained
+    files = sorted(str(p) for p in (root / "val").rglob("*.png"))[:3]
+    on_cpu = mmlit_cli.predict_paths(ckpt, files, device="cpu").predictions
+    for device in (None, torch.device("cpu")):
+        assert mmlit_cli.predict_paths(ckpt, files, device=device).predictions == on_cpu
 
 
 def test_create_model_says_what_it_takes():
