@@ -236,6 +236,7 @@ class InitReport:
     missing: list[str]  # in the model, not in the checkpoint (kept at their initialisation)
     # in both under one name, in other shapes: "blocks.0.attn.qkv.weight [108, 36] there, [216, 72] here"
     mismatched: list[str] = field(default_factory=list)
+    resampled: str | None = None  # the position embedding's grid, "12x12 to 8x8 patches", when resized
 
 
 def load_weights_into(model: torch.nn.Module, ckpt: Checkpoint) -> InitReport:
@@ -244,10 +245,12 @@ def load_weights_into(model: torch.nn.Module, ckpt: Checkpoint) -> InitReport:
     source = encoder_state(ckpt)
     own = model.state_dict()
     loaded, skipped = [], sorted(k for k in ckpt.tensors if ckpt.task == "mae" and not k.startswith("encoder."))
-    to_load, mismatched = {}, []
+    to_load, mismatched, resampled = {}, [], None
     for name, tensor in source.items():
         if name == "pos_embed" and name in own and tensor.shape != own[name].shape:
+            grids = [f"{round((t.shape[1] - 1) ** 0.5)}" for t in (tensor, own[name])]
             tensor = resize_pos_embed(tensor, own[name].shape[1])
+            resampled = f"{grids[0]}x{grids[0]} to {grids[1]}x{grids[1]} patches"
         if name in own and own[name].shape == tensor.shape:
             to_load[name] = tensor
             loaded.append(name)
@@ -257,4 +260,5 @@ def load_weights_into(model: torch.nn.Module, ckpt: Checkpoint) -> InitReport:
                 mismatched.append(f"{name} {list(tensor.shape)} there, {list(own[name].shape)} here")
     model.load_state_dict(to_load, strict=False)
     missing = sorted(k for k in own if k not in to_load)
-    return InitReport(sorted(loaded), sorted(skipped), missing, mismatched)
+    return InitReport(sorted(loaded), sorted(skipped), missing, mismatched,
+                      resampled if "pos_embed" in to_load else None)

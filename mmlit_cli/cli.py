@@ -132,6 +132,7 @@ DeviceOpt = typer.Option("auto", "--device",
 
 def _train_command(kind: str, **options) -> None:
     """`options`: the command's parameters by name, which are `run_training`'s keywords."""
+    from .report import SecondInterrupt
     from .train import resolved_config, run_training
 
     if options.pop("print_config"):
@@ -142,10 +143,15 @@ def _train_command(kind: str, **options) -> None:
 
     try:
         result = run_training(kind, console=console, **options)
-    except KeyboardInterrupt:  # a second Ctrl-C (`report.StopRequest`), before the first one's save was done
+    except SecondInterrupt:  # a second Ctrl-C, before the first one's save was done
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # from here, Ctrl-C ends the process (no traceback)
         err_console.print("interrupted again: stopped at once, without saving; the run's last.safetensors holds it "
                           "as it was last saved (--resume continues from there)", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    except KeyboardInterrupt:  # Ctrl-C before the training loop took it over: reading data, building
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        err_console.print("interrupted before training started: nothing was saved (a run being continued keeps its "
+                          "last.safetensors as it was)", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     if result["stopped"] == "interrupt":  # 130 after Ctrl-C, 143 after SIGTERM: 128 + the signal, as shells do
         # the run is saved: one more Ctrl-C while Python shuts down ends the process at once, where

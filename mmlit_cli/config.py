@@ -137,11 +137,13 @@ class MAEConfig:
         _check_finite(self, "mae")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"mae: mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if min(self.decoder_dim, self.decoder_depth, self.decoder_heads, self.decoder_kv_heads,
+               self.decoder_mlp_hidden) <= 0:
+            raise ConfigError("mae: decoder_dim, decoder_depth, decoder_heads, decoder_kv_heads and "
+                              "decoder_mlp_hidden must be positive")
         if self.decoder_dim % self.decoder_heads or self.decoder_heads % self.decoder_kv_heads:
             raise ConfigError("mae: decoder_dim must divide by decoder_heads, and decoder_heads by "
                               "decoder_kv_heads")
-        if min(self.decoder_dim, self.decoder_depth, self.decoder_mlp_hidden) <= 0:
-            raise ConfigError("mae: decoder_dim, decoder_depth and decoder_mlp_hidden must be positive")
         if self.visible_loss_weight < 0:
             raise ConfigError("mae: visible_loss_weight must be >= 0")
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import MAEConfig, ModelConfig
+from .errors import ConfigError
 from .model import Block, MLiT, SwiGLU
 
 
@@ -35,10 +36,35 @@ def unpatchify(patches: torch.Tensor, patch: int, channels: int) -> torch.Tensor
     return torch.einsum("bhwpqc->bchpwq", x).reshape(B, channels, h * patch, w * patch)
 
 
+def visible_count(num_patches: int, mask_ratio: float) -> int:
+    """How many of `num_patches` stay visible at `mask_ratio`: at least one is seen and at
+    least one hidden (a ratio that hides none would train on the visible-patch loss alone).
+    Raises ValueError otherwise."""
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+    if num_patches < 2:
+        raise ValueError("the image is one patch (model.image_size = model.patch_size): masking needs at least "
+                         "two, one hidden and one seen")
+    n_keep = max(1, int(round(num_patches * (1 - mask_ratio))))
+    if n_keep >= num_patches:
+        raise ValueError(f"mask_ratio {mask_ratio} hides none of the {num_patches} patches: it must be above "
+                         f"{0.5 / num_patches:.3g}")
+    return n_keep
+
+
+def check_masking(model_cfg: ModelConfig, mae_cfg: MAEConfig) -> None:
+    """A `ConfigError` when the preset's mask_ratio hides none of its patches (see `visible_count`)."""
+    try:
+        visible_count(model_cfg.num_patches, mae_cfg.mask_ratio)
+    except ValueError as e:
+        raise ConfigError(f"mae: {e}") from None
+
+
 class MaskedAutoencoder(nn.Module):
     def __init__(self, model_cfg: ModelConfig, mae_cfg: MAEConfig):
         super().__init__()
         mae_cfg.validate()
+        check_masking(model_cfg, mae_cfg)
         self.model_cfg, self.mae_cfg = model_cfg, mae_cfg
         self.encoder = MLiT(dataclasses.replace(model_cfg, num_classes=0))
         Dd, P, C = mae_cfg.decoder_dim, model_cfg.patch_size, model_cfg.in_chans
@@ -65,7 +91,7 @@ class MaskedAutoencoder(nn.Module):
         order, and `ids_restore` [B, N] that undoes the shuffle.
         """
         B, N, D = tokens.shape
-        n_keep = max(1, int(round(N * (1 - mask_ratio))))
+        n_keep = visible_count(N, mask_ratio)
         noise = torch.rand(B, N, device=tokens.device)
         ids_shuffle = noise.argsort(dim=1)
         ids_restore = ids_shuffle.argsort(dim=1)

@@ -36,9 +36,11 @@ def build_adamw(groups: list[dict], lr: float, betas, device: torch.device) -> t
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
-    """Linear warm-up from 0 to `lr`, then cosine down to `min_lr`."""
+    """Linear warm-up from 0 to `lr`, then cosine down to `min_lr`, or flat at `lr` when that is
+    lower (a batch of a few images scales the peak below min_lr: the lr must not rise after it)."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
+    min_lr = min(min_lr, lr)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 

@@ -102,6 +102,10 @@ class TrainingProgress:
         self.progress.remove_task(self.bar)
 
 
+class SecondInterrupt(KeyboardInterrupt):
+    """A second Ctrl-C while a run was stopping: it gave up at once, without saving."""
+
+
 class StopRequest:
     """Within its `with` block, Ctrl-C (SIGINT) or SIGTERM (what schedulers, Kubernetes and
     preemption send before they kill) sets `signal`: the run stops after the current step and
@@ -132,7 +136,7 @@ class StopRequest:
     def _handler(self, signum, frame) -> None:
         if self.requested:
             if signum == signal.SIGINT:  # the second Ctrl-C: give up at once
-                raise KeyboardInterrupt
+                raise SecondInterrupt
             return
         self.signal = signum
 

@@ -24,6 +24,7 @@ from .data import DATASET_NAMES, SAMPLE_DIR, ImageData, canonical_name, default_
 from .engine import RunOptions, Trainer
 from .errors import DataNotFound, MmlitError
 from .files import new_run_dir
+from .mae import check_masking
 from .recipe import SAMPLE_EPOCHS, batch_origin, describe, fit_recipe, fit_to_device, pinned_keys
 from .run_record import stopped_early
 from .runtime import check_compile_mode, end_distributed, process_count, process_rank, resolve_device
@@ -255,14 +256,18 @@ def _finished(plan: RunPlan, section: str) -> bool:
 
 
 def _nothing_to_do(plan: RunPlan, console: Console | None) -> dict:
-    """The result of resuming a finished run (said in a line): no process group, no files."""
+    """The result of resuming a finished run (said in a line): no process group, and no file
+    but curves.png where the run did not draw it."""
     info = plan.resume.train_info
     how = f"stopped early after epoch {info['epoch']}: {info['early_stop']}" if info.get("early_stop") else \
         f"{info['epoch']} epochs"
     if console is not None:
         console.print(escape(f"{plan.run_dir}: the run is finished ({how}); nothing to do"), highlight=False)
-    return {"stopped": "finished", "out_dir": str(plan.run_dir), "main_process": process_rank() == 0,
-            "best_saved": plan.spec.validation != "test", "epoch": int(info["epoch"])}
+    result = {"stopped": "finished", "out_dir": str(plan.run_dir), "main_process": process_rank() == 0,
+              "best_saved": plan.spec.validation != "test", "epoch": int(info["epoch"])}
+    if result["main_process"] and not (plan.run_dir / "curves.png").exists():  # a run killed before it drew them
+        _plot_curves(plan.run_dir, result)
+    return result
 
 
 def _sample_note(epochs: int) -> str:
@@ -295,8 +300,13 @@ def _new_task(task_cls, cfg: Config, train: ImageData, plan: RunPlan, init: str 
     task = task_cls(cfg, train.classes, _class_counts(train))
     layer_decay = 1.0 if plan.resume is None else layer_decay_of_run(plan.resume.train_info, train_cfg)
     if init_ckpt is not None:
-        _load_init(task, init, init_ckpt, console)
         layer_decay = train_cfg.layer_decay  # fine-tuning a pre-trained encoder: BEiT/MAE layer-wise lr decay
+        _load_init(task, init, init_ckpt, console, layer_decay, cfg)
+    elif plan.resume is None and console is not None and f"{task_cls.command}.layer_decay" in plan.pinned \
+            and train_cfg.layer_decay != 1.0:  # set by the user, where it has nothing to act on
+        console.print(escape(f"note: {task_cls.command}.layer_decay {train_cfg.layer_decay} is unused: layer-wise lr "
+                             f"decay applies to a fine-tuning run started from a checkpoint (finetune --init)"),
+                      highlight=False)
     return task, layer_decay
 
 
@@ -527,6 +537,8 @@ def _new_plan(task_cls, preset: str | None, dataset: str | None, data_dir: str |
     if cfg.model.in_chans != 3:  # a model of other channels is for count-params and the Python API
         raise MmlitError(f"model.in_chans is {cfg.model.in_chans}: training needs 3, as every image is decoded as "
                          f"RGB (grey ones with 3 equal channels)")
+    if section == "pretrain":  # before the data is read
+        check_masking(cfg.model, cfg.mae)
     # The preset's own length is the one its recipe was written for (`RunPlan.fit_to` fits it).
     reference_epochs = getattr(load_config(preset or "xs"), section).epochs
     spec = DataSpec(dataset, data_dir, download, validation or "auto")
@@ -565,7 +577,7 @@ def resolved_config(kind: str, preset: str | None, dataset: str | None, *, data_
     plan = plan.fit_to(task_cls.command, images, resolve_device(device).type)
     cfg = task_cls.fit_config(plan.cfg, classes)
     if init_ckpt is not None:  # the architecture check the run makes, on a model built here and dropped
-        _load_init(task_cls(cfg, [str(i) for i in range(classes)]), init, init_ckpt, None)
+        _load_init(task_cls(cfg, [str(i) for i in range(classes)]), init, init_ckpt, None, 1.0, cfg)
     head = [f"{plan.spec.dataset}: {images:,} training images, {classes} classes (counted, not read)",
             *(plan.recipe_note or "").splitlines()]
     return "".join(f"# {line}\n" for line in head) + dump_config(cfg)
@@ -604,7 +616,8 @@ def _load_data(spec: DataSpec, cfg: Config, require_labels: bool, console: Conso
     return train, val
 
 
-def _load_init(task, init: str | Path, ckpt: Checkpoint, console: Console | None) -> None:
+def _load_init(task, init: str | Path, ckpt: Checkpoint, console: Console | None, layer_decay: float,
+               cfg: Config) -> None:
     """`--init`: the checkpoint's weights into the task's model (see `load_weights_into`)."""
     report = load_weights_into(task.init_target, ckpt)
     if not report.loaded:
@@ -615,10 +628,17 @@ def _load_init(task, init: str | Path, ckpt: Checkpoint, console: Console | None
     if other:
         raise MmlitError(f"--init {init} is another architecture ({len(other)} tensor(s) differ in shape: "
                          f"{other[0]}): train with its preset and --set (its config.yaml says them)")
-    if console is not None:
-        console.print(escape(f"--init {init}: loaded {len(report.loaded)} tensors; skipped "
-                             f"{len(report.skipped)} ({_short(report.skipped)}); new "
-                             f"{len(report.missing)} ({_short(report.missing)})"), highlight=False)
+    if console is None:
+        return
+    resampled = f"; position embedding resampled from {report.resampled}" if report.resampled else ""
+    decay = f"; layer-wise lr decay {layer_decay}" if layer_decay < 1.0 else ""
+    console.print(escape(f"--init {init}: loaded {len(report.loaded)} tensors; skipped "
+                         f"{len(report.skipped)} ({_short(report.skipped)}); new "
+                         f"{len(report.missing)} ({_short(report.missing)}){resampled}{decay}"), highlight=False)
+    if (list(ckpt.mean), list(ckpt.std)) != (list(cfg.data.mean), list(cfg.data.std)):
+        console.print(escape(f"note: --init {init} was trained on images normalised with mean {list(ckpt.mean)}, std "
+                             f"{list(ckpt.std)}; this run uses mean {list(cfg.data.mean)}, std {list(cfg.data.std)} "
+                             f"(--set data.mean=... --set data.std=... to keep the checkpoint's)"), highlight=False)
 
 
 def _plot_curves(run_dir: Path, result: dict) -> None:
@@ -629,6 +649,8 @@ def _plot_curves(run_dir: Path, result: dict) -> None:
         result["curves"] = plot_curves(run_dir)
     except PlotUnavailable as e:  # matplotlib is an optional extra
         result["curves_note"] = str(e)
+    except KeyboardInterrupt:  # the run is saved and finished: Ctrl-C only skips the drawing
+        result["curves_note"] = f"interrupted while drawing it; mmlit plot {run_dir} draws it"
 
 
 def _validation_note(spec: DataSpec, val: ImageData | None) -> str:

@@ -106,6 +106,14 @@ def test_a_finished_run_says_so_and_exits_0_and_another_run_is_refused(data, tmp
     assert again.returncode == 0, again.stderr
     assert f"{out}: the run is finished (3 epochs); nothing to do" in again.stdout
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing rewritten
+    (out / "curves.png").unlink()  # a run killed after its last save, before it drew them
+    drawn = run(command(data, out))
+    assert drawn.returncode == 0 and f"curves: {out}/curves.png" in drawn.stdout, drawn.stdout + drawn.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert after.keys() == before.keys() and after["curves.png"] > before["curves.png"]
+    assert {k: v for k, v in after.items() if k != "curves.png"} == {k: v for k, v in before.items()
+                                                                     if k != "curves.png"}  # nothing else
+    before = after
 
     other = run(command(data, out, "--lr", "0.01", "--seed", "5"))
     assert other.returncode == 2 and "Traceback" not in other.stderr

@@ -100,18 +100,37 @@ def test_a_second_ctrl_c_stops_at_once_and_says_what_is_left(monkeypatch, capsys
     exit 130 with nothing said. (Two signals sent back to back reach Python as one, so the
     command is driven here; the subprocess test below sends them apart.)"""
     from mmlit_cli import cli, train
+    from mmlit_cli.report import SecondInterrupt
 
-    def interrupted_twice(*args, **kwargs):
-        raise KeyboardInterrupt
+    def interrupted(exception):
+        def run_training(*args, **kwargs):
+            raise exception
+        return run_training
 
-    monkeypatch.setattr(train, "run_training", interrupted_twice)
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave pytest's own handler in place
     monkeypatch.setattr(sys, "argv", ["mmlit", "finetune", "--preset", "xxs"])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 130 and err.count("\n") == 1, err
-    assert err.startswith("interrupted again: stopped at once, without saving") and "--resume" in err
+    said = {}
+    for exception in (SecondInterrupt, KeyboardInterrupt):
+        monkeypatch.setattr(train, "run_training", interrupted(exception))
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        said[exception] = err = capsys.readouterr().err
+        assert exit_info.value.code == 130 and err.count("\n") == 1, err
+    assert said[SecondInterrupt].startswith("interrupted again: stopped at once, without saving")
+    assert "--resume" in said[SecondInterrupt]
+    # the first Ctrl-C while the data is read (before the loop takes Ctrl-C over): nothing saved, not "again"
+    assert said[KeyboardInterrupt].startswith("interrupted before training started: nothing was saved")
+
+
+def test_the_second_ctrl_c_is_told_from_the_first(monkeypatch):
+    """`StopRequest`: the first Ctrl-C asks for a stop; the second raises `SecondInterrupt`."""
+    from mmlit_cli.report import SecondInterrupt, StopRequest
+
+    stop = StopRequest()
+    stop._handler(signal.SIGINT, None)
+    assert stop.signal == signal.SIGINT
+    with pytest.raises(SecondInterrupt):
+        stop._handler(signal.SIGINT, None)
 
 
 def test_an_interrupted_fit_closes_its_event_log(tmp_path, monkeypatch):

@@ -152,3 +152,25 @@ def test_encoder_state_loads_into_a_classifier_unchanged():
     enc = {k.removeprefix("encoder."): v for k, v in mae.state_dict().items() if k.startswith("encoder.")}
     missing, unexpected = clf.load_state_dict(enc, strict=False)
     assert set(missing) == {"head.weight", "head.bias"} and not unexpected
+
+
+def test_a_mask_that_hides_nothing_is_refused():
+    """A ratio that rounds to no hidden patch (or a one-patch image) would train on the
+    discounted visible-patch loss alone, silently; the decoder's head counts must be positive
+    (0 was a ZeroDivisionError, -1 a shape error at the first step)."""
+    from mmlit_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"mask_ratio 0.003 hides none of the 144 patches: it must be above 0.00347"):
+        create_mae("xxs", mask_ratio=0.003)
+    assert create_mae("xxs", mask_ratio=0.004).random_masking(torch.zeros(1, 144, 4), 0.004)[0].shape[1] == 143
+    with pytest.raises(ConfigError, match="image is one patch"):
+        create_mae("xxs", overrides=["model.patch_size=36"])
+    for key in ("decoder_heads", "decoder_kv_heads"):
+        for bad in (0, -1):
+            with pytest.raises(ConfigError, match="decoder_heads, decoder_kv_heads and decoder_mlp_hidden must be "
+                                                  "positive"):
+                create_mae("xxs", **{key: bad})
+    mae = create_mae("xxs", overrides=["model.depth=1"])
+    for ratio in (-1.0, 0.0, 1.0, 2.0):  # forward's own mask_ratio is checked as the preset's is
+        with pytest.raises(ValueError, match="mask_ratio must be in"):
+            mae(torch.zeros(1, 3, 36, 36), mask_ratio=ratio)

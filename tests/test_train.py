@@ -153,6 +153,33 @@ def test_pretrain_on_unlabelled_folder_then_init_loads_exactly_the_encoder(tmp_p
                                                                      encoder["blocks.0.attn.qkv.weight"])
 
 
+def test_init_says_what_it_changes(tmp_path):
+    """`--init` says when it resamples the position embedding, the layer-wise lr decay it
+    applies, and a normalisation other than the checkpoint's; a layer_decay set without
+    --init is said to be unused (it has nothing to act on)."""
+    import io
+
+    from rich.console import Console
+
+    def run(kind, data, out, overrides, **kw):
+        text = io.StringIO()
+        run_training(kind, "xxs", str(data), out=out, overrides=TINY + overrides, epochs=1, batch_size=8,
+                     console=Console(file=text, width=400), **kw)
+        return text.getvalue()
+
+    images = write_folder(tmp_path / "images")
+    run("pretrain", images, tmp_path / "pre", ["data.mean=[0.5,0.5,0.5]"])
+    said = run("finetune", images, tmp_path / "ft", ["model.image_size=24"], init=tmp_path / "pre" / "last.safetensors")
+    assert "position embedding resampled from 4x4 to 8x8 patches; layer-wise lr decay 0.75\n" in said, said
+    assert "was trained on images normalised with mean [0.5, 0.5, 0.5]" in said
+    said = run("finetune", images, tmp_path / "ft2", ["data.mean=[0.5,0.5,0.5]", "finetune.layer_decay=0.6"],
+               init=tmp_path / "pre" / "last.safetensors")
+    assert "resampled" not in said and "layer-wise lr decay 0.6\n" in said and "normalised" not in said, said
+    said = run("finetune", images, tmp_path / "ft3", ["finetune.layer_decay=0.6"])
+    assert "note: finetune.layer_decay 0.6 is unused: layer-wise lr decay applies to a fine-tuning run" in said
+    assert "layer_decay" not in run("finetune", images, tmp_path / "ft4", [])  # the preset's own: nothing said
+
+
 def test_eval_refuses_an_mae_checkpoint(tmp_path, folder):
     images = write_folder(tmp_path / "u", labelled=False, per_class=4)
     run_training("pretrain", "xxs", str(images), out=tmp_path / "p", overrides=TINY, epochs=1, batch_size=4,
@@ -337,6 +364,8 @@ def test_lr_at_warmup_then_cosine_at_exact_steps():
     assert at[110] == pytest.approx(min_lr, rel=1e-12) and at[119] == pytest.approx(min_lr, rel=1e-12)
     assert all(a > b for a, b in zip(at[10:110], at[11:111]))  # strictly decreasing after the warm-up
     assert lr_at(0, 100, 0, lr, min_lr) == pytest.approx(lr, rel=1e-12)  # no warm-up: the peak at once
+    low = [lr_at(s, 110, 10, 5e-6, min_lr) for s in range(120)]  # a peak below min_lr (a batch of 1 image)
+    assert max(low) == pytest.approx(5e-6, rel=1e-12) and low[10:] == [low[10]] * 110  # flat: it never rises
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails_and_uses_normal_permissions(tmp_path):
