@@ -222,6 +222,18 @@ def load_checkpoint(path: str | Path, with_train_state: bool = False) -> Checkpo
     return Checkpoint(tensors, config, task, classes, info, train_tensors, train_info)
 
 
+def recorded_train_state(path: Path) -> dict | None:
+    """The training state a run's last.safetensors records (its metadata alone, no tensor
+    read); None for a missing or unreadable file, or one without that state."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        info = json.loads(meta["train_state"]) if meta.get("format") == FORMAT else None
+    except (SafetensorError, OSError, ValueError, KeyError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
 def encoder_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     """The encoder weights of a checkpoint, named as in a classifier (`MLiT`)."""
     if ckpt.task == "mae":

@@ -130,6 +130,14 @@ DeviceOpt = typer.Option("auto", "--device",
                          help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N (or N: --device 0) or mps.")
 
 
+def _one_process(command: str) -> None:
+    """eval, predict, export and benchmark run in one process: under torchrun each rank would
+    do the whole job, printing it twice and writing over the other's files."""
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise MmlitError(f"mmlit {command} runs in one process: launch it without torchrun (WORLD_SIZE is "
+                         f"{os.environ['WORLD_SIZE']!r})")
+
+
 def _train_command(kind: str, **options) -> None:
     """`options`: the command's parameters by name, which are `run_training`'s keywords."""
     from .report import SecondInterrupt
@@ -293,6 +301,7 @@ def eval_(
     Example:  mmlit eval runs/finetune/xxs/best.safetensors   (the dataset it was trained on)
               mmlit eval runs/finetune/xxs/best.safetensors --dataset cifar100 --split test
     """
+    _one_process("eval")
     from .data import skipped_warning
     from .evaluate import evaluate_checkpoint, write_eval_files
     from .files import new_run_dir
@@ -369,6 +378,7 @@ def predict(
     Example:  mmlit predict runs/finetune/xxs/best.safetensors photos/ --top-k 3
               mmlit predict xxs.int8.onnx photos/ --json
     """
+    _one_process("predict")
     from .predict import csv_rows, predict_paths, sample_images, write_csv
 
     shown_from = None  # the table shows the sample's files relative to its folder, named once above it
@@ -426,6 +436,7 @@ def export(
 
     Example:  mmlit export runs/finetune/xxs/best.safetensors --int8 --calibrate ./my-images
     """
+    _one_process("export")
     from .export import export_onnx, output_path
 
     if format != "onnx":
@@ -485,6 +496,7 @@ def benchmark(
 
     Example:  mmlit benchmark runs/finetune/xxs/best.safetensors --dataset ./my-images --split val
     """
+    _one_process("benchmark")
     from .deploy_benchmark import run_benchmark
     from .runtime import cpu_label
 

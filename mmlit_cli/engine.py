@@ -407,7 +407,7 @@ class Trainer:
                              f"last good checkpoint is {out / 'last.safetensors'} (try a lower --lr or --set "
                              f"{self.task.command}.grad_clip=1.0)")
         self._print(stop_line(stopped, self.epoch, self.record.early_stop, self.record.best_epoch, self.stop.signal,
-                              out))
+                              out, self.opts.save_best))
         return {"stopped": stopped, "signal": self.stop.signal, "epoch": self.epoch, "global_step": self.global_step,
                 "history": self.record.history, "best": self.record.best, "best_saved": self.opts.save_best}
 

@@ -10,6 +10,7 @@ command writes (training runs and `eval`).
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tempfile
 import threading
@@ -96,6 +97,12 @@ def walk_files(folder: Path) -> list[Path]:
     return [Path(folder).joinpath(*parts) for parts in found]
 
 
+def _unfinished_write(path: Path) -> bool:
+    """A hidden temporary file of an `atomic_write` its process was killed in (`.name.XXXXXXXX.tmp`):
+    nothing of a run, so it does not make a folder taken."""
+    return re.fullmatch(r"\..+\.[a-z0-9_]{8}\.tmp", path.name) is not None and path.is_file()
+
+
 def new_run_dir(out: str | Path | None, kind: str, name: str, resumable: bool = False) -> Path:
     """The folder a command writes into: `--out DIR` (`~` expanded), which must not hold files
     already (a `resumable` command's error says how to continue the run there, when it holds
@@ -105,7 +112,7 @@ def new_run_dir(out: str | Path | None, kind: str, name: str, resumable: bool = 
         path = Path(out).expanduser()  # `--out=~/runs/x`: the shell leaves that ~ to us
         if path.exists() and not path.is_dir():
             raise MmlitError(f"--out {path} is a file: --out names a folder; choose another")
-        if path.exists() and any(path.iterdir()):
+        if path.exists() and any(not _unfinished_write(p) for p in path.iterdir()):
             has_run = resumable and (path / "last.safetensors").is_file()
             resume = f", or continue that run with --resume {path}" if has_run else ""
             raise MmlitError(f"output directory {path} already exists and is not empty: choose another --out{resume}")

@@ -158,8 +158,8 @@ def run_header(kind: str, name: str, steps_per_epoch: int, epochs: int, batch_si
                device, bf16: bool, compiled: bool, loader_note: str, out_dir, notes: tuple = ()) -> str:
     """The first line of a run (rich markup), then a line for each of `notes` (plain text; an
     empty or None note has none)."""
-    header = (f"[bold]{kind}[/bold] {escape(name)}: {steps_per_epoch} steps/epoch x {epochs} epochs, batch {batch_size} x "
-              f"{world_size} process(es), device {device}{', bf16' if bf16 else ''}{', compiled' if compiled else ''}"
+    header = (f"[bold]{kind}[/bold] {escape(name)}: {steps_per_epoch} steps/epoch x {epochs} epochs, "
+              f"batch {batch_size} x {world_size} process(es), device {device}{', bf16' if bf16 else ''}{', compiled' if compiled else ''}"
               f", {escape(loader_note)} -> {escape(str(out_dir))}")
     return "\n".join([header, *(escape(note) for note in notes if note)])
 
@@ -171,12 +171,13 @@ def as_started(recipe_note: str | None) -> str | None:
 
 
 def stop_line(stopped: str | None, epoch: int, early_stop: str | None, best_epoch: int | None, signum: int | None,
-              out_dir) -> str | None:
+              out_dir, best_saved: bool = True) -> str | None:
     """What a run that stopped before its last epoch says last (rich markup): an early stop, an
-    interrupt with how to continue; None otherwise."""
+    interrupt with how to continue; None otherwise. `best_saved`: the run keeps a best.safetensors
+    (not with --val test)."""
     if stopped == "patience":
-        return (f"stopped early after epoch {epoch}: {escape(early_stop)}; the run is finished "
-                f"(best.safetensors is epoch {best_epoch})")
+        best = f" (best.safetensors is epoch {best_epoch})" if best_saved else ""
+        return f"stopped early after epoch {epoch}: {escape(early_stop)}; the run is finished{best}"
     if stopped == "interrupt":
         return (f"[yellow]interrupted[/yellow] ({signal.Signals(signum).name}): saved a resumable checkpoint; "
                 f"continue with --resume {escape(str(out_dir))} (or the same command with that --out)")

@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,12 +173,20 @@ class RunRecord:
     # ------------------------------------------------------------------ the run directory
 
     def start(self) -> None:
-        """config.yaml (rank 0), with the fitted recipe in words atop it; a new run's
-        last.safetensors at step 0, so that a run killed before its first checkpoint is
-        continued like any other (`train._continued_run`), from the start."""
+        """A new run's last.safetensors at step 0, so that a run killed before its first
+        checkpoint is continued like any other (`train._continued_run`), from the start; then
+        config.yaml (rank 0), with the fitted recipe in words atop it, and the event log. In
+        that order: a folder a killed start left holds that checkpoint, or nothing of the run."""
         out = self.facts.out_dir
         if self.dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
+        if not ranks_agree(self.global_step, self.dist, self.device):
+            raise MmlitError(f"the processes do not start at the same step: each reads {out / 'last.safetensors'}, "
+                             f"so on several machines --out must be a folder they all see")
+        if self.global_step == 0 and self._resume_rng is None:  # every rank: the generators are gathered
+            self.save_last()
+            self.writer.wait()
+        if self.dist.is_main:
             note = "".join(f"# {line}\n" for line in (self.facts.recipe_note or "").splitlines())
             # the values below are the fitted ones: fitting them again (--recipe auto) would
             # treat the run's length as a preset's and change them
@@ -188,11 +197,6 @@ class RunRecord:
             self.events = open_event_log(out, purge_step=self.epoch + 1 if self.global_step else None)
             if self.events is not None and self.global_step == 0:
                 self.events.text("config", note + dump_config(self.cfg))
-        if not ranks_agree(self.global_step, self.dist, self.device):
-            raise MmlitError(f"the processes do not start at the same step: each reads {out / 'last.safetensors'}, "
-                             f"so on several machines --out must be a folder they all see")
-        if self.global_step == 0 and self._resume_rng is None:  # every rank: the generators are gathered
-            self.save_last()
 
     def close_events(self, curves: Path | None = None) -> None:
         """The training curves (when drawn) into the event file, which is then closed."""
@@ -270,10 +274,13 @@ class RunRecord:
         return True
 
     def save_epoch(self, row: dict, improved: bool) -> None:
-        """last.safetensors, and best.safetensors when the monitored figure improved."""
-        self.save_last(row)
+        """best.safetensors when the monitored figure improved, then last.safetensors. In that
+        order: a process killed between the two writes leaves a last.safetensors of the epoch
+        before, which a restart trains on from, so it writes both again; the other way round,
+        last recorded this epoch as the best while best.safetensors held an older one, for good."""
         if improved and self.facts.save_best and self.dist.is_main:
             self.writer.save(self.facts.out_dir / "best.safetensors", self._checkpoint(self._scored(), row))
+        self.save_last(row)
 
     def _checkpoint(self, weights: dict[str, torch.Tensor], metrics: dict | None,
                     rng: dict[str, torch.Tensor] | None = None) -> Checkpoint:
@@ -297,7 +304,9 @@ class RunRecord:
             "epoch_loss_sum": self.partial_loss_sum if self.step_in_epoch else 0.0,
             "dataset": self.facts.dataset, "world_size": self.dist.world_size,
             "layer_decay": self.facts.layer_decay, "recipe_note": self.facts.recipe_note,
-            "invocation": self.facts.invocation}
+            "invocation": self.facts.invocation,
+            # which torchrun job trains it: its restarts find the folder by it, without --out
+            "torchrun_run_id": os.environ.get("TORCHELASTIC_RUN_ID")}
         if self.ema is not None:  # the checkpoint's weights are the EMA's: the trained ones go here
             tensors.update({f"model/{k}": v for k, v in self.model.state_dict().items()})
             info["ema_updates"] = self.ema.updates

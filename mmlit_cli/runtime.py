@@ -93,7 +93,8 @@ _PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken p
 def peer_failure(exc: BaseException) -> str | None:
     """When `exc` is this process's side of another process of the run stopping (under torchrun),
     what it said, in a line; else None. Told by the class's name, as for compile failures."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world = os.environ.get("WORLD_SIZE", "1")  # unchecked here: this runs in the error handler itself
+    if not world.isdigit() or int(world) <= 1:
         return None
     backend = any(c.__name__ == "DistBackendError" for c in type(exc).__mro__)
     if backend or (isinstance(exc, RuntimeError) and any(words in str(exc) for words in _PEER_LOST)):
@@ -279,7 +280,7 @@ def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
             # handles, the pin-memory thread) runs on N too, not also on cuda:0
             torch.cuda.set_device(device)
         return Dist(), device
-    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    dist = Dist(process_rank(), world, _launch_number("LOCAL_RANK", 0, 0))
     device = resolve_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
@@ -317,14 +318,47 @@ def end_distributed(dist: Dist) -> None:
         dist.owns_group = False
 
 
-def process_rank() -> int:
-    """This process's rank under torchrun (RANK), else 0."""
-    return int(os.environ.get("RANK", "0"))
+def _launch_number(name: str, default: int, least: int) -> int:
+    """An integer torchrun puts in the environment (`name`), checked: set by hand, it may not be."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise MmlitError(f"{name}={raw!r} in the environment: it must be an integer >= {least} (torchrun sets it; "
+                         f"unset it to run one process)")
+    return value
 
 
 def process_count() -> int:
-    """Processes in this run: torchrun's WORLD_SIZE, else 1."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """Processes in this run: torchrun's WORLD_SIZE, else 1. Several need the RANK of this one
+    and the MASTER_ADDR/MASTER_PORT of rank 0 (torchrun sets all four); a hand-set environment
+    missing one of them is a one-line `MmlitError`."""
+    world = _launch_number("WORLD_SIZE", 1, 1)
+    if world > 1:
+        missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        if missing:
+            raise MmlitError(f"WORLD_SIZE={world} in the environment, but no {' or '.join(missing)}: launch the "
+                             f"processes with torchrun (or unset WORLD_SIZE to run one)")
+    return world
+
+
+def process_rank() -> int:
+    """This process's rank under torchrun (RANK), else 0; checked against WORLD_SIZE."""
+    world = process_count()
+    rank = _launch_number("RANK", 0, 0)
+    if rank >= world:
+        raise MmlitError(f"RANK={rank} in the environment, with {world} process(es) (WORLD_SIZE): ranks are "
+                         f"0 to {world - 1}; launch with torchrun, or unset RANK to run one process")
+    return rank
+
+
+def local_process_count() -> int:
+    """Processes on this machine (torchrun's LOCAL_WORLD_SIZE), else 1."""
+    return _launch_number("LOCAL_WORLD_SIZE", 1, 1)
 
 
 def all_reduce_mean(t: torch.Tensor, dist: Dist) -> torch.Tensor:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import json
 import math
 import operator
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from .checkpoint import Checkpoint, load_checkpoint, load_weights_into
+from .checkpoint import Checkpoint, load_checkpoint, load_weights_into, recorded_train_state
 from .config import CLASS_BALANCE, RESUME_MAY_CHANGE, RESUMED_CONFIG_MAY_CHANGE, Config, dump_config, load_config, \
     parse_overrides, with_overrides
 from .data import DATASET_NAMES, SAMPLE_DIR, ImageData, canonical_name, default_data_dir, is_sample, load_split, \
@@ -27,7 +29,8 @@ from .files import new_run_dir
 from .mae import check_masking
 from .recipe import SAMPLE_EPOCHS, batch_origin, describe, fit_recipe, fit_to_device, pinned_keys
 from .run_record import stopped_early
-from .runtime import check_compile_mode, end_distributed, process_count, process_rank, resolve_device
+from .runtime import check_compile_mode, end_distributed, local_process_count, process_count, process_rank, \
+    resolve_device
 from .tasks import TASKS
 from .train_state import layer_decay_of_run
 
@@ -125,7 +128,7 @@ class RunPlan:
         if self.resume is not None:
             return self
         world = process_count()
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: processes sharing these cores
+        local_world = local_process_count()  # torchrun: processes sharing these cores
         device_cfg = fit_to_device(self.cfg, section, device_type, train_images, world,
                                    max(usable_cpus() // local_world, 1), self.pinned)
         cfg = fit_recipe(device_cfg, section, self.reference_epochs, train_images, world, self.pinned)
@@ -492,19 +495,27 @@ def _continued_run(out: Path, task_cls, command: RunPlan) -> RunPlan | None:
 
 
 def _restarted_run(kind: str, task_cls, plan: RunPlan) -> RunPlan | None:
-    """Without --out, a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) continues the newest
-    `runs/<kind>/<name>N` when this command started it; anything else gets a new folder."""
+    """Without --out, a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) continues the folder
+    its torchrun job started: the newest `runs/<kind>/<name>N` whose last.safetensors records
+    the job's id (TORCHELASTIC_RUN_ID; a new one for every `torchrun --standalone`), when this
+    command started it. None (a new folder) when there is none: the attempt that died had
+    not saved its step-0 checkpoint, and the newest folder is an older job's run."""
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
         return None
-    name = plan.cfg.name
-    free = new_run_dir(None, kind, name)
-    if free.name == name:
-        return None  # no run of that name yet
-    k = int(free.name[len(name):])
-    try:
-        return _continued_run(free.with_name(name if k == 2 else f"{name}{k - 1}"), task_cls, plan)
-    except MmlitError:  # the newest folder holds another run
-        return None
+    name, job = plan.cfg.name, os.environ.get("TORCHELASTIC_RUN_ID")
+    numbered = []
+    for folder in (Path("runs") / kind).glob(f"{glob.escape(name)}*"):
+        number = re.fullmatch(rf"{re.escape(name)}(\d*)", folder.name)
+        if number is not None:
+            numbered.append((int(number.group(1) or 1), folder))
+    for _, folder in sorted(numbered, reverse=True):
+        state = recorded_train_state(folder / "last.safetensors")
+        if state is not None and state.get("torchrun_run_id") == job:
+            try:
+                return _continued_run(folder, task_cls, plan)
+            except MmlitError:  # that job's folder holds another command's run
+                return None
+    return None
 
 
 def _differences(there: dict[str, Any], here: dict[str, Any], prefix: str = "") -> str:

@@ -1,6 +1,7 @@
 """The command line, run as a user would (a real subprocess) and in-process."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -267,3 +268,30 @@ def test_a_peer_process_that_died_is_said_as_such_not_as_an_internal_error(monke
         err = capsys.readouterr().err
         assert exit_info.value.code == 1 and err.count("\n") == 1 and err.startswith(said), err
         assert ("more lines" in err) == (world == "1")  # an internal error says all, in one line
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 in the environment, but no RANK or MASTER_ADDR or MASTER_PORT"),
+    ({"WORLD_SIZE": "x"}, "WORLD_SIZE='x' in the environment: it must be an integer >= 1"),
+    ({"RANK": "1", "WORLD_SIZE": "1"}, "RANK=1 in the environment, with 1 process(es)"),
+    ({"LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE='0' in the environment: it must be an integer >= 1"),
+])
+def test_a_launch_environment_set_by_hand_is_checked(env, needle, tmp_path):
+    """torchrun's variables set by hand were "internal error: KeyError: 'RANK'", a ZeroDivisionError,
+    a traceback from the error handler itself, or a run that printed nothing (RANK=1 alone)."""
+    r = subprocess.run([sys.executable, "-m", "mmlit_cli", "finetune", "--preset", "xxs", "--epochs", "1", "--out",
+                        str(tmp_path / "run")], capture_output=True, text=True, env={**os.environ, **env})
+    assert r.returncode == 2 and r.stderr.startswith(f"error: {needle}"), r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_the_one_process_commands_refuse_torchrun(tmp_path):
+    """Under torchrun every rank did the whole eval (two folders), and two exports raced for
+    one file (one rank failed, torchrun exit 1)."""
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    for command in (["eval", "x.safetensors"], ["predict", "x.safetensors", "a.jpg"], ["export", "x.safetensors"],
+                    ["benchmark", "x.safetensors"]):
+        r = subprocess.run([sys.executable, "-m", "mmlit_cli", *command], capture_output=True, text=True, env=env,
+                           cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr == (f"error: mmlit {command[0]} runs in one process: launch it "
+                                                  f"without torchrun (WORLD_SIZE is '2')\n"), r.stderr

@@ -80,6 +80,68 @@ def test_a_run_that_died_before_its_first_step_is_continued_from_its_start(data,
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_a_start_killed_before_its_first_checkpoint_leaves_a_folder_the_same_command_takes(data, tmp_path,
+                                                                                           monkeypatch):
+    """A process killed while the run starts (under torchrun: a peer that died before the step-0
+    checkpoint) left config.yaml and an event file, and no last.safetensors: every restart was
+    refused ("already exists and is not empty"). The step-0 checkpoint now comes first, and a
+    hidden temporary file of a write that was killed does not make a folder taken."""
+    from mmlit_cli import run_record
+
+    kw = dict(overrides=TINY, epochs=1, batch_size=8, device="cpu", console=Console(quiet=True))
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(run_record, "ranks_agree", lambda *args: (_ for _ in ()).throw(RuntimeError("peer died")))
+        with pytest.raises(RuntimeError, match="peer died"):
+            run_training("finetune", "xxs", str(data), out=out, **kw)
+    (out / ".config.yaml.k2j4x_9q.tmp").write_text("")  # a write killed half-way
+    assert run_training("finetune", "xxs", str(data), out=out, **kw)["epoch"] == 1
+    assert (out / "config.yaml").is_file()
+
+
+def test_best_is_written_before_last(data, tmp_path, monkeypatch):
+    """An epoch that improves writes best.safetensors, then last.safetensors: a kill between the
+    two leaves last at the epoch before, which a restart trains again (writing both). The other
+    order left best.safetensors an epoch older than the best that last recorded, for good."""
+    from mmlit_cli import checkpoint
+
+    written, write = [], checkpoint._write
+
+    def recording(path, *args):
+        write(path, *args)
+        written.append((Path(path).name, load_checkpoint(path).info["epoch"]))
+
+    monkeypatch.setattr(checkpoint, "_write", recording)
+    run_training("finetune", "xxs", str(data), out=tmp_path / "run", overrides=TINY, epochs=2, batch_size=8,
+                 device="cpu", console=Console(quiet=True), save_every=0)
+    assert written[0] == ("last.safetensors", 0) and ("best.safetensors", 1) in written  # step 0, then the epochs
+    assert all(written[i + 1] == ("last.safetensors", epoch) for i, (name, epoch) in enumerate(written)
+               if name == "best.safetensors")  # the same epoch's last follows its best
+
+
+def test_a_torchrun_restart_without_out_finds_its_own_jobs_folder(data, tmp_path, monkeypatch):
+    """The newest folder of the name is not always the job's: an attempt killed before its step-0
+    checkpoint left none (the newest is an older job's finished run, which the restart reported
+    finished, exit 0, nothing trained), and a gap in the numbers puts a new run below the newest.
+    The run records its torchrun job's id (TORCHELASTIC_RUN_ID): a restart continues that one."""
+    monkeypatch.chdir(tmp_path)
+    kw = dict(overrides=TINY, epochs=2, batch_size=8, device="cpu", console=Console(quiet=True))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    assert run_training("finetune", "xxs", str(data), **kw)["out_dir"] == str(Path("runs/finetune/xxs"))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_train_step", lambda self, images, labels: (_ for _ in ()).throw(RuntimeError("killed")))
+        with pytest.raises(RuntimeError, match="killed"):
+            run_training("finetune", "xxs", str(data), **kw)  # runs/finetune/xxs2, at step 0
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-c")  # its first attempt died before it saved anything
+    fresh = run_training("finetune", "xxs", str(data), **kw)
+    assert fresh["out_dir"] == str(Path("runs/finetune/xxs3")) and fresh["stopped"] is None and fresh["epoch"] == 2
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")  # xxs3 is newer, but job-b's run is xxs2
+    again = run_training("finetune", "xxs", str(data), **kw)
+    assert again["out_dir"] == str(Path("runs/finetune/xxs2")) and again["stopped"] is None and again["epoch"] == 2
+
+
 def test_without_out_a_torchrun_restart_continues_the_newest_run_of_its_name(data, tmp_path, monkeypatch):
     """torchrun restarts its workers with the same command: without --out they find the
     folder the first attempt chose (runs/finetune/xxs2 here), not a new one."""

@@ -90,3 +90,14 @@ def test_a_stopped_run_resumed_with_a_patience_it_has_not_spent_goes_on(tmp_path
         assert epoch_of(tmp_path / "run" / "best.safetensors") == 8
     else:
         assert resumed["stopped"] == "finished" and len(rows) == 4
+
+
+def test_an_early_stop_names_best_safetensors_only_where_the_run_keeps_one():
+    """With --val test no best.safetensors is kept: the stop line said "(best.safetensors is
+    epoch 1)", then the run's last line said there is none."""
+    from mmlit_cli.report import stop_line
+
+    kept = stop_line("patience", 3, "val_top1 has not improved", 1, None, "runs/x")
+    assert kept.endswith("the run is finished (best.safetensors is epoch 1)")
+    none = stop_line("patience", 3, "val_top1 has not improved", 1, None, "runs/x", best_saved=False)
+    assert none.endswith("the run is finished") and "best.safetensors" not in none

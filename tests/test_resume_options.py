@@ -118,7 +118,7 @@ def test_on_another_process_count_the_lr_is_the_one_the_resumed_run_uses(trained
     """The lr follows the global batch to 2 processes; --lr is checked against that lr, not
     the recorded one, so an accepted --lr is never replaced behind the user's back."""
     recorded = yaml.safe_load((trained / "run" / "config.yaml").read_text())["finetune"]["lr"]
-    env = dict(WORLD_SIZE="2")
+    env = dict(WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")  # as torchrun sets them
     old = mmlit("finetune", "--resume", "run", "--lr", repr(recorded), "--print-config", cwd=trained, env=env)
     assert old.returncode == 2 and f"--resume on 2 process(es) cannot change --lr {recorded!r} (the run's: " \
         f"{2 * recorded:.6g})" in old.stderr, old.stderr
