@@ -103,11 +103,12 @@ def _unfinished_write(path: Path) -> bool:
     return re.fullmatch(r"\..+\.[a-z0-9_]{8}\.tmp", path.name) is not None and path.is_file()
 
 
-def new_run_dir(out: str | Path | None, kind: str, name: str, resumable: bool = False) -> Path:
+def new_run_dir(out: str | Path | None, kind: str, name: str, resumable: bool = False, claim: bool = False) -> Path:
     """The folder a command writes into: `--out DIR` (`~` expanded), which must not hold files
     already (a `resumable` command's error says how to continue the run there, when it holds
     one), or without it
-    `runs/<kind>/<name>`, `<name>2`, ... (the first that does not exist)."""
+    `runs/<kind>/<name>`, `<name>2`, ... (the first that does not exist; with `claim`, created
+    here, atomically: two commands started at once get two folders)."""
     if out is not None:
         path = Path(out).expanduser()  # `--out=~/runs/x`: the shell leaves that ~ to us
         if path.exists() and not path.is_dir():
@@ -120,6 +121,13 @@ def new_run_dir(out: str | Path | None, kind: str, name: str, resumable: bool = 
     base = Path("runs") / kind
     for i in range(1, 10_000):
         path = base / (name if i == 1 else f"{name}{i}")
-        if not path.exists():
+        if not claim and not path.exists():
             return path
+        if claim:
+            base.mkdir(parents=True, exist_ok=True)
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:  # taken, maybe a moment ago by a run started beside this one
+                continue
     raise MmlitError(f"too many runs in {base}")

@@ -3,6 +3,7 @@ directory, then hand everything to the engine."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -91,6 +92,19 @@ def _apply_shortcuts(cfg: Config, section: str, **values: Any) -> Config:
     return cfg.validate()
 
 
+@contextlib.contextmanager
+def _removed_if_left_empty(folder: Path | None):
+    """A run folder this command claimed (created, see `new_run_dir`) is removed when the run
+    fails before writing anything into it: a bad dataset leaves no empty runs/<kind>/<name>."""
+    try:
+        yield
+    except BaseException:
+        if folder is not None:
+            with contextlib.suppress(OSError):  # not empty (the run wrote there), or gone
+                folder.rmdir()
+        raise
+
+
 def _check_writable(path: Path) -> None:
     parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
     probe = parent / f".mmlit-write-test-{os.getpid()}"  # one per process: torchrun's ranks probe at once
@@ -121,6 +135,7 @@ class RunPlan:
     pinned: set[str] = dataclasses.field(default_factory=set)
     invocation: dict[str, Any] | None = None  # what makes the run this run (`_invocation`)
     continued: bool = False  # resumed because the same command was run again
+    claimed: bool = False  # run_dir was created for this run (no --out), so that no other run takes it
 
     def fit_to(self, section: str, train_images: int, device_type: str) -> RunPlan:
         """A new run's plan with its recipe fitted to `train_images` on a `device_type` device
@@ -175,33 +190,34 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
             console.print(escape(_sample_note(getattr(plan.cfg, task_cls.command).epochs)), highlight=False)
     if plan.resume is not None and _finished(plan, task_cls.command):
         return _nothing_to_do(plan, None if quiet else console)
-    # a missing or broken --init file is said before the data is read (minutes, for a big folder)
-    init_ckpt = load_checkpoint(init) if init is not None and plan.resume is None else None
+    with _removed_if_left_empty(plan.run_dir if plan.claimed else None):
+        # a missing or broken --init file is said before the data is read (minutes, for a big folder)
+        init_ckpt = load_checkpoint(init) if init is not None and plan.resume is None else None
 
-    train, val = _load_data(plan.spec, plan.cfg, task_cls.needs_labels, console if main_process else None,
-                            resumed=plan.resume is not None)
-    plan = plan.fit_to(task_cls.command, len(train), device_type)
-    cfg = plan.cfg if plan.resume is not None else task_cls.fit_config(plan.cfg, len(train.classes))
-    if not quiet:
-        console.print(escape(f"data: {train.source}; validation: {_validation_note(plan.spec, val)}"),
-                      highlight=False)
+        train, val = _load_data(plan.spec, plan.cfg, task_cls.needs_labels, console if main_process else None,
+                                resumed=plan.resume is not None)
+        plan = plan.fit_to(task_cls.command, len(train), device_type)
+        cfg = plan.cfg if plan.resume is not None else task_cls.fit_config(plan.cfg, len(train.classes))
+        if not quiet:
+            console.print(escape(f"data: {train.source}; validation: {_validation_note(plan.spec, val)}"),
+                          highlight=False)
 
-    if not quiet:
-        _warn_imbalance(console, train, getattr(cfg, task_cls.command).class_balance, task_cls.needs_labels)
-    task, layer_decay = _new_task(task_cls, cfg, train, plan, init, init_ckpt, None if quiet else console)
-    opts = RunOptions(out_dir=plan.run_dir, dataset=dataclasses.asdict(plan.spec), data_source=plan.spec.located(),
-                      device=device, compile=compile, compile_mode=compile_mode, tune_attention=tune_attention,
-                      save_every=save_every, max_steps=max_steps, layer_decay=layer_decay, quiet=quiet,
-                      save_best=plan.spec.validation != "test", recipe_note=plan.recipe_note,
-                      invocation=plan.invocation)
-    trainer = Trainer(task, cfg, train, val, opts, console)
-    if plan.resume is not None:
-        _resume(trainer, plan, None if quiet else console)
-    try:
-        result = trainer.fit()
-    except BaseException:  # a second Ctrl-C, an error: TensorBoard's writer thread ends before the
-        trainer.record.close_events()  # process does (left inside protobuf's C code, it aborts the exit)
-        raise
+        if not quiet:
+            _warn_imbalance(console, train, getattr(cfg, task_cls.command).class_balance, task_cls.needs_labels)
+        task, layer_decay = _new_task(task_cls, cfg, train, plan, init, init_ckpt, None if quiet else console)
+        opts = RunOptions(out_dir=plan.run_dir, dataset=dataclasses.asdict(plan.spec), data_source=plan.spec.located(),
+                          device=device, compile=compile, compile_mode=compile_mode, tune_attention=tune_attention,
+                          save_every=save_every, max_steps=max_steps, layer_decay=layer_decay, quiet=quiet,
+                          save_best=plan.spec.validation != "test", recipe_note=plan.recipe_note,
+                          invocation=plan.invocation)
+        trainer = Trainer(task, cfg, train, val, opts, console)
+        if plan.resume is not None:
+            _resume(trainer, plan, None if quiet else console)
+        try:
+            result = trainer.fit()
+        except BaseException:  # a second Ctrl-C, an error: TensorBoard's writer thread ends before the
+            trainer.record.close_events()  # process does (left inside protobuf's C code, it aborts the exit)
+            raise
     result["out_dir"] = str(plan.run_dir)
     result["main_process"] = main_process
     if trainer.dist.is_main and result["stopped"] in (None, "patience"):
@@ -454,10 +470,13 @@ def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_
         _restarted_run(kind, task_cls, plan)
     if continued is not None:
         return continued
-    run_dir = new_run_dir(out, kind, plan.cfg.name, resumable=True)
+    # a run without --out in one process creates its folder now: two started at once used to
+    # pick the same free name and write into one folder (under torchrun, rank 0 creates it later)
+    claim = probe and out is None and process_count() == 1
+    run_dir = new_run_dir(out, kind, plan.cfg.name, resumable=True, claim=claim)
     if probe:
         _check_writable(run_dir)
-    return dataclasses.replace(plan, run_dir=run_dir)
+    return dataclasses.replace(plan, run_dir=run_dir, claimed=claim)
 
 
 def _invocation(plan: RunPlan, init: str | Path | None) -> dict[str, Any]:

@@ -245,3 +245,19 @@ def test_metrics_csv_has_every_rows_columns(tmp_path):
     rows = list(csv.reader((tmp_path / "metrics.csv").read_text().splitlines()))
     assert rows[0] == ["epoch", "loss", "ranks_in_sync", "stopped"]
     assert rows[1] == ["1", "1.0", "True", ""] and rows[3] == ["3", "0.4", "", "patience"]
+
+
+def test_runs_started_at_once_without_out_get_a_folder_each(data, tmp_path, monkeypatch):
+    """A run without --out creates its numbered folder when it picks it: two started at once
+    both printed `-> runs/finetune/xxs` and wrote into one folder. One that fails before
+    writing anything (a dataset that is not there) leaves no empty folder behind."""
+    from mmlit_cli.files import new_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    first, second = (new_run_dir(None, "finetune", "xxs", resumable=True, claim=True) for _ in range(2))
+    assert (first, second) == (Path("runs/finetune/xxs"), Path("runs/finetune/xxs2")) and second.is_dir()
+    kw = dict(overrides=TINY, epochs=1, batch_size=8, device="cpu", console=Console(quiet=True))
+    with pytest.raises(MmlitError):
+        run_training("finetune", "xxs", str(tmp_path / "no-such-folder"), **kw)
+    assert sorted(p.name for p in Path("runs/finetune").iterdir()) == ["xxs", "xxs2"]
+    assert run_training("finetune", "xxs", str(data), **kw)["out_dir"] == str(Path("runs/finetune/xxs3"))
