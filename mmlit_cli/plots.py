@@ -120,8 +120,9 @@ def plot_curves(run_dir: str | Path) -> Path | None:
         ax.grid(True, alpha=0.3)
         ax.legend()
         ax.xaxis.get_major_locator().set_params(integer=True)
-        if last_epoch == 1:
+        if last_epoch == 1:  # one epoch: one tick (the integer locator falls back to 0.6, 0.8, ...)
             ax.set_xlim(0.5, 1.5)
+            ax.set_xticks([1])
     if accs:
         ax = axes[-1]
         xs, ys = accs.get("val_top1", next(iter(accs.values())))

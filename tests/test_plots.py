@@ -168,3 +168,17 @@ def test_names_in_square_brackets_are_printed_as_they_are(run, tmp_path):
                          str(data), "--out", str(tmp_path / "ev")], capture_output=True, text=True)
     assert ev.returncode == 0, ev.stderr
     assert 'pip install "mmlit[plot]"' in ev.stderr and "no matplotlib" not in ev.stdout, ev.stderr
+
+
+def test_a_one_epoch_run_has_one_tick(tmp_path, monkeypatch):
+    """matplotlib's integer locator falls back to 0.6, 0.8, ... for a one-epoch axis."""
+    from mmlit_cli import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    run_dir = tmp_path / "one"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 2.0, "val_loss": 2.1,
+                                                       "val_top1": 20.0, "val_top5": 60.0}) + "\n")
+    plot_curves(run_dir)
+    assert [list(ax.get_xticks()) for ax in figures[0].axes] == [[1.0], [1.0]]
