@@ -93,13 +93,14 @@ def _apply_shortcuts(cfg: Config, section: str, **values: Any) -> Config:
 
 
 @contextlib.contextmanager
-def _removed_if_left_empty(folder: Path | None):
-    """A run folder this command claimed (created, see `new_run_dir`) is removed when the run
-    fails before writing anything into it: a bad dataset leaves no empty runs/<kind>/<name>."""
+def _removed_if_left_empty(folders: tuple[Path, ...]):
+    """The folders this command created for its run (`RunPlan.created`: the run's, then the
+    runs/<kind> and runs/ it made, see `new_run_dir`) are removed when the run fails before
+    writing anything into them: a bad dataset leaves no empty runs/<kind>/<name> behind."""
     try:
         yield
     except BaseException:
-        if folder is not None:
+        for folder in folders:
             with contextlib.suppress(OSError):  # not empty (the run wrote there), or gone
                 folder.rmdir()
         raise
@@ -135,7 +136,9 @@ class RunPlan:
     pinned: set[str] = dataclasses.field(default_factory=set)
     invocation: dict[str, Any] | None = None  # what makes the run this run (`_invocation`)
     continued: bool = False  # resumed because the same command was run again
-    claimed: bool = False  # run_dir was created for this run (no --out), so that no other run takes it
+    # folders created for this run (no --out: its own, so that no other run takes it, and the
+    # runs/<kind>, runs/ above it that did not exist), deepest first
+    created: tuple[Path, ...] = ()
 
     def fit_to(self, section: str, train_images: int, device_type: str) -> RunPlan:
         """A new run's plan with its recipe fitted to `train_images` on a `device_type` device
@@ -190,7 +193,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
             console.print(escape(_sample_note(getattr(plan.cfg, task_cls.command).epochs)), highlight=False)
     if plan.resume is not None and _finished(plan, task_cls.command):
         return _nothing_to_do(plan, None if quiet else console)
-    with _removed_if_left_empty(plan.run_dir if plan.claimed else None):
+    with _removed_if_left_empty(plan.created):
         # a missing or broken --init file is said before the data is read (minutes, for a big folder)
         init_ckpt = load_checkpoint(init) if init is not None and plan.resume is None else None
 
@@ -473,10 +476,11 @@ def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_
     # a run without --out in one process creates its folder now: two started at once used to
     # pick the same free name and write into one folder (under torchrun, rank 0 creates it later)
     claim = probe and out is None and process_count() == 1
+    parents = [p for p in (Path("runs") / kind, Path("runs")) if claim and not p.exists()]
     run_dir = new_run_dir(out, kind, plan.cfg.name, resumable=True, claim=claim)
     if probe:
         _check_writable(run_dir)
-    return dataclasses.replace(plan, run_dir=run_dir, claimed=claim)
+    return dataclasses.replace(plan, run_dir=run_dir, created=(run_dir, *parents) if claim else ())
 
 
 def _invocation(plan: RunPlan, init: str | Path | None) -> dict[str, Any]:

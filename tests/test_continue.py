@@ -260,4 +260,7 @@ def test_runs_started_at_once_without_out_get_a_folder_each(data, tmp_path, monk
     with pytest.raises(MmlitError):
         run_training("finetune", "xxs", str(tmp_path / "no-such-folder"), **kw)
     assert sorted(p.name for p in Path("runs/finetune").iterdir()) == ["xxs", "xxs2"]
+    with pytest.raises(MmlitError):  # nor the runs/ folders it made
+        run_training("pretrain", "xxs", str(tmp_path / "no-such-folder"), **kw)
+    assert sorted(p.name for p in Path("runs").iterdir()) == ["finetune"]
     assert run_training("finetune", "xxs", str(data), **kw)["out_dir"] == str(Path("runs/finetune/xxs3"))
