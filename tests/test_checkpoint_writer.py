@@ -103,15 +103,24 @@ def test_a_failed_write_is_raised_in_the_training_thread_and_drops_the_writes_be
 
 
 def test_training_goes_on_while_a_checkpoint_is_written(tmp_path, monkeypatch):
-    """The run's first checkpoint (step 0) is held until the loop has made two more steps: a
-    loop that waited for its checkpoints would never get there."""
-    release, steps = held_writes(monkeypatch), []
+    """The first epoch's checkpoints are held until the loop has made two steps of the second:
+    a loop that waited for its checkpoints would never get there. (The step-0 checkpoint is
+    waited for: a run's start writes it before config.yaml.)"""
+    release, write, written, steps = threading.Event(), checkpoint._write, [], []
+
+    def held_after_step_0(*args):
+        if written:
+            assert release.wait(30), "the write was never released"
+        write(*args)
+        written.append(args[0])
+
+    monkeypatch.setattr(checkpoint, "_write", held_after_step_0)
     step = Trainer._train_step
 
     def counted(self, images, labels):
         loss = step(self, images, labels)
-        steps.append(self.global_step)
-        if self.global_step == 2:
+        steps.append((self.epoch, self.global_step))
+        if len([s for e, s in steps if e == 1]) == 2:
             release.set()
         return loss
 
@@ -119,7 +128,7 @@ def test_training_goes_on_while_a_checkpoint_is_written(tmp_path, monkeypatch):
     data = write_folder(tmp_path / "data", per_class=8)
     result = run_training("finetune", "xxs", str(data), out=tmp_path / "run", overrides=TINY, epochs=2,
                           batch_size=4, console=Console(quiet=True))
-    assert release.is_set() and steps[-1] == result["global_step"]
+    assert release.is_set() and steps[-1][1] == result["global_step"]
     state = load_checkpoint(tmp_path / "run" / "last.safetensors", with_train_state=True).train_info
     assert state["epoch"] == 2 and state["global_step"] == result["global_step"]  # fit waited for the last one
 
