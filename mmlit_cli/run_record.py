@@ -121,6 +121,22 @@ class RunFacts:
     invocation: dict[str, Any] | None = None
 
 
+def write_run_files(out: Path, cfg: Config, recipe_note: str | None, epoch: int, global_step: int):
+    """config.yaml, with the fitted recipe in words atop it, and the run's event log (returned,
+    None without TensorBoard); a new run's config goes into the log too."""
+    note = "".join(f"# {line}\n" for line in (recipe_note or "").splitlines())
+    # the values below are the fitted ones: fitting them again (--recipe auto) would treat the
+    # run's length as a preset's and change them
+    again = "# to train with exactly this recipe again: --preset config.yaml --recipe paper\n"
+    atomic_write_text(out / "config.yaml", note + again + dump_config(cfg))
+    # a resumed run hides what an attempt logged after its checkpoint (an epoch logged, then
+    # killed before it was saved): that epoch is logged again
+    events = open_event_log(out, purge_step=epoch + 1 if global_step else None)
+    if events is not None and global_step == 0:
+        events.text("config", note + dump_config(cfg))
+    return events
+
+
 def patience_is_spent(epoch: int, best_epoch: int, patience: int) -> bool:
     """Whether `patience` epochs (0: never) have passed since the best one: --patience's rule."""
     return patience > 0 and epoch - best_epoch >= patience
@@ -187,16 +203,7 @@ class RunRecord:
             self.save_last()
             self.writer.wait()
         if self.dist.is_main:
-            note = "".join(f"# {line}\n" for line in (self.facts.recipe_note or "").splitlines())
-            # the values below are the fitted ones: fitting them again (--recipe auto) would
-            # treat the run's length as a preset's and change them
-            again = "# to train with exactly this recipe again: --preset config.yaml --recipe paper\n"
-            atomic_write_text(out / "config.yaml", note + again + dump_config(self.cfg))
-            # a resumed run hides what an attempt logged after its checkpoint (an epoch logged,
-            # then killed before it was saved): that epoch is logged again
-            self.events = open_event_log(out, purge_step=self.epoch + 1 if self.global_step else None)
-            if self.events is not None and self.global_step == 0:
-                self.events.text("config", note + dump_config(self.cfg))
+            self.events = write_run_files(out, self.cfg, self.facts.recipe_note, self.epoch, self.global_step)
 
     def close_events(self, curves: Path | None = None) -> None:
         """The training curves (when drawn) into the event file, which is then closed."""
