@@ -199,6 +199,8 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
 
         train, val = _load_data(plan.spec, plan.cfg, task_cls.needs_labels, console if main_process else None,
                                 resumed=plan.resume is not None)
+        if plan.resume is not None and task_cls.needs_labels:
+            _check_same_classes(plan, train.classes)
         plan = plan.fit_to(task_cls.command, len(train), device_type)
         cfg = plan.cfg if plan.resume is not None else task_cls.fit_config(plan.cfg, len(train.classes))
         if not quiet:
@@ -258,6 +260,27 @@ def _resume(trainer: Trainer, plan: RunPlan, console: Console | None) -> None:
             f"note: resumed on {world} process(es), not the {saved_world} this run was trained on: its random "
             f"streams differ from the original run's from here on; the global batch is now "
             f"{trainer.recipe.batch_size} x {world} and the peak lr {trainer.peak_lr:.3g} ({how})"), highlight=False)
+
+
+def _check_same_classes(plan: RunPlan, classes: list[str]) -> None:
+    """A resumed classifier's data must hold the classes its head was trained on, in its order:
+    a class renamed, added or removed in the folder since would give each output another
+    meaning (or a label the head has no output for)."""
+    trained = list(plan.resume.classes)
+    if not trained or trained == list(classes):
+        return
+    gone, new = [c for c in trained if c not in classes], [c for c in classes if c not in trained]
+    what = "; ".join(part for part in (
+        f"{_names(gone)} no longer in it" if gone else "", f"{_names(new)} new" if new else "",
+        f"the same {len(classes)} classes in another order" if not gone and not new else "") if part)
+    raise MmlitError(f"{plan.run_dir} was trained on other classes than its data now has ({what}): put the data "
+                     f"back as it was to resume, or start a new run (--init {plan.run_dir / 'last.safetensors'} "
+                     f"keeps the weights)")
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    listed = ", ".join(repr(n) for n in names[:shown])
+    return listed + (f", ... {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _command_of(ckpt: Checkpoint) -> str | None:

@@ -127,6 +127,35 @@ def test_on_another_process_count_the_lr_is_the_one_the_resumed_run_uses(trained
     assert yaml.safe_load(doubled.stdout)["finetune"]["lr"] == pytest.approx(2 * recorded)
 
 
+def test_a_resumed_run_whose_data_has_other_classes_is_refused(tmp_path):
+    """A class folder renamed since the run started gave output 0 another class's meaning
+    without a word (and last.safetensors other names than best); a class added was "internal
+    error: IndexError: Target 3 is out of bounds". The run records its data's absolute path, so
+    this test trains its own run on a folder it may change."""
+    write_folder(tmp_path / "colours", per_class=6)
+    done = mmlit("finetune", "--preset", "xxs", "--dataset", "colours", "--epochs", "1", "--out", "run", *SETS,
+                 cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    colours, before = tmp_path / "colours", snapshot(tmp_path / "run")
+    changes = {"'red' no longer in it; 'purple' new": lambda: (colours / "red").rename(colours / "purple"),
+               "'yellow' new": lambda: shutil.copytree(colours / "red", colours / "yellow"),
+               "'red' no longer in it": lambda: shutil.rmtree(colours / "red")}
+    for said, change in changes.items():
+        shutil.copytree(colours, tmp_path / "as-trained")
+        change()
+        asked = mmlit("finetune", "--resume", "run", "--epochs", "2", cwd=tmp_path)
+        told = asked.stderr + asked.stdout
+        assert asked.returncode == 2, told
+        assert "Traceback" not in told and f"run was trained on other classes than its data now has ({said}): put " \
+            "the data back as it was to resume, or start a new run (--init run/last.safetensors keeps the weights)" \
+            in told, told
+        assert snapshot(tmp_path / "run") == before  # nothing written: no event file, no checkpoint
+        shutil.rmtree(colours)
+        (tmp_path / "as-trained").rename(colours)
+    resumed = mmlit("finetune", "--resume", "run", "--epochs", "2", cwd=tmp_path)  # the data as it was: it goes on
+    assert resumed.returncode == 0, resumed.stderr
+
+
 def test_a_run_on_a_relative_folder_resumes_from_another_working_folder(trained, tmp_path):
     """The data is found where the run was trained, not looked up again from where the user stands."""
     run = tmp_path / "run"
