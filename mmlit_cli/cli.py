@@ -329,16 +329,17 @@ def _print_eval(report) -> None:
     r = report.result
     console.print(escape(report.source), highlight=False)
     # a class with no images in the split has no accuracy: listed last, not as the worst
-    per_class = sorted(zip(report.classes, r.per_class_accuracy(), r.confusion.sum(1).tolist()),
-                       key=lambda t: (t[2] == 0, t[1]))
+    per_class = sorted(zip(report.classes, r.per_class_accuracy(), r.per_class_images()),
+                       key=lambda t: (t[1] is None, t[1] or 0.0))
     table = Table(title="per-class accuracy (worst first)")
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     table.add_column("images", justify="right")
-    shown = per_class if len(per_class) <= 30 else per_class[:15] + [("...", float("nan"), 0)] + per_class[-5:]
+    gap = ("...", "", "")  # a long list shows its 15 worst and 5 best
+    shown = per_class if len(per_class) <= 30 else per_class[:15] + [gap] + per_class[-5:]
     for name, acc, n in shown:
-        shown_acc = "" if acc != acc else "no images" if n == 0 else f"{acc:.1f} %"
-        table.add_row(escape(name), shown_acc, str(n) if acc == acc else "")
+        shown_acc = acc if isinstance(acc, str) else "no images" if acc is None else f"{acc:.1f} %"
+        table.add_row(escape(name), shown_acc, str(n))
     console.print(table)
     usage = Table(title="expert usage per layer (share of routed tokens)")
     usage.add_column("layer", justify="right")

@@ -80,12 +80,14 @@ class EvalReport:
     skipped: list[str] = field(default_factory=list)  # undecodable files of the split, not scored
 
     def as_dict(self) -> dict:
-        """JSON-ready: the figures (percent), `per_class` accuracy (= recall), and per-class
-        `precision` and `recall`."""
+        """JSON-ready: the figures (percent), `per_class` accuracy (= recall), per-class
+        `precision` and `recall` (null where a class has no images, or no predictions), and
+        `images` per class."""
         r = self.result
         recall = dict(zip(self.classes, r.per_class_accuracy()))
         return {**r.as_dict(), "per_class": recall, "recall": recall,
-                "precision": dict(zip(self.classes, r.per_class_precision())), "images_per_s": self.images_per_s,
+                "precision": dict(zip(self.classes, r.per_class_precision())),
+                "images": dict(zip(self.classes, r.per_class_images())), "images_per_s": self.images_per_s,
                 "skipped": self.skipped}
 
     @property
@@ -102,25 +104,37 @@ def match_classes(data: ImageData, ckpt_classes: list[str], num_classes: int, da
     """The data with labels that mean what the checkpoint's outputs mean, and a note on how
     they were matched (None when the class lists are the same).
 
-    Classes are matched by name: the same names in another order are relabelled; names that
-    differ are an error, since counting matches would score shifted labels. `by_position`
-    accepts a relabelled dataset (same count, other names) and takes its classes in order.
+    Classes are matched by name: the same names in another order, or some of them (a test
+    folder without a class: that class has no images), are relabelled; a name the checkpoint
+    does not have is an error, since counting matches would score shifted labels.
+    `by_position` accepts a relabelled dataset (same count, other names) and takes its
+    classes in order. A checkpoint without names: only the count can be checked.
     """
-    if len(data.classes) != num_classes:
-        raise MmlitError(f"the checkpoint predicts {num_classes} classes but {dataset} has {len(data.classes)}")
-    if not ckpt_classes or data.classes == ckpt_classes:  # a checkpoint without names: only the count is known
+    if not ckpt_classes or data.classes == ckpt_classes:
+        if len(data.classes) != num_classes:
+            raise MmlitError(f"the checkpoint predicts {num_classes} classes but {dataset} has {len(data.classes)}")
         return data, None
-    if sorted(data.classes) == sorted(ckpt_classes):
-        index = {c: i for i, c in enumerate(ckpt_classes)}
-        to_ckpt = torch.tensor([index[c] for c in data.classes])
-        relabelled = ImageData(data.images, to_ckpt[data.labels], list(ckpt_classes), data.source, data.skipped)
-        return relabelled, "classes matched by name (the dataset lists them in another order)"
-    if by_position:
-        pairs = [f"{d!r} = {c!r}" for d, c in zip(data.classes, ckpt_classes) if d != c]
-        return data, f"classes taken by position (--classes-by-position): {_first(pairs)}"
     ckpt_set, data_set = set(ckpt_classes), set(data.classes)
     extra = [repr(c) for c in data.classes if c not in ckpt_set]
     missing = [repr(c) for c in ckpt_classes if c not in data_set]
+    if not extra:
+        index = {c: i for i, c in enumerate(ckpt_classes)}
+        to_ckpt = torch.tensor([index[c] for c in data.classes])
+        relabelled = ImageData(data.images, to_ckpt[data.labels], list(ckpt_classes), data.source, data.skipped)
+        if missing:
+            return relabelled, (f"classes matched by name: {len(data.classes)} of the checkpoint's {len(ckpt_classes)} "
+                                f"({_first(missing)} not in {dataset}: no images)")
+        return relabelled, "classes matched by name (the dataset lists them in another order)"
+    if by_position:
+        if len(data.classes) != num_classes:
+            raise MmlitError(f"--classes-by-position: the checkpoint predicts {num_classes} classes but {dataset} "
+                             f"has {len(data.classes)}")
+        pairs = [f"{d!r} = {c!r}" for d, c in zip(data.classes, ckpt_classes) if d != c]
+        return data, f"classes taken by position (--classes-by-position): {_first(pairs)}"
+    if not missing:
+        raise MmlitError(f"{dataset} has the checkpoint's {len(ckpt_classes)} classes and {_first(extra)}, which it "
+                         f"does not predict: leave {'that class' if len(extra) == 1 else 'those'} out of the data to "
+                         f"score the rest")
     raise MmlitError(f"{dataset} has {_first(extra)} where the checkpoint has {_first(missing)}: the class "
                      f"names differ, so its labels would not mean what the model predicts (rename them, or "
                      f"pass --classes-by-position to score the classes in order anyway)")

@@ -23,23 +23,25 @@ class EvalResult:
     expert_usage: list[list[float]]
     seconds: float
 
-    def per_class_accuracy(self) -> list[float]:
-        """Recall of each class, percent (0 for a class with no images)."""
-        totals = self.confusion.sum(1).clamp_min(1)
-        return (100.0 * self.confusion.diag() / totals).tolist()
+    def per_class_accuracy(self) -> list[float | None]:
+        """Recall of each class, percent; None for a class with no images (it has no accuracy:
+        0 read as "never right")."""
+        return _shares(self.confusion.diag(), self.confusion.sum(1))
 
-    def per_class_precision(self) -> list[float]:
-        """Of the images predicted as each class, the share that is, percent (0 when none is)."""
-        predicted = self.confusion.sum(0).clamp_min(1)
-        return (100.0 * self.confusion.diag() / predicted).tolist()
+    def per_class_precision(self) -> list[float | None]:
+        """Of the images predicted as each class, the share that is, percent; None for a class
+        never predicted."""
+        return _shares(self.confusion.diag(), self.confusion.sum(0))
+
+    def per_class_images(self) -> list[int]:
+        return self.confusion.sum(1).tolist()
 
     @property
     def balanced_accuracy(self) -> float:
         """Mean recall over the classes that have images, percent (scikit-learn's
         `balanced_accuracy_score`): every class counts the same, however many images it has."""
-        present = self.confusion.sum(1) > 0
-        recall = torch.tensor(self.per_class_accuracy(), dtype=torch.float64)
-        return float(recall[present].mean()) if present.any() else 0.0
+        recall = [r for r in self.per_class_accuracy() if r is not None]
+        return sum(recall) / len(recall) if recall else 0.0
 
     @property
     def macro_f1(self) -> float:
@@ -54,6 +56,10 @@ class EvalResult:
     def as_dict(self) -> dict:
         return {"loss": self.loss, "top1": self.top1, "top5": self.top5, "balanced_accuracy": self.balanced_accuracy,
                 "macro_f1": self.macro_f1, "num_images": self.num_images}
+
+
+def _shares(hits: torch.Tensor, totals: torch.Tensor) -> list[float | None]:
+    return [None if n == 0 else 100.0 * h / n for h, n in zip(hits.tolist(), totals.tolist())]
 
 
 class ClassifierMeter:

@@ -3,6 +3,8 @@
 matched, and --classes-by-position scores a relabelled dataset in order on request."""
 
 import dataclasses
+import json
+import re
 import subprocess
 import sys
 
@@ -14,7 +16,7 @@ from helpers import TINY, write_folder
 from mmlit_cli.checkpoint import Checkpoint, save_checkpoint
 from mmlit_cli.config import load_config
 from mmlit_cli.errors import MmlitError
-from mmlit_cli.evaluate import evaluate_checkpoint
+from mmlit_cli.evaluate import EvalReport, evaluate_checkpoint
 from mmlit_cli.model import MLiT
 
 
@@ -71,6 +73,35 @@ def test_the_same_names_in_another_order_are_matched_by_name(pets, tmp_path):
     assert "matched by name" in report.source
 
 
+def test_a_folder_with_some_of_the_checkpoints_classes_is_scored_by_name(tmp_path):
+    """A test folder without one of the classes was "the checkpoint predicts 4 classes but f has
+    3", naming none; it is scored, the missing class with no images (null in the JSON, where
+    a label file's split without that class said 0.0 %)."""
+    root = write_folder(tmp_path / "f", classes=("bee", "cow"), per_class=2)
+    ckpt = constant_classifier(tmp_path / "c.safetensors", ["cow", "ant", "bee"])  # predicts 'cow' always
+    report = evaluate_checkpoint(ckpt, str(root), "train", device="cpu")
+    assert report.result.top1 == pytest.approx(50.0) and report.classes == ["cow", "ant", "bee"]
+    assert "2 of the checkpoint's 3 ('ant' not in" in report.source
+    shown = report.as_dict()
+    assert shown["per_class"] == {"cow": 100.0, "ant": None, "bee": 0.0}
+    assert shown["images"] == {"cow": 1, "ant": 0, "bee": 1}
+    r = subprocess.run([sys.executable, "-m", "mmlit_cli", "eval", str(ckpt), "--dataset", str(root)],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"│ ant +│ no images │ +0 │", r.stdout), r.stdout
+
+
+def test_a_class_the_checkpoint_does_not_predict_is_named(tmp_path):
+    root = write_folder(tmp_path / "f", classes=("ant", "bee", "cow"), per_class=2)
+    write_folder(root, classes=("dog",), per_class=2)
+    ckpt = constant_classifier(tmp_path / "c.safetensors", ["ant", "bee", "cow"])
+    with pytest.raises(MmlitError, match=r"has the checkpoint's 3 classes and 'dog', which it does not predict: leave "
+                                         r"that class out of the data"):
+        evaluate_checkpoint(ckpt, str(root), "train", device="cpu")
+    with pytest.raises(MmlitError, match=r"--classes-by-position: the checkpoint predicts 3 classes but .* has 4"):
+        evaluate_checkpoint(ckpt, str(root), "train", device="cpu", classes_by_position=True)
+
+
 def test_classes_by_position_scores_a_relabelled_folder_in_order(pets, tmp_path):
     ckpt = constant_classifier(tmp_path / "c.safetensors", ["cat", "dog"])  # 'cat' = the folder's 'kitten'
     report = evaluate_checkpoint(ckpt, str(pets), "train", device="cpu", classes_by_position=True)
@@ -96,3 +127,10 @@ def test_balanced_accuracy_and_macro_f1_from_a_hand_computed_confusion_matrix():
     imbalanced = EvalResult(0.0, 90.0, 100.0, 100, torch.tensor([[90, 0], [10, 0]]), [], 1.0)
     assert imbalanced.top1 == 90.0 and imbalanced.balanced_accuracy == 50.0  # the rare class ignored
     assert imbalanced.macro_f1 == pytest.approx(100 * (2 * 90 / 190) / 2)
+    # a class with no images has no recall, and one never predicted no precision: null in eval's
+    # JSON (it said 0.0 %, "never right", next to a balanced accuracy that left the class out)
+    report = EvalReport(r, ["ant", "bee", "cow"], "test")
+    shown = json.loads(json.dumps(report.as_dict()))
+    assert shown["per_class"] == shown["recall"] == {"ant": 80.0, "bee": 60.0, "cow": None}
+    assert shown["images"] == {"ant": 10, "bee": 10, "cow": 0}
+    assert EvalReport(imbalanced, ["a", "b"], "test").as_dict()["precision"] == {"a": 90.0, "b": None}
