@@ -247,9 +247,9 @@ def fit_recipe(cfg: Config, section: str, reference_epochs: int, train_images: i
     """
     recipe: TrainConfig = getattr(cfg, section)
     mine = {k[len(section) + 1:] for k in pinned if k.startswith(section + ".")}
-    if "batch_size" not in mine and recipe.batch_size * world_size > train_images:
-        # fewer images than a global batch: an epoch's one step takes them all, and the lr (rule
-        # 1) follows the batch that step has, not one the data cannot fill
+    if recipe.batch_size * world_size > train_images:
+        # fewer images than a global batch (the preset's or the user's): an epoch's one step takes
+        # them all, and the lr (rule 1) follows the batch that step has, not one the data cannot fill
         recipe = dataclasses.replace(recipe, batch_size=max(train_images // world_size, 1))
     if recipe.recipe == "auto" and section == "finetune" and "batch_size" not in mine:
         recipe = dataclasses.replace(recipe, batch_size=short_run_batch(
@@ -287,12 +287,13 @@ def fit_recipe(cfg: Config, section: str, reference_epochs: int, train_images: i
     return dataclasses.replace(cfg, model=model, **{section: recipe}).validate()
 
 
-def batch_origin(preset: int, device: int, fitted: int, every_image: bool = False) -> str:
+def batch_origin(preset: int, device: int, fitted: int, every_image: bool = False, given: bool = False) -> str:
     """Where a run's batch came from when it is not the preset's: "preset 128 -> 512 on the
     GPU -> 90 for a short run" (`device`: after `fit_to_device`; `fitted`: after `fit_recipe`,
-    `every_image` when that is all the training images; a batch the user set is kept by both,
-    so it has no origin)."""
-    steps = [f"preset {preset}"]
+    `every_image` when that is all the training images). A batch the user set (`given`, as
+    `preset`) is kept by both unless the data has fewer images: "128 asked -> 50, all the
+    training images"."""
+    steps = [f"{preset} asked" if given else f"preset {preset}"]
     if device != preset:
         steps.append(f"{device} on the GPU")
     if fitted != device:

@@ -152,7 +152,7 @@ class RunPlan:
         cfg = fit_recipe(device_cfg, section, self.reference_epochs, train_images, world, self.pinned)
         preset, device, fitted = (getattr(c, section).batch_size for c in (self.cfg, device_cfg, cfg))
         every_image = device * world > train_images and fitted == max(train_images // world, 1)  # `fit_recipe`'s cap
-        origin = batch_origin(preset, device, fitted, every_image)
+        origin = batch_origin(preset, device, fitted, every_image, given=f"{section}.batch_size" in self.pinned)
         note = describe(cfg, section, self.reference_epochs, train_images, world, f"{section}.lr" in self.pinned,
                         origin)
         return dataclasses.replace(self, cfg=cfg, recipe_note=note)
@@ -401,7 +401,7 @@ def _resumed_run(run_dir: Path, task_cls, *, preset: str | None = None, dataset:
         cfg = _apply_shortcuts(cfg, section, lr=getattr(cfg, section).lr * world / saved_world)
     set_changes, set_differ = _overrides_on_resume(cfg, section, overrides, invocation)
     changes = {**set_changes, **changes}  # an option wins over --set of the same key, as in a new run
-    differ = _kept_options_that_differ(run_dir, getattr(cfg, section), invocation, options) + set_differ
+    differ = _kept_options_that_differ(run_dir, section, getattr(cfg, section), invocation, options) + set_differ
     if differ:
         on = f" on {world} process(es)" if saved_world != world else ""
         raise MmlitError(f"{run_dir} keeps what it was trained with, so --resume{on} cannot change "
@@ -433,15 +433,18 @@ def _recorded_data(ckpt: Checkpoint, data_dir: str | None, download: bool) -> Da
     return dataclasses.replace(spec, download=download) if download else spec
 
 
-def _kept_options_that_differ(run_dir: Path, recorded: Any, invocation: dict[str, Any] | None,
+def _kept_options_that_differ(run_dir: Path, section: str, recorded: Any, invocation: dict[str, Any] | None,
                               kept: dict[str, Any]) -> list[str]:
     """The options in `kept` that ask for other than the run recorded (its config section
     `recorded`, its --init, its folder), each said as "--lr 0.002 (the run's: 0.00158)"."""
     there = {"batch_size": recorded.batch_size, "lr": recorded.lr, "seed": recorded.seed, "recipe": recorded.recipe,
              "class_balance": recorded.class_balance, "out": _absolute(run_dir),
              "init": "not recorded" if invocation is None else invocation.get("init") or "none"}
+    # a batch larger than the training images was asked for and fitted down to all of them
+    started = (invocation or {}).get("config", {}).get(section) or {}
     same = {"lr": _same_lr, "init": lambda asked, run: _absolute(asked) == run,
-            "out": lambda asked, run: _absolute(asked) == run}
+            "out": lambda asked, run: _absolute(asked) == run,
+            "batch_size": lambda asked, run: asked in (run, started.get("batch_size"))}
     return [f"--{key.replace('_', '-')} {asked} (the run's: {_shown(there[key])})" for key, asked in kept.items()
             if asked is not None and not same.get(key, operator.eq)(asked, there[key])]
 

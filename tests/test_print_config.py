@@ -243,5 +243,11 @@ def test_the_recipe_line_says_where_the_batch_came_from():
     assert "  batch 64 x 1 process(es) (preset 128 -> 64 for a short run), lr " in short
     pinned = resolved_config("finetune", "xxs", None, epochs=4, batch_size=64, device="cpu")
     assert "  batch 64 x 1 process(es), lr " in pinned
+    # more than the sample's 1,000 training images: one step takes them all, and the lr follows
+    # that batch (it followed the 2,000 asked, an lr twice too high, and said batch 2000)
+    assert batch_origin(2000, 2000, 1000, every_image=True, given=True) == "2000 asked -> 1000, all the training images"
+    larger = resolved_config("finetune", "xxs", None, epochs=4, batch_size=2000, device="cpu")
+    assert "  batch 1000 x 1 process(es) (2000 asked -> 1000, all the training images), lr 0.0156 (lr_base 0.002 x " \
+        "1000/256 x 2 short-run factor)" in larger, larger
     paper = resolved_config("finetune", "xxs", None, epochs=4, recipe="paper", device="cpu")
     assert "  batch 128 x 1 process(es), lr " in paper

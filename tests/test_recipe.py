@@ -292,15 +292,16 @@ def test_lr_follows_the_global_batch():
 @pytest.mark.parametrize("section", ["finetune", "pretrain"])
 def test_a_batch_the_data_cannot_fill_is_all_the_images_and_the_lr_follows_it(section):
     """54 training images and a preset batch of 128 (256 pre-training): an epoch is one step of
-    54 images, so the batch is 54 and the lr is scaled for 54; on two processes, 27 each. A
-    batch the user set stays as set."""
+    54 images, so the batch is 54 and the lr is scaled for 54; on two processes, 27 each. So
+    for a batch the user set (it stayed 100, with an lr for 100 and a step of 54)."""
     epochs = ["finetune.epochs=300", "pretrain.epochs=400"]  # the preset's length: no short-run factor
     for world in (1, 2):
         cfg = getattr(fitted("xxs", epochs, section, world_size=world, pinned=set(), train_images=54), section)
         base = getattr(load_config("xxs"), section).lr_base
         assert cfg.batch_size == 54 // world and cfg.lr == pytest.approx(base * 54 / 256)
-    pinned = getattr(fitted("xxs", [f"{section}.batch_size=100"], section, train_images=54), section)
-    assert pinned.batch_size == 100
+    pinned = getattr(fitted("xxs", [f"{section}.batch_size=100", epochs[section == "pretrain"]], section,
+                            train_images=54), section)
+    assert pinned.batch_size == 54 and pinned.lr == pytest.approx(base * 54 / 256)
 
 
 def test_values_the_user_set_are_kept_as_set():

@@ -156,6 +156,22 @@ def test_a_resumed_run_whose_data_has_other_classes_is_refused(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
 
 
+def test_a_batch_larger_than_the_data_is_fitted_down_and_the_same_command_resumes(tmp_path):
+    """--batch-size 64 on 15 training images: the run's one step per epoch takes the 15, its lr
+    follows 15 (not 64) and config.yaml says 15; the command that started it resumes it."""
+    write_folder(tmp_path / "colours", per_class=6)
+    command = ["finetune", "--preset", "xxs", "--dataset", "colours", "--batch-size", "64", "--out", "run", *SETS]
+    done = mmlit(*command, "--epochs", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "batch 15 x 1 process(es) (64 asked -> 15, all the training images), lr 0.000234" in done.stdout, done.stdout
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["finetune"]
+    assert recorded["batch_size"] == 15 and recorded["lr"] == pytest.approx(0.002 * 15 / 256 * 2)
+    resumed = mmlit(*command, "--resume", "run", "--epochs", "2", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    other = mmlit("finetune", "--resume", "run", "--batch-size", "32", "--epochs", "3", cwd=tmp_path)
+    assert other.returncode == 2 and "cannot change --batch-size 32 (the run's: 15)" in other.stderr, other.stderr
+
+
 def test_a_run_on_a_relative_folder_resumes_from_another_working_folder(trained, tmp_path):
     """The data is found where the run was trained, not looked up again from where the user stands."""
     run = tmp_path / "run"
