@@ -255,6 +255,8 @@ class TrainConfig:
             raise ConfigError(f"{where}.label_smoothing must be in [0, 1)")
         if not 0.0 < self.layer_decay <= 1.0:
             raise ConfigError(f"{where}.layer_decay must be in (0, 1]")
+        if not 0.0 <= self.ema_decay < 1.0:  # outside, the average diverges (-5 saved NaN weights)
+            raise ConfigError(f"{where}.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.workers < 0:
             raise ConfigError(f"{where}.workers must be >= 0")
         if self.class_balance not in CLASS_BALANCE:

@@ -211,7 +211,9 @@ def test_folder_split_layouts(tmp_path):
     fx.write_image_folder(tmp_path / "b" / "train", {"x": 3, "y": 3})
     fx.write_image_folder(tmp_path / "b" / "test", {"x": 1, "y": 1})
     va = load_split(str(tmp_path / "b"), "val", 20)  # no val folder: held out of train, not test/
-    assert va.labels.tolist() == [0, 1] and "held-out 10% of train" in va.source
+    # 10% of 3 images a class rounds to one each: the line says what was taken (it said 10%)
+    assert va.labels.tolist() == [0, 1] and "held-out 33.3% (2 of 6 images; 10% asked, rounded per class, at least " \
+        "one each) of train" in va.source, va.source
     assert len(load_split(str(tmp_path / "b"), "train", 20)) == 4
     assert "'test' split, test/" in load_split(str(tmp_path / "b"), "test", 20).source
 

@@ -126,7 +126,8 @@ def test_training_validates_and_picks_best_on_the_held_out_part(train_test, tmp_
     finetune(train_test, out, epochs=1, console=Console(file=shown, width=400))
     first = shown.getvalue().splitlines()[0]
     assert first.startswith("data: ") and "validation: " in first
-    assert "held-out 10% of train (stratified, seed 0; test/ untouched)" in first
+    assert "held-out 8.33% (3 of 36 images; 10% asked, rounded per class, at least one each) of train (stratified, " \
+        "seed 0; test/ untouched)" in first, first
 
     rows = history(out)
     assert rows[-1]["step"] == (36 - 3) // 3  # trained on train/ minus the 3 held-out images

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import DataError, one_line
 from .decode import decode_labelled, list_images, walk_images
-from .splits import ImageData, stratified_holdout
+from .splits import ImageData, held_out_share, stratified_holdout
 
 
 _SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -118,7 +118,9 @@ def folder_split(root: Path, split: str, hold: float | None, require_labels: boo
     # Without a val/ folder, validation is held out of train; a test/ folder stays the test
     # split. A folder with neither uses its held-out part for "test" too.
     held = val_dir is None and hold is not None
-    pct = f"{hold * 100:g}%" if hold is not None else ""
+    if held:
+        train_pos, held_pos = stratified_holdout(labels, hold)
+        pct = held_out_share(hold, len(held_pos), len(labels), why=split != "train")
     if split == "train":
         use = "val/test" if test_dir is None else "val; test/ is the test split"
         note = f"'train' split (minus the held-out {pct} used for {use})" if held else "'train' split"
@@ -137,7 +139,6 @@ def folder_split(root: Path, split: str, hold: float | None, require_labels: boo
                             f"training images it has no '{split}' split")
         _, files, labels = _scan_part(part_dir, classes, require_labels)
     if held:
-        train_pos, held_pos = stratified_holdout(labels, hold)
         keep = train_pos if split == "train" else held_pos
         if not keep:
             raise DataError(f"{train_root}: too few images to hold out a validation split "

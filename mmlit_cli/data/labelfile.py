@@ -26,7 +26,7 @@ import torch
 
 from ..errors import DataError, one_line
 from .decode import decode_files
-from .splits import ImageData, stratified_holdout
+from .splits import ImageData, held_out_share, stratified_holdout
 
 IMAGE_COLUMNS = ("path", "file", "image", "filename")
 SPLIT_NAMES = ("train", "val", "test")
@@ -179,7 +179,7 @@ def _split_rows(csv_path: Path, rows: list[Row], split: str, hold: float | None,
         if not keep:
             raise DataError(f"{csv_path}: too few images to hold out a validation split (a class needs at "
                             f"least 2)")
-        pct = f"{hold * 100:g}%"
+        pct = held_out_share(hold, len(held_pos), len(train), why=split != "train")
         note = f"'train' split (minus the held-out {pct})" if split == "train" else \
             f"'{split}' split = held-out {pct} of train (stratified, seed 0)"
         return [train[i] for i in keep], note

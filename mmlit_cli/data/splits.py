@@ -77,13 +77,26 @@ def requested_part(images: np.ndarray, labels: np.ndarray, name: str, split: str
     keep = train_pos if split == "train" else held_pos
     if not keep:
         raise DataError(f"{name}: too few images to hold out a validation split (a class needs at least 2 images)")
-    pct = f"{hold * 100:g}%"
+    pct = held_out_share(hold, len(held_pos), len(labels), why=split != "train")
     if split == "train":
         note = f"{name} 'train' split minus the {pct} held out for validation (stratified, seed 0)"
     else:
         note = (f"{name} 'val' split = {pct} held out of the train split (stratified, seed 0; {why}; "
                 f"the test split is untouched)")
     return images[keep], labels[keep], note
+
+
+def held_out_share(hold: float, held: int, total: int, why: bool = True) -> str:
+    """The share of train a stratified hold-out took, for a data line: "10%" as asked, or where
+    rounding per class made it another share (each class of 2+ images gives at least one, and
+    keeps one), what it took: "29% (58 of 200 images; 10% asked, rounded per class, at least one
+    each)"."""
+    asked, took = hold * 100, 100 * held / max(total, 1)
+    if abs(took - asked) <= 0.5:
+        return f"{asked:g}%"
+    if not why:  # the training part's line: the validation part's says why
+        return f"{took:.3g}%"
+    return f"{took:.3g}% ({held:,} of {total:,} images; {asked:g}% asked, rounded per class, at least one each)"
 
 
 def held_out_count(n: int, val_fraction: float) -> int:
