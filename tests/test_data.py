@@ -204,6 +204,7 @@ def test_folder_split_layouts(tmp_path):
     fx.write_image_folder(tmp_path / "a" / "val", {"y": 2}, ext="jpg", seed=1)
     va = load_split(str(tmp_path / "a"), "val", 20)
     assert va.classes == ["x", "y"] and va.labels.tolist() == [1, 1]
+    assert "(2 images, 1 of the 2 classes)" in va.source, va.source  # it said "2 classes", with no x in it
     te = load_split(str(tmp_path / "a"), "test", 20)  # no test folder: the val folder
     assert torch.equal(te.images, va.images) and "using val/" in te.source
     assert len(load_split(str(tmp_path / "a"), "train", 20)) == 7  # nothing held out

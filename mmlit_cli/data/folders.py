@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import DataError, one_line
 from .decode import decode_labelled, list_images, walk_images
-from .splits import ImageData, held_out_share, stratified_holdout
+from .splits import ImageData, classes_shown, held_out_share, stratified_holdout
 
 
 _SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -154,7 +154,7 @@ def load_folder(root: Path, split: str, image_size: int, hold: float | None,
     part = folder_split(root, split, hold, require_labels)
     images, labels_t, skipped = decode_labelled(part.files, part.labels, part.classes, image_size,
                                                 f"image folder {part.part_dir}", every_class=split == "train")
-    kind = f"{len(part.classes)} classes" if part.classes else "unlabeled"
+    kind = classes_shown(part.classes, labels_t.tolist())
     where = f", {part.part_dir.relative_to(root)}/" if part.part_dir != root else ""
     return ImageData(images, labels_t, part.classes,
                      f"image folder {root} {part.note}{where} ({len(labels_t)} images, {kind})",

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import DataError, one_line
 from .decode import decode_files
-from .splits import ImageData, held_out_share, stratified_holdout
+from .splits import ImageData, classes_shown, held_out_share, stratified_holdout
 
 IMAGE_COLUMNS = ("path", "file", "image", "filename")
 SPLIT_NAMES = ("train", "val", "test")
@@ -159,8 +159,8 @@ def _image_data(csv_path: Path, part: list[Row], classes: list[str], note: str, 
     index = {c: i for i, c in enumerate(classes)}
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([index[r.label] if labelled else -1 for r in part], dtype=torch.int64)
-    kind = f"{len(classes)} classes" if classes else "unlabeled"
-    return ImageData(tensor, labels, classes, f"label file {csv_path} {note} ({len(part)} images, {kind})")
+    return ImageData(tensor, labels, classes, f"label file {csv_path} {note} ({len(part)} images, "
+                                              f"{classes_shown(classes, labels.tolist())})")
 
 
 def _split_rows(csv_path: Path, rows: list[Row], split: str, hold: float | None,

@@ -86,6 +86,15 @@ def requested_part(images: np.ndarray, labels: np.ndarray, name: str, split: str
     return images[keep], labels[keep], note
 
 
+def classes_shown(classes: list[str], labels) -> str:
+    """A split's classes for its data line: "10 classes", or "2 of the 3 classes" when some
+    have no image in it (a val/ folder without one)."""
+    if not classes:
+        return "unlabeled"
+    present = len(set(int(x) for x in labels))
+    return f"{len(classes)} classes" if present == len(classes) else f"{present} of the {len(classes)} classes"
+
+
 def held_out_share(hold: float, held: int, total: int, why: bool = True) -> str:
     """The share of train a stratified hold-out took, for a data line: "10%" as asked, or where
     rounding per class made it another share (each class of 2+ images gives at least one, and
