@@ -306,6 +306,8 @@ def eval_(
     from .evaluate import evaluate_checkpoint, write_eval_files
     from .files import new_run_dir
 
+    # a bad --out is said before the evaluation, not after it
+    out_dir = new_run_dir(out, "eval", Path(checkpoint).parent.name or "eval") if out is not None else None
     report = evaluate_checkpoint(checkpoint, dataset, split, data_dir, batch_size, device,
                                  compile=compile, compile_mode=compile_mode, classes_by_position=classes_by_position)
     if report.dataset_note:
@@ -313,7 +315,8 @@ def eval_(
     _warn(skipped_warning(report.skipped))
     confusion_path = None
     if out is not None or not as_json:
-        confusion_path, note = write_eval_files(report, new_run_dir(out, "eval", Path(checkpoint).parent.name or "eval"))
+        out_dir = out_dir or new_run_dir(None, "eval", Path(checkpoint).parent.name or "eval")
+        confusion_path, note = write_eval_files(report, out_dir)
         if note:
             err_console.print(escape(f"note: {note}"), highlight=False)
     if as_json:

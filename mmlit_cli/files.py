@@ -113,6 +113,9 @@ def new_run_dir(out: str | Path | None, kind: str, name: str, resumable: bool = 
         path = Path(out).expanduser()  # `--out=~/runs/x`: the shell leaves that ~ to us
         if path.exists() and not path.is_dir():
             raise MmlitError(f"--out {path} is a file: --out names a folder; choose another")
+        blocking = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:  # it was "[Errno 20] Not a directory" once the work was done
+            raise MmlitError(f"--out {path} cannot be created: {blocking} is a file, not a folder")
         if path.exists() and any(not _unfinished_write(p) for p in path.iterdir()):
             has_run = resumable and (path / "last.safetensors").is_file()
             resume = f", or continue that run with --resume {path}" if has_run else ""

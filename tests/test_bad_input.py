@@ -139,6 +139,7 @@ CASES = [
     ("eval a run folder", lambda w: ["eval", str(w["root"] / "clf")], "clf is a folder: pass a checkpoint file in it"),
     ("predict a folder", lambda w: ["predict", str(w["root"]), str(w["folder"])], "is a folder, not a checkpoint file"),
     ("eval --out a file", lambda w: ["eval", str(w["root"] / "clf" / "best.safetensors"), "--out", str(w["root"] / "notyaml.yaml")], "is a file: --out names a folder"),
+    ("eval --out under a file", lambda w: ["eval", str(w["root"] / "clf" / "best.safetensors"), "--out", str(w["root"] / "notyaml.yaml" / "sub"), "--json"], "notyaml.yaml is a file, not a folder"),
     ("eval --out not empty", lambda w: ["eval", str(w["root"] / "clf" / "best.safetensors"), "--out", str(w["root"] / "taken")], "not empty: choose another --out"),
     ("label file: every bad row, train's and val's, in one line", lambda w: ["finetune", "--dataset", str(w["root"] / "bad-rows.csv"), *SETS],
      "2 bad row(s): line 3: gone.png not found; line 4: broken.jpg does not decode as an image"),
