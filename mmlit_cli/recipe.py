@@ -324,8 +324,9 @@ def describe(cfg: Config, section: str, reference_epochs: int, train_images: int
     clip = f"clip {r.grad_clip:g}" if r.grad_clip else "no clipping"
     share, no_decay = one_cycle_share(r), decay_share(r)
     cycle = "one-cycle (cosine up from lr/25, down to ~0; beta1 0.95-0.85)"
-    shape = cycle if share >= 1 else f"cosine to {r.min_lr:g}" if share <= 0 else \
-        f"{share:g} one-cycle + {1 - share:.3g} cosine to {r.min_lr:g}"
+    # a min_lr at or above the peak keeps the lr flat (`optim.lr_at`): it never rises to min_lr
+    cosine = f"cosine to {r.min_lr:g}" if r.min_lr < r.lr else f"flat at the peak (min_lr {r.min_lr:g} is not below it)"
+    shape = cycle if share >= 1 else cosine if share <= 0 else f"{share:g} one-cycle + {1 - share:.3g} {cosine}"
     decay = f"weight decay {r.weight_decay:g}" + (" on every parameter" if no_decay >= 1 else
                                                   f" (x{no_decay:g} on norms, biases, embeddings)" if no_decay else "")
     warm = f"warm-up {r.warmup_epochs:.3g} epochs"

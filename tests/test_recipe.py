@@ -283,6 +283,16 @@ def test_a_short_run_gets_a_smaller_batch_so_that_it_has_1500_steps():
         load_config("xs").pretrain.batch_size
 
 
+def test_a_min_lr_above_the_peak_is_said_to_keep_the_lr_flat():
+    """The lr stays at a peak below min_lr (optim.lr_at); the recipe line said "cosine to 1"."""
+    from mmlit_cli.recipe import describe
+
+    cfg = fitted("xxs", ["finetune.recipe=paper", "finetune.min_lr=1"])
+    assert cfg.finetune.lr < 1
+    assert "flat at the peak (min_lr 1 is not below it)" in describe(cfg, "finetune", 300, 50_000)
+    assert "cosine to 1e-05" in describe(fitted("xxs", ["finetune.recipe=paper"]), "finetune", 300, 50_000)
+
+
 def test_lr_follows_the_global_batch():
     assert fitted("xxs", ["finetune.batch_size=1024"]).finetune.lr == pytest.approx(8e-3)
     assert fitted("xxs", ["finetune.batch_size=256"], world_size=4).finetune.lr == pytest.approx(8e-3)
