@@ -44,6 +44,10 @@ def _check_finite(section: Any, where: str) -> None:
             raise ConfigError(f"{where}.{f.name} must be a finite number, got {value}")
 
 
+# mLiT is for models of a few million parameters; one of a billion is a mistyped --set
+MAX_PARAMETERS = 1e9
+
+
 @dataclass
 class ModelConfig:
     """The mLiT network. Defaults are the reconstructed `xs` preset (see MLIT-SPEC.md)."""
@@ -80,6 +84,18 @@ class ModelConfig:
         """Number of experts per layer: equal stages taken from `expert_stages`."""
         stages = self.expert_stages
         return [stages[i * len(stages) // self.depth] for i in range(self.depth)]
+
+    def parameter_estimate(self) -> float:
+        """About how many parameters the model has (within a few per cent: per-layer sizes are
+        taken at their mean), in closed form, so that a depth or width typed with extra zeros is
+        refused before a layer is built (`MAX_PARAMETERS`)."""
+        D, H, KV = self.embed_dim, self.num_heads, self.num_kv_heads
+        hd = D / H
+        hidden = (self.mlp_hidden_first + self.mlp_hidden_last) / 2
+        experts = sum(self.expert_stages) / len(self.expert_stages)
+        layer = 4 * D + D * (H + 2 * KV) * hd + H * hd * D + D * experts + D * (experts + 1) * hidden + hidden * D
+        ends = self.patch_size ** 2 * self.in_chans * D + (self.num_patches + 2) * D + D * (self.num_classes + 3)
+        return self.depth * layer + ends
 
     @property
     def grid_size(self) -> int:
@@ -118,6 +134,10 @@ class ModelConfig:
         need(0.0 <= self.drop_path < 1.0, f"drop_path must be in [0, 1), got {self.drop_path}")
         need(self.router_noise >= 0 and self.aux_loss_weight >= 0,
              "router_noise and aux_loss_weight must be >= 0")
+        size = self.parameter_estimate()  # a typo's model: out of memory, or minutes building layers
+        need(size <= MAX_PARAMETERS, f"about {size:.3g} parameters, over the {MAX_PARAMETERS:,.0f} mmlit builds (the "
+                                     f"presets have 0.66 M to 2.4 M): check depth ({self.depth}), embed_dim "
+                                     f"({self.embed_dim}), the MLP sizes and expert_stages")
 
 
 @dataclass

@@ -98,6 +98,7 @@ CASES = [
     ("zero epochs", lambda w: ["finetune", "--dataset", str(w["folder"]), "--epochs", "0", *SETS], "epochs must be positive"),
     ("negative batch", lambda w: ["finetune", "--dataset", str(w["folder"]), "--batch-size", "-4", *SETS], "batch_size must be positive"),
     ("EMA decay out of range", lambda w: ["finetune", "--dataset", str(w["folder"]), "--set", "finetune.ema=true", "--set", "finetune.ema_decay=-5", *SETS], "finetune.ema_decay must be in [0, 1), got -5.0"),
+    ("model typed with extra zeros", lambda w: ["finetune", "--dataset", str(w["folder"]), "--set", "model.depth=10000000"], "over the 1,000,000,000 mmlit builds"),
     ("negative lr", lambda w: ["pretrain", "--dataset", str(w["folder"]), "--lr", "-1", *SETS], "lr must be positive"),
     ("negative --save-every", lambda w: ["finetune", "--dataset", str(w["folder"]), "--save-every", "-5", "--out", str(w["root"] / "never-se"), *SETS], "--save-every must be >= 0"),
     ("truncated checkpoint", lambda w: ["eval", str(w["root"] / "truncated.safetensors"), "--dataset", str(w["folder"])], "safetensors"),

@@ -54,6 +54,21 @@ def test_set_overrides_are_parsed_and_validated():
         load_config("xs", ["finetune.epochs=0"])
 
 
+@pytest.mark.parametrize("preset", ["xxs", "xs", "s"])
+def test_a_model_typed_with_extra_zeros_is_refused_before_it_is_built(preset):
+    """embed_dim=100000000 was "internal error: RuntimeError: ... can't allocate memory", and
+    depth=10000000 hung building layers; the estimate that refuses them is the presets' size
+    within 2 %."""
+    from mmlit_cli.model import MLiT
+
+    cfg = load_config(preset)
+    built = sum(p.numel() for p in MLiT(cfg.model).parameters())
+    assert cfg.model.parameter_estimate() == pytest.approx(built, rel=0.02)
+    for typo in ("model.depth=10000000", "model.embed_dim=19200", "model.mlp_hidden_first=960000000"):
+        with pytest.raises(ConfigError, match=r"parameters, over the 1,000,000,000 mmlit builds \(the presets have"):
+            load_config(preset, [typo])
+
+
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ConfigError, match="xxs"):
         load_config("huge")
