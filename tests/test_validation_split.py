@@ -126,8 +126,9 @@ def test_training_validates_and_picks_best_on_the_held_out_part(train_test, tmp_
     finetune(train_test, out, epochs=1, console=Console(file=shown, width=400))
     first = shown.getvalue().splitlines()[0]
     assert first.startswith("data: ") and "validation: " in first
+    data_line = " ".join(shown.getvalue().split("\nclassify")[0].split())  # wrapped at 400 columns
     assert "held-out 8.33% (3 of 36 images; 10% asked, rounded per class, at least one each) of train (stratified, " \
-        "seed 0; test/ untouched)" in first, first
+        "seed 0; test/ untouched)" in data_line, data_line
 
     rows = history(out)
     assert rows[-1]["step"] == (36 - 3) // 3  # trained on train/ minus the 3 held-out images
