@@ -286,7 +286,8 @@ def eval_(
     checkpoint: str = typer.Argument(..., help="A .safetensors checkpoint written by mmlit."),
     dataset: Optional[str] = CkptDatasetOpt,
     data_dir: Optional[str] = DataDirOpt,
-    split: str = typer.Option("val", "--split", help="val or test (or train)."),
+    split: str = typer.Option("val", "--split", help="val or test (or train; all: every image of a folder of "
+                              "class folders or of a label file, nothing held out)."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass: memory and speed "
                                    "only (the figures are the same to float rounding)."),
     device: str = DeviceOpt,
@@ -485,7 +486,8 @@ def benchmark(
     checkpoint: str = typer.Argument(..., help="A classifier checkpoint (.safetensors)."),
     dataset: Optional[str] = CkptDatasetOpt,
     data_dir: Optional[str] = DataDirOpt,
-    split: str = typer.Option("val", "--split", help="Split to measure top-1 on: val or test (or train)."),
+    split: str = typer.Option("val", "--split", help="Split to measure top-1 on: val or test (or train; all: "
+                              "every image of a folder or label file)."),
     threads: int = typer.Option(1, "--threads", help="Intra-op threads for every format (default 1: lowest "
                                 "batch-1 latency on a small CPU)."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Batch for the images/s column."),

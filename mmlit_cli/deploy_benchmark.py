@@ -242,8 +242,8 @@ def _check_args(threads, batch_size, calls, limit, split) -> None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise MmlitError(f"{name} must be an integer >= {low}, got {value!r}")
-    if split not in ("train", "val", "test"):
-        raise MmlitError(f"--split must be train, val or test, got '{split}'")
+    if split not in ("train", "val", "test", "all"):
+        raise MmlitError(f"--split must be val, test, train or all, got '{split}'")
 
 
 def run_benchmark(ckpt_path: str | Path, dataset: str | None, split: str = "val", data_dir: str | None = None,

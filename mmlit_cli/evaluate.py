@@ -147,8 +147,8 @@ def evaluate_checkpoint(ckpt_path: str | Path, dataset: str | None, split: str =
     `torch.compile` the model first (see `runtime.maybe_compile`); it pays off on large splits.
     The dataset's classes must be the checkpoint's, by name (`match_classes`); without a
     `dataset`, the one the checkpoint was trained on (`load_eval_split`)."""
-    if split not in ("train", "val", "test"):
-        raise MmlitError(f"--split must be train, val or test, got '{split}'")
+    if split not in ("train", "val", "test", "all"):
+        raise MmlitError(f"--split must be val, test, train or all, got '{split}'")
     if batch_size <= 0:
         raise MmlitError(f"--batch-size must be positive, got {batch_size}")
     dev = resolve_device(device)

@@ -91,6 +91,18 @@ def test_a_folder_with_some_of_the_checkpoints_classes_is_scored_by_name(tmp_pat
     assert re.search(r"│ ant +│ no images │ +0 │", r.stdout), r.stdout
 
 
+def test_eval_split_all_scores_every_image_of_a_test_folder(tmp_path):
+    """`mmlit eval CKPT --dataset my-test-set --split all`: all 8 images (--split val scored the
+    2 a training run would have held out)."""
+    root = write_folder(tmp_path / "test-set", classes=("bee", "cow"), per_class=4)
+    ckpt = constant_classifier(tmp_path / "c.safetensors", ["bee", "cow"])
+    r = subprocess.run([sys.executable, "-m", "mmlit_cli", "eval", str(ckpt), "--dataset", str(root), "--split",
+                        "all", "--json"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    assert shown["num_images"] == 8 and shown["images"] == {"bee": 4, "cow": 4} and shown["top1"] == 50.0
+
+
 def test_a_class_the_checkpoint_does_not_predict_is_named(tmp_path):
     root = write_folder(tmp_path / "f", classes=("ant", "bee", "cow"), per_class=2)
     write_folder(root, classes=("dog",), per_class=2)

@@ -65,6 +65,31 @@ def test_without_a_split_column_validation_is_held_out_as_for_a_folder(tables, s
     assert train_split_size(str(plain)) == (900, 10)  # counted for --print-config: 1,000 less 10 % per class
 
 
+def test_split_all_is_every_image_of_a_folder_or_label_file(tables, tmp_path):
+    """A test set of one's own (a folder of class folders, or a label file) could only be
+    scored in part: 'val' is a held-out 10 % of it, 'train' the rest. `--split all` is all of it;
+    where the data has splits of its own it says which to use."""
+    root, with_split, plain = tables
+    folder = root / "sample-copy" / "train"
+    every = load_split(str(folder), "all", 32)
+    assert len(every) == 1000 and every.source.startswith(f"image folder {folder} every image (--split all")
+    assert_same(every, load_split(str(folder), "train", 32, holdout=False))
+    assert len(load_split(str(plain), "all", 32)) == 1000 and len(load_split(str(with_split), "all", 32)) == 1400
+    val_only = write_csv(root / "csv" / "val-only.csv", ["path", "label", "split"],
+                         [r for r in sample_rows(root / "csv", True) if r[2] == "val"])  # no train row: scored
+    assert len(load_split(str(val_only), "all", 32)) == 200
+    with pytest.raises(DataError, match=r"has test/, train/, val/: --split all is every image of a folder of class "
+                                        r"folders; pass --split test or val here"):
+        load_split(str(root / "sample-copy"), "all", 32)
+    with pytest.raises(DataError, match="--split all is every image of an image folder or a label file; cifar10 has "
+                                        "splits of its own"):
+        load_split("cifar10", "all", 32, data_dir=tmp_path)
+    shutil.copytree(root / "sample-copy" / "val", tmp_path / "only-val" / "val")  # timm's val/<class>/ alone
+    with pytest.raises(DataError, match=r"holds only a val/ folder, no train/: to score its images, pass --dataset "
+                                        r".*only-val/val --split all"):
+        load_split(str(tmp_path / "only-val"), "val", 32)
+
+
 def test_the_paper_protocol_validates_on_the_test_rows(tables):
     _, with_split, plain = tables
     assert_same(load_split(str(with_split), "val", 32, holdout=False), load_split("sample", "val", 32))

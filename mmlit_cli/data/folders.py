@@ -21,6 +21,7 @@ from .splits import ImageData, classes_shown, held_out_share, stratified_holdout
 
 
 _SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+_SPLIT_NAMES = {n for names in _SPLIT_DIRS.values() for n in names}
 
 
 def _subdirs(folder: Path) -> list[str]:
@@ -47,6 +48,9 @@ def _scan_part(folder: Path, classes: list[str] | None,
                                 f"them in {folder}/<class>/ (one folder per class, at least 2)")
             return [], files, [-1] * len(files)
         classes = dirs
+        if require_labels and len(classes) < 2 and classes[0].lower() in _SPLIT_NAMES:  # root/val/<class>/ alone
+            raise DataError(f"{folder} holds only a {classes[0]}/ folder, no train/: to score its images, pass "
+                            f"--dataset {folder / classes[0]} --split all")
         if require_labels and len(classes) < 2:
             raise DataError(f"{folder} has only one class folder ({classes[0]!r}); a classifier "
                             f"needs at least 2 class sub-folders")
@@ -97,14 +101,21 @@ class FolderSplit:
 def folder_split(root: Path, split: str, hold: float | None, require_labels: bool) -> FolderSplit:
     """Which files make `split` of the image folder `root` (nothing is decoded). `hold`: the
     fraction of train held out for validation when there is no val/ folder (None: nothing
-    held out, the paper protocol)."""
+    held out, the paper protocol). "all": every image of a folder of class folders (a test set
+    of one's own), which a folder of train/, val/, test/ folders is not."""
     named = {d.lower(): d for d in _subdirs(root)}  # Train/ and Val/ too, as Kaggle names them
-    split_names = {n for names in _SPLIT_DIRS.values() for n in names}
     # root/train/<class>/ (+ val/ or test/); other folders next to train/ and val/ are ignored
-    split_layout = "train" in named and (set(named) <= split_names or len(set(named) & split_names) > 1)
+    split_layout = "train" in named and (set(named) <= _SPLIT_NAMES or len(set(named) & _SPLIT_NAMES) > 1)
     train_root = root / named["train"] if split_layout else root
     if "train" in named and not split_layout:
         _not_a_class(root / named["train"], [d for n, d in named.items() if n != "train"])
+    if split == "all":
+        if split_layout:
+            parts = ", ".join(f"{named[n]}/" for n in sorted(set(named) & _SPLIT_NAMES))
+            raise DataError(f"image folder {root} has {parts}: --split all is every image of a folder of class "
+                            f"folders; pass --split test or val here, or --dataset {root}/<split> --split all")
+        classes, files, labels = _scan_part(root, None, require_labels)
+        return FolderSplit(list(classes), files, labels, "every image (--split all: nothing held out)", root)
 
     def find(which: str) -> Path | None:
         for n in _SPLIT_DIRS[which] if split_layout else ():

@@ -129,7 +129,7 @@ def _split(csv_path: Path, rows: list[Row], split: str, hold: float | None,
                             f"classes")
         trained = {r.label for r in rows if r.split in (None, "train")}
         extra = [c for c in classes if c not in trained]
-        if extra:
+        if extra and split != "all":
             raise DataError(f"{csv_path}: label(s) in val/test rows but in no train row: {', '.join(extra[:5])}")
     part, note = _split_rows(csv_path, rows, split, hold, classes)
     return part, classes, note
@@ -167,6 +167,8 @@ def _split_rows(csv_path: Path, rows: list[Row], split: str, hold: float | None,
                 classes: list[str]) -> tuple[list[Row], str]:
     """The rows of `split` and how they were chosen: as for an image folder whose train/,
     val/ and test/ folders are the rows' splits (see `folders.folder_split`)."""
+    if split == "all":  # every row, whatever its split: a label file of one's own test images
+        return rows, "every row (--split all: any split, nothing held out)"
     by_split = {name: [r for r in rows if r.split == name] for name in ("val", "test")}
     train = [r for r in rows if r.split in (None, "train")]
     held = not by_split["val"] and hold is not None

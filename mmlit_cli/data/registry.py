@@ -96,7 +96,8 @@ def load_split(dataset: str, split: str, image_size: int, data_dir: str | os.Pat
                require_labels: bool = True, holdout: bool = True) -> ImageData:
     """Load one split of a named dataset or of an image folder, decoded and resized once.
 
-    `split` is "train", "val" or "test". "test" is the official test split (tiny-imagenet,
+    `split` is "train", "val", "test" or "all" (every image of an image folder of class folders,
+    or every row of a label file, nothing held out). "test" is the official test split (tiny-imagenet,
     which has no labelled one, uses its val split). "val" is the official validation split
     (tiny-imagenet, flowers102, an image folder's val/). Where there is none (cifar10,
     cifar100, svhn, fashion-mnist, folders without val/), a stratified `val_fraction` of the
@@ -107,8 +108,9 @@ def load_split(dataset: str, split: str, image_size: int, data_dir: str | os.Pat
     split and "val" (where there is no official one) is the test split. An image folder with
     neither val/ nor test/ then has no split besides "train".
     """
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    if split not in (*SPLITS, "all"):
+        raise DataError(f"unknown split {split!r}: use one of {', '.join(SPLITS)} (or all: every image of a "
+                        f"folder or label file)")
     try:
         size = operator.index(image_size)
     except TypeError:
@@ -135,6 +137,9 @@ def _load(dataset: str, split: str, image_size: int, data_dir, download: bool, h
     name = _ALIASES.get(str(dataset).strip().lower(), str(dataset).strip().lower())
     path = Path(str(dataset)).expanduser()
     if name in DATASET_NAMES:
+        if split == "all":
+            raise DataError(f"--split all is every image of an image folder or a label file; {name} has splits of "
+                            f"its own: pass --split test (or val, train)")
         root = Path(data_dir).expanduser().resolve() if data_dir is not None else default_data_dir()
         loader = NAMED_LOADERS[name]
         try:
