@@ -198,6 +198,10 @@ def predict_paths(ckpt_path: str | Path, paths: list[str], top_k: int = 5, batch
     checkpoint), bad arguments, or when no PATH yields any file at all.
     `compile` / `compile_mode`: `torch.compile` the model first (worth it for many images).
     """
+    if not isinstance(ckpt_path, (str, os.PathLike)):  # a model from load_model: it was a raw TypeError
+        raise MmlitError(f"predict_paths takes the path of a checkpoint or ONNX file, not a "
+                         f"{type(ckpt_path).__name__}; for a loaded model, model(preprocess(images, model)) gives "
+                         f"its logits")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise MmlitError(f"--top-k must be a positive integer, got {top_k!r}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:

@@ -174,6 +174,10 @@ def test_user_mistakes_are_one_line_errors(trained, tmp_path):
         predict_paths(ckpt, [str(tmp_path / "missing.png")])
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         predict_paths(tmp_path / "nope.safetensors", [str(root / "val")])
+    from mmlit_cli import load_model  # a loaded model where the path goes: it was a raw TypeError
+    with pytest.raises(MmlitError, match=r"takes the path of a checkpoint or ONNX file, not a MLiT; for a loaded "
+                                         r"model, model\(preprocess\(images, model\)\) gives its logits"):
+        predict_paths(load_model(ckpt), [str(root / "val")])
 
 
 def test_mae_checkpoint_is_refused(trained, tmp_path):
