@@ -33,7 +33,7 @@ import torch
 
 from .data import Normalize, skipped_warning
 from .errors import MmlitError, one_line
-from .evaluate import load_classifier, load_eval_split, match_classes
+from .evaluate import check_split, load_classifier, load_eval_split, match_classes
 from .onnx_classifier import PIP_HINT
 from .runtime import cpu_info, forward_batch, is_compile_failure
 
@@ -242,8 +242,7 @@ def _check_args(threads, batch_size, calls, limit, split) -> None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise MmlitError(f"{name} must be an integer >= {low}, got {value!r}")
-    if split not in ("train", "val", "test", "all"):
-        raise MmlitError(f"--split must be val, test, train or all, got '{split}'")
+    check_split(split)
 
 
 def run_benchmark(ckpt_path: str | Path, dataset: str | None, split: str = "val", data_dir: str | None = None,

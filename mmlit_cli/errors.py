@@ -26,6 +26,11 @@ class CheckpointError(MmlitError):
     """A checkpoint that cannot be read or does not fit what was asked of it."""
 
 
+def listed(items: list[str], n: int = 5) -> str:
+    """The first `n` of `items` for a message: "a, b, c and 4 more"."""
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
 def one_line(exc: BaseException, with_type: bool = True, limit: int | None = None, first_line: bool = False) -> str:
     """An exception as one line for a message: its text with white space folded (the type's
     name when it has none), after `Type: ` when `with_type`, cut to `limit` characters.

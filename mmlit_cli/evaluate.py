@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint, load_checkpoint
-from .data import ImageData, build_loader, load_split
-from .errors import CheckpointError, MmlitError
+from .data import EVAL_SPLITS, ImageData, build_loader, load_split
+from .errors import CheckpointError, MmlitError, listed
 from .metrics import EvalResult, evaluate_classifier
 from .model import MLiT
 from .runtime import amp_dtype, maybe_compile, resolve_device
@@ -95,10 +95,6 @@ class EvalReport:
         return self.result.num_images / max(self.result.seconds, 1e-9)
 
 
-def _first(items: list[str], n: int = 5) -> str:
-    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
-
-
 def match_classes(data: ImageData, ckpt_classes: list[str], num_classes: int, dataset: str,
                   by_position: bool = False) -> tuple[ImageData, str | None]:
     """The data with labels that mean what the checkpoint's outputs mean, and a note on how
@@ -123,21 +119,27 @@ def match_classes(data: ImageData, ckpt_classes: list[str], num_classes: int, da
         relabelled = ImageData(data.images, to_ckpt[data.labels], list(ckpt_classes), data.source, data.skipped)
         if missing:
             return relabelled, (f"classes matched by name: {len(data.classes)} of the checkpoint's {len(ckpt_classes)} "
-                                f"({_first(missing)} not in {dataset}: no images)")
+                                f"({listed(missing)} not in {dataset}: no images)")
         return relabelled, "classes matched by name (the dataset lists them in another order)"
     if by_position:
         if len(data.classes) != num_classes:
             raise MmlitError(f"--classes-by-position: the checkpoint predicts {num_classes} classes but {dataset} "
                              f"has {len(data.classes)}")
         pairs = [f"{d!r} = {c!r}" for d, c in zip(data.classes, ckpt_classes) if d != c]
-        return data, f"classes taken by position (--classes-by-position): {_first(pairs)}"
+        return data, f"classes taken by position (--classes-by-position): {listed(pairs)}"
     if not missing:
-        raise MmlitError(f"{dataset} has the checkpoint's {len(ckpt_classes)} classes and {_first(extra)}, which it "
+        raise MmlitError(f"{dataset} has the checkpoint's {len(ckpt_classes)} classes and {listed(extra)}, which it "
                          f"does not predict: leave {'that class' if len(extra) == 1 else 'those'} out of the data to "
                          f"score the rest")
-    raise MmlitError(f"{dataset} has {_first(extra)} where the checkpoint has {_first(missing)}: the class "
+    raise MmlitError(f"{dataset} has {listed(extra)} where the checkpoint has {listed(missing)}: the class "
                      f"names differ, so its labels would not mean what the model predicts (rename them, or "
                      f"pass --classes-by-position to score the classes in order anyway)")
+
+
+def check_split(split: str) -> None:
+    """eval's and benchmark's --split."""
+    if split not in EVAL_SPLITS:
+        raise MmlitError(f"--split must be val, test, train or all, got '{split}'")
 
 
 def evaluate_checkpoint(ckpt_path: str | Path, dataset: str | None, split: str = "val", data_dir: str | None = None,
@@ -147,8 +149,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, dataset: str | None, split: str =
     `torch.compile` the model first (see `runtime.maybe_compile`); it pays off on large splits.
     The dataset's classes must be the checkpoint's, by name (`match_classes`); without a
     `dataset`, the one the checkpoint was trained on (`load_eval_split`)."""
-    if split not in ("train", "val", "test", "all"):
-        raise MmlitError(f"--split must be val, test, train or all, got '{split}'")
+    check_split(split)
     if batch_size <= 0:
         raise MmlitError(f"--batch-size must be positive, got {batch_size}")
     dev = resolve_device(device)

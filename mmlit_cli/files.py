@@ -30,6 +30,11 @@ def _umask() -> int:
     return mask
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The file standing where a folder above `path` must be (`notes.txt` of `notes.txt/run`), if any."""
+    return next((p for p in reversed(Path(path).parents) if p.exists() and not p.is_dir()), None)
+
+
 def atomic_write(path: Path, write, replace: bool = True) -> None:
     """Call `write(tmp_path)`, fsync, then rename over `path`: a reader (or a SIGKILL) never
     sees a half-written file, and the previous file stays intact until the new one is whole.
@@ -40,7 +45,7 @@ def atomic_write(path: Path, write, replace: bool = True) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # not "already exists": a file stands where a folder must
-        blocking = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
+        blocking = file_in_the_way(path)
         if blocking is None:  # the file has gone since (a race): the error as it was
             raise
         raise NotADirectoryError(f"{blocking} is a file, not a folder") from None
@@ -113,7 +118,7 @@ def new_run_dir(out: str | Path | None, kind: str, name: str, resumable: bool = 
         path = Path(out).expanduser()  # `--out=~/runs/x`: the shell leaves that ~ to us
         if path.exists() and not path.is_dir():
             raise MmlitError(f"--out {path} is a file: --out names a folder; choose another")
-        blocking = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), None)
+        blocking = file_in_the_way(path)
         if blocking is not None:  # it was "[Errno 20] Not a directory" once the work was done
             raise MmlitError(f"--out {path} cannot be created: {blocking} is a file, not a folder")
         if path.exists() and any(not _unfinished_write(p) for p in path.iterdir()):

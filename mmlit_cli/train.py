@@ -9,7 +9,6 @@ import functools
 import glob
 import json
 import math
-import operator
 import os
 import re
 from pathlib import Path
@@ -25,7 +24,7 @@ from .config import CLASS_BALANCE, RESUME_MAY_CHANGE, RESUMED_CONFIG_MAY_CHANGE,
 from .data import DATASET_NAMES, SAMPLE_DIR, ImageData, canonical_name, default_data_dir, is_sample, load_split, \
     skipped_warning, train_split_size, usable_cpus
 from .engine import RunOptions, Trainer
-from .errors import DataNotFound, MmlitError
+from .errors import DataNotFound, MmlitError, listed
 from .files import new_run_dir
 from .mae import check_masking
 from .recipe import SAMPLE_EPOCHS, batch_origin, describe, fit_recipe, fit_to_device, pinned_keys
@@ -271,16 +270,12 @@ def _check_same_classes(plan: RunPlan, classes: list[str]) -> None:
         return
     gone, new = [c for c in trained if c not in classes], [c for c in classes if c not in trained]
     what = "; ".join(part for part in (
-        f"{_names(gone)} no longer in it" if gone else "", f"{_names(new)} new" if new else "",
+        f"{listed([repr(c) for c in gone], 3)} no longer in it" if gone else "",
+        f"{listed([repr(c) for c in new], 3)} new" if new else "",
         f"the same {len(classes)} classes in another order" if not gone and not new else "") if part)
     raise MmlitError(f"{plan.run_dir} was trained on other classes than its data now has ({what}): put the data "
                      f"back as it was to resume, or start a new run (--init {plan.run_dir / 'last.safetensors'} "
                      f"keeps the weights)")
-
-
-def _names(names: list[str], shown: int = 3) -> str:
-    listed = ", ".join(repr(n) for n in names[:shown])
-    return listed + (f", ... {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _command_of(ckpt: Checkpoint) -> str | None:
@@ -440,13 +435,13 @@ def _kept_options_that_differ(run_dir: Path, section: str, recorded: Any, invoca
     there = {"batch_size": recorded.batch_size, "lr": recorded.lr, "seed": recorded.seed, "recipe": recorded.recipe,
              "class_balance": recorded.class_balance, "out": _absolute(run_dir),
              "init": "not recorded" if invocation is None else invocation.get("init") or "none"}
-    # a batch larger than the training images was asked for and fitted down to all of them
+    # as `--set` (`_overrides_on_resume`): the run's value as it runs, or as its command asked for
+    # it before the recipe was fitted (a batch larger than the data, fitted down to all of it)
     started = (invocation or {}).get("config", {}).get(section) or {}
     same = {"lr": _same_lr, "init": lambda asked, run: _absolute(asked) == run,
-            "out": lambda asked, run: _absolute(asked) == run,
-            "batch_size": lambda asked, run: asked in (run, started.get("batch_size"))}
+            "out": lambda asked, run: _absolute(asked) == run}
     return [f"--{key.replace('_', '-')} {asked} (the run's: {_shown(there[key])})" for key, asked in kept.items()
-            if asked is not None and not same.get(key, operator.eq)(asked, there[key])]
+            if asked is not None and not same.get(key, lambda a, run: a in (run, started.get(key)))(asked, there[key])]
 
 
 def _overrides_on_resume(cfg: Config, section: str, overrides: list[str] | None,

@@ -42,14 +42,14 @@ from .loader import AugmentedImages, EpochSampler, build_loader, sample_seed, se
 from .pipeline import build_loaders, choose_loader, resolve_loader
 from .datasets import SAMPLE_DIR
 from .registry import DATASET_NAMES, canonical_name, default_data_dir, is_sample, load_split, train_split_size
-from .splits import SPLITS, ImageData, skipped_warning
+from .splits import EVAL_SPLITS, SPLITS, ImageData, skipped_warning
 
 __all__ = [
     "DATASET_NAMES", "ImageData", "load_split", "build_train_transform", "build_batch_mix",
     "normalize", "Normalize", "AugmentedImages", "build_loader", "set_epoch", "default_data_dir",
     "BatchAugment", "DeviceLoader", "choose_loader", "resolve_loader", "build_loaders", "usable_cpus",
     # also public: what predict decodes files with, and the parts tests and tools use
-    "DataError", "SPLITS", "decode_files", "decode_one", "fit_image", "to_rgb", "read_idx", "sample_seed",
+    "DataError", "EVAL_SPLITS", "SPLITS", "decode_files", "decode_one", "fit_image", "to_rgb", "read_idx", "sample_seed",
     "EpochSampler", "RandomErasingUint8", "SAMPLE_DIR", "canonical_name", "is_sample", "train_split_size",
     "skipped_warning",
 ]

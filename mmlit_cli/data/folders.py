@@ -165,7 +165,7 @@ def load_folder(root: Path, split: str, image_size: int, hold: float | None,
     part = folder_split(root, split, hold, require_labels)
     images, labels_t, skipped = decode_labelled(part.files, part.labels, part.classes, image_size,
                                                 f"image folder {part.part_dir}", every_class=split == "train")
-    kind = classes_shown(part.classes, labels_t.tolist())
+    kind = classes_shown(part.classes, labels_t)
     where = f", {part.part_dir.relative_to(root)}/" if part.part_dir != root else ""
     return ImageData(images, labels_t, part.classes,
                      f"image folder {root} {part.note}{where} ({len(labels_t)} images, {kind})",

@@ -160,7 +160,7 @@ def _image_data(csv_path: Path, part: list[Row], classes: list[str], note: str, 
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([index[r.label] if labelled else -1 for r in part], dtype=torch.int64)
     return ImageData(tensor, labels, classes, f"label file {csv_path} {note} ({len(part)} images, "
-                                              f"{classes_shown(classes, labels.tolist())})")
+                                              f"{classes_shown(classes, labels)})")
 
 
 def _split_rows(csv_path: Path, rows: list[Row], split: str, hold: float | None,

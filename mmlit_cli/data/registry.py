@@ -15,7 +15,7 @@ from ..errors import DataError, DataNotFound
 from .datasets import NAMED_LOADERS, SAMPLE_DIR
 from .folders import folder_split, load_folder
 from .labelfile import is_label_file, label_file_split, load_label_file
-from .splits import SPLITS, ImageData, held_out_count
+from .splits import EVAL_SPLITS, SPLITS, ImageData, held_out_count
 
 DATASET_NAMES = tuple(NAMED_LOADERS)
 
@@ -108,7 +108,7 @@ def load_split(dataset: str, split: str, image_size: int, data_dir: str | os.Pat
     split and "val" (where there is no official one) is the test split. An image folder with
     neither val/ nor test/ then has no split besides "train".
     """
-    if split not in (*SPLITS, "all"):
+    if split not in EVAL_SPLITS:
         raise DataError(f"unknown split {split!r}: use one of {', '.join(SPLITS)} (or all: every image of a "
                         f"folder or label file)")
     try:

@@ -18,6 +18,8 @@ import torch
 from ..errors import DataError
 
 SPLITS = ("train", "val", "test")
+# what eval and benchmark score: a split, or "all", every image of a folder or label file
+EVAL_SPLITS = (*SPLITS, "all")
 
 
 @dataclass
@@ -86,12 +88,12 @@ def requested_part(images: np.ndarray, labels: np.ndarray, name: str, split: str
     return images[keep], labels[keep], note
 
 
-def classes_shown(classes: list[str], labels) -> str:
+def classes_shown(classes: list[str], labels: torch.Tensor) -> str:
     """A split's classes for its data line: "10 classes", or "2 of the 3 classes" when some
     have no image in it (a val/ folder without one)."""
     if not classes:
         return "unlabeled"
-    present = len(set(int(x) for x in labels))
+    present = labels.unique().numel()
     return f"{len(classes)} classes" if present == len(classes) else f"{present} of the {len(classes)} classes"
 
 
