@@ -493,6 +493,8 @@ def benchmark(
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Batch for the images/s column."),
     calls: int = typer.Option(300, "--calls", help="Timed batch-1 calls per format (latency = their median)."),
     limit: int = typer.Option(2000, "--limit", help="Images of the split to measure on (a seeded sample)."),
+    formats: str = typer.Option("all", "--formats", help="Formats to measure, comma-separated: all, or some of "
+                                "pytorch-eager, pytorch-compiled, onnx-fp32, onnx-int8-dynamic, onnx-int8-static."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
     classes_by_position: bool = ClassesByPositionOpt,
 ) -> None:
@@ -508,7 +510,7 @@ def benchmark(
 
     progress = None if as_json else (lambda msg: err_console.print(f"[dim]{escape(msg)}...[/dim]", highlight=False))
     report = run_benchmark(checkpoint, dataset, split, data_dir, threads, batch_size, calls, limit, progress,
-                           classes_by_position=classes_by_position)
+                           classes_by_position=classes_by_position, formats=formats)
     for warning in report.warnings:
         _warn(warning)
     if as_json:

@@ -2,7 +2,7 @@
 
 For one checkpoint and one dataset split it measures PyTorch eager, PyTorch compiled
 (`torch.compile`), ONNX fp32, ONNX int8 dynamic and ONNX int8 static (calibrated on the
-dataset's train split): the file size, top-1 on the split, top-1 agreement with PyTorch eager,
+dataset's train split), or those of them `formats` names: the file size, top-1 on the split, top-1 agreement with PyTorch eager,
 router agreement (share of token slots whose top-k expert set equals eager PyTorch's),
 batch-1 latency (median of `calls` individually timed calls, with the 10th/90th percentiles)
 and images/s at `batch_size`, all with `threads` intra-op threads (default 1: the
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .data import Normalize, skipped_warning
-from .errors import MmlitError, one_line
+from .errors import MmlitError, listed, one_line
 from .evaluate import check_split, load_classifier, load_eval_split, match_classes
 from .onnx_classifier import PIP_HINT
 from .runtime import cpu_info, forward_batch, is_compile_failure
@@ -46,6 +46,22 @@ FORMATS = {
 }
 WARMUP_CALLS = 20
 ROUNDS = 6
+
+
+def parse_formats(formats: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """The formats to measure, in table order, from "all" (or None) or names separated by
+    commas (`pytorch-eager,onnx-int8-dynamic`); an unknown name is an error naming the known."""
+    if formats is None:
+        return list(FORMATS)
+    names = formats.split(",") if isinstance(formats, str) else list(formats)
+    names = [n.strip().lower() for n in names if isinstance(n, str) and n.strip()]
+    if names == ["all"]:
+        return list(FORMATS)
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown or not names:
+        what = f"unknown format {listed([repr(n) for n in unknown])}" if unknown else f"no format in {formats!r}"
+        raise MmlitError(f"--formats: {what}; choose 'all' or some of {', '.join(FORMATS)} (comma-separated)")
+    return [k for k in FORMATS if k in names]
 
 
 @dataclass
@@ -79,12 +95,15 @@ class BenchmarkReport:
     rows: list[Row] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # e.g. undecodable files left out of the split
 
-    def row(self, key: str) -> Row:
-        return next(r for r in self.rows if r.format == key)
+    def row(self, key: str) -> Row | None:
+        """The row of format `key`; None where `formats` left it out."""
+        return next((r for r in self.rows if r.format == key), None)
 
     def latency_ratio(self, key: str, base: str) -> float | None:
-        a, b = self.row(key).latency_ms, self.row(base).latency_ms
-        return a / b if a is not None and b else None
+        a, b = self.row(key), self.row(base)
+        if a is None or b is None or a.latency_ms is None or not b.latency_ms:
+            return None
+        return a.latency_ms / b.latency_ms
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -121,11 +140,10 @@ def _sample(data, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     return data.images[pick].numpy(), data.labels[pick].numpy()
 
 
-def _torch_runners(model, ckpt) -> list[_Runner]:
+def _torch_runners(model, ckpt, wanted: list[str]) -> list[_Runner]:
     from safetensors.torch import save as save_safetensors
 
     size = len(save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}))
-    compiled = torch.compile(model)
 
     normalize = Normalize(ckpt.mean, ckpt.std)
 
@@ -138,9 +156,14 @@ def _torch_runners(model, ckpt) -> list[_Runner]:
     note = "size: the weights as safetensors"
     eager = Row("pytorch-eager", FORMATS["pytorch-eager"], size_bytes=size, note=note + "; the reference",
                 router_agreement=100.0)
-    return [_Runner(eager, runner(model)),
-            _Runner(Row("pytorch-compiled", FORMATS["pytorch-compiled"], size_bytes=size,
-                        note=note + "; router agreement not read under torch.compile"), runner(compiled))]
+    runners = []
+    if "pytorch-eager" in wanted:
+        runners.append(_Runner(eager, runner(model)))
+    if "pytorch-compiled" in wanted:
+        runners.append(_Runner(Row("pytorch-compiled", FORMATS["pytorch-compiled"], size_bytes=size,
+                                   note=note + "; router agreement not read under torch.compile"),
+                               runner(torch.compile(model))))
+    return runners
 
 
 def _missing_onnx_packages() -> list[str]:
@@ -154,22 +177,27 @@ def _missing_onnx_packages() -> list[str]:
     return missing
 
 
-def _onnx_runners(model, ckpt, calib: np.ndarray, work: Path, threads: int, say) -> list[_Runner]:
-    """Export fp32 and both int8 models into `work` and open each with ONNX Runtime."""
+def _onnx_runners(model, ckpt, calib: np.ndarray | None, work: Path, threads: int, say,
+                  wanted: list[str]) -> list[_Runner]:
+    """Export the `wanted` ONNX models (fp32, the int8 ones quantized from it) into `work` and
+    open each with ONNX Runtime."""
     from .export import _Preprocessed, finish_file, metadata, trace_to_onnx
     from .quantize import quantize_int8, with_route_outputs
     from .onnx_classifier import make_session
 
+    wanted = [k for k in wanted if k.startswith("onnx-")]
+    if not wanted:
+        return []
     missing = _missing_onnx_packages()
     if missing:
         note = f"needs {PIP_HINT} (missing: {', '.join(missing)})"
-        return [_Runner(Row(k, FORMATS[k], available=False, note=note), None) for k in list(FORMATS)[2:]]
+        return [_Runner(Row(k, FORMATS[k], available=False, note=note), None) for k in wanted]
     say("exporting ONNX fp32")
-    fp32 = work / "fp32.onnx"
+    fp32 = work / "fp32.onnx"  # the int8 files are quantized from it, so it is written even if not wanted
     trace_to_onnx(_Preprocessed(model, ckpt.mean, ckpt.std).eval(), ckpt.image_size, fp32, 18, "the checkpoint")
     finish_file(fp32, metadata(ckpt))
-    files = {"onnx-fp32": fp32}
-    for scheme in ("dynamic", "static"):
+    files = {"onnx-fp32": fp32} if "onnx-fp32" in wanted else {}
+    for scheme in [s for s in ("dynamic", "static") if f"onnx-int8-{s}" in wanted]:
         say(f"quantizing int8 {scheme}" + (f" (calibrating on {len(calib)} train images)" if scheme == "static" else ""))
         files[f"onnx-int8-{scheme}"] = path = work / f"int8-{scheme}.onnx"
         quantize_int8(fp32, path, scheme, calib)
@@ -247,23 +275,26 @@ def _check_args(threads, batch_size, calls, limit, split) -> None:
 
 def run_benchmark(ckpt_path: str | Path, dataset: str | None, split: str = "val", data_dir: str | None = None,
                   threads: int = 1, batch_size: int = 64, calls: int = 300, limit: int | None = 2000,
-                  progress: Callable[[str], None] | None = None, classes_by_position: bool = False) -> BenchmarkReport:
-    """Measure every format (see the module docstring); `progress` gets one line per stage.
-    Without a `dataset`, the one the checkpoint was trained on (`evaluate.load_eval_split`);
-    `classes_by_position`: see `evaluate.match_classes`."""
+                  progress: Callable[[str], None] | None = None, classes_by_position: bool = False,
+                  formats: str | list[str] | None = None) -> BenchmarkReport:
+    """Measure every format (see the module docstring), or those `formats` names
+    (`parse_formats`); `progress` gets one line per stage. Without a `dataset`, the one the
+    checkpoint was trained on (`evaluate.load_eval_split`); `classes_by_position`: see
+    `evaluate.match_classes`."""
     _check_args(threads, batch_size, calls, limit, split)
+    wanted = parse_formats(formats)
     say = progress or (lambda _msg: None)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         return _run(str(ckpt_path), dataset, split, data_dir, threads, batch_size, calls, limit, say,
-                    classes_by_position)
+                    classes_by_position, wanted)
     finally:
         torch.set_num_threads(before)
 
 
 def _run(ckpt_path, dataset, split, data_dir, threads, batch_size, calls, limit, say,
-         classes_by_position) -> BenchmarkReport:
+         classes_by_position, wanted) -> BenchmarkReport:
     from .quantize import CALIBRATION_IMAGES, torch_outputs
 
     model, ckpt = load_classifier(ckpt_path, "cpu")
@@ -282,17 +313,17 @@ def _run(ckpt_path, dataset, split, data_dir, threads, batch_size, calls, limit,
     say(f"reference: PyTorch eager on {len(images)} images")
     ref_logits, ref_routes = torch_outputs(model, images, ckpt.mean, ckpt.std, batch_size)
     ref_top1 = ref_logits.argmax(1)
-    runners = _torch_runners(model, ckpt)
+    runners = _torch_runners(model, ckpt, wanted)
     with tempfile.TemporaryDirectory(prefix="mmlit-benchmark-") as work:
         calib = None
-        if not _missing_onnx_packages():
+        if "onnx-int8-static" in wanted and not _missing_onnx_packages():
             train = data if split == "train" else load_eval_split(ckpt, ckpt_path, dataset, "train", data_dir)[0]
             calib = _sample(train, CALIBRATION_IMAGES)[0]
         try:
-            runners += _onnx_runners(model, ckpt, calib, Path(work), threads, say)
+            runners += _onnx_runners(model, ckpt, calib, Path(work), threads, say, wanted)
         except MmlitError as exc:  # an export or quantization that fails here is a row, not the end
             runners += [_Runner(Row(k, FORMATS[k], available=False, note=f"export failed: {exc}"), None)
-                        for k in list(FORMATS)[2:]]
+                        for k in wanted if k.startswith("onnx-")]
         live = []
         for r in runners:
             if r.run is None:
@@ -307,7 +338,8 @@ def _run(ckpt_path, dataset, split, data_dir, threads, batch_size, calls, limit,
                 r.row.note = f"cannot run here ({one_line(exc, limit=300, first_line=is_compile_failure(exc))})"
                 continue
             live.append(r)
-        say(f"batch-1 latency: {calls} calls per format, {ROUNDS} rotating rounds")
-        _latency(live, images[:1], calls)
+        if live:  # none where every format asked for is unavailable (onnx formats, onnxruntime missing)
+            say(f"batch-1 latency: {calls} calls per format, {ROUNDS} rotating rounds")
+            _latency(live, images[:1], calls)
         report.rows = [r.row for r in runners]
     return report
