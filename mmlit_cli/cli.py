@@ -377,8 +377,9 @@ def predict(
     compile: bool = CompileOpt,
     compile_mode: Optional[str] = CompileModeOpt,
 ) -> None:
-    """Top-k labels for images, preprocessed exactly as in training. Unreadable files are
-    reported and skipped; the exit code is 1 if any file failed.
+    """Top-k labels for images, preprocessed exactly as in training; unreadable files are reported and skipped.
+
+    The exit code is 1 if any file failed.
 
     Example:  mmlit predict runs/finetune/xxs/best.safetensors photos/ --top-k 3
               mmlit predict xxs.int8.onnx photos/ --json
@@ -436,8 +437,9 @@ def export(
     data_dir: Optional[str] = DataDirOpt,
     classes_by_position: bool = ClassesByPositionOpt,
 ) -> None:
-    """Export a classifier to ONNX (dynamic batch; class names and preprocessing in the
-    metadata) and check it against PyTorch with onnxruntime. Needs: pip install "mmlit\\[onnx]".
+    """Export a classifier to ONNX, checked against PyTorch with onnxruntime. Needs: pip install "mmlit\\[onnx]".
+
+    The file takes any batch size and holds the class names and preprocessing in its metadata.
 
     Example:  mmlit export runs/finetune/xxs/best.safetensors --int8 --calibrate ./my-images
     """
@@ -498,9 +500,10 @@ def benchmark(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
     classes_by_position: bool = ClassesByPositionOpt,
 ) -> None:
-    """Size, top-1, agreement with PyTorch, router agreement, batch-1 latency and images/s of
-    every format mmlit produces (PyTorch eager and compiled, ONNX fp32, ONNX int8 dynamic and
-    static), measured in one process on this machine.
+    """Size, top-1, batch-1 latency and images/s of every format mmlit ships, measured on this machine.
+
+    Formats: PyTorch eager and compiled, ONNX fp32, ONNX int8 dynamic and static, in one process;
+    also each one's agreement with PyTorch eager (top-1 and, for ONNX, the router's experts).
 
     Example:  mmlit benchmark runs/finetune/xxs/best.safetensors --dataset ./my-images --split val
     """

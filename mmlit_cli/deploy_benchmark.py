@@ -2,11 +2,11 @@
 
 For one checkpoint and one dataset split it measures PyTorch eager, PyTorch compiled
 (`torch.compile`), ONNX fp32, ONNX int8 dynamic and ONNX int8 static (calibrated on the
-dataset's train split), or those of them `formats` names: the file size, top-1 on the split, top-1 agreement with PyTorch eager,
-router agreement (share of token slots whose top-k expert set equals eager PyTorch's),
-batch-1 latency (median of `calls` individually timed calls, with the 10th/90th percentiles)
-and images/s at `batch_size`, all with `threads` intra-op threads (default 1: the
-lowest-latency setting on a small CPU, and the same for every row).
+dataset's train split), or those of them `formats` names: the file size, top-1 on the split,
+top-1 agreement with PyTorch eager, router agreement (share of token slots whose top-k expert
+set equals eager PyTorch's), batch-1 latency (median of `calls` individually timed calls, with
+the 10th/90th percentiles) and images/s at `batch_size`, all with `threads` intra-op threads
+(default 1: the lowest-latency setting on a small CPU, and the same for every row).
 
 The ONNX files are exported to a temporary folder exactly as `mmlit export` writes them.
 Latency rounds rotate through the formats (as benchmarks/bench_models.py does) so that a

@@ -49,3 +49,16 @@ def test_pretrain_help_does_not_claim_the_fine_tuning_rules():
     pretrain, finetune = (" ".join(help_text(c).replace("│", " ").split()) for c in ("pretrain", "finetune"))
     assert "times up to 2" in finetune and "times up to 2" not in pretrain
     assert "schedule, clipping" in finetune and "schedule" not in pretrain
+
+
+def test_each_command_is_one_line_of_the_command_list():
+    """Typer keeps a docstring's line breaks in `mmlit --help`'s command list: a first paragraph
+    written over two lines broke mid-sentence there ("Unreadable files are / reported")."""
+    from mmlit_cli.cli import app
+    import typer.main
+
+    names = list(typer.main.get_command(app).commands)
+    text = help_text()
+    panel = text[text.index("Commands"):].splitlines()[1:]
+    rows = [line for line in panel if line.startswith("│")]
+    assert [row.split()[1] for row in rows] == names, text  # no row that continues the one above
