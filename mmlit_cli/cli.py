@@ -385,7 +385,7 @@ def predict(
               mmlit predict xxs.int8.onnx photos/ --json
     """
     _one_process("predict")
-    from .predict import csv_rows, predict_paths, sample_images, write_csv
+    from .predict import check_csv_target, csv_rows, predict_paths, sample_images, write_csv
 
     shown_from = None  # the table shows the sample's files relative to its folder, named once above it
     if not paths:
@@ -398,12 +398,16 @@ def predict(
     if csv_path is not None and not csv_path.strip():
         raise MmlitError("--csv is empty: name a file, or - for standard output")
     csv_path = csv_path and os.path.expanduser(csv_path)  # `--csv=~/p.csv`: the shell leaves that ~ to us
-    if csv_path and csv_path != "-" and Path(csv_path).exists():
-        raise MmlitError(f"{csv_path} already exists: choose another --csv file")
+    if csv_path and csv_path != "-":
+        check_csv_target(csv_path)
     result = predict_paths(checkpoint, paths, top_k=top_k, batch_size=batch_size, device=device,
                            compile=compile, compile_mode=compile_mode)
     for path, reason in result.failures:
         err_console.print(f"[red]failed[/red] {escape(path)}: {escape(reason)}", highlight=False, soft_wrap=True)
+    if result.repeated:  # a row per file, not per name: say so, or rows zipped with the arguments slip
+        err_console.print(f"note: {result.repeated} name(s) of a file already named (a path given twice, or in a "
+                          f"folder or pattern given too): each file is predicted once, where first named",
+                          highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps(result.predictions))
     elif csv_path == "-":  # a pipe's: `mmlit predict ... --csv - | ...`

@@ -49,9 +49,10 @@ def atomic_write(path: Path, write, replace: bool = True) -> None:
         if blocking is None:  # the file has gone since (a race): the error as it was
             raise
         raise NotADirectoryError(f"{blocking} is a file, not a folder") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         if not replace and path.exists():
             raise FileExistsError(f"{path} already exists")
         write(tmp)
@@ -62,8 +63,14 @@ def atomic_write(path: Path, write, replace: bool = True) -> None:
             os.replace(tmp, path)
         else:
             os.link(tmp, path)  # atomic, and refuses an existing name
+    except OSError as e:
+        # the hidden temporary file is ours, not the user's: an error names the file they asked for
+        if e.errno is not None and (tmp is None or e.filename == tmp):
+            raise type(e)(e.errno, e.strerror, str(path)) from None
+        raise
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

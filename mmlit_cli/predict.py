@@ -25,7 +25,7 @@ import torch
 from .data import SAMPLE_DIR, Normalize, decode_files, to_rgb
 from .errors import MmlitError, one_line
 from .evaluate import load_classifier
-from .files import atomic_write, walk_files
+from .files import atomic_write, file_in_the_way, walk_files
 from .runtime import amp_dtype, forward_batch, maybe_compile, resolve_device
 
 _GLOB_CHARS = ("*", "?", "[")
@@ -44,6 +44,7 @@ class PredictResult:
     classes: list[str] = field(default_factory=list)
     top_k: int = 0
     seconds: float = 0.0
+    repeated: int = 0  # names of files already named (`collect_images`): each file is predicted once
 
     def as_dict(self) -> dict:
         """JSON-ready: `{"predictions": [...], "failures": [{"path", "reason"}, ...]}`."""
@@ -59,27 +60,32 @@ class PredictResult:
 # Collecting files
 # --------------------------------------------------------------------------------------------
 
-def collect_images(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Expand PATH arguments into candidate files -> (files, [(path, reason), ...]).
+def collect_images(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]], int]:
+    """Expand PATH arguments into candidate files -> (files, [(path, reason), ...], repeated).
 
     A PATH is a file (taken as is), a folder (every non-hidden file below it, recursively,
     sorted) or a glob pattern (`*.jpg`, `photos/**/*.png`; `**` spans folders; matched folders
     are expanded like folders). Files are not opened here: a non-image file in a folder
     becomes a failure at prediction time. A PATH that yields no file is an error entry.
-    Duplicates are dropped, first occurrence kept.
+    A file named more than once (`photos/ photos/a.jpg`) is taken once, where first named;
+    `repeated` counts the names dropped so, for the caller to say.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     files: list[Path] = []
     errors: list[tuple[str, str]] = []
     seen: set[str] = set()
+    repeated = 0
 
     def add(found: list[Path]) -> None:
+        nonlocal repeated
         for f in found:
             key = os.path.normcase(os.path.abspath(f))
             if key not in seen:
                 seen.add(key)
                 files.append(f)
+            else:
+                repeated += 1
 
     for raw in paths:
         text = os.path.expanduser(str(raw))
@@ -109,7 +115,7 @@ def collect_images(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
             errors.append((str(raw), "not a regular file or folder"))
         else:
             errors.append((str(raw), "no such file or folder"))
-    return files, errors
+    return files, errors, repeated
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,13 +221,13 @@ def predict_paths(ckpt_path: str | Path, paths: list[str], top_k: int = 5, batch
     classes, size, probs_of = runner(ckpt_path, device, compile, compile_mode)
     k = min(top_k, len(classes))
 
-    files, failures = collect_images(paths)
+    files, failures, repeated = collect_images(paths)
     if not files:
         shown = "; ".join(f"{p}: {r}" for p, r in failures[:3])
         raise MmlitError(f"no file to predict ({shown})")
 
     start = time.perf_counter()
-    result = PredictResult(classes=classes, top_k=k)
+    result = PredictResult(classes=classes, top_k=k, repeated=repeated)
     step = _chunk_size(size)
     for c0 in range(0, len(files), step):
         chunk = files[c0:c0 + step]
@@ -263,8 +269,22 @@ def csv_rows(result: PredictResult) -> list[list[str]]:
     return rows
 
 
+def check_csv_target(path: str) -> None:
+    """Refuse, before any prediction, a `--csv` file that is there already (a link too, even
+    one to nothing), a folder, or a path under a file."""
+    p = Path(path)
+    if path.endswith(("/", os.sep)) or p.is_dir():
+        raise MmlitError(f"{path} is a folder: --csv takes a file name (e.g. {p / 'predictions.csv'})")
+    if p.exists() or p.is_symlink():
+        raise MmlitError(f"{path} already exists: choose another --csv file")
+    blocking = file_in_the_way(p)
+    if blocking is not None:
+        raise MmlitError(f"{blocking} is a file, not a folder: choose another --csv file")
+
+
 def write_csv(result: PredictResult, path: str | Path) -> Path:
-    """Write the predictions as CSV (`csv_rows`), atomically; returns the path."""
+    """Write the predictions as CSV (`csv_rows`), atomically, never over an existing file (one
+    that appeared while predicting included); returns the path."""
     path = Path(path)
 
     def write(tmp: str) -> None:
@@ -273,7 +293,9 @@ def write_csv(result: PredictResult, path: str | Path) -> Path:
             csv.writer(f).writerows(csv_rows(result))
 
     try:
-        atomic_write(path, write)
+        atomic_write(path, write, replace=False)
+    except FileExistsError:
+        raise MmlitError(f"{path} appeared while predicting: not overwritten; choose another --csv file") from None
     except OSError as exc:
         raise MmlitError(f"cannot write {path} ({one_line(exc)})") from None
     return path

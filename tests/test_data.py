@@ -289,6 +289,41 @@ def test_a_16_bit_image_comes_down_to_8_bits_whatever_its_values(tmp_path):
     assert decode_one(str(tmp_path / "faint.png"), 20)[5, 5].tolist() == [1, 1, 1]  # 200 of 65535, not of 255
 
 
+def test_a_float_image_in_0_to_1_is_scaled_to_8_bits(tmp_path):
+    """A mode-F TIFF holding [0, 1] decoded almost black (0.8 -> 1 of 255)."""
+    from PIL import Image
+    from mmlit_cli.data.decode import decode_one
+
+    Image.fromarray(np.full((20, 20), 0.8, np.float32)).save(tmp_path / "unit.tif")
+    assert decode_one(str(tmp_path / "unit.tif"), 20)[5, 5].tolist() == [204, 204, 204]
+    Image.fromarray(np.full((20, 20), 200.0, np.float32)).save(tmp_path / "levels.tif")  # 0-255 floats: as they are
+    assert decode_one(str(tmp_path / "levels.tif"), 20)[5, 5].tolist() == [200, 200, 200]
+
+
+@pytest.mark.parametrize("ext", ["jpg", "png", "tif", "webp"])
+def test_a_photo_stored_sideways_is_read_as_a_viewer_shows_it(tmp_path, ext):
+    """A phone stores a portrait photo sideways with an EXIF Orientation tag: training, eval and
+    predict read it upright, as a viewer shows it (it was read lying on its side). Pillow turns a
+    TIFF itself (and drops the tag): that case checks it is not turned twice."""
+    from PIL import Image
+    from mmlit_cli.data.decode import decode_one, fit_image
+
+    upright = np.zeros((24, 16, 3), np.uint8)  # portrait: red top, blue bottom
+    upright[:12, :, 0] = upright[12:, :, 2] = 255
+    Image.fromarray(upright).save(tmp_path / f"upright.{ext}")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view": stored turned the other way
+    sideways = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+    sideways.save(tmp_path / f"phone.{ext}", exif=exif.tobytes())
+    sideways.save(tmp_path / f"untagged.{ext}")
+    read = {name: decode_one(str(tmp_path / f"{name}.{ext}"), 16).astype(int)
+            for name in ("upright", "phone", "untagged")}
+    assert np.abs(read["phone"] - read["upright"]).mean() < 3  # JPEG/WebP rounding only
+    assert np.abs(read["untagged"] - read["upright"]).mean() > 50  # without the tag: on its side, as stored
+    with Image.open(tmp_path / f"phone.{ext}") as im:  # an opened image, as the API's preprocess takes it
+        assert np.abs(fit_image(im, 16).astype(int) - read["upright"]).mean() < 3
+
+
 def test_pillows_pixel_limit_counts_the_pixels_decoded_not_the_photos(tmp_path, monkeypatch):
     """A JPEG is decoded downscaled (libjpeg's draft), so a photo above Pillow's limit (a
     200-megapixel phone camera's) decodes, without Pillow's warning; a PNG, decoded whole,

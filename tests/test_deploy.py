@@ -82,6 +82,7 @@ def world(tmp_path_factory):
     w["static_run"] = mmlit("export", ckpt, "--int8", "--calibrate", data, "--out", w["static"])
     write_folder(root / "twoclass", classes=("a", "b"), per_class=4)
     (root / "notes.onnx").write_text("not a model")
+    (root / "dangling.csv").symlink_to(root / "nowhere.csv")
     if w["fp32"].exists():  # else the fp32 test reports why the export failed
         bare = onnx.load(str(w["fp32"]))
         del bare.metadata_props[:]
@@ -328,6 +329,19 @@ def test_benchmark_reports_a_failed_export_as_rows(world, monkeypatch):
         assert rows[key].note == "export failed: ONNX export of the checkpoint failed (RuntimeError: planted)"
 
 
+def test_predict_says_when_it_predicts_a_file_named_twice_once(world):
+    """One row per file: a file given twice (or in a folder given too) is predicted once, and a
+    note says so, or rows zipped with the arguments would slip without a word."""
+    folder = world["data"] / "val" / "red"
+    first = sorted(folder.iterdir())[0]
+    r = mmlit("predict", world["ckpt"], first, folder, first, "--json")
+    assert r.returncode == 0, r.stderr
+    assert [p["path"] for p in json.loads(r.stdout)] == [str(first)] + [str(f) for f in sorted(folder.iterdir())[1:]]
+    assert "note: 2 name(s) of a file already named" in r.stderr and "predicted once" in r.stderr
+    once = mmlit("predict", world["ckpt"], folder, "--json")
+    assert once.returncode == 0 and "note" not in once.stderr
+
+
 def test_without_the_onnx_extra_the_other_commands_still_work(world, tmp_path):
     env = hiding(tmp_path, "onnx", "onnxruntime", "onnxscript")
     r = mmlit("predict", world["ckpt"], world["data"] / "val" / "red", "--json", env=env)
@@ -355,6 +369,14 @@ BAD = [
      "an ONNX file's name ends in .onnx (a new folder's in /)"),
     ("export: an empty --out", lambda w: ["export", w["ckpt"], "--out", ""], (), "--out is empty"),
     ("predict: an empty --csv", lambda w: ["predict", w["ckpt"], w["data"], "--csv", ""], (), "--csv is empty"),
+    ("predict: --csv names a link to nothing", lambda w: ["predict", w["ckpt"], w["data"], "--csv",
+                                                          w["root"] / "dangling.csv"], (), "dangling.csv already exists"),
+    ("predict: --csv names a folder", lambda w: ["predict", w["ckpt"], w["data"], "--csv", w["data"]], (),
+     "colours is a folder: --csv takes a file name (e.g. "),
+    ("predict: --csv ends in /", lambda w: ["predict", w["ckpt"], w["data"], "--csv", f"{w['root']}/new/"], (),
+     "new/ is a folder: --csv takes a file name"),
+    ("predict: --csv under a file", lambda w: ["predict", w["ckpt"], w["data"], "--csv", w["ckpt"] / "p.csv"], (),
+     "model.safetensors is a file, not a folder"),
     ("predict: not an onnx model", lambda w: ["predict", w["root"] / "notes.onnx", w["data"]], (), "not an ONNX model"),
     ("predict: onnx whose classes are not its logits", lambda w: ["predict", w["root"] / "two-names.onnx", w["data"]],
      (), "its metadata names 2 classes where its output 'logits' has 3"),
@@ -417,7 +439,9 @@ def test_an_out_with_a_trailing_slash_is_a_new_folder_for_the_export(world, tmp_
 
 
 def _snapshot(root: Path) -> dict:
-    return {str(p): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's bytes, and where every link points."""
+    return {str(p): os.readlink(p) if p.is_symlink() else p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() or p.is_symlink()}
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])

@@ -136,21 +136,24 @@ def test_collect_images_folders_globs_and_errors(tmp_path):
         p.write_bytes(b"x")
     names = lambda files: [f.relative_to(tmp_path).as_posix() for f in files]  # noqa: E731
 
-    files, errors = collect_images([str(tmp_path)])
+    files, errors, repeated = collect_images([str(tmp_path)])
     assert names(files) == ["a.jpg", "b.png", "sub/c.png", "sub/deeper/d.png", "z.txt"] and errors == []
+    assert repeated == 0
 
-    files, errors = collect_images([str(tmp_path / "*.png")])
+    files, errors, _ = collect_images([str(tmp_path / "*.png")])
     assert names(files) == ["b.png"] and errors == []
-    files, errors = collect_images([str(tmp_path / "**" / "*.png")])
+    files, errors, _ = collect_images([str(tmp_path / "**" / "*.png")])
     assert names(files) == ["b.png", "sub/c.png", "sub/deeper/d.png"]
 
-    files, errors = collect_images([str(tmp_path / "sub" / "c.png"), str(tmp_path / "sub"),
-                                    str(tmp_path / "nope.png"), str(tmp_path / "*.gif")])
-    assert names(files) == ["sub/c.png", "sub/deeper/d.png"]  # duplicates dropped
+    files, errors, repeated = collect_images([str(tmp_path / "sub" / "c.png"), str(tmp_path / "sub"),
+                                              str(tmp_path / "nope.png"), str(tmp_path / "*.gif"),
+                                              str(tmp_path / "sub" / ".." / "b.png"), str(tmp_path / "b.png")])
+    assert names(files)[:2] == ["sub/c.png", "sub/deeper/d.png"] and len(files) == 3  # each file once
+    assert repeated == 2  # sub/c.png in sub, and b.png named twice (the caller says so)
     assert errors == [(str(tmp_path / "nope.png"), "no such file or folder"),
                       (str(tmp_path / "*.gif"), "no file matches this pattern")]
     (tmp_path / "empty").mkdir()
-    assert collect_images([str(tmp_path / "empty")]) == ([], [(str(tmp_path / "empty"), "folder holds no files")])
+    assert collect_images([str(tmp_path / "empty")]) == ([], [(str(tmp_path / "empty"), "folder holds no files")], 0)
 
 
 def test_write_csv(trained, tmp_path):
@@ -164,6 +167,27 @@ def test_write_csv(trained, tmp_path):
         assert r[0] == p["path"] and r[1] == p["top"][0]["label"]
         assert abs(float(r[2]) - p["top"][0]["prob"]) < 1e-6
     assert sorted(x.name for x in out.parent.iterdir()) == ["preds.csv"]  # no temp file left
+
+
+def test_a_csv_file_that_appears_while_predicting_is_not_overwritten(trained, tmp_path):
+    """`--csv` is checked before predicting; a file that takes the name meanwhile (or a link to
+    nothing) was replaced at the end. An unwritable place is named as the user named it, not
+    by the hidden temporary file mmlit writes first."""
+    root, ckpt = trained
+    result = predict_paths(ckpt, [str(root / "val" / "green" / "*.png")], top_k=1, device="cpu")
+    theirs = tmp_path / "preds.csv"
+    theirs.write_text("their own work")
+    with pytest.raises(MmlitError, match="preds.csv appeared while predicting: not overwritten"):
+        write_csv(result, theirs)
+    assert theirs.read_text() == "their own work"
+    (tmp_path / "link.csv").symlink_to(tmp_path / "nowhere.csv")
+    with pytest.raises(MmlitError, match="appeared while predicting"):
+        write_csv(result, tmp_path / "link.csv")
+    assert (tmp_path / "link.csv").is_symlink() and not (tmp_path / "nowhere.csv").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.csv", "preds.csv"]  # no temporary file left
+    with pytest.raises(MmlitError) as e:  # /proc takes no new file
+        write_csv(result, "/proc/preds.csv")
+    assert "'/proc/preds.csv'" in str(e.value) and ".tmp" not in str(e.value)
 
 
 def test_user_mistakes_are_one_line_errors(trained, tmp_path):

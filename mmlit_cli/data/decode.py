@@ -110,7 +110,9 @@ def to_rgb(im: Any) -> Any:
         # A 16-bit image (I;16, or a PNG's "I": Pillow < 10.3 opens 16-bit grey PNGs so) always
         # comes down to 8 bits; judged by its values, a dark one would decode 257x too bright.
         sixteen_bit = im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG")
-        if sixteen_bit or (a.size and a.max() > 255):
+        if im.mode == "F" and a.size and a.max() <= 1.0:
+            a = a * 255.0  # a float image in [0, 1] (a scientific TIFF): it decoded black
+        elif sixteen_bit or (a.size and a.max() > 255):
             a = a * (255.0 / 65535.0)
         im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
     if im.mode == "P" and "transparency" in im.info:
@@ -137,11 +139,28 @@ def decode_one(path: str, size: int) -> np.ndarray | None:
     return arr
 
 
+def upright(im: Any) -> Any:
+    """The image as a viewer shows it. A camera stores a portrait photo sideways with an EXIF
+    Orientation tag (2-8) that viewers apply; without it a phone photo would be trained on and
+    classified lying on its side (Ultralytics applies it too). Only images carrying EXIF are
+    looked at: the tag costs nothing to the many that have none (CIFAR's JPEGs)."""
+    from PIL import ImageOps
+    if "exif" not in im.info and im.format != "TIFF":
+        return im
+    try:
+        if im.getexif().get(0x0112, 1) in (1, None):  # 0x0112: Orientation; 1 is "as stored"
+            return im
+        return ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: the pixels as stored, as before
+        return im
+
+
 def fit_image(im: Any, size: int) -> np.ndarray:
-    """A Pillow image -> uint8 [S, S, 3]: RGB, the shorter side resized to S (bilinear), the
-    centre cropped; how every file is read for training, `eval` and `predict`."""
+    """A Pillow image -> uint8 [S, S, 3]: upright (its EXIF orientation applied), RGB, the
+    shorter side resized to S (bilinear), the centre cropped; how every file is read for
+    training, `eval` and `predict`."""
     from PIL import Image, ImageOps
-    rgb = to_rgb(im)
+    rgb = to_rgb(upright(im))
     if rgb.size != (size, size):
         rgb = ImageOps.fit(rgb, (size, size), method=Image.Resampling.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)
