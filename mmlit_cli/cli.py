@@ -448,10 +448,11 @@ def export(
     Example:  mmlit export runs/finetune/xxs/best.safetensors --int8 --calibrate ./my-images
     """
     _one_process("export")
-    from .export import export_onnx, output_path
+    from .export import check_int8_options, export_onnx, output_path
 
     if format != "onnx":
         raise MmlitError(f"unknown export format '{format}': only onnx is supported")
+    check_int8_options(int8, calibrate)  # before the output's name: that default depends on --int8
     target = output_path(checkpoint, out, int8)
     if target.exists():
         raise MmlitError(f"{target} already exists: choose another --out")

@@ -248,6 +248,12 @@ def _int8_into(tmp: str, wrapper, ckpt: Checkpoint, opset: int, scheme: str, dat
     raise MmlitError(f"int8 check failed: {'; '.join(problems)}")
 
 
+def check_int8_options(int8: bool, calibrate: str | None) -> None:
+    """`--calibrate` belongs to `--int8` (checked before anything else, the output's name too)."""
+    if calibrate is not None and not int8:
+        raise MmlitError("--calibrate is for int8 export: add --int8")
+
+
 def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset: int = DEFAULT_OPSET,
                 check: bool = True, tolerance: float = TOLERANCE, int8: bool = False,
                 calibrate: str | None = None, data_dir: str | None = None, replace: bool = True,
@@ -265,11 +271,10 @@ def export_onnx(ckpt_path: str | Path, out_path: str | Path | None = None, opset
     """
     _require("onnx", "ONNX model format")
     _require("onnxscript", "used by torch's ONNX exporter")
+    check_int8_options(int8, calibrate)
     if int8:
         from .onnx_classifier import require_onnxruntime
         require_onnxruntime("int8 export (ONNX Runtime quantization)")
-    elif calibrate is not None:
-        raise MmlitError("--calibrate is for int8 export: add --int8")
     if not isinstance(opset, int) or isinstance(opset, bool) or opset < 14:
         raise MmlitError(f"--opset must be an integer >= 14, got {opset!r}")
     model, ckpt = load_classifier(ckpt_path, "cpu")

@@ -362,6 +362,8 @@ BAD = [
                                              "--out", w["root"] / "n4.onnx"], (), "where the checkpoint has"),
     ("calibrate without int8", lambda w: ["export", w["ckpt"], "--calibrate", w["data"], "--out", w["root"] / "n5.onnx"],
      (), "add --int8"),
+    ("calibrate without int8, the default output there", lambda w: ["export", w["ckpt"], "--calibrate", w["data"]],
+     (), "--calibrate is for int8 export: add --int8"),
     ("int8 output exists", lambda w: ["export", w["ckpt"], "--int8", "--out", w["static"]], (), "already exists"),
     ("out under a file", lambda w: ["export", w["ckpt"], "--out", w["ckpt"] / "sub" / "m.onnx"], (),
      "model.safetensors is a file, not a folder"),
