@@ -261,6 +261,7 @@ class Trainer:
         self.progress = TrainingProgress(self.console, self.device, opts.log_every, self.dist.world_size,
                                          disable=not self.dist.is_main or opts.quiet)
         self.bad_loss: float | None = None  # a non-finite loss this rank saw, for the message
+        self.bad_in_validation = False  # ... and whether validation saw it (finite weights, outputs not)
         self.figures = EpochFigures(task, self.record, self.device)
 
     # what the step calls, compiled or not (`compiled`: the header; all three: the tests)
@@ -385,6 +386,9 @@ class Trainer:
         record.partial_loss_sum = 0.0
         model = self.model if self.ema is None else self.ema.module  # scored: the EMA when there is one
         val = {} if self.val_loader is None else self.task.validate(model, self.val_loader, self.device, self.amp_dtype)
+        if not math.isfinite(val.get("val_loss", 0.0)):  # finite weights whose outputs are not: diverged too
+            self.bad_loss, self.bad_in_validation = val["val_loss"], True
+            return "nan"
         record.epoch, record.step_in_epoch, world = record.epoch + 1, 0, self.dist.world_size
         row = epoch_row(self.epoch, self.global_step, train_loss, self.optimizer.param_groups[-1]["lr"], val,
                         epoch_time, seen, world)
@@ -403,8 +407,12 @@ class Trainer:
         self.record.writer.wait()  # what follows says the checkpoints are there
         if stopped == "nan":
             self.record.close_events()
-            raise MmlitError(f"the loss became {self.bad_loss or 'nan'} at step {self.global_step}; stopped. The "
-                             f"last good checkpoint is {out / 'last.safetensors'} (try a lower --lr or --set "
+            where = (f"the validation loss became {self.bad_loss} after epoch {self.epoch + 1} (step "
+                     f"{self.global_step}), its weights diverged" if self.bad_in_validation
+                     else f"the loss became {self.bad_loss or 'nan'} at step {self.global_step}")
+            last = out / "last.safetensors"
+            kept = (f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved")
+            raise MmlitError(f"{where}; stopped, {kept} (try a lower --lr or --set "
                              f"{self.task.command}.grad_clip=1.0)")
         self._print(stop_line(stopped, self.epoch, self.record.early_stop, self.record.best_epoch, self.stop.signal,
                               out, self.opts.save_best))

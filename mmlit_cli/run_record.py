@@ -240,6 +240,8 @@ class RunRecord:
     def update_best(self, row: dict, train_loss: float) -> bool:
         """Whether the epoch of `row` improved the monitored figure (then it is the best)."""
         value = row.get(self.task.monitor)
+        if value is not None and not math.isfinite(value):  # never the best (and no later epoch would beat it)
+            return False
         improved = value is None or self.best is None or (  # no validation split: the latest is the best we know
             value > self.best if self.task.higher_is_better else value < self.best)
         if improved:

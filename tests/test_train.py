@@ -278,6 +278,31 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(folder, tmp
     assert load_checkpoint(out / "best.safetensors").info["epoch"] == 1
 
 
+def test_a_validation_loss_that_is_not_finite_stops_the_run_and_is_never_the_best(folder, tmp_path, monkeypatch):
+    """Finite weights whose outputs overflow (an MAE at lr 1e6 did it): the epoch's validation
+    loss is nan. That epoch became best.safetensors (and a bare NaN made metrics.jsonl invalid
+    JSON); now the run stops as it does when the training loss is nan, nothing of that epoch
+    written, the epoch before it the best and the last."""
+    from mmlit_cli.tasks import ClassifyTask
+
+    validate, calls = ClassifyTask.validate, []
+
+    def nan_at_epoch_2(self, *args):
+        calls.append(1)
+        row = validate(self, *args)
+        return {**row, "val_loss": float("nan")} if len(calls) == 2 else row
+
+    monkeypatch.setattr(ClassifyTask, "validate", nan_at_epoch_2)
+    out = tmp_path / "valnan"
+    with pytest.raises(MmlitError, match=r"the validation loss became nan after epoch 2 \(step \d+\), its weights "
+                                         r"diverged; stopped, the last good checkpoint is .*last.safetensors"):
+        finetune(folder, out, epochs=3)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]
+    assert load_checkpoint(out / "best.safetensors").info["epoch"] == 1
+    assert load_checkpoint(out / "last.safetensors").info["epoch"] == 1
+
+
 def test_a_diverging_run_writes_no_checkpoint_of_its_diverged_state(folder, tmp_path):
     """lr 1e12: the first update blows the weights up and the next forward overflows, inside
     the first epoch; with no in-epoch checkpoints the only good state is the start's
