@@ -290,6 +290,22 @@ class TrainConfig:
         self.augment.validate(where)
 
 
+def _check_label_free(recipe: TrainConfig) -> None:
+    """MAE pre-training reconstructs pixels: what acts on labels (smoothing, MixUp/CutMix's label
+    mixing, the loss reweighted by class) would do nothing there, while the recipe line and
+    config.yaml said it was on."""
+    a = recipe.augment
+    label_uses = [("label_smoothing", recipe.label_smoothing, 0), ("augment.mixup_alpha", a.mixup_alpha, 0),
+                  ("augment.cutmix_alpha", a.cutmix_alpha, 0)]
+    if recipe.class_balance == "loss":  # (a class-balanced sampler still draws the images evenly, where labelled)
+        label_uses.append(("class_balance", "loss", "none"))
+    for key, value, off in label_uses:
+        if value != off:
+            shown = repr(value) if isinstance(value, str) else f"{value:g}"
+            raise ConfigError(f"pretrain.{key} is {shown}, but MAE pre-training uses no labels: it would do "
+                              f"nothing; leave it at {off!r} (it belongs to finetune)")
+
+
 def _pretrain_defaults() -> TrainConfig:
     return TrainConfig(lr_base=1.5e-3, label_smoothing=0.0, grad_clip=0.0,
                        augment=AugmentConfig(auto_augment="none", random_erasing=0.0,
@@ -326,6 +342,7 @@ class Config:
         self.mae.validate()
         self.finetune.validate("finetune")
         self.pretrain.validate("pretrain")
+        _check_label_free(self.pretrain)
         self.data.validate()
         return self
 

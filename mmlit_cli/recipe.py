@@ -317,11 +317,12 @@ def describe(cfg: Config, section: str, reference_epochs: int, train_images: int
            {"trivial": "TrivialAugment", "rand": f"RandAugment m{a.randaug_magnitude}"}.get(a.auto_augment, "")
            + (f" on {a.auto_augment_prob:.0%} of images" if a.auto_augment_prob < 1 else "")
            if a.auto_augment != "none" and a.auto_augment_prob > 0 else "",
-           f"mixup {a.mixup_alpha:g}/cutmix {a.cutmix_alpha:g} p{a.mix_prob:g}" if a.mix_prob else "",
+           f"mixup {a.mixup_alpha:g}/cutmix {a.cutmix_alpha:g} p{a.mix_prob:g}"
+           if a.mix_prob and (a.mixup_alpha or a.cutmix_alpha) else "",  # both 0: no mixing (`build_batch_mix`)
            f"erasing {a.random_erasing:g}" if a.random_erasing else "",
            f"drop path {cfg.model.drop_path:g}" if cfg.model.drop_path else "",
            f"label smoothing {r.label_smoothing:g}" if r.label_smoothing else ""]
-    clip = f"clip {r.grad_clip:g}" if r.grad_clip else "no clipping"
+    clip = (f"clip {r.grad_clip:g}" if r.grad_clip else "no clipping") + (f", EMA {r.ema_decay:g}" if r.ema else "")
     share, no_decay = one_cycle_share(r), decay_share(r)
     cycle = "one-cycle (cosine up from lr/25, down to ~0; beta1 0.95-0.85)"
     # a min_lr at or above the peak keeps the lr flat (`optim.lr_at`): it never rises to min_lr

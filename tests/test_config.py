@@ -69,6 +69,20 @@ def test_a_model_typed_with_extra_zeros_is_refused_before_it_is_built(preset):
             load_config(preset, [typo])
 
 
+@pytest.mark.parametrize("setting,said", [
+    ("pretrain.label_smoothing=0.3", "pretrain.label_smoothing is 0.3"),
+    ("pretrain.augment.mixup_alpha=0.8", "pretrain.augment.mixup_alpha is 0.8"),
+    ("pretrain.augment.cutmix_alpha=1", "pretrain.augment.cutmix_alpha is 1"),
+    ("pretrain.class_balance=loss", "pretrain.class_balance is 'loss'"),
+])
+def test_what_acts_on_labels_is_refused_for_mae_pretraining(setting, said):
+    """MAE's loss reconstructs pixels: these did nothing while the recipe line said they were on."""
+    with pytest.raises(ConfigError, match=f"{said}, but MAE pre-training uses no labels: it would do nothing"):
+        load_config("xs", [setting])
+    load_config("xs", [setting.replace("pretrain.", "finetune.")])  # where they act
+    load_config("xs", ["pretrain.class_balance=sampler", "pretrain.augment.mix_prob=1"])  # draws / no-ops: kept
+
+
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ConfigError, match="xxs"):
         load_config("huge")

@@ -283,6 +283,24 @@ def test_a_short_run_gets_a_smaller_batch_so_that_it_has_1500_steps():
         load_config("xs").pretrain.batch_size
 
 
+def test_the_recipe_line_says_mixing_only_where_it_mixes():
+    """mix_prob 1 with both alphas 0 mixes nothing (`build_batch_mix`): the line said "mixup 0/cutmix 0 p1"."""
+    from mmlit_cli.recipe import describe
+
+    off = fitted("xxs", ["finetune.recipe=paper", "finetune.augment.mixup_alpha=0", "finetune.augment.cutmix_alpha=0",
+                         "finetune.augment.mix_prob=1"])
+    assert "mixup" not in describe(off, "finetune", 300, 50_000)
+    assert "mixup 0.8/cutmix 1 p1" in describe(fitted("xxs", ["finetune.recipe=paper"]), "finetune", 300, 50_000)
+
+
+def test_the_recipe_line_names_the_ema_when_there_is_one():
+    from mmlit_cli.recipe import describe
+
+    assert "clip 1, EMA 0.999;" in describe(fitted("xxs", ["finetune.ema=true", "finetune.ema_decay=0.999"]),
+                                            "finetune", 300, 50_000)
+    assert "EMA" not in describe(fitted("xxs"), "finetune", 300, 50_000)
+
+
 def test_a_min_lr_above_the_peak_is_said_to_keep_the_lr_flat():
     """The lr stays at a peak below min_lr (optim.lr_at); the recipe line said "cosine to 1"."""
     from mmlit_cli.recipe import describe
