@@ -351,6 +351,10 @@ class RunRecord:
         history = self.facts.out_dir / "metrics.jsonl"
         if history.exists():
             self.history = [h for h in read_metrics(history) if h["epoch"] <= self.epoch]
+        elif self.epoch > 0:  # the next epoch rewrites metrics.csv from it: the epochs done would be lost
+            raise MmlitError(f"{history} is missing: it holds the run's epochs 1-{self.epoch}, which metrics.csv "
+                             f"and curves.png are rewritten from; put it back, or create it empty to go on "
+                             f"without them")
 
     def take_resume_loss_sum(self) -> float:
         """Where this epoch's loss sum starts: the saved partial sum once after a resume, else 0."""

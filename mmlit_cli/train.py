@@ -530,6 +530,10 @@ def _continued_run(out: Path, task_cls, command: RunPlan) -> RunPlan | None:
     if recorded is None or ckpt.task != task_cls.kind:
         return None  # not a run this mmlit can tell apart: new_run_dir refuses the folder
     differences = _differences(recorded, command.invocation)
+    continued_with = _resumed_with(recorded, command.invocation, task_cls.command) if differences else None
+    if continued_with:  # this command's run, since resumed with --epochs (say): not "another run"
+        raise MmlitError(f"{out} holds this command's run, since continued with {continued_with} ({differences}): "
+                         f"continue it with --resume {out}, or add {continued_with} to this command")
     if differences:
         raise MmlitError(f"{out} holds another run ({differences}): choose another --out, or continue that run "
                          f"with --resume {out}")
@@ -560,6 +564,18 @@ def _restarted_run(kind: str, task_cls, plan: RunPlan) -> RunPlan | None:
             except MmlitError:  # that job's folder holds another command's run
                 return None
     return None
+
+
+def _resumed_with(there: dict[str, Any], here: dict[str, Any], section: str) -> str | None:
+    """The options ("--epochs 3") a `--resume` gave the run recorded as `there`, when they are
+    all that tells it from the command `here`; None when something else differs too."""
+    recorded, asked = there["config"].get(section, {}), here["config"].get(section, {})
+    keys = [k for k in RESUMED_CONFIG_MAY_CHANGE if k in recorded and k in asked and recorded[k] != asked[k]]
+    mended = json.loads(json.dumps(here))
+    mended["config"][section].update({k: recorded[k] for k in keys})
+    if not keys or _differences(there, mended):
+        return None
+    return " ".join(f"--{k} {recorded[k]}" for k in keys)
 
 
 def _differences(there: dict[str, Any], here: dict[str, Any], prefix: str = "") -> str:

@@ -205,8 +205,12 @@ def test_a_run_resumed_with_more_epochs_is_that_command_now(data, tmp_path):
     out = tmp_path / "run"
     run_training("finetune", "xxs", str(data), out=out, epochs=2, **kw)
     run_training("finetune", None, None, resume=out, epochs=3, device="cpu", console=Console(quiet=True))
-    with pytest.raises(MmlitError, match=r"holds another run \(finetune.epochs: 3 there, 2 here\)"):
+    # the command's own run, not "another run" (it said so): the message says how to go on
+    with pytest.raises(MmlitError, match=r"holds this command's run, since continued with --epochs 3 \(finetune.epochs: "
+                                         r"3 there, 2 here\): continue it with --resume .*, or add --epochs 3 to this"):
         run_training("finetune", "xxs", str(data), out=out, epochs=2, **kw)
+    with pytest.raises(MmlitError, match=r"holds another run \(finetune.epochs: 3 there, 2 here; finetune.lr"):
+        run_training("finetune", "xxs", str(data), out=out, epochs=2, lr=0.5, **kw)  # and something else
     assert run_training("finetune", "xxs", str(data), out=out, epochs=3, **kw)["stopped"] == "finished"
 
 
@@ -231,6 +235,24 @@ def test_a_metrics_file_with_a_line_that_is_no_row_is_named_and_left_as_it_is(da
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert f"metrics.jsonl, line 2: not a row of a run's metrics" in r.stderr and "mend or delete" in r.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+
+
+def test_a_run_without_its_metrics_jsonl_is_not_resumed_over_its_history(data, tmp_path):
+    """metrics.jsonl deleted: the resumed run rewrote metrics.csv with its new epochs alone, the
+    earlier ones lost without a word. Now a one-line error says so, and nothing changes; an
+    empty metrics.jsonl is the user's way to go on without them."""
+    out = tmp_path / "run"
+    kw = dict(overrides=TINY, batch_size=8, device="cpu", quiet=True)
+    run_training("finetune", "xxs", str(data), out=out, epochs=2, **kw)
+    (out / "metrics.jsonl").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    r = run([sys.executable, "-m", "mmlit_cli", "finetune", "--resume", str(out), "--epochs", "3"])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "metrics.jsonl is missing: it holds the run's epochs 1-2" in r.stderr and "create it empty" in r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    (out / "metrics.jsonl").write_text("")
+    assert run_training("finetune", None, None, resume=out, epochs=3, device="cpu", quiet=True)["epoch"] == 3
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [3]
 
 
 def test_metrics_csv_has_every_rows_columns(tmp_path):
