@@ -37,6 +37,7 @@ from .config import Config, dump_config
 from .errors import MmlitError
 from .events import EventLog, open_event_log
 from .files import atomic_write_text
+from .report import as_started
 from .runtime import Dist, all_reduce_mean, ranks_agree
 from .train_state import (gather_rng_states, optimizer_from_tensors,
                           optimizer_to_tensors, rank_rng_state, set_rng_state)
@@ -124,7 +125,9 @@ class RunFacts:
 def write_run_files(out: Path, cfg: Config, recipe_note: str | None, epoch: int, global_step: int):
     """config.yaml, with the fitted recipe in words atop it, and the run's event log (returned,
     None without TensorBoard); a new run's config goes into the log too."""
-    note = "".join(f"# {line}\n" for line in (recipe_note or "").splitlines())
+    # a resumed run's config may say other epochs (--resume --epochs): the recipe is the one fitted at its start
+    note = "".join(f"# {line}\n" for line in ((as_started(recipe_note) if global_step else recipe_note) or
+                                               "").splitlines())
     # the values below are the fitted ones: fitting them again (--recipe auto) would treat the
     # run's length as a preset's and change them
     again = "# to train with exactly this recipe again: --preset config.yaml --recipe paper\n"

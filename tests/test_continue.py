@@ -205,6 +205,9 @@ def test_a_run_resumed_with_more_epochs_is_that_command_now(data, tmp_path):
     out = tmp_path / "run"
     run_training("finetune", "xxs", str(data), out=out, epochs=2, **kw)
     run_training("finetune", None, None, resume=out, epochs=3, device="cpu", console=Console(quiet=True))
+    config = (out / "config.yaml").read_text()  # 3 epochs, under the recipe fitted to 2 as the run started
+    assert config.startswith("# as the run started: recipe auto, fitted to 2 of ")
+    assert "\nfinetune:\n  epochs: 3\n" in config
     # the command's own run, not "another run" (it said so): the message says how to go on
     with pytest.raises(MmlitError, match=r"holds this command's run, since continued with --epochs 3 \(finetune.epochs: "
                                          r"3 there, 2 here\): continue it with --resume .*, or add --epochs 3 to this"):
