@@ -107,7 +107,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device | None = "cpu"
 
 
 def preprocess(images: Any, model: torch.nn.Module) -> torch.Tensor:
-    """Images -> the float32 batch `model` takes, on its device: [N, 3, S, S], resized and
+    """Images -> the float batch `model` takes, on its device and in its dtype: [N, 3, S, S], resized and
     normalised as in training (`model.pretrained_cfg`). `images`: one or a list of image file
     paths, Pillow images and uint8 arrays ([H, W, 3] RGB or [H, W] grey). Files are read exactly
     as `mmlit predict` reads them; Pillow images and arrays are converted and resized the same
@@ -129,9 +129,9 @@ def preprocess(images: Any, model: torch.nn.Module) -> torch.Tensor:
     pixels = [_pixels(image, size, i) for i, image in enumerate(images)]
     if not pixels:
         raise MmlitError("no image given")
-    device = next(model.parameters()).device
-    batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).to(device)
-    return Normalize(cfg["mean"], cfg["std"], device)(batch)
+    weight = next(model.parameters())  # the batch goes where the model is, in its dtype (model.to(torch.bfloat16))
+    batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).to(weight.device)
+    return Normalize(cfg["mean"], cfg["std"], weight.device)(batch).to(weight.dtype)
 
 
 def _is_pil(image: Any) -> bool:

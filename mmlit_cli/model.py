@@ -316,10 +316,17 @@ class MLiT(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens with their position embedding, no class token: [B, N, D]."""
         C, S = self.cfg.in_chans, self.cfg.image_size
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"mLiT takes a torch.Tensor of float images [N, {C}, {S}, {S}], got a {type(x).__name__} "
+                             f"(mmlit_cli.preprocess makes one from files, Pillow images or arrays)")
         if x.dim() != 4 or tuple(x.shape[1:]) != (C, S, S) or not x.is_floating_point():
             # as timm's patch embedding asserts its image size: the shape error from deep inside says less
             raise ValueError(f"mLiT takes float images [N, {C}, {S}, {S}], normalised; got {x.dtype} "
                              f"{list(x.shape)} (mmlit_cli.preprocess makes them from files or Pillow images)")
+        weights = self.patch_embed.proj.weight.dtype  # (the dtypes are fixed when compiled: no check in the graph)
+        if x.dtype != weights and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"this mLiT's weights are {weights} and its input {x.dtype}: pass x.to({weights}) "
+                             f"(or run under torch.autocast)")
         return self.patch_embed(x) + self.pos_embed[:, 1:]
 
     def cls_embed(self, batch: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -312,6 +313,16 @@ def test_the_python_api_says_what_is_wrong_as_timm_would():
     for x in (torch.randn(1, 3, 32, 32), torch.zeros(1, 3, 36, 36, dtype=torch.uint8), torch.randn(3, 36, 36)):
         with pytest.raises(ValueError, match=r"mLiT takes float images \[N, 3, 36, 36\]"):
             model(x)
+    with pytest.raises(ValueError, match=r"takes a torch.Tensor of float images \[N, 3, 36, 36\], got a ndarray"):
+        model(np.zeros((1, 3, 36, 36), np.float32))  # was AttributeError: 'numpy.ndarray' object has no attribute 'dim'
+    with pytest.raises(ValueError, match=r"weights are torch.float32 and its input torch.float64: pass "
+                                         r"x.to\(torch.float32\)"):
+        model(torch.randn(1, 3, 36, 36, dtype=torch.float64))  # was torch's "Input type (double) and bias type"
+    half = create_model("xxs", num_classes=10).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="weights are torch.bfloat16 and its input torch.float32"):
+        half(torch.randn(1, 3, 36, 36))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the input itself
+        assert half(torch.randn(1, 3, 36, 36)).shape == (1, 10)
     for bad in (2.5, True, "10"):
         with pytest.raises(ConfigError, match="model.num_classes: expected an integer"):
             create_model("xxs", num_classes=bad)

@@ -318,6 +318,10 @@ def test_preprocess_reads_pillow_images_and_arrays_as_it_reads_files(trained, tm
     # not the same as a plain square resize: the aspect is kept
     square = mmlit_cli.preprocess(np.asarray(Image.fromarray(wide).resize((12, 12), Image.Resampling.BILINEAR)), model)
     assert not torch.equal(square, from_files[:1])
+    half = mmlit_cli.load_model(ckpt).to(torch.bfloat16)  # timm's way to a bf16 model: preprocess follows it
+    batch = mmlit_cli.preprocess([wide, grey], half)
+    assert batch.dtype == torch.bfloat16 and torch.equal(batch, from_files[:2].to(torch.bfloat16))
+    assert half(batch).shape == (2, len(CLASSES))
 
 
 def test_preprocess_and_load_model_refuse_bad_input_by_name(trained, tmp_path):
