@@ -137,7 +137,8 @@ class ModelConfig:
         size = self.parameter_estimate()  # a typo's model: out of memory, or minutes building layers
         need(size <= MAX_PARAMETERS, f"about {size:.3g} parameters, over the {MAX_PARAMETERS:,.0f} mmlit builds (the "
                                      f"presets have 0.66 M to 2.4 M): check depth ({self.depth}), embed_dim "
-                                     f"({self.embed_dim}), the MLP sizes and expert_stages")
+                                     f"({self.embed_dim}), num_classes ({self.num_classes}), the MLP sizes and "
+                                     f"expert_stages")
 
 
 @dataclass
@@ -451,7 +452,11 @@ def resolve_preset_path(preset: str) -> Path:
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     """`["model.depth=4", "finetune.lr=1e-3"]` -> nested dict. Values are parsed as YAML."""
     nested: dict[str, Any] = {}
+    if overrides is not None and (isinstance(overrides, (str, bytes)) or not isinstance(overrides, (list, tuple))):
+        raise ConfigError(f"overrides: expected a list of key.path=value strings, got {overrides!r}")
     for item in overrides or []:
+        if not isinstance(item, str):
+            raise ConfigError(f"--set expects key.path=value, got {item!r}")
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):

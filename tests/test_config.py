@@ -50,6 +50,11 @@ def test_set_overrides_are_parsed_and_validated():
         load_config("xs", ["finetune.lr=fast"])
     with pytest.raises(ConfigError, match="key.path=value"):
         load_config("xs", ["model.depth"])
+    for bad in (5, {"model.depth": 4}):  # the Python API's overrides= of another type: was a raw TypeError
+        with pytest.raises(ConfigError, match="overrides: expected a list of key.path=value strings"):
+            load_config("xs", bad)
+    with pytest.raises(ConfigError, match="--set expects key.path=value, got 4"):
+        load_config("xs", [4])
     with pytest.raises(ConfigError, match="epochs must be positive"):
         load_config("xs", ["finetune.epochs=0"])
 
@@ -64,7 +69,8 @@ def test_a_model_typed_with_extra_zeros_is_refused_before_it_is_built(preset):
     cfg = load_config(preset)
     built = sum(p.numel() for p in MLiT(cfg.model).parameters())
     assert cfg.model.parameter_estimate() == pytest.approx(built, rel=0.02)
-    for typo in ("model.depth=10000000", "model.embed_dim=19200", "model.mlp_hidden_first=960000000"):
+    for typo in ("model.depth=10000000", "model.embed_dim=19200", "model.mlp_hidden_first=960000000",
+                 "model.num_classes=1000000000"):
         with pytest.raises(ConfigError, match=r"parameters, over the 1,000,000,000 mmlit builds \(the presets have"):
             load_config(preset, [typo])
 

@@ -131,6 +131,27 @@ def test_every_bad_row_is_reported_with_its_line_number(tmp_path):
     assert unlabelled.classes == [] and unlabelled.labels.tolist() == [-1]  # pre-training needs no labels
 
 
+def test_a_row_or_header_the_reader_would_misread_is_named(tmp_path):
+    """csv.DictReader keeps the last of two 'label' columns, drops a row's extra fields and calls a
+    folder "not found": each is named instead (a label column given twice, an unquoted comma in a
+    path) and nothing trains on a guess."""
+    fx.write_image_folder(tmp_path / "img", {"a": 2, "b": 2}, ext="png")
+    good = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "img").rglob("*.png"))
+    twice = tmp_path / "twice.csv"
+    twice.write_text("path,label,Label\n" + "".join(f"{g},{g[4]},x\n" for g in good))
+    with pytest.raises(DataError, match=r"twice.csv: the header names 'label' more than once"):
+        load_split(str(twice), "train", 16)
+    rows = tmp_path / "rows.csv"
+    extra = tmp_path / "img" / "a" / "extra.png"
+    shutil.copy(tmp_path / good[0], extra)
+    rows.write_text("path,label\n" + "".join(f"{g},{g[4]}\n" for g in good) + f"{good[0]},a,extra\n"
+                    "img/a/extra.png,a,\n" + "img/a,a\n")  # line 7: an empty trailing field is no field
+    with pytest.raises(DataError) as e:
+        load_split(str(rows), "train", 16)
+    assert str(e.value).endswith("2 bad row(s): line 6: 3 fields where the header has 2 (a path with a comma must be "
+                                 "in double quotes); line 8: img/a is a folder, not an image file"), str(e.value)
+
+
 def test_one_error_names_every_bad_row_of_every_split(tmp_path):
     """Missing files, empty labels and files that do not decode, in train and in val: one run
     names them all, whichever split it was loading, so the user mends the CSV once."""

@@ -61,6 +61,10 @@ def checked_rows(csv_path: Path, require_labels: bool) -> tuple[list[Row], list[
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
+            names = [(name or "").strip().lower() for name in reader.fieldnames or []]
+            twice = sorted({n for n in names if n and names.count(n) > 1})
+            if twice:  # csv.DictReader would keep the last silently
+                raise DataError(f"{csv_path}: the header names {', '.join(map(repr, twice))} more than once")
             header = {(name or "").strip().lower(): name for name in reader.fieldnames or []}
             image_col = next((header[c] for c in IMAGE_COLUMNS if c in header), None)
             if image_col is None:
@@ -82,10 +86,16 @@ def checked_rows(csv_path: Path, require_labels: bool) -> tuple[list[Row], list[
         full = Path(path).expanduser()
         full = full if full.is_absolute() else csv_path.parent / full
         key = os.path.normpath(full)
+        extra = [v for v in r.get(None) or [] if v.strip()]  # fields past the header's (DictReader's restkey)
         if not path:
             bad.append((line, "no image path"))
+        elif extra:
+            bad.append((line, f"{len(r) - 1 + len(r[None])} fields where the header has {len(r) - 1} (a path with "
+                              f"a comma must be in double quotes)"))
         elif key in first_line:
             bad.append((line, f"{path} is listed again (first on line {first_line[key]})"))
+        elif full.is_dir():
+            bad.append((line, f"{path} is a folder, not an image file"))
         elif not full.is_file():
             bad.append((line, f"{path} not found"))
         elif require_labels and not label:

@@ -163,6 +163,8 @@ def _load(dataset: str, split: str, image_size: int, data_dir, download: bool, h
     if path.exists():
         raise DataError(f"{dataset} is not a folder or a .csv label file: pass a folder of images (one "
                         f"sub-folder per class), a CSV of path,label rows, or one of {', '.join(DATASET_NAMES)}")
+    if path.suffix.lower() == ".csv":  # a label file's name: "unknown dataset" / "image folder" misled
+        raise DataError(f"label file {path.resolve()} does not exist")
     looks_like_path = os.sep in str(dataset) or str(dataset).startswith((".", "~"))
     if looks_like_path:
         raise DataError(f"image folder {path.resolve()} does not exist (known dataset names: "
