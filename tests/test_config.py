@@ -73,6 +73,8 @@ def test_a_model_typed_with_extra_zeros_is_refused_before_it_is_built(preset):
                  "model.num_classes=1000000000"):
         with pytest.raises(ConfigError, match=r"parameters, over the 1,000,000,000 mmlit builds \(the presets have"):
             load_config(preset, [typo])
+    with pytest.raises(ConfigError, match=r"num_classes \(1000000000\)"):  # among the sizes it names
+        load_config(preset, ["model.num_classes=1000000000"])
 
 
 @pytest.mark.parametrize("setting,said", [
