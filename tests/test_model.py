@@ -407,3 +407,14 @@ def test_router_collapse_is_flagged_per_layer():
     usage = [[0.5, 0.5, 0.0], [0.3, 0.3, 0.4], [0.2, 0.2, 0.2, 0.395, 0.005]]
     assert collapsed_layers(usage) == [0, 2]
     assert collapsed_layers([[1 / 3] * 3]) == []
+
+
+def test_torch_export_takes_the_model_with_a_dynamic_batch():
+    """What an edge engineer hands to ExecuTorch or TensorRT: torch.export's program of the
+    classifier, any batch size, the model's function."""
+    model = create_model("xxs", num_classes=10, depth=2).eval()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (torch.randn(2, 3, 36, 36),), dynamic_shapes=({0: batch},))
+    x = torch.randn(5, 3, 36, 36)
+    with torch.inference_mode():
+        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
