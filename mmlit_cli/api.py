@@ -129,9 +129,10 @@ def preprocess(images: Any, model: torch.nn.Module) -> torch.Tensor:
     pixels = [_pixels(image, size, i) for i, image in enumerate(images)]
     if not pixels:
         raise MmlitError("no image given")
-    weight = next(model.parameters())  # the batch goes where the model is, in its dtype (model.to(torch.bfloat16))
-    batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).to(weight.device)
-    return Normalize(cfg["mean"], cfg["std"], weight.device)(batch).to(weight.dtype)
+    device = next(model.parameters()).device
+    dtype = getattr(model, "input_dtype", torch.float32)  # the model's, after model.to(torch.bfloat16) too
+    batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).to(device)
+    return Normalize(cfg["mean"], cfg["std"], device)(batch).to(dtype)
 
 
 def _is_pil(image: Any) -> bool:

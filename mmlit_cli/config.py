@@ -291,10 +291,11 @@ class TrainConfig:
         self.augment.validate(where)
 
 
-def _check_label_free(recipe: TrainConfig) -> None:
+def check_label_free(recipe: TrainConfig) -> None:
     """MAE pre-training reconstructs pixels: what acts on labels (smoothing, MixUp/CutMix's label
     mixing, the loss reweighted by class) would do nothing there, while the recipe line and
-    config.yaml said it was on."""
+    config.yaml said it was on. Checked when a pretrain run is planned, not in `Config.validate`:
+    a finetune config (or checkpoint) may carry any pretrain section it never reads."""
     a = recipe.augment
     label_uses = [("label_smoothing", recipe.label_smoothing, 0), ("augment.mixup_alpha", a.mixup_alpha, 0),
                   ("augment.cutmix_alpha", a.cutmix_alpha, 0)]
@@ -343,7 +344,6 @@ class Config:
         self.mae.validate()
         self.finetune.validate("finetune")
         self.pretrain.validate("pretrain")
-        _check_label_free(self.pretrain)
         self.data.validate()
         return self
 

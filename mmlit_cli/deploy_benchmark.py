@@ -55,7 +55,7 @@ def parse_formats(formats: str | list[str] | tuple[str, ...] | None) -> list[str
         return list(FORMATS)
     names = formats.split(",") if isinstance(formats, str) else list(formats)
     names = [n.strip().lower() for n in names if isinstance(n, str) and n.strip()]
-    if names == ["all"]:
+    if "all" in names:  # "all,onnx-fp32" too: all of them
         return list(FORMATS)
     unknown = [n for n in names if n not in FORMATS]
     if unknown or not names:

@@ -9,6 +9,7 @@ command writes (training runs and `eval`).
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -62,15 +63,34 @@ def atomic_write(path: Path, write, replace: bool = True) -> None:
         if replace:
             os.replace(tmp, path)
         else:
-            os.link(tmp, path)  # atomic, and refuses an existing name
+            _claim(tmp, path)
     except OSError as e:
         # the hidden temporary file is ours, not the user's: an error names the file they asked for
         if e.errno is not None and (tmp is None or e.filename == tmp):
-            raise type(e)(e.errno, e.strerror, str(path)) from None
+            e.filename, e.filename2 = str(path), None
+            raise e from None
         raise
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+
+
+# what a filesystem without hard links (vfat, exFAT, some FUSE and SMB mounts) says to os.link
+_NO_HARD_LINKS = {getattr(errno, name) for name in ("EPERM", "EOPNOTSUPP", "ENOTSUP", "ENOSYS") if hasattr(errno, name)}
+
+
+def _claim(tmp: str, path: Path) -> None:
+    """Put the finished `tmp` at `path` only if no file has that name (FileExistsError if one
+    has): a hard link is atomic and refuses a taken name; where the filesystem has none, the
+    name is claimed by creating it exclusively, then replaced by the whole file."""
+    try:
+        os.link(tmp, path)
+        return
+    except OSError as e:
+        if e.errno not in _NO_HARD_LINKS:
+            raise
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # FileExistsError if taken
+    os.replace(tmp, path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

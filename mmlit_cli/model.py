@@ -29,6 +29,10 @@ from torch import nn
 from .config import ModelConfig
 
 
+# the input dtypes torch.autocast casts to its own (float64 it leaves as it is)
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patches (conv with kernel = stride = patch) -> tokens [B, N, D]."""
 
@@ -323,11 +327,15 @@ class MLiT(nn.Module):
             # as timm's patch embedding asserts its image size: the shape error from deep inside says less
             raise ValueError(f"mLiT takes float images [N, {C}, {S}, {S}], normalised; got {x.dtype} "
                              f"{list(x.shape)} (mmlit_cli.preprocess makes them from files or Pillow images)")
-        weights = self.patch_embed.proj.weight.dtype  # (the dtypes are fixed when compiled: no check in the graph)
-        if x.dtype != weights and not torch.is_autocast_enabled(x.device.type):
-            raise ValueError(f"this mLiT's weights are {weights} and its input {x.dtype}: pass x.to({weights}) "
-                             f"(or run under torch.autocast)")
+        weights = self.input_dtype  # (dtypes are fixed when compiled: the check leaves nothing in the graph)
+        if x.dtype != weights and not (x.dtype in _AUTOCAST_CASTS and torch.is_autocast_enabled(x.device.type)):
+            raise ValueError(f"this mLiT's weights are {weights} and its input {x.dtype}: pass x.to({weights})")
         return self.patch_embed(x) + self.pos_embed[:, 1:]
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the images must have (the patch embedding's): float32, or what `model.to(...)` made it."""
+        return self.patch_embed.proj.weight.dtype
 
     def cls_embed(self, batch: int) -> torch.Tensor:
         return (self.cls_token + self.pos_embed[:, :1]).expand(batch, -1, -1)

@@ -295,7 +295,8 @@ def write_csv(result: PredictResult, path: str | Path) -> Path:
     try:
         atomic_write(path, write, replace=False)
     except FileExistsError:
-        raise MmlitError(f"{path} appeared while predicting: not overwritten; choose another --csv file") from None
+        raise MmlitError(f"{path} already exists (it was not there when predicting began?): not overwritten; "
+                         f"choose another --csv file") from None
     except OSError as exc:
         raise MmlitError(f"cannot write {path} ({one_line(exc)})") from None
     return path

@@ -76,6 +76,16 @@ def write_metrics(out: Path, history: list[dict]) -> None:
     atomic_write_text(out / "metrics.csv", buf.getvalue())
 
 
+def check_history(out: Path, epochs_done: int) -> None:
+    """A run resumed after `epochs_done` epochs needs their metrics.jsonl: the next epoch
+    rewrites metrics.csv (and curves.png) from it, so without it the epochs done would be lost."""
+    history = out / "metrics.jsonl"
+    if epochs_done > 0 and not history.exists():
+        done = "epoch 1" if epochs_done == 1 else f"epochs 1-{epochs_done}"
+        raise MmlitError(f"{history} is missing: it holds the run's {done}, which metrics.csv and curves.png are "
+                         f"rewritten from; put it back, or create it empty to go on without them")
+
+
 def read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl's rows, for a resumed run to go on with (and rewrite): one that is not a row
     mmlit writes (a JSON object with an integer epoch; an edit gone wrong) is an error naming its
@@ -351,13 +361,9 @@ class RunRecord:
                 self.epoch, self.step_in_epoch, self.resume_loss_sum, batch, saved_world, self.dist.world_size,
                 steps_per_epoch)
             torch.manual_seed(seed + 1_000_003 * self.global_step + self.dist.rank)  # the old streams: other ranks'
-        history = self.facts.out_dir / "metrics.jsonl"
+        history = self.facts.out_dir / "metrics.jsonl"  # there when epochs are done (`check_history`)
         if history.exists():
             self.history = [h for h in read_metrics(history) if h["epoch"] <= self.epoch]
-        elif self.epoch > 0:  # the next epoch rewrites metrics.csv from it: the epochs done would be lost
-            raise MmlitError(f"{history} is missing: it holds the run's epochs 1-{self.epoch}, which metrics.csv "
-                             f"and curves.png are rewritten from; put it back, or create it empty to go on "
-                             f"without them")
 
     def take_resume_loss_sum(self) -> float:
         """Where this epoch's loss sum starts: the saved partial sum once after a resume, else 0."""

@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from .checkpoint import Checkpoint, load_checkpoint, load_weights_into, recorded_train_state
-from .config import CLASS_BALANCE, RESUME_MAY_CHANGE, RESUMED_CONFIG_MAY_CHANGE, Config, dump_config, load_config, \
-    parse_overrides, with_overrides
+from .config import CLASS_BALANCE, RESUME_MAY_CHANGE, RESUMED_CONFIG_MAY_CHANGE, Config, check_label_free, \
+    dump_config, load_config, parse_overrides, with_overrides
 from .data import DATASET_NAMES, SAMPLE_DIR, ImageData, canonical_name, default_data_dir, is_sample, load_split, \
     skipped_warning, train_split_size, usable_cpus
 from .engine import RunOptions, Trainer
@@ -28,7 +28,7 @@ from .errors import DataNotFound, MmlitError, listed
 from .files import new_run_dir
 from .mae import check_masking
 from .recipe import SAMPLE_EPOCHS, batch_origin, describe, fit_recipe, fit_to_device, pinned_keys
-from .run_record import stopped_early
+from .run_record import check_history, stopped_early
 from .runtime import check_compile_mode, end_distributed, local_process_count, process_count, process_rank, \
     resolve_device
 from .tasks import TASKS
@@ -375,6 +375,7 @@ def _resumed_run(run_dir: Path, task_cls, *, preset: str | None = None, dataset:
     ckpt = load_checkpoint(last, with_train_state=True)
     if ckpt.train_info is None:
         raise MmlitError(f"{last} holds no training state (it is not a run's last checkpoint)")
+    check_history(run_dir, int(ckpt.train_info.get("epoch", 0)))  # before the data is read
     if ckpt.task != task_cls.kind:
         command = _command_of(ckpt)
         how = f"mmlit {command} --resume {run_dir}" if command else "the command that trained it"
@@ -610,6 +611,7 @@ def _new_plan(task_cls, preset: str | None, dataset: str | None, data_dir: str |
                          f"RGB (grey ones with 3 equal channels)")
     if section == "pretrain":  # before the data is read
         check_masking(cfg.model, cfg.mae)
+        check_label_free(cfg.pretrain)
     # The preset's own length is the one its recipe was written for (`RunPlan.fit_to` fits it).
     reference_epochs = getattr(load_config(preset or "xs"), section).epochs
     spec = DataSpec(dataset, data_dir, download, validation or "auto")

@@ -83,12 +83,21 @@ def test_a_model_typed_with_extra_zeros_is_refused_before_it_is_built(preset):
     ("pretrain.augment.cutmix_alpha=1", "pretrain.augment.cutmix_alpha is 1"),
     ("pretrain.class_balance=loss", "pretrain.class_balance is 'loss'"),
 ])
-def test_what_acts_on_labels_is_refused_for_mae_pretraining(setting, said):
-    """MAE's loss reconstructs pixels: these did nothing while the recipe line said they were on."""
-    with pytest.raises(ConfigError, match=f"{said}, but MAE pre-training uses no labels: it would do nothing"):
-        load_config("xs", [setting])
-    load_config("xs", [setting.replace("pretrain.", "finetune.")])  # where they act
-    load_config("xs", ["pretrain.class_balance=sampler", "pretrain.augment.mix_prob=1"])  # draws / no-ops: kept
+def test_what_acts_on_labels_is_refused_for_mae_pretraining(setting, said, tmp_path):
+    """MAE's loss reconstructs pixels: these did nothing while the recipe line said they were on.
+    A pretrain run refuses them before reading its data; a config (or a finetune checkpoint)
+    that merely carries them in its pretrain section still loads."""
+    from mmlit_cli.config import check_label_free
+    from mmlit_cli.train import run_training
+
+    said = f"{said}, but MAE pre-training uses no labels: it would do nothing"
+    cfg = load_config("xs", [setting])  # load_checkpoint validates so too: a finetune checkpoint stays usable
+    with pytest.raises(ConfigError, match=said):
+        check_label_free(cfg.pretrain)
+    with pytest.raises(ConfigError, match=said):  # before the data: this folder does not exist
+        run_training("pretrain", "xs", str(tmp_path / "nowhere"), overrides=[setting], out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    check_label_free(load_config("xs", ["pretrain.class_balance=sampler", "pretrain.augment.mix_prob=1"]).pretrain)
 
 
 def test_unknown_preset_lists_the_known_ones():

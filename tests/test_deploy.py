@@ -288,7 +288,17 @@ def test_benchmark_lists_onnx_formats_as_missing_without_onnxruntime(world, tmp_
                   "--formats", ONNX_FORMATS, env=env)
     assert table.returncode == 0, table.stderr
     assert table.stdout.count('needs pip install "mmlit[onnx]"') == 3 and "ONNX int8 static" in table.stdout
-    assert "│ PyTorch" not in table.stdout and "batch-1 latency" not in table.stderr  # no PyTorch row
+    rows = table.stdout.replace("as PyTorch eager", "")  # the footnote names the reference
+    assert "PyTorch eager" not in rows and "PyTorch compiled" not in rows and "batch-1 latency" not in table.stderr
+
+
+def test_formats_are_read_in_table_order_and_all_means_all():
+    from mmlit_cli.deploy_benchmark import parse_formats
+
+    assert parse_formats(None) == parse_formats("all") == parse_formats("all,onnx-fp32") == list(FORMATS)
+    assert parse_formats(["onnx-fp32", " PyTorch-Eager "]) == ["pytorch-eager", "onnx-fp32"]
+    with pytest.raises(MmlitError, match="unknown format 'tflite'"):
+        parse_formats("onnx-fp32,tflite")
 
 
 def test_benchmark_measures_the_formats_asked_for_and_no_other(world, tmp_path):
@@ -581,8 +591,19 @@ def test_an_int8_model_that_fails_the_check_is_not_written(world, tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
-def test_atomic_write_without_replace_never_touches_an_existing_file(tmp_path):
+@pytest.mark.parametrize("hard_links", [True, False], ids=["hard links", "no hard links (vfat, some FUSE/SMB)"])
+def test_atomic_write_without_replace_never_touches_an_existing_file(tmp_path, monkeypatch, hard_links):
+    """Without replace the finished file is hard-linked to its name, which refuses a taken one; a
+    filesystem without hard links (os.link: EPERM) claims the name exclusively instead: the
+    export or CSV is written, never over another file (it failed after all the work)."""
+    import errno
+
     from mmlit_cli.files import atomic_write
+
+    if not hard_links:
+        def no_link(src, dst):
+            raise PermissionError(errno.EPERM, "Operation not permitted", src, dst)
+        monkeypatch.setattr(os, "link", no_link)
 
     target = tmp_path / "out.onnx"
     target.write_text("mine")

@@ -141,6 +141,9 @@ def test_a_row_or_header_the_reader_would_misread_is_named(tmp_path):
     twice.write_text("path,label,Label\n" + "".join(f"{g},{g[4]},x\n" for g in good))
     with pytest.raises(DataError, match=r"twice.csv: the header names 'label' more than once"):
         load_split(str(twice), "train", 16)
+    notes = tmp_path / "notes.csv"  # a column mmlit does not read may repeat, and empty names too
+    notes.write_text("path,label,note,note,,\n" + "".join(f"{g},{g[4]},x,y,,\n" for g in good))
+    assert len(load_split(str(notes), "train", 16, holdout=False).labels) == len(good)
     rows = tmp_path / "rows.csv"
     extra = tmp_path / "img" / "a" / "extra.png"
     shutil.copy(tmp_path / good[0], extra)
@@ -148,8 +151,8 @@ def test_a_row_or_header_the_reader_would_misread_is_named(tmp_path):
                     "img/a/extra.png,a,\n" + "img/a,a\n")  # line 7: an empty trailing field is no field
     with pytest.raises(DataError) as e:
         load_split(str(rows), "train", 16)
-    assert str(e.value).endswith("2 bad row(s): line 6: 3 fields where the header has 2 (a path with a comma must be "
-                                 "in double quotes); line 8: img/a is a folder, not an image file"), str(e.value)
+    assert str(e.value).endswith("2 bad row(s): line 6: 3 fields where the header has 2 (a path or label with a comma "
+                                 "must be in double quotes); line 8: img/a is a folder, not an image file"), str(e.value)
 
 
 def test_one_error_names_every_bad_row_of_every_split(tmp_path):

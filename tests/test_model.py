@@ -321,8 +321,10 @@ def test_the_python_api_says_what_is_wrong_as_timm_would():
     half = create_model("xxs", num_classes=10).to(torch.bfloat16)
     with pytest.raises(ValueError, match="weights are torch.bfloat16 and its input torch.float32"):
         half(torch.randn(1, 3, 36, 36))
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the input itself
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the input itself...
         assert half(torch.randn(1, 3, 36, 36)).shape == (1, 10)
+        with pytest.raises(ValueError, match="input torch.float64"):  # ...but not float64
+            half(torch.randn(1, 3, 36, 36, dtype=torch.float64))
     for bad in (2.5, True, "10"):
         with pytest.raises(ConfigError, match="model.num_classes: expected an integer"):
             create_model("xxs", num_classes=bad)

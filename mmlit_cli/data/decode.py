@@ -139,28 +139,41 @@ def decode_one(path: str, size: int) -> np.ndarray | None:
     return arr
 
 
-def upright(im: Any) -> Any:
-    """The image as a viewer shows it. A camera stores a portrait photo sideways with an EXIF
-    Orientation tag (2-8) that viewers apply; without it a phone photo would be trained on and
-    classified lying on its side (Ultralytics applies it too). Only images carrying EXIF are
-    looked at: the tag costs nothing to the many that have none (CIFAR's JPEGs)."""
-    from PIL import ImageOps
+def orientation(im: Any) -> int:
+    """The image's EXIF Orientation (1: as stored; 2-8: how a viewer turns or flips it). A camera
+    stores a portrait photo sideways with this tag; without it a phone photo would be trained
+    on and classified lying on its side (Ultralytics applies it too). Only images carrying
+    EXIF are looked at: the many without (CIFAR's JPEGs) pay nothing."""
     if "exif" not in im.info and im.format != "TIFF":
-        return im
+        return 1
     try:
-        if im.getexif().get(0x0112, 1) in (1, None):  # 0x0112: Orientation; 1 is "as stored"
-            return im
-        return ImageOps.exif_transpose(im)
+        value = im.getexif().get(0x0112, 1)  # 0x0112: Orientation
     except Exception:  # noqa: BLE001 - unreadable EXIF: the pixels as stored, as before
-        return im
+        return 1
+    return value if value in _TURNS else 1
+
+
+def _turns() -> dict:
+    from PIL import Image
+    T = Image.Transpose  # Pillow's own table (ImageOps.exif_transpose)
+    return {2: T.FLIP_LEFT_RIGHT, 3: T.ROTATE_180, 4: T.FLIP_TOP_BOTTOM, 5: T.TRANSPOSE, 6: T.ROTATE_270,
+            7: T.TRANSVERSE, 8: T.ROTATE_90}
+
+
+_TURNS = range(2, 9)
 
 
 def fit_image(im: Any, size: int) -> np.ndarray:
-    """A Pillow image -> uint8 [S, S, 3]: upright (its EXIF orientation applied), RGB, the
-    shorter side resized to S (bilinear), the centre cropped; how every file is read for
-    training, `eval` and `predict`."""
+    """A Pillow image -> uint8 [S, S, 3]: RGB, upright (its EXIF orientation applied, as to a
+    Pillow image given to `preprocess`: one turned by hand should drop the tag, as
+    `ImageOps.exif_transpose` does), the shorter side resized to S (bilinear), the centre
+    cropped; how every file is read for training, `eval` and `predict`."""
     from PIL import Image, ImageOps
-    rgb = to_rgb(upright(im))
+    im.load()  # first: Pillow turns a TIFF itself as it loads it, and drops its tag
+    turn = orientation(im)
+    rgb = to_rgb(im)  # first: it reads the image's format (a 16-bit PNG's scale), which a turned copy loses
+    if turn != 1:
+        rgb = rgb.transpose(_turns()[turn])
     if rgb.size != (size, size):
         rgb = ImageOps.fit(rgb, (size, size), method=Image.Resampling.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)

@@ -62,7 +62,8 @@ def checked_rows(csv_path: Path, require_labels: bool) -> tuple[list[Row], list[
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             names = [(name or "").strip().lower() for name in reader.fieldnames or []]
-            twice = sorted({n for n in names if n and names.count(n) > 1})
+            read = (*IMAGE_COLUMNS, "label", "split")  # a column mmlit does not read may repeat (spreadsheets do)
+            twice = sorted({n for n in names if n in read and names.count(n) > 1})
             if twice:  # csv.DictReader would keep the last silently
                 raise DataError(f"{csv_path}: the header names {', '.join(map(repr, twice))} more than once")
             header = {(name or "").strip().lower(): name for name in reader.fieldnames or []}
@@ -74,6 +75,7 @@ def checked_rows(csv_path: Path, require_labels: bool) -> tuple[list[Row], list[
             if label_col is None and require_labels:
                 raise DataError(f"{csv_path}: no 'label' column in the header")
             raw = [(reader.line_num, r) for r in reader]
+            columns = len(reader.fieldnames or [])
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"cannot read {csv_path}: {one_line(e)}") from None
     rows, bad = [], []
@@ -90,8 +92,8 @@ def checked_rows(csv_path: Path, require_labels: bool) -> tuple[list[Row], list[
         if not path:
             bad.append((line, "no image path"))
         elif extra:
-            bad.append((line, f"{len(r) - 1 + len(r[None])} fields where the header has {len(r) - 1} (a path with "
-                              f"a comma must be in double quotes)"))
+            bad.append((line, f"{columns + len(r[None])} fields where the header has {columns} (a path or label "
+                              f"with a comma must be in double quotes)"))
         elif key in first_line:
             bad.append((line, f"{path} is listed again (first on line {first_line[key]})"))
         elif full.is_dir():
