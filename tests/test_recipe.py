@@ -415,7 +415,9 @@ def test_resume_keeps_the_fitted_recipe(tmp_path):
                  max_steps=2, quiet=True)
     first = (tmp_path / "run" / "config.yaml").read_text()
     run_training("finetune", None, None, resume=tmp_path / "run", quiet=True)
-    assert (tmp_path / "run" / "config.yaml").read_text() == first
+    # the same config and recipe line, the line now said to be the one of the run's start
+    assert (tmp_path / "run" / "config.yaml").read_text() == first.replace("# recipe ", "# as the run started: recipe ") \
+        .replace("#   batch ", "# as the run started: batch ")
 
 
 def test_the_recipe_line_names_the_auto_augment_share_only_with_an_auto_augment():
