@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import glob
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,6 +281,12 @@ def check_csv_target(path: str) -> None:
     blocking = file_in_the_way(p)
     if blocking is not None:
         raise MmlitError(f"{blocking} is a file, not a folder: choose another --csv file")
+    folder = next(f for f in (p.absolute().parent, *p.absolute().parent.parents) if f.exists())
+    try:  # a place that takes no file (a read-only mount, /proc) is found before the predictions, not after
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise MmlitError(f"cannot write {path}: {folder} takes no new file ({e.strerror or one_line(e)})") from None
 
 
 def write_csv(result: PredictResult, path: str | Path) -> Path:
