@@ -31,7 +31,7 @@ from .data import DeviceLoader, ImageData, Normalize, build_loaders, resolve_loa
 from .errors import MmlitError
 from .optim import ModelEMA, build_adamw, param_groups, set_schedule
 from .recipe import decay_share, one_cycle_share, peak_lr, warmup_steps
-from .report import StopRequest, TrainingProgress, as_started, epoch_line, router_warning, run_header, stop_line
+from .report import StopRequest, TrainingProgress, epoch_line, router_warning, run_header, stop_line
 from .run_record import RunFacts, RunRecord, diverged
 from .runtime import (all_reduce_mean, amp_dtype, choose_attention_layouts, compile_failure, forward_batch,
                       is_compile_failure, maybe_compile, ranks_agree, ranks_in_sync, rng_devices, setup_distributed,
@@ -223,6 +223,26 @@ class EpochFigures:
         return notes
 
 
+class Divergence:
+    """The non-finite loss a run stops on (this rank's, if it saw one: under torchrun another
+    rank's may stop it), and where: in a training step, or in validation (finite weights whose
+    outputs are not); the error the run ends with says which."""
+
+    def __init__(self):
+        self.loss: float | None = None
+        self.in_validation = False
+
+    def saw(self, loss: float, in_validation: bool = False) -> None:
+        self.loss, self.in_validation = loss, in_validation
+
+    def error(self, epochs_done: int, step: int, out: Path, command: str) -> MmlitError:
+        where = (f"the validation loss became {self.loss} after epoch {epochs_done + 1} (step {step}), its "
+                 f"weights diverged" if self.in_validation else f"the loss became {self.loss or 'nan'} at step {step}")
+        last = out / "last.safetensors"
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
+        return MmlitError(f"{where}; stopped, {kept} (try a lower --lr or --set {command}.grad_clip=1.0)")
+
+
 class Trainer:
     """The epoch/step loop. Where the run stands and what it writes (config.yaml, metrics,
     checkpoints, --resume) is its `record` (`run_record.RunRecord`)."""
@@ -260,8 +280,7 @@ class Trainer:
         self.stop = StopRequest()
         self.progress = TrainingProgress(self.console, self.device, opts.log_every, self.dist.world_size,
                                          disable=not self.dist.is_main or opts.quiet)
-        self.bad_loss: float | None = None  # a non-finite loss this rank saw, for the message
-        self.bad_in_validation = False  # ... and whether validation saw it (finite weights, outputs not)
+        self.divergence = Divergence()
         self.figures = EpochFigures(task, self.record, self.device)
 
     # what the step calls, compiled or not (`compiled`: the header; all three: the tests)
@@ -363,11 +382,11 @@ class Trainer:
         shown = self.progress.step(loss, batch_size, self.optimizer.param_groups[-1]["lr"],
                                    flush=at_end or self.stop.requested)
         if shown is not None and not math.isfinite(shown):
-            self.bad_loss = shown
+            self.divergence.saw(shown)
         # under torchrun the ranks ask each other, at the same steps (a sync), whether any one's
         # loss diverged or was signalled: they stop together, or one would wait for the rest
         stop = self.stop.agreed(self.dist, self.device, at_end or self.global_step % self.opts.log_every == 0,
-                                diverged=self.bad_loss is not None)
+                                diverged=self.divergence.loss is not None)
         if stop is not None or (self.opts.max_steps is not None and self.global_step >= self.opts.max_steps):
             return stop or "max_steps"
         if self.opts.save_every and self.global_step % self.opts.save_every == 0 and not at_end:
@@ -387,7 +406,7 @@ class Trainer:
         model = self.model if self.ema is None else self.ema.module  # scored: the EMA when there is one
         val = {} if self.val_loader is None else self.task.validate(model, self.val_loader, self.device, self.amp_dtype)
         if not math.isfinite(val.get("val_loss", 0.0)):  # finite weights whose outputs are not: diverged too
-            self.bad_loss, self.bad_in_validation = val["val_loss"], True
+            self.divergence.saw(val["val_loss"], in_validation=True)
             return "nan"
         record.epoch, record.step_in_epoch, world = record.epoch + 1, 0, self.dist.world_size
         row = epoch_row(self.epoch, self.global_step, train_loss, self.optimizer.param_groups[-1]["lr"], val,
@@ -407,13 +426,7 @@ class Trainer:
         self.record.writer.wait()  # what follows says the checkpoints are there
         if stopped == "nan":
             self.record.close_events()
-            where = (f"the validation loss became {self.bad_loss} after epoch {self.epoch + 1} (step "
-                     f"{self.global_step}), its weights diverged" if self.bad_in_validation
-                     else f"the loss became {self.bad_loss or 'nan'} at step {self.global_step}")
-            last = out / "last.safetensors"
-            kept = (f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved")
-            raise MmlitError(f"{where}; stopped, {kept} (try a lower --lr or --set "
-                             f"{self.task.command}.grad_clip=1.0)")
+            raise self.divergence.error(self.epoch, self.global_step, out, self.task.command)
         self._print(stop_line(stopped, self.epoch, self.record.early_stop, self.record.best_epoch, self.stop.signal,
                               out, self.opts.save_best))
         return {"stopped": stopped, "signal": self.stop.signal, "epoch": self.epoch, "global_step": self.global_step,
@@ -421,12 +434,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ printing
 
-    def _print_start(self) -> None:
-        """The run in a line (more with the attention's layout and the fitted recipe)."""
-        r, recipe = self.recipe, as_started(self.opts.recipe_note) if self.global_step else self.opts.recipe_note
-        self._print(run_header(self.task.kind, self.cfg.name, self.steps_per_epoch, r.epochs, r.batch_size,
-                               self.dist.world_size, self.device, self.amp_dtype is not None, self.compiled,
-                               self.loader_note, self.opts.out_dir, (self.attention_note, recipe)))
+    def _print_start(self) -> None:  # the run in a line (more with the attention's layout and the recipe)
+        self._print(run_header(self.task.kind, self.cfg.name, self.steps_per_epoch, self.recipe.epochs,
+                               self.recipe.batch_size, self.dist.world_size, self.device, self.amp_dtype is not None,
+                               self.compiled, self.loader_note, self.opts.out_dir,
+                               (self.attention_note, self.record.recipe_note)))
 
     def _print(self, msg: str | None) -> None:
         if msg and self.dist.is_main and not self.opts.quiet:  # (an empty line or None: nothing to say)

@@ -135,9 +135,7 @@ class RunFacts:
 def write_run_files(out: Path, cfg: Config, recipe_note: str | None, epoch: int, global_step: int):
     """config.yaml, with the fitted recipe in words atop it, and the run's event log (returned,
     None without TensorBoard); a new run's config goes into the log too."""
-    # a resumed run's config may say other epochs (--resume --epochs): the recipe is the one fitted at its start
-    note = "".join(f"# {line}\n" for line in ((as_started(recipe_note) if global_step else recipe_note) or
-                                               "").splitlines())
+    note = "".join(f"# {line}\n" for line in (recipe_note or "").splitlines())
     # the values below are the fitted ones: fitting them again (--recipe auto) would treat the
     # run's length as a preset's and change them
     again = "# to train with exactly this recipe again: --preset config.yaml --recipe paper\n"
@@ -216,7 +214,13 @@ class RunRecord:
             self.save_last()
             self.writer.wait()
         if self.dist.is_main:
-            self.events = write_run_files(out, self.cfg, self.facts.recipe_note, self.epoch, self.global_step)
+            self.events = write_run_files(out, self.cfg, self.recipe_note, self.epoch, self.global_step)
+
+    @property
+    def recipe_note(self) -> str | None:
+        """The recipe in words, as printed and atop config.yaml: a resumed run's is the one fitted at
+        its start (`as_started`), whose config may now say other epochs (--resume --epochs)."""
+        return as_started(self.facts.recipe_note) if self.global_step else self.facts.recipe_note
 
     def close_events(self, curves: Path | None = None) -> None:
         """The training curves (when drawn) into the event file, which is then closed."""
@@ -252,9 +256,7 @@ class RunRecord:
 
     def update_best(self, row: dict, train_loss: float) -> bool:
         """Whether the epoch of `row` improved the monitored figure (then it is the best)."""
-        value = row.get(self.task.monitor)
-        if value is not None and not math.isfinite(value):  # never the best (and no later epoch would beat it)
-            return False
+        value = row.get(self.task.monitor)  # (finite: an epoch whose validation is not stops the run first)
         improved = value is None or self.best is None or (  # no validation split: the latest is the best we know
             value > self.best if self.task.higher_is_better else value < self.best)
         if improved:

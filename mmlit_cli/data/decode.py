@@ -150,17 +150,16 @@ def orientation(im: Any) -> int:
         value = im.getexif().get(0x0112, 1)  # 0x0112: Orientation
     except Exception:  # noqa: BLE001 - unreadable EXIF: the pixels as stored, as before
         return 1
-    return value if value in _TURNS else 1
+    return value if value in range(2, 9) else 1
 
 
-def _turns() -> dict:
+def _turn(rgb: Any, orientation: int) -> Any:
+    """`rgb` as a viewer shows an image of that EXIF `orientation` (Pillow's own table, as in
+    `ImageOps.exif_transpose`)."""
     from PIL import Image
-    T = Image.Transpose  # Pillow's own table (ImageOps.exif_transpose)
-    return {2: T.FLIP_LEFT_RIGHT, 3: T.ROTATE_180, 4: T.FLIP_TOP_BOTTOM, 5: T.TRANSPOSE, 6: T.ROTATE_270,
-            7: T.TRANSVERSE, 8: T.ROTATE_90}
-
-
-_TURNS = range(2, 9)
+    T = Image.Transpose
+    return rgb.transpose({2: T.FLIP_LEFT_RIGHT, 3: T.ROTATE_180, 4: T.FLIP_TOP_BOTTOM, 5: T.TRANSPOSE,
+                          6: T.ROTATE_270, 7: T.TRANSVERSE, 8: T.ROTATE_90}[orientation])
 
 
 def fit_image(im: Any, size: int) -> np.ndarray:
@@ -173,7 +172,7 @@ def fit_image(im: Any, size: int) -> np.ndarray:
     turn = orientation(im)
     rgb = to_rgb(im)  # first: it reads the image's format (a 16-bit PNG's scale), which a turned copy loses
     if turn != 1:
-        rgb = rgb.transpose(_turns()[turn])
+        rgb = _turn(rgb, turn)
     if rgb.size != (size, size):
         rgb = ImageOps.fit(rgb, (size, size), method=Image.Resampling.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)
