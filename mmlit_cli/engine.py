@@ -35,7 +35,7 @@ from .report import StopRequest, TrainingProgress, epoch_line, router_warning, r
 from .run_record import RunFacts, RunRecord, diverged
 from .runtime import (all_reduce_mean, amp_dtype, choose_attention_layouts, compile_failure, forward_batch,
                       is_compile_failure, maybe_compile, ranks_agree, ranks_in_sync, rng_devices, setup_distributed,
-                      wrap_ddp)
+                      wait_for_device, wrap_ddp)
 from .train_state import rng_state, set_rng_state
 
 
@@ -343,6 +343,9 @@ class Trainer:
             if stopped is not None:
                 break
         self.progress.end_epoch()
+        # the host runs up to a log window ahead of a GPU: the epoch's time (and img/s) ends when
+        # its last step has run, not when it was queued (one wait an epoch)
+        wait_for_device(self.device)
         self.record.bank_elapsed()
         return loss_sum, seen, stopped
 

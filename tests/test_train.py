@@ -458,3 +458,28 @@ def test_ema_is_what_gets_validated_and_saved_as_best(folder, tmp_path):
                  batch_size=8, quiet=True)
     row = json.loads((pre / "metrics.jsonl").read_text().splitlines()[-1])
     assert all(sum(layer) == pytest.approx(1.0) for layer in row["expert_usage"])
+
+
+def test_wait_for_device_waits_for_a_gpu_only(monkeypatch):
+    from mmlit_cli import runtime
+
+    waited = []
+    monkeypatch.setattr(runtime.torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    runtime.wait_for_device(torch.device("cpu"))
+    assert waited == []
+    runtime.wait_for_device(torch.device("cuda", 0))
+    assert waited == [torch.device("cuda", 0)]
+
+
+def test_an_epochs_time_ends_when_the_device_has_run_its_steps(tmp_path, monkeypatch):
+    """A GPU runs behind the host: an epoch's clock (its img/s, the run's training time) is read
+    after waiting for the device, once an epoch."""
+    from mmlit_cli import engine, run_record
+
+    events = []
+    monkeypatch.setattr(engine, "wait_for_device", lambda device: events.append(("wait", device.type)))
+    bank = run_record.RunRecord.bank_elapsed
+    monkeypatch.setattr(run_record.RunRecord, "bank_elapsed", lambda self: events.append("bank") or bank(self))
+    run_training("finetune", "xxs", str(write_folder(tmp_path / "data")), out=tmp_path / "run", overrides=TINY,
+                 epochs=2, batch_size=8, quiet=True)
+    assert events == [("wait", "cpu"), "bank"] * 2
