@@ -9,7 +9,9 @@ auto`: fitted to `--epochs`), in images/s:
   aug device    `DeviceLoader` + `BatchAugment` alone: the batches the device path feeds, no model
   aug workers   `build_loader(..., workers=N)` alone: the worker path's batches, no model
   e2e device    `run_training("finetune", ..., loader="device")` (what `mmlit finetune` runs),
-                timed between its warm-up and last step (decoding and compilation excluded)
+                timed between its warm-up and last step (decoding and compilation excluded),
+                within the first epoch: the timed steps are cut to end there, so that the
+                first epoch's end (validation, the first figures: one-off costs) is not timed
   e2e workers   the same with `loader="workers"`
 
 `--profile N` adds where a bare step's time goes (torch.profiler over N steps: on CUDA the
@@ -146,9 +148,18 @@ def attention_layout_line(cfg, classes: list[str], device: torch.device, args, t
             f"({as_built / chosen:.2f}x)")
 
 
-def bench_e2e(preset: str, dataset: str, cfg, loader: str, device: torch.device, args, out: Path) -> float:
+def first_epoch_steps(warmup: int, steps: int, steps_per_epoch: int) -> int:
+    """The timed steps of an e2e run: `steps`, cut to end within the first epoch when the
+    warm-up leaves room for any."""
+    if warmup + steps <= steps_per_epoch or steps_per_epoch - warmup < 1:
+        return steps
+    return steps_per_epoch - warmup
+
+
+def bench_e2e(preset: str, dataset: str, cfg, loader: str, device: torch.device, args, out: Path,
+              steps: int) -> float:
     B = cfg.finetune.batch_size
-    first, last = args.warmup, args.warmup + args.steps
+    first, last = args.warmup, args.warmup + steps
     with step_clock(first, last) as marks:
         result = run_training("finetune", preset, dataset, out=out, epochs=args.epochs, batch_size=B,
                               recipe=args.recipe, workers=cfg.finetune.workers, loader=loader, device=str(device),
@@ -156,7 +167,7 @@ def bench_e2e(preset: str, dataset: str, cfg, loader: str, device: torch.device,
                               console=Console(quiet=True))
     if first not in marks or last not in marks:
         raise SystemExit(f"e2e run stopped early ({result.get('stopped')}, step {result.get('global_step')})")
-    return args.steps * B / (marks[last] - marks[first])
+    return steps * B / (marks[last] - marks[first])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -222,9 +233,15 @@ def main(argv=None) -> int:
                       "aug_workers_img_s": aug_workers, "e2e_device_img_s": e2e["device"],
                       "e2e_workers_img_s": e2e["workers"], "host_syncs": syncs}
             results.append(result)
+            steps = first_epoch_steps(args.warmup, args.steps, len(data) // ft.batch_size)
+            if steps != args.steps:
+                print(f"   e2e: {steps} timed steps after {args.warmup}, not {args.steps}: an epoch has "
+                      f"{len(data) // ft.batch_size}", flush=True)
+            result["e2e_steps"] = steps
             for r in range(0 if args.skip_e2e else args.rounds):
                 for loader in ("device", "workers"):
-                    rate = bench_e2e(preset, str(dataset), cfg, loader, device, args, tmp / f"{preset}-{loader}-{r}")
+                    rate = bench_e2e(preset, str(dataset), cfg, loader, device, args, tmp / f"{preset}-{loader}-{r}",
+                                     steps)
                     e2e[loader].append(rate)
                     print(f"   round {r + 1}: e2e {loader} {rate:,.0f} img/s", flush=True)
                     # Saved after every run: if the device call is cut short, what was measured

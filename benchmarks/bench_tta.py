@@ -7,8 +7,10 @@
 epoch, never trained on). The number of epochs is chosen so that the whole command (decoding,
 compilation, every epoch's validation) should end within `--budget-s`: from the end-to-end
 img/s that `bench_pipeline.py --json` measured for the preset (`--rates`; else `--rate`, so
-that a pipeline step cut short still leaves this one a length to run), less
-a fixed allowance for decoding and compilation. Then the command runs as a user runs it, in a
+that a pipeline step cut short still leaves this one a length to run), less a fixed allowance
+for start-up and decoding, and for compilation when the run is long enough that `mmlit
+finetune` compiles by default (`engine.compile_pays`: a run near that length is held just below
+it when compiling would leave it fewer epochs). Then the command runs as a user runs it, in a
 fresh process, timed from its start to its exit; the table gives its wall time, the held-out
 top-1 at its last epoch (the figure the budget is judged by) and at its best epoch, and the
 img/s of each epoch.
@@ -17,16 +19,28 @@ img/s of each epoch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import torch  # noqa: E402
+
+from mmlit_cli.config import load_config  # noqa: E402
+from mmlit_cli.engine import compile_pays  # noqa: E402
+from mmlit_cli.recipe import fit_recipe, fit_to_device  # noqa: E402
+
+# seconds a run spends outside its epochs' steps before the first: start-up and decoding, and
+# on CUDA compiling s when the run compiles (~80 s on the H200, docs/BENCHMARKS.md)
+FIXED_S = {"cpu": (20.0, 20.0), "cuda": (30.0, 110.0)}  # (eager, compiled)
 
 
 def pipeline_rate(path: str | None, preset: str) -> float | None:
@@ -50,6 +64,34 @@ def fitted_epochs(budget_s: float, fixed_s: float, rate: float, train_images: in
     return max(1, math.floor((budget_s - fixed_s) / per_epoch))
 
 
+def planned_steps(preset: str, epochs: int, train_images: int, device: torch.device) -> int:
+    """The optimisation steps of `mmlit finetune --preset P --epochs E` on `train_images` on
+    `device`: its batch is the one `run_training` fits (the device's, then the recipe's)."""
+    cfg = load_config(preset)
+    reference = cfg.finetune.epochs
+    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, epochs=epochs))
+    cfg = fit_to_device(cfg, "finetune", device.type, train_images, cpus=os.cpu_count() or 1)
+    cfg = fit_recipe(cfg, "finetune", reference, train_images)
+    return max(train_images // cfg.finetune.batch_size, 1) * epochs
+
+
+def choose_epochs(budget_s: float, fixed: tuple[float, float], rate: float, train_images: int, val_images: int,
+                  steps: Callable[[int], int], compiles: Callable[[int], bool]) -> tuple[int, str]:
+    """The most epochs whose run fits in `budget_s`, with the allowance `fixed` (eager,
+    compiled) of the way the run will go: (epochs, "eager" or "compiled"). `steps(e)` are
+    the steps of `e` epochs, `compiles(steps)` whether such a run compiles by default."""
+    eager = fitted_epochs(budget_s, fixed[0], rate, train_images, val_images)
+    if not compiles(steps(eager)):
+        return eager, "eager"
+    compiled = fitted_epochs(budget_s, fixed[1], rate, train_images, val_images)
+    if compiles(steps(compiled)):
+        return compiled, "compiled"
+    # compiling would cost more epochs than it leaves: the longest run that does not compile
+    while eager > 1 and compiles(steps(eager)):
+        eager -= 1
+    return eager, "eager"
+
+
 def count_images(folder: Path) -> int:
     return sum(1 for p in folder.rglob("*") if p.is_file() or p.is_symlink())
 
@@ -60,7 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="s")
     p.add_argument("--budget-s", type=float, default=300)
     p.add_argument("--fixed-s", type=float, default=None,
-                   help="allowance for decoding and compilation (default 110 on CUDA, 20 on CPU)")
+                   help="allowance for start-up, decoding and compilation (default on CUDA 30 s, 110 s when the "
+                        "run compiles; 20 s on a CPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--rates", default=None, help="bench_pipeline.py --json output")
     p.add_argument("--rate", type=float, default=None, help="end-to-end img/s, when there is no --rates")
@@ -72,15 +115,18 @@ def main(argv=None) -> int:
     device = common.pick_device(args.device)
     data = Path(args.data)
     train_images, val_images = count_images(data / "train"), count_images(data / "val")
-    fixed = args.fixed_s if args.fixed_s is not None else (110.0 if device.type == "cuda" else 20.0)
+    fixed = (args.fixed_s,) * 2 if args.fixed_s is not None else FIXED_S.get(device.type, FIXED_S["cpu"])
     measured = pipeline_rate(args.rates, args.preset)
     rate = measured or args.rate
     if args.epochs:
         epochs, how = args.epochs, "given"
     elif rate:
-        epochs = fitted_epochs(args.budget_s, fixed, rate, train_images, val_images)
-        how = (f"fitted: ({args.budget_s:.0f} s - {fixed:.0f} s) at {rate:,.0f} img/s, "
-               + ("measured by bench_pipeline" if measured else "--rate: no measured rate in --rates"))
+        epochs, way = choose_epochs(args.budget_s, fixed, rate, train_images, val_images,
+                                    lambda e: planned_steps(args.preset, e, train_images, device),
+                                    lambda steps: compile_pays(device, steps))
+        how = (f"fitted: ({args.budget_s:.0f} s - {fixed[way == 'compiled']:.0f} s) at {rate:,.0f} img/s, "
+               + ("measured by bench_pipeline" if measured else "--rate: no measured rate in --rates")
+               + f"; {planned_steps(args.preset, epochs, train_images, device):,} steps, {way}")
     else:
         raise SystemExit("no rate to fit the epochs to: give --rates, --rate or --epochs")
     cmd = [sys.executable, "-m", "mmlit_cli", "finetune", "--preset", args.preset, "--dataset", str(data),

@@ -93,7 +93,7 @@ def test_bench_pipeline_keeps_the_rates_measured_before_it_is_killed(tmp_path, m
     write_image_folder(tmp_path / "data", {"a": 6, "b": 6}, size=32)
     calls = []
 
-    def e2e(preset, dataset, cfg, loader, device, args, out):
+    def e2e(preset, dataset, cfg, loader, device, args, out, steps):
         calls.append(loader)
         if len(calls) > 1:
             raise KeyboardInterrupt  # the step's timeout, as far as this process can tell
@@ -111,6 +111,14 @@ def test_bench_pipeline_keeps_the_rates_measured_before_it_is_killed(tmp_path, m
 
 
 
+def test_bench_pipeline_times_e2e_steps_within_the_first_epoch():
+    """gpu.sh's s run has 79 steps an epoch: 30 + 100 steps timed its first epoch's end
+    (validation, the first figures) as if it were training steps."""
+    assert bench_pipeline.first_epoch_steps(30, 100, 79) == 49
+    assert bench_pipeline.first_epoch_steps(20, 55, 79) == 55
+    assert bench_pipeline.first_epoch_steps(3, 5, 3) == 5  # no room after the warm-up: as asked
+
+
 def test_bench_pipeline_measures_every_preset_before_it_diagnoses_any(tmp_path, monkeypatch):
     """gpu.sh stops step 1 after 150 s: the second preset's figures must not wait behind the
     first preset's profile and attention tables."""
@@ -123,6 +131,26 @@ def test_bench_pipeline_measures_every_preset_before_it_diagnoses_any(tmp_path, 
                          "--workers", "0", "--profile", "1", "--json", str(tmp_path / "p.json")])
     assert calls == [("e2e", "xxs"), ("e2e", "xxs"), ("e2e", "xs"), ("e2e", "xs"),
                      ("diagnose", "xxs"), ("diagnose", "xs")]
+
+def test_gpu_sh_cuts_every_step_at_its_hard_limit_and_logs_to_out(tmp_path):
+    """A device call is killed at 600 s, and only $OUT comes back: no step of gpu.sh may run
+    past HARD_S, one that would get less than MIN_STEP_S is skipped, and the log goes to $OUT."""
+    import subprocess
+
+    fake = tmp_path / "python"  # a Python that hangs, but answers gpu.sh's data-folder question
+    fake.write_text('#!/bin/sh\ncase "$2" in *holdout_folder*) echo "$DATA";; *) sleep 30;; esac\n')
+    fake.chmod(0o755)
+    (tmp_path / "data").mkdir()
+    out = tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "DATA": str(tmp_path / "data"), "OUT": str(out),
+           "HARD_S": "3", "MIN_STEP_S": "2"}
+    done = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--cpu-quick"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert "timed out after 3 s" in done.stdout  # the environment step: cut at the limit, not at 420 s
+    assert done.stdout.count("left of the 3 s limit") == 2  # the pipeline and time-to-accuracy steps
+    assert done.returncode == 1
+    assert len(list(out.glob("cpu-quick-*.log"))) == 1
+
 
 def test_bench_tta_falls_back_to_rate_when_the_rates_file_has_none(tmp_path, monkeypatch, capsys):
     write_image_folder(tmp_path / "data" / "train", {"a": 8, "b": 8}, size=8)
@@ -137,6 +165,25 @@ def test_bench_tta_falls_back_to_rate_when_the_rates_file_has_none(tmp_path, mon
     epochs = int(commands[0][commands[0].index("--epochs") + 1])
     assert epochs == bench_tta.fitted_epochs(30, 10, 2, 16, 4) == 2  # 20 s at (16 + 4/3) / 2 s an epoch
     assert "--rate: no measured rate" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("rate, expected", [
+    (3000, (19, "eager")),  # short: no compilation, the eager allowance
+    (6500, (40, "eager")),  # 41 epochs would compile, leaving 29: held at 40 (3,160 steps), eager
+    (20000, (90, "compiled")),  # long enough to compile even with its allowance
+])
+def test_bench_tta_fits_its_epochs_with_the_allowance_of_the_way_the_run_goes(rate, expected):
+    """gpu.sh's 5-minute run: an allowance for compiling only when the command will compile (a
+    run of 3,200 steps or more on CUDA), else it was ~80 s short of its budget."""
+    chosen = bench_tta.choose_epochs(300, (30, 110), rate, 40500, 4500, lambda e: 79 * e, lambda st: st >= 3200)
+    assert chosen == expected
+
+
+def test_bench_tta_plans_the_steps_a_cuda_run_takes():
+    cuda = torch.device("cuda")
+    assert bench_tta.planned_steps("s", 40, 40500, cuda) == 40 * (40500 // 512)  # the device's batch
+    assert bench_tta.planned_steps("s", 3, 40500, cuda) > 3 * 79  # a short run: smaller batches, more steps
+    assert bench_tta.compile_pays(cuda, bench_tta.planned_steps("s", 41, 40500, cuda))
 
 
 def test_bench_tta_says_what_the_command_spent_outside_its_epochs_steps(tmp_path, monkeypatch, capsys):
