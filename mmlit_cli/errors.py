@@ -31,6 +31,19 @@ def listed(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
+def readable(text: str) -> str:
+    """`text` with what cannot be written as UTF-8 shown as U+FFFD: a file or folder name that
+    is not UTF-8 (from a Windows or legacy archive) reaches Python with its bytes as lone
+    surrogates, which a terminal may print but matplotlib, TensorBoard and ONNX refuse."""
+    if text.isascii():
+        return text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that is not an undecodable byte
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace")
+
+
 def one_line(exc: BaseException, with_type: bool = True, limit: int | None = None, first_line: bool = False) -> str:
     """An exception as one line for a message: its text with white space folded (the type's
     name when it has none), after `Type: ` when `with_type`, cut to `limit` characters.

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import MmlitError
+from .errors import MmlitError, readable
 
 # Row entries that are not figures of the run's progress (the x axis is the epoch).
 _NOT_SCALARS = {"epoch", "step", "world_size", "ranks_in_sync"}
@@ -81,7 +81,8 @@ class EventLog:
 
     def text(self, tag: str, text: str) -> None:
         # TensorBoard renders text as markdown: four spaces keep the YAML as it is
-        self.writer.add_text(tag, "".join(f"    {line}\n" for line in text.splitlines()), 0)
+        # (`readable`: a path with bytes that are not UTF-8 cannot be written into the event file)
+        self.writer.add_text(tag, "".join(f"    {line}\n" for line in readable(text).splitlines()), 0)
         self.writer.flush()
 
     def close(self) -> None:

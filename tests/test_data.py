@@ -3,8 +3,10 @@ batch mixing and loaders. No network; the whole file runs in a few seconds."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -243,6 +245,40 @@ def test_split_folders_named_in_capitals_and_a_stray_folder_beside_train(tmp_pat
 
     fx.write_image_folder(tmp_path / "v", {"train": 3, "bus": 3})  # vehicles: a class named train
     assert load_split(str(tmp_path / "v"), "train", 20).classes == ["bus", "train"]
+
+
+def test_a_test_or_val_folder_of_class_folders_beside_classes_is_no_class(tmp_path):
+    """root/cat/, root/dog/, root/test/{cat,dog}/ (no train/): test/ is a split, not a third
+    class whose images are trained on under the label 'test'; for --split all too. A class
+    named test (its images directly in it) stays a class, and val/ alone keeps its advice."""
+    for name in ("test", "Validation"):
+        root = tmp_path / name
+        fx.write_image_folder(root, {"cat": 3, "dog": 3})
+        fx.write_image_folder(root / name, {"cat": 2, "dog": 2}, seed=1)
+        for split in ("train", "all"):
+            with pytest.raises(DataError, match=f"looks like a {name.lower()} split, but .* has no train/"):
+                load_split(str(root), split, 20)
+        with pytest.raises(DataError, match="has no train/"):
+            load_split(str(root), "train", 20, require_labels=False)
+    fx.write_image_folder(tmp_path / "exam", {"test": 3, "quiz": 3})  # a class named test
+    assert load_split(str(tmp_path / "exam"), "train", 20).classes == ["quiz", "test"]
+    fx.write_image_folder(tmp_path / "only" / "val", {"cat": 2, "dog": 2})
+    with pytest.raises(DataError, match="--split all"):
+        load_split(str(tmp_path / "only"), "all", 20)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="names that are not UTF-8: a Linux file system keeps the bytes")
+def test_class_folders_named_with_bytes_that_are_not_utf8(tmp_path):
+    """A folder from a legacy archive named b'cl\\xe9' is the class 'cl\\ufffd': matplotlib,
+    TensorBoard and ONNX cannot hold the name Python reads (a lone surrogate); two folders
+    that would share a name are refused."""
+    root = tmp_path / "legacy"
+    fx.write_image_folder(root, {"a": 3, os.fsdecode(b"cl\xe9"): 3})
+    data = load_split(str(root), "all", 20)
+    assert data.classes == ["a", "cl\ufffd"] and sorted(data.labels.tolist()) == [0] * 3 + [1] * 3
+    fx.write_image_folder(root, {os.fsdecode(b"cl\xe8"): 3})
+    with pytest.raises(DataError, match="differ only in bytes that are not UTF-8"):
+        load_split(str(root), "train", 20)
 
 
 def test_unlabeled_folder(tmp_path):

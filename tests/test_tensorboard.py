@@ -132,6 +132,21 @@ def test_eval_logs_its_figures_at_the_checkpoints_step(tmp_path):
     assert images == {"val/confusion"} and "source/text_summary" in texts
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="names that are not UTF-8: a Linux file system keeps the bytes")
+def test_a_folder_and_a_class_named_with_bytes_that_are_not_utf8_train_and_evaluate(tmp_path):
+    """A dataset from a legacy archive: the run's confusion matrix (matplotlib) and eval's
+    source line (TensorBoard text) crashed on the names Python reads from such bytes."""
+    data = write_folder(tmp_path / os.fsdecode(b"donn\xe9es"), classes=("red", os.fsdecode(b"gr\xfcn"), "blue"),
+                        per_class=8)
+    run_training("finetune", "xxs", str(data), out=tmp_path / "run", overrides=TINY, epochs=1, batch_size=8,
+                 console=Console(quiet=True))
+    report = evaluate_checkpoint(tmp_path / "run" / "last.safetensors", str(data), split="val")
+    write_eval_files(report, tmp_path / "eval")
+    _, images, texts = tensorboard_events(tmp_path / "eval")
+    assert report.classes == ["blue", "gr\ufffdn", "red"] and "source/text_summary" in texts
+    assert "val/confusion" in tensorboard_events(tmp_path / "run")[1]
+
+
 def test_without_tensorboard_a_run_writes_no_event_file(tmp_path):
     """A `tensorboard` that cannot be imported stands for the package not being installed."""
     blocker = tmp_path / "blocker" / "tensorboard"

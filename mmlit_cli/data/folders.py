@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DataError, one_line
+from ..errors import DataError, one_line, readable
 from .decode import decode_labelled, list_images, walk_images
 from .splits import ImageData, classes_shown, held_out_share, stratified_holdout
 
@@ -34,8 +34,11 @@ def _subdirs(folder: Path) -> list[str]:
 
 def _scan_part(folder: Path, classes: list[str] | None,
                require_labels: bool) -> tuple[list[str], list[str], list[int]]:
-    """Scan one folder -> (classes, files, labels); `classes` fixes the label order if given."""
+    """Scan one folder -> (classes, files, labels); `classes` fixes the label order if given.
+    A class is named by its folder's name as text (`readable`: bytes that are not UTF-8 shown
+    as U+FFFD), which figures, TensorBoard and exported files can hold."""
     dirs = _subdirs(folder)
+    names = {d: readable(d) for d in dirs}
     is_train = classes is None
     if is_train:  # the train (or only) folder decides what the classes are
         if not dirs:
@@ -47,7 +50,11 @@ def _scan_part(folder: Path, classes: list[str] | None,
                 raise DataError(f"{folder} has {len(files)} images but no class sub-folders; put "
                                 f"them in {folder}/<class>/ (one folder per class, at least 2)")
             return [], files, [-1] * len(files)
-        classes = dirs
+        classes = [names[d] for d in dirs]
+        if len(set(classes)) < len(classes):
+            same = sorted(d for d in dirs if classes.count(names[d]) > 1)
+            raise DataError(f"{folder}: class folders {', '.join(map(repr, same[:3]))} differ only in bytes that are "
+                            f"not UTF-8, so their classes would have one name: rename them")
         if require_labels and len(classes) < 2 and classes[0].lower() in _SPLIT_NAMES:  # root/val/<class>/ alone
             raise DataError(f"{folder} holds only a {classes[0]}/ folder, no train/: to score its images, pass "
                             f"--dataset {folder / classes[0]} --split all")
@@ -60,7 +67,7 @@ def _scan_part(folder: Path, classes: list[str] | None,
             raise DataError(f"no images found in {folder}")
         return [], files, [-1] * len(files)
     else:
-        extra = [d for d in dirs if d not in classes]
+        extra = [names[d] for d in dirs if names[d] not in classes]
         if extra:
             raise DataError(f"{folder} has class folder(s) not in the train folder: "
                             f"{', '.join(extra[:5])}")
@@ -71,20 +78,28 @@ def _scan_part(folder: Path, classes: list[str] | None,
         if not found and is_train:
             raise DataError(f"class folder {folder / d} has no images")
         files += found
-        labels += [index[d]] * len(found)
+        labels += [index[names[d]]] * len(found)
     if not files:
         raise DataError(f"no images found in {folder}")
     return classes, files, labels
 
 
-def _not_a_class(train: Path, others: list[str]) -> None:
-    """A `train/` beside folders that are not splits is a class only if it holds images: one
-    that holds class folders and no image is a split layout with a stray folder beside it, whose
-    classes would otherwise become 'train' and that folder's name."""
-    if _subdirs(train) and not list_images(train):
-        raise DataError(f"{train} holds class folders, so it looks like a training split, but "
-                        f"{', '.join(others[:3])} beside it is not val/, valid/, validation/ or test/: "
-                        f"rename it, or move it out of {train.parent}")
+def _not_a_class(root: Path, named: dict[str, str]) -> None:
+    """In a folder that is not a split layout, a folder named as a split (train/, val/, test/)
+    is a class only if it holds images: one that holds class folders and no image is a split
+    whose classes would otherwise become one class, named 'train' or 'test' (a test set
+    trained on under that label)."""
+    for name, folder in ((n, root / d) for n, d in named.items() if n in _SPLIT_NAMES):
+        if not _subdirs(folder) or list_images(folder):
+            continue
+        if name == "train":
+            others = [d for n, d in named.items() if n != "train"]
+            raise DataError(f"{folder} holds class folders, so it looks like a training split, but "
+                            f"{', '.join(others[:3])} beside it is not val/, valid/, validation/ or test/: "
+                            f"rename it, or move it out of {root}")
+        raise DataError(f"{folder} holds class folders, so it looks like a {name} split, but {root} has no train/ "
+                        f"beside it: move the training class folders into {root / 'train'}, or move "
+                        f"{folder.name}/ out of {root}")
 
 
 @dataclass
@@ -107,8 +122,8 @@ def folder_split(root: Path, split: str, hold: float | None, require_labels: boo
     # root/train/<class>/ (+ val/ or test/); other folders next to train/ and val/ are ignored
     split_layout = "train" in named and (set(named) <= _SPLIT_NAMES or len(set(named) & _SPLIT_NAMES) > 1)
     train_root = root / named["train"] if split_layout else root
-    if "train" in named and not split_layout:
-        _not_a_class(root / named["train"], [d for n, d in named.items() if n != "train"])
+    if not split_layout and len(named) > 1:  # (a val/ alone is refused below, saying --split all)
+        _not_a_class(root, named)
     if split == "all":
         if split_layout:
             parts = ", ".join(f"{named[n]}/" for n in sorted(set(named) & _SPLIT_NAMES))
