@@ -9,8 +9,10 @@ reconstructions are a torchvision image grid. Every figure is written atomically
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -42,9 +44,22 @@ def _new_figure(width: float, height: float) -> Any:
     return fig
 
 
+@contextlib.contextmanager
+def _missing_glyphs_unsaid():
+    """A class named in a script the font lacks (CJK in DejaVu Sans) is drawn as boxes;
+    matplotlib's warning for each glyph, with its source line, would fill the run's output."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from", category=UserWarning)
+        yield
+
+
 def _save(fig: Any, path: Path) -> Path:
+    def draw(tmp):
+        with _missing_glyphs_unsaid():
+            fig.savefig(tmp, format="png", dpi=_DPI)
+
     try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI))
+        atomic_write(path, draw)
     except OSError as exc:
         raise MmlitError(f"cannot write {path} ({one_line(exc, with_type=False)})") from None
     return path
@@ -160,7 +175,8 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], out_path: st
 def confusion_image(confusion: torch.Tensor, classes: Sequence[str]) -> torch.Tensor:
     """`plot_confusion`'s figure as a uint8 [3, H, W] image (for TensorBoard), no file."""
     fig = _confusion_figure(confusion, classes)
-    fig.canvas.draw()
+    with _missing_glyphs_unsaid():
+        fig.canvas.draw()
     rgba = torch.frombuffer(bytearray(fig.canvas.buffer_rgba()), dtype=torch.uint8)
     width, height = fig.canvas.get_width_height()
     return rgba.view(height, width, 4)[..., :3].permute(2, 0, 1).contiguous()

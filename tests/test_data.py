@@ -468,7 +468,7 @@ def test_missing_dataset_message(tmp_path):
         load_split("cifar10", "train", 32, data_dir=tmp_path)
     msg = str(e.value)
     assert f"{tmp_path}/cifar-10-batches-py/data_batch_1" in msg and "--download" in msg
-    assert f"extract it into {tmp_path}" in msg and "\n" not in msg
+    assert f"extract it into {tmp_path}" in msg and "\n" not in msg and "data_batch_3 and 3 more. " in msg
     for name in ("cifar100", "svhn", "flowers102", "fashion-mnist", "tiny-imagenet"):
         with pytest.raises(DataError, match=f"{name} not found: expected {tmp_path}"):
             load_split(name, "test", 32, data_dir=tmp_path)
@@ -486,9 +486,16 @@ def test_a_named_dataset_and_a_folder_mistaken_for_each_other_are_pointed_out(tm
     with pytest.raises(DataError, match=f"holds cifar10's files: pass --dataset cifar10 --data-dir {w['dir']}$"):
         load_split(str(w["dir"]), "train", 32)
     assert len(load_split("cifar10", "test", 32, data_dir=w["dir"])) == 6  # and that reads it
+    with pytest.raises(DataError, match=f"holds cifar10's files: pass --dataset cifar10 --data-dir {tmp_path / 'dl'}$"):
+        load_split(str(tmp_path / "dl"), "train", 32)  # the folder above it, as torchvision lays it out
+    assert len(load_split("cifar10", "test", 32, data_dir=tmp_path / "dl")) == 6
     fx.write_fashion_mnist(tmp_path / "fm", gz=True)
     with pytest.raises(DataError, match="holds fashion-mnist's files"):
         load_split(str(tmp_path / "fm"), "train", 28)
+    fx.write_fashion_mnist(tmp_path / "tv" / "FashionMNIST" / "raw", gz=True)
+    with pytest.raises(DataError, match=f"holds fashion-mnist's files: pass --dataset fashion-mnist --data-dir "
+                                        f"{tmp_path / 'tv'}$"):
+        load_split(str(tmp_path / "tv"), "train", 28)
 
 
 def test_a_partly_missing_dataset_names_only_what_is_missing_and_how_to_fetch_it(tmp_path):

@@ -115,6 +115,21 @@ def test_confusion_with_many_classes(tmp_path):
         plot_confusion(cm, ["a", "b"], tmp_path / "bad.png")
 
 
+def test_class_names_in_a_script_the_font_lacks_draw_without_a_warning_per_glyph(tmp_path):
+    """Chinese class names (狗, 猫): matplotlib's default font has no such glyphs, and its
+    UserWarning for each, with a source line, filled training's and eval's output."""
+    import warnings
+
+    from mmlit_cli.plots import confusion_image
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_confusion(torch.eye(2), ["狗", "猫"], tmp_path / "c.png")
+        confusion_image(torch.eye(2), ["狗", "猫"])
+    assert (tmp_path / "c.png").is_file()
+    assert [str(w.message) for w in caught if "Glyph" in str(w.message)] == []
+
+
 def test_missing_matplotlib_raises_plot_unavailable(run, tmp_path, monkeypatch):
     _, run_dir = run
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):

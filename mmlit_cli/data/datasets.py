@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DataError, DataNotFound, one_line
+from ..errors import DataError, DataNotFound, listed, one_line
 from .decode import decode_labelled, list_images, to_uint8_images
 from .folders import load_folder
 from .formats import (cifar_binary_batch, cifar_pickle_batch, cifar_pickle_names, read_idx, read_mat,
@@ -70,7 +70,7 @@ def _missing(name: str, expected: list[Path], manual_hint: str) -> DataNotFound:
     (all of them when none is), and how to put them there. `eval`, `benchmark` and `export`
     take no --download: the training commands fetch a dataset."""
     absent = [p for p in expected if not p.exists()] or expected
-    shown = " ".join(str(p) for p in absent[:3]) + (" ..." if len(absent) > 3 else "")
+    shown = listed([str(p) for p in absent], 3)
     return DataNotFound(f"{name} not found: expected {shown}. {manual_hint}, or pass --download to mmlit "
                         f"finetune or pretrain.")
 
