@@ -305,21 +305,22 @@ def eval_(
     _one_process("eval")
     from .data import skipped_warning
     from .evaluate import evaluate_checkpoint, write_eval_files
-    from .files import new_run_dir
+    from .files import claim_run_dir, removed_if_left_empty
 
-    # where the figures go, a bad --out said before the evaluation, not after it
-    out_dir = new_run_dir(out, "eval", Path(checkpoint).parent.name or "eval") if out is not None or not as_json \
-        else None
-    report = evaluate_checkpoint(checkpoint, dataset, split, data_dir, batch_size, device,
-                                 compile=compile, compile_mode=compile_mode, classes_by_position=classes_by_position)
-    if report.dataset_note:
-        (err_console if as_json else console).print(escape(report.dataset_note), highlight=False, soft_wrap=True)
-    _warn(skipped_warning(report.skipped))
-    confusion_path = None
-    if out_dir is not None:
-        confusion_path, note = write_eval_files(report, out_dir)
-        if note:
-            err_console.print(escape(f"note: {note}"), highlight=False)
+    # where the figures go: made (and a bad --out said) before the evaluation, not after it
+    out_dir, made = claim_run_dir(out, "eval", Path(checkpoint).parent.name or "eval") \
+        if out is not None or not as_json else (None, ())
+    with removed_if_left_empty(made):
+        report = evaluate_checkpoint(checkpoint, dataset, split, data_dir, batch_size, device, compile=compile,
+                                     compile_mode=compile_mode, classes_by_position=classes_by_position)
+        if report.dataset_note:
+            (err_console if as_json else console).print(escape(report.dataset_note), highlight=False, soft_wrap=True)
+        _warn(skipped_warning(report.skipped))
+        confusion_path = None
+        if out_dir is not None:
+            confusion_path, note = write_eval_files(report, out_dir)
+            if note:
+                err_console.print(escape(f"note: {note}"), highlight=False)
     if as_json:
         print(json.dumps(report.as_dict()))
         return

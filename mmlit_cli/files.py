@@ -4,11 +4,13 @@ Every file mmlit writes (checkpoints, metrics, config.yaml, figures, CSV, ONNX) 
 `atomic_write`, so a reader or a SIGKILL never sees half of one. `walk_files` is the one way
 a folder is listed (image folders for training and `eval`, folders given to `predict`), so
 the same folder always gives the same files in the same order. `new_run_dir` is where a
-command writes (training runs and `eval`).
+command writes (training runs and `eval`); `claim_run_dir` makes it before the command's work,
+and `removed_if_left_empty` takes it away again when the work fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -154,6 +156,9 @@ def new_run_dir(out: str | Path | None, kind: str, name: str, resumable: bool = 
             raise MmlitError(f"output directory {path} already exists and is not empty: choose another --out{resume}")
         return path
     base = Path("runs") / kind
+    blocking = file_in_the_way(base / name)
+    if blocking is not None:
+        raise MmlitError(f"cannot create {base / name}: {blocking} is a file, not a folder; pass --out")
     for i in range(1, 10_000):
         path = base / (name if i == 1 else f"{name}{i}")
         if not claim and not path.exists():
@@ -166,3 +171,49 @@ def new_run_dir(out: str | Path | None, kind: str, name: str, resumable: bool = 
             except FileExistsError:  # taken, maybe a moment ago by a run started beside this one
                 continue
     raise MmlitError(f"too many runs in {base}")
+
+
+def check_writable(path: Path) -> None:
+    """A file can be written in `path`, or in its nearest folder that exists: said before a
+    command's work, not after it."""
+    parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    probe = parent / f".mmlit-write-test-{os.getpid()}"  # one per process: torchrun's ranks probe at once
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise MmlitError(f"cannot write to {parent}: {e.strerror}") from None
+
+
+def claim_run_dir(out: str | Path | None, kind: str, name: str) -> tuple[Path, tuple[Path, ...]]:
+    """`new_run_dir(out, kind, name)`, made now and checked writable, before the command's
+    work (two `eval`s started at once get two folders, and an `--out` that cannot be made is
+    said before an evaluation, not after it): (the folder, the folders made here, deepest
+    first, for `removed_if_left_empty`)."""
+    if out is None:
+        parents = [p for p in (Path("runs") / kind, Path("runs")) if not p.exists()]
+        path = new_run_dir(out, kind, name, claim=True)
+        made = [path, *parents]
+    else:
+        path = new_run_dir(out, kind, name)
+        made = [p for p in (path, *path.parents) if not p.exists()]
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MmlitError(f"cannot create --out {path}: {e.strerror}") from None
+    check_writable(path)
+    return path, tuple(made)
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(folders: tuple[Path, ...]):
+    """The folders a command made for its output (a training run's `RunPlan.created`, an eval's
+    `claim_run_dir`), deepest first, are removed when the command fails before writing anything
+    into them: a bad dataset leaves no empty runs/<kind>/<name> behind."""
+    try:
+        yield
+    except BaseException:
+        for folder in folders:
+            with contextlib.suppress(OSError):  # not empty (the command wrote there), or gone
+                folder.rmdir()
+        raise

@@ -3,7 +3,6 @@ directory, then hand everything to the engine."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import glob
@@ -25,7 +24,7 @@ from .data import DATASET_NAMES, SAMPLE_DIR, ImageData, canonical_name, default_
     skipped_warning, train_split_size, usable_cpus
 from .engine import RunOptions, Trainer
 from .errors import DataNotFound, MmlitError, listed
-from .files import new_run_dir
+from .files import check_writable, new_run_dir, removed_if_left_empty
 from .mae import check_masking
 from .recipe import SAMPLE_EPOCHS, batch_origin, describe, fit_recipe, fit_to_device, pinned_keys
 from .run_record import check_history, stopped_early
@@ -89,30 +88,6 @@ def _apply_shortcuts(cfg: Config, section: str, **values: Any) -> Config:
     recipe = dataclasses.replace(recipe, **changes)
     cfg = dataclasses.replace(cfg, **{section: recipe})
     return cfg.validate()
-
-
-@contextlib.contextmanager
-def _removed_if_left_empty(folders: tuple[Path, ...]):
-    """The folders this command created for its run (`RunPlan.created`: the run's, then the
-    runs/<kind> and runs/ it made, see `new_run_dir`) are removed when the run fails before
-    writing anything into them: a bad dataset leaves no empty runs/<kind>/<name> behind."""
-    try:
-        yield
-    except BaseException:
-        for folder in folders:
-            with contextlib.suppress(OSError):  # not empty (the run wrote there), or gone
-                folder.rmdir()
-        raise
-
-
-def _check_writable(path: Path) -> None:
-    parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
-    probe = parent / f".mmlit-write-test-{os.getpid()}"  # one per process: torchrun's ranks probe at once
-    try:
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise MmlitError(f"cannot write to {parent}: {e.strerror}") from None
 
 
 def _warn_skipped(console: Console, data: ImageData) -> None:
@@ -192,7 +167,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
             console.print(escape(_sample_note(getattr(plan.cfg, task_cls.command).epochs)), highlight=False)
     if plan.resume is not None and _finished(plan, task_cls.command):
         return _nothing_to_do(plan, None if quiet else console)
-    with _removed_if_left_empty(plan.created):
+    with removed_if_left_empty(plan.created):
         # a missing or broken --init file is said before the data is read (minutes, for a big folder)
         init_ckpt = load_checkpoint(init) if init is not None and plan.resume is None else None
 
@@ -501,7 +476,7 @@ def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_
     parents = [p for p in (Path("runs") / kind, Path("runs")) if claim and not p.exists()]
     run_dir = new_run_dir(out, kind, plan.cfg.name, resumable=True, claim=claim)
     if probe:
-        _check_writable(run_dir)
+        check_writable(run_dir)
     return dataclasses.replace(plan, run_dir=run_dir, created=(run_dir, *parents) if claim else ())
 
 

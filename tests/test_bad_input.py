@@ -144,6 +144,7 @@ CASES = [
     ("predict a folder", lambda w: ["predict", str(w["root"]), str(w["folder"])], "is a folder, not a checkpoint file"),
     ("eval --out a file", lambda w: ["eval", str(w["root"] / "clf" / "best.safetensors"), "--out", str(w["root"] / "notyaml.yaml")], "is a file: --out names a folder"),
     ("eval --out under a file", lambda w: ["eval", str(w["root"] / "clf" / "best.safetensors"), "--out", str(w["root"] / "notyaml.yaml" / "sub"), "--json"], "notyaml.yaml is a file, not a folder"),
+    ("eval --out that cannot be made, said before evaluating", lambda w: ["eval", str(w["root"] / "clf" / "best.safetensors"), "--out", no_write_dir(w["root"])], "cannot create --out"),
     ("eval --out not empty", lambda w: ["eval", str(w["root"] / "clf" / "best.safetensors"), "--out", str(w["root"] / "taken")], "not empty: choose another --out"),
     ("label file: every bad row, train's and val's, in one line", lambda w: ["finetune", "--dataset", str(w["root"] / "bad-rows.csv"), *SETS],
      "2 bad row(s): line 3: gone.png not found; line 4: broken.jpg does not decode as an image"),
@@ -179,6 +180,27 @@ def test_a_full_out_folder_advises_resume_only_when_it_holds_a_run(world, monkey
             cli.main()
         err = capsys.readouterr().err
         assert "already exists and is not empty" in err and ("--resume" in err) == advised, err
+
+
+def test_evals_started_together_get_a_folder_each_and_a_file_named_runs_is_said(tmp_path, monkeypatch, capsys):
+    """Two `mmlit eval CKPT` at once both chose runs/eval/<name> (it was made only when the
+    figures were written) and one's confusion.png replaced the other's. A file named `runs`
+    where the folder goes was "[Errno 20] Not a directory" after the evaluation."""
+    from mmlit_cli.files import claim_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    first, second = claim_run_dir(None, "eval", "clf"), claim_run_dir(None, "eval", "clf")
+    assert first == (Path("runs/eval/clf"), (Path("runs/eval/clf"), Path("runs/eval"), Path("runs")))
+    assert second == (Path("runs/eval/clf2"), (Path("runs/eval/clf2"),)) and second[0].is_dir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "runs").write_text("notes")
+    monkeypatch.setattr(sys, "argv", ["mmlit", "eval", str(tmp_path / "none.safetensors")])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err == "error: cannot create runs/eval/" + tmp_path.name + ": runs is a " \
+        "file, not a folder; pass --out", err
 
 
 def test_eval_into_a_full_folder_does_not_advise_a_resume_it_does_not_have(world, monkeypatch, capsys):
