@@ -103,6 +103,19 @@ def test_eval_split_all_scores_every_image_of_a_test_folder(tmp_path):
     assert shown["num_images"] == 8 and shown["images"] == {"bee": 4, "cow": 4} and shown["top1"] == 50.0
 
 
+def test_a_test_set_of_one_class_is_scored_with_split_all(tmp_path):
+    """A folder of only the cat photos, or a label file whose rows are all 'cow': "a classifier
+    needs at least 2 class sub-folders" was right for training, not for a test set."""
+    root = write_folder(tmp_path / "cows", classes=("cow",), per_class=3)
+    (tmp_path / "cows.csv").write_text("path,label\n" + "".join(f"cows/cow/cow_{i:03d}.png,cow\n" for i in range(3)))
+    ckpt = constant_classifier(tmp_path / "c.safetensors", ["cow", "bee"])  # predicts 'cow' always
+    for dataset in (root, tmp_path / "cows.csv"):
+        report = evaluate_checkpoint(ckpt, str(dataset), "all", device="cpu")
+        assert report.result.top1 == 100.0 and report.as_dict()["images"] == {"cow": 3, "bee": 0}
+        with pytest.raises(MmlitError, match="at least 2"):  # val: what a training run would hold out
+            evaluate_checkpoint(ckpt, str(dataset), "val", device="cpu")
+
+
 def test_a_class_the_checkpoint_does_not_predict_is_named(tmp_path):
     root = write_folder(tmp_path / "f", classes=("ant", "bee", "cow"), per_class=2)
     write_folder(root, classes=("dog",), per_class=2)

@@ -32,11 +32,13 @@ def _subdirs(folder: Path) -> list[str]:
         raise DataError(f"cannot read folder {folder} ({one_line(exc)})") from None
 
 
-def _scan_part(folder: Path, classes: list[str] | None,
-               require_labels: bool) -> tuple[list[str], list[str], list[int]]:
+def _scan_part(folder: Path, classes: list[str] | None, require_labels: bool,
+               one_class: bool = False) -> tuple[list[str], list[str], list[int]]:
     """Scan one folder -> (classes, files, labels); `classes` fixes the label order if given.
     A class is named by its folder's name as text (`readable`: bytes that are not UTF-8 shown
-    as U+FFFD), which figures, TensorBoard and exported files can hold."""
+    as U+FFFD), which figures, TensorBoard and exported files can hold. `one_class`: a folder
+    of a single class folder is a test set too (`--split all`), not only a training set,
+    which needs two."""
     dirs = _subdirs(folder)
     names = {d: readable(d) for d in dirs}
     is_train = classes is None
@@ -58,7 +60,7 @@ def _scan_part(folder: Path, classes: list[str] | None,
         if require_labels and len(classes) < 2 and classes[0].lower() in _SPLIT_NAMES:  # root/val/<class>/ alone
             raise DataError(f"{folder} holds only a {classes[0]}/ folder, no train/: to score its images, pass "
                             f"--dataset {folder / classes[0]} --split all")
-        if require_labels and len(classes) < 2:
+        if require_labels and len(classes) < 2 and not one_class:
             raise DataError(f"{folder} has only one class folder ({classes[0]!r}); a classifier "
                             f"needs at least 2 class sub-folders")
     elif not classes:  # unlabeled train folder: its val/test folder is unlabeled too
@@ -129,7 +131,7 @@ def folder_split(root: Path, split: str, hold: float | None, require_labels: boo
             parts = ", ".join(f"{named[n]}/" for n in sorted(set(named) & _SPLIT_NAMES))
             raise DataError(f"image folder {root} has {parts}: --split all is every image of a folder of class "
                             f"folders; pass --split test or val here, or --dataset {root}/<split> --split all")
-        classes, files, labels = _scan_part(root, None, require_labels)
+        classes, files, labels = _scan_part(root, None, require_labels, one_class=True)
         return FolderSplit(list(classes), files, labels, "every image (--split all: nothing held out)", root)
 
     def find(which: str) -> Path | None:

@@ -136,7 +136,7 @@ def _split(csv_path: Path, rows: list[Row], split: str, hold: float | None,
     rows = sorted(rows, key=lambda r: r.path)  # as a folder lists its files
     classes = sorted({r.label for r in rows if r.label})
     if require_labels:  # what a folder's classes must be, a label file's must be too
-        if len(classes) < 2:
+        if len(classes) < 2 and split != "all":  # (a test set of one class is scored, not trained on)
             raise DataError(f"{csv_path}: every row has the label {classes[0]!r}; a classifier needs at least 2 "
                             f"classes")
         trained = {r.label for r in rows if r.split in (None, "train")}
