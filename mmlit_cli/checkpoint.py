@@ -217,6 +217,9 @@ def load_checkpoint(path: str | Path, with_train_state: bool = False) -> Checkpo
     if not all(isinstance(c, str) for c in classes):
         raise CheckpointError(f"{path}: class names must be strings")
     info = _json_field(meta, "info", dict, path)
+    epoch = info.get("epoch", 0)  # eval's TensorBoard step, --resume's counter
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise CheckpointError(f"{path}: info.epoch must be a whole number >= 0, got {epoch!r}")
     train_tensors = {k[len(TRAIN_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(TRAIN_PREFIX)}
     train_info = _json_field(meta, "train_state", dict, path) if with_train_state and "train_state" in meta else None
     return Checkpoint(tensors, config, task, classes, info, train_tensors, train_info)

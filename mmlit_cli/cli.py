@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import sys
@@ -97,9 +98,9 @@ def count_params(
     macs = count_macs(model)
     paper = paper_params(cfg.name, model.cfg)
     if as_json:
-        print(json.dumps({"preset": cfg.name, "num_classes": model.cfg.num_classes,
-                          "image_size": model.cfg.image_size, "components": breakdown.components,
-                          "total": breakdown.total, "paper_total": paper, "macs": macs}))
+        print(json_text({"preset": cfg.name, "num_classes": model.cfg.num_classes,
+                         "image_size": model.cfg.image_size, "components": breakdown.components,
+                         "total": breakdown.total, "paper_total": paper, "macs": macs}))
         return
     table = Table(title=f"mLiT-{cfg.name.upper()}: {model.cfg.num_classes} classes, "
                         f"{model.cfg.image_size}x{model.cfg.image_size} input")
@@ -322,7 +323,7 @@ def eval_(
             if note:
                 err_console.print(escape(f"note: {note}"), highlight=False)
     if as_json:
-        print(json.dumps(report.as_dict()))
+        print(json_text(report.as_dict()))
         return
     _print_eval(report)
     if confusion_path is not None:
@@ -410,7 +411,7 @@ def predict(
                           f"folder or pattern given too): each file is predicted once, where first named",
                           highlight=False, soft_wrap=True)
     if as_json:
-        print(json.dumps(result.predictions))
+        print(json_text(result.predictions))
     elif csv_path == "-":  # a pipe's: `mmlit predict ... --csv - | ...`
         csv.writer(sys.stdout, lineterminator="\n").writerows(csv_rows(result))
     elif csv_path:
@@ -479,6 +480,19 @@ def export(
         console.print("not checked: onnxruntime is not installed", highlight=False)
 
 
+def json_text(value: Any) -> str:
+    """`--json`'s one object, strict JSON for any parser: a figure that is not finite (the loss
+    of a model that overflows) is null, where json.dumps writes NaN, which JSON has not."""
+    def finite(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        return [finite(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return json.dumps(finite(value), allow_nan=False)
+
+
 def _warn(message: str | None) -> None:
     """A warning on stderr (so that --json output stays one object); nothing for None or ""."""
     if message:
@@ -523,7 +537,7 @@ def benchmark(
     for warning in report.warnings:
         _warn(warning)
     if as_json:
-        print(json.dumps(report.as_dict()))
+        print(json_text(report.as_dict()))
         return
     m = report.machine
     table = Table(title=f"{escape(report.source)}: {report.images} images, {report.threads} thread(s)")

@@ -132,13 +132,16 @@ class ModelConfig:
         need(self.top_k <= min(self.expert_stages),
              f"top_k {self.top_k} is larger than the smallest expert count {min(self.expert_stages)}")
         need(0.0 <= self.drop_path < 1.0, f"drop_path must be in [0, 1), got {self.drop_path}")
+        need(self.norm_eps > 0, f"norm_eps must be positive (it keeps LayerNorm from dividing by zero), got "
+                                f"{self.norm_eps}")
         need(self.router_noise >= 0 and self.aux_loss_weight >= 0,
              "router_noise and aux_loss_weight must be >= 0")
         size = self.parameter_estimate()  # a typo's model: out of memory, or minutes building layers
         need(size <= MAX_PARAMETERS, f"about {size:.3g} parameters, over the {MAX_PARAMETERS:,.0f} mmlit builds (the "
                                      f"presets have 0.66 M to 2.4 M): check depth ({self.depth}), embed_dim "
-                                     f"({self.embed_dim}), num_classes ({self.num_classes}), the MLP sizes and "
-                                     f"expert_stages")
+                                     f"({self.embed_dim}), num_classes ({self.num_classes}), image_size "
+                                     f"({self.image_size}: the position embedding grows with its square), the MLP "
+                                     f"sizes and expert_stages")
 
 
 @dataclass
@@ -260,6 +263,8 @@ class TrainConfig:
             raise ConfigError(f"{where}.epochs must be positive, got {self.epochs}")
         if self.batch_size <= 0:
             raise ConfigError(f"{where}.batch_size must be positive, got {self.batch_size}")
+        if not 0 <= self.seed < 2**32:  # torch's generators take 64 bits, and mmlit adds offsets per rank and step
+            raise ConfigError(f"{where}.seed must be from 0 to 4294967295 (2**32 - 1), got {self.seed}")
         if self.lr_base <= 0 or (self.lr is not None and self.lr <= 0) or self.min_lr < 0:
             raise ConfigError(f"{where}: lr_base and lr must be positive and min_lr >= 0")
         if self.recipe not in ("auto", "paper"):

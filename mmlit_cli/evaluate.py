@@ -159,7 +159,8 @@ def evaluate_checkpoint(ckpt_path: str | Path, dataset: str | None, split: str =
     data, dataset, dataset_note = load_eval_split(ckpt, ckpt_path, dataset, split, data_dir)
     data, note = match_classes(data, ckpt.classes, cfg.model.num_classes, dataset, classes_by_position)
     classes = ckpt.classes or data.classes
-    loader = build_loader(data, batch_size, None, workers=workers)
+    # a batch larger than the split is the whole split (and a typo's 10**20 no index overflow)
+    loader = build_loader(data, min(batch_size, max(len(data), 1)), None, workers=workers)
     amp = amp_dtype(dev)
     result = evaluate_classifier(runner, loader, dev, cfg.data.mean, cfg.data.std, amp, cfg.model.num_classes)
     return EvalReport(result, classes, data.source if note is None else f"{data.source}; {note}", dataset_note,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 from dataclasses import dataclass
 
@@ -72,13 +74,13 @@ def count_macs(model: MLiT) -> int:
     expert for every token (cheaper in time than dispatching at these sizes), so this is the
     work actually done, a little above the top-k-only count. Attention runs on SDPA's math
     backend here: the counter has no formula for the fused CPU kernel and would count its
-    two matmuls as zero.
+    two matmuls as zero. The forward runs on a copy of the model on the meta device, which
+    has shapes but no memory: counting a large `--image-size` would otherwise allocate its
+    attention matrices (194 GB at 900 px).
     """
     cfg = model.cfg
-    x = torch.zeros(1, cfg.in_chans, cfg.image_size, cfg.image_size)
-    was_training = model.training
-    model.eval()
+    shapes_only = copy.deepcopy(model).to("meta").eval()
+    x = torch.zeros(1, cfg.in_chans, cfg.image_size, cfg.image_size, device="meta")
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    model.train(was_training)
+        shapes_only(x)
     return counter.get_total_flops() // 2

@@ -32,6 +32,9 @@ def world(tmp_path_factory):
     old = load_checkpoint(root / "clf" / "best.safetensors")  # as written before checkpoints recorded their data
     del old.info["dataset"]
     save_checkpoint(root / "old.safetensors", old)
+    odd = load_checkpoint(root / "clf" / "best.safetensors")  # metadata edited by hand
+    odd.info["epoch"] = "abc"
+    save_checkpoint(root / "odd-epoch.safetensors", odd)
     nan = load_checkpoint(root / "clf" / "best.safetensors")
     next(v for v in nan.tensors.values() if v.is_floating_point()).view(-1)[0] = float("nan")
     save_checkpoint(root / "nan.safetensors", nan)
@@ -108,6 +111,7 @@ CASES = [
     ("not safetensors", lambda w: ["eval", str(w["root"] / "notes.safetensors"), "--dataset", str(w["folder"])], "safetensors"),
     ("foreign safetensors", lambda w: ["eval", str(w["root"] / "foreign.safetensors"), "--dataset", str(w["folder"])], "not an mmlit checkpoint"),
     ("forged metadata", lambda w: ["predict", str(w["root"] / "forged.safetensors"), str(w["folder"])], "not valid JSON"),
+    ("epoch not a number in the metadata", lambda w: ["eval", str(w["root"] / "odd-epoch.safetensors"), "--dataset", str(w["folder"])], "info.epoch must be a whole number >= 0, got 'abc'"),
     ("MAE checkpoint to predict", lambda w: ["predict", str(w["root"] / "mae" / "last.safetensors"), str(w["folder"])], "fine-tune it first"),
     ("non-finite weights", lambda w: ["predict", str(w["root"] / "nan.safetensors"), str(w["folder"]), "--json"], "hold NaN or inf"),
     ("missing checkpoint", lambda w: ["eval", str(w["root"] / "gone.safetensors"), "--dataset", str(w["folder"])], "not found"),
@@ -127,6 +131,8 @@ CASES = [
     ("init of another architecture", lambda w: ["finetune", "--dataset", str(w["folder"]), "--init", str(w["root"] / "clf" / "best.safetensors"), "--out", str(w["root"] / "never5")], "is another architecture"),
     ("init of another architecture, --print-config", lambda w: ["finetune", "--dataset", str(w["folder"]), "--init", str(w["root"] / "clf" / "best.safetensors"), "--print-config"], "is another architecture"),
     ("lr not a number", lambda w: ["finetune", "--dataset", str(w["folder"]), *SETS, "--lr", "nan", "--print-config"], "finetune.lr must be a finite number, got nan"),
+    ("norm_eps not positive", lambda w: ["count-params", "--set", "model.norm_eps=-1"], "norm_eps must be positive"),
+    ("seed past 64 bits", lambda w: ["finetune", "--dataset", str(w["folder"]), "--seed", "99999999999999999999", "--print-config", *SETS], "finetune.seed must be from 0 to 4294967295"),
     ("preset infinite in a --set", lambda w: ["count-params", "--set", "model.drop_path=inf"], "model.drop_path must be a finite number"),
     ("preset a checkpoint", lambda w: ["count-params", "--preset", str(w["root"] / "clf" / "best.safetensors")], "is not a YAML preset (not text): a checkpoint goes to --init"),
     ("in_chans other than 3", lambda w: ["finetune", "--dataset", str(w["folder"]), *SETS, "--set", "model.in_chans=1", "--out", str(w["root"] / "never6")], "model.in_chans is 1: training needs 3"),

@@ -46,6 +46,21 @@ def test_count_params_macs_are_every_matmul_of_the_forward_pass(preset):
     assert count_macs(model) == forward_macs(model.cfg)
 
 
+def test_macs_are_counted_on_shapes_alone_so_a_large_image_size_needs_no_memory():
+    """`count-params --image-size 900` was "internal error: ... DefaultCPUAllocator: can't allocate
+    memory: you tried to allocate 194404320024 bytes": the count ran a real forward pass."""
+    from mmlit_cli import create_model
+    from mmlit_cli.summary import count_macs
+
+    model = create_model("xxs", num_classes=10)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].device.type))
+    count_macs(model)
+    assert seen == ["meta"] and model.training and next(model.parameters()).device.type == "cpu"
+    large = create_model("xxs", num_classes=10, image_size=900)
+    assert count_macs(large) == forward_macs(large.cfg)
+
+
 def test_count_params_table_shows_components_and_paper_figure():
     r = mmlit("count-params", "--preset", "xxs", "--num-classes", "100")
     assert r.returncode == 0

@@ -116,6 +116,22 @@ def test_a_test_set_of_one_class_is_scored_with_split_all(tmp_path):
             evaluate_checkpoint(ckpt, str(dataset), "val", device="cpu")
 
 
+def test_a_batch_larger_than_the_split_is_the_whole_split(tmp_path):
+    """`--batch-size 99999999999999999999` was "internal error: ValueError: Stop argument for
+    islice()"; a batch larger than the split takes it whole."""
+    root = write_folder(tmp_path / "f", classes=("bee", "cow"), per_class=2)
+    ckpt = constant_classifier(tmp_path / "c.safetensors", ["bee", "cow"])
+    assert evaluate_checkpoint(ckpt, str(root), "all", batch_size=10**20, device="cpu").result.top1 == 50.0
+
+
+def test_json_output_is_strict_json_with_null_for_a_figure_that_is_not_finite():
+    from mmlit_cli.cli import json_text
+
+    text = json_text({"loss": float("nan"), "top1": 50.0, "per_class": {"a": float("inf"), "b": None}, "x": (1, 2.5)})
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == \
+        {"loss": None, "top1": 50.0, "per_class": {"a": None, "b": None}, "x": [1, 2.5]}
+
+
 def test_a_class_the_checkpoint_does_not_predict_is_named(tmp_path):
     root = write_folder(tmp_path / "f", classes=("ant", "bee", "cow"), per_class=2)
     write_folder(root, classes=("dog",), per_class=2)
