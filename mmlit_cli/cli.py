@@ -56,7 +56,7 @@ app = typer.Typer(
 )
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
-_state = {"debug": False}
+_state = {"debug": False, "stop_said": False}  # stop_said: a command said why it stops at 130
 
 PresetOpt = typer.Option("xs", "--preset", "-p", help="Preset name (xxs, xs, s) or path to a YAML file.")
 SetOpt = typer.Option(None, "--set", help="Override a preset value, e.g. --set model.depth=4 (repeatable).")
@@ -156,16 +156,19 @@ def _train_command(kind: str, **options) -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # from here, Ctrl-C ends the process (no traceback)
         err_console.print("interrupted again: stopped at once, without saving; the run's last.safetensors holds it "
                           "as it was last saved (--resume continues from there)", highlight=False, soft_wrap=True)
+        _state["stop_said"] = True
         raise typer.Exit(130) from None
     except KeyboardInterrupt:  # Ctrl-C before the training loop took it over: reading data, building
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         err_console.print("interrupted before training started: nothing was saved (a run being continued keeps its "
                           "last.safetensors as it was)", highlight=False, soft_wrap=True)
+        _state["stop_said"] = True
         raise typer.Exit(130) from None
     if result["stopped"] == "interrupt":  # 130 after Ctrl-C, 143 after SIGTERM: 128 + the signal, as shells do
         # the run is saved: one more Ctrl-C while Python shuts down ends the process at once, where
         # Python's own handler would print a KeyboardInterrupt traceback from a finalizer
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        _state["stop_said"] = True  # the run's stop line said it
         raise typer.Exit(128 + (result.get("signal") or signal.SIGINT))
     if not result.get("main_process", True):  # under torchrun, rank 0 reports what it wrote
         return
@@ -589,6 +592,7 @@ def _usage_error_line(e: Exception) -> str:
 
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
+    _state["stop_said"] = False
     try:
         # standalone_mode=False: click hands usage errors to us instead of printing its box
         code = app(standalone_mode=False)
@@ -630,7 +634,10 @@ def main() -> None:
                           "(rerun with --debug for the traceback)",
                           highlight=False, soft_wrap=True)
         sys.exit(1)
-    # a command's typer.Exit(code) (and -h, --version: 0) comes back as the code
+    # a command's typer.Exit(code) (and -h, --version: 0) comes back as the code; so does Ctrl-C
+    # anywhere else (Typer turns KeyboardInterrupt into Exit(130) before it reaches us)
+    if code == 130 and not _state["stop_said"]:
+        err_console.print("interrupted")
     if isinstance(code, int) and not isinstance(code, bool) and code:
         sys.exit(code)
 

@@ -26,7 +26,7 @@ def _tag(key: str) -> str:
     """`train_loss` -> `train/loss`: TensorBoard groups its charts by what precedes the '/'."""
     if key == "epoch_time_s":
         return "train/epoch_time_s"
-    for prefix in ("train_", "val_", "test_"):
+    for prefix in ("train_", "val_", "test_", "all_"):  # all_: eval --split all
         if key.startswith(prefix):
             return f"{prefix[:-1]}/{key[len(prefix):]}"
     return key

@@ -69,8 +69,7 @@ def atomic_write(path: Path, write, replace: bool = True) -> None:
     except OSError as e:
         # the hidden temporary file is ours, not the user's: an error names the file they asked for
         if e.errno is not None and (tmp is None or e.filename == tmp):
-            e.filename, e.filename2 = str(path), None
-            raise e from None
+            raise type(e)(e.errno, e.strerror, str(path)) from None  # (a new one: str() keeps a filename2)
         raise
     finally:
         if tmp is not None:

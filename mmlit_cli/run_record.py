@@ -266,7 +266,8 @@ class RunRecord:
     def patience_spent(self, patience: int) -> str | None:
         """Why the run stops early, when `patience` epochs have passed since its best (0: never)."""
         if patience_is_spent(self.epoch, self.best_epoch, patience):
-            return (f"{self.task.monitor} has not improved for {patience} epochs (best {self.best:.4g} at epoch "
+            epochs = "1 epoch" if patience == 1 else f"{patience} epochs"
+            return (f"{self.task.monitor} has not improved for {epochs} (best {self.best:.4g} at epoch "
                     f"{self.best_epoch}; --patience {patience})")
         return None
 

@@ -122,6 +122,28 @@ def test_a_second_ctrl_c_stops_at_once_and_says_what_is_left(monkeypatch, capsys
     assert said[KeyboardInterrupt].startswith("interrupted before training started: nothing was saved")
 
 
+def test_ctrl_c_in_any_other_command_says_interrupted(monkeypatch, capsys):
+    """Ctrl-C in eval, predict, plot or count-params: Typer turns it into exit 130 before it
+    reaches mmlit's handler, which printed nothing; a training run's own lines are not doubled."""
+    from mmlit_cli import cli, summary, train
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(summary, "count_macs", ctrl_c)
+    monkeypatch.setattr(sys, "argv", ["mmlit", "count-params", "--preset", "xxs"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    monkeypatch.setattr(train, "run_training", ctrl_c)
+    monkeypatch.setattr(sys, "argv", ["mmlit", "finetune", "--preset", "xxs"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted before training started") and err.count("\n") == 1, err
+
+
 def test_the_second_ctrl_c_is_told_from_the_first(monkeypatch):
     """`StopRequest`: the first Ctrl-C asks for a stop; the second raises `SecondInterrupt`."""
     from mmlit_cli.report import SecondInterrupt, StopRequest

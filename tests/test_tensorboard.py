@@ -35,6 +35,7 @@ def test_a_metrics_row_becomes_tags_grouped_by_split():
     assert scalars_of(row) == {"train/loss": 1.5, "lr": 1e-3, "val/top1": 50.0, "train/epoch_time_s": 0.5,
                                "expert_usage/layer_0/expert_0": 0.25, "expert_usage/layer_0/expert_1": 0.75,
                                "expert_usage/layer_1/expert_0": 1.0}
+    assert scalars_of({"all_top1": 50.0, "test_loss": 1.0}) == {"all/top1": 50.0, "test/loss": 1.0}  # eval --split all
 
 
 def test_pretrain_logs_its_losses_and_reconstructions(tmp_path):

@@ -410,6 +410,18 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails_and_uses_normal_perm
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temp file left behind
 
 
+def test_atomic_write_errors_name_the_users_file_alone(tmp_path):
+    """`mmlit plot RUN` with a folder named curves.png there said "cannot write ... ([Errno 21]
+    Is a directory: '.../curves.png' -> None)": the temporary file's name was swapped for the
+    user's, and str() still showed the second name's slot."""
+    from mmlit_cli.files import atomic_write
+
+    (tmp_path / "curves.png").mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        atomic_write(tmp_path / "curves.png", lambda tmp: Path(tmp).write_text("png"))
+    assert str(e.value) == f"[Errno 21] Is a directory: '{tmp_path / 'curves.png'}'"
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)
