@@ -11,7 +11,9 @@ unpickled: tensors come from safetensors, everything else from JSON that is vali
 from __future__ import annotations
 
 import json
+import os
 import queue
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +94,16 @@ def _payload(ckpt: Checkpoint, copy: bool = False) -> tuple[dict[str, torch.Tens
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    def save(tmp: str) -> None:
+        try:
+            save_file(tensors, tmp, metadata=meta)
+        except SafetensorError as e:  # a full disk is "I/O error: No space left on device (os error 28)"
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), tmp) from None  # named as the user's file
+
+    atomic_write(path, save)
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:

@@ -3,6 +3,7 @@ functions that tests call directly."""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import math
@@ -54,9 +55,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True)
-_state = {"debug": False, "stop_said": False}  # stop_said: a command said why it stops at 130
+# COLUMNS=0 (a wrapper's, a CI runner's) made Rich print nothing at all, errors included
+_WIDTH = 80 if os.environ.get("COLUMNS", "").strip().isdigit() and int(os.environ["COLUMNS"]) == 0 else None
+console = Console(soft_wrap=True, width=_WIDTH)
+err_console = Console(stderr=True, width=_WIDTH)
+_state = {"debug": False, "stop_said": False, "pid": 0}  # stop_said: a command said why it stops at 130
 
 PresetOpt = typer.Option("xs", "--preset", "-p", help="Preset name (xxs, xs, s) or path to a YAML file.")
 SetOpt = typer.Option(None, "--set", help="Override a preset value, e.g. --set model.depth=4 (repeatable).")
@@ -405,6 +408,8 @@ def predict(
     csv_path = csv_path and os.path.expanduser(csv_path)  # `--csv=~/p.csv`: the shell leaves that ~ to us
     if csv_path and csv_path != "-":
         check_csv_target(csv_path)
+    if csv_path == "-" and sys.stdout is None:  # `>&-`: said before predicting, not an internal error after
+        raise MmlitError("--csv -: standard output is closed")
     result = predict_paths(checkpoint, paths, top_k=top_k, batch_size=batch_size, device=device,
                            compile=compile, compile_mode=compile_mode)
     for path, reason in result.failures:
@@ -481,6 +486,40 @@ def export(
                       highlight=False)
     else:
         console.print("not checked: onnxruntime is not installed", highlight=False)
+
+
+def _undecodable_bytes_or_question_mark(err: UnicodeError) -> tuple[str | bytes, int]:
+    """An output error handler: a file name's bytes that were not UTF-8 (lone surrogates) go out
+    as those bytes, as `ls` prints them; anything else the terminal's encoding cannot show is
+    a '?'. So a class named 狗 in a Latin-1 terminal, or a `≈` written to a cp1252 file, is
+    not an internal error after the work is done."""
+    if not isinstance(err, UnicodeEncodeError):
+        raise err
+    c = err.object[err.start]  # one character at a time: the encoder calls again for the rest
+    return (bytes([ord(c) - 0xDC00]) if 0xDC80 <= ord(c) <= 0xDCFF else "?"), err.start + 1
+
+
+codecs.register_error("mmlit-output", _undecodable_bytes_or_question_mark)
+
+
+def _tolerant_output() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None and hasattr(stream, "reconfigure"):  # (a test's capture may not be a TextIOWrapper)
+            stream.reconfigure(errors="mmlit-output")
+
+
+class Terminated(BaseException):
+    """SIGTERM outside a training loop (which saves and stops on its own, `report.StopRequest`):
+    raised, not left to kill the process, so that what the command was writing is cleaned up
+    (`files.atomic_write`'s temporary file, a temporary folder, a run folder it made)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    if os.getpid() != _state["pid"]:  # a forked worker (decoding, a loader): it ends as it always did
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise Terminated
 
 
 def json_text(value: Any) -> str:
@@ -592,7 +631,20 @@ def _usage_error_line(e: Exception) -> str:
 
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
-    _state["stop_said"] = False
+    _state["stop_said"], _state["pid"] = False, os.getpid()
+    _tolerant_output()
+    try:
+        previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # main() called off the main thread: signals are not ours to take
+        previous_sigterm = None
+    try:
+        _run_app()
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _run_app() -> None:
     try:
         # standalone_mode=False: click hands usage errors to us instead of printing its box
         code = app(standalone_mode=False)
@@ -614,6 +666,9 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+    except Terminated:
+        err_console.print("terminated")
+        sys.exit(128 + signal.SIGTERM)
     except Exception as e:  # a bug: still one line, with the way to see more
         if _state["debug"]:
             raise

@@ -510,7 +510,7 @@ def load_config(preset: str | Path = "xs", overrides: list[str] | None = None) -
     """Load a preset by name or path, apply `--set` overrides and validate the result."""
     path = resolve_preset_path(str(preset))
     try:
-        data = yaml.load(path.read_text(), Loader=_PresetLoader) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_PresetLoader) or {}  # not the locale's
     except _DuplicateKey as e:
         raise ConfigError(f"{path}: {e}") from None
     except UnicodeDecodeError:  # a checkpoint or an image given as --preset

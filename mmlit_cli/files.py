@@ -54,7 +54,9 @@ def atomic_write(path: Path, write, replace: bool = True) -> None:
         raise NotADirectoryError(f"{blocking} is a file, not a folder") from None
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # the name cut to 200 bytes: a name of up to 255 bytes (the limit) still gets a temporary one
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.fsdecode(os.fsencode(path.name)[:200])}.", suffix=".tmp",
+                                   dir=path.parent)
         os.close(fd)
         if not replace and path.exists():
             raise FileExistsError(f"{path} already exists")
@@ -95,7 +97,7 @@ def _claim(tmp: str, path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _special(path: str) -> bool:
@@ -163,12 +165,14 @@ def new_run_dir(out: str | Path | None, kind: str, name: str, resumable: bool = 
         if not claim and not path.exists():
             return path
         if claim:
-            base.mkdir(parents=True, exist_ok=True)
             try:
+                base.mkdir(parents=True, exist_ok=True)
                 path.mkdir()
                 return path
             except FileExistsError:  # taken, maybe a moment ago by a run started beside this one
                 continue
+            except OSError as e:  # a read-only working folder
+                raise MmlitError(f"cannot create {path}: {e.strerror}; pass --out") from None
     raise MmlitError(f"too many runs in {base}")
 
 
@@ -184,24 +188,41 @@ def check_writable(path: Path) -> None:
         raise MmlitError(f"cannot write to {parent}: {e.strerror}") from None
 
 
+def claim_out(path: Path, existed: bool) -> tuple[Path, ...]:
+    """Make the `--out` folder `path` that `new_run_dir` found free, now and exclusively: two
+    commands started at once with one new --out both found it free and wrote their files into
+    it (one's best.safetensors beside the other's last). `existed`: whether it was there, empty,
+    when that check began (the user's folder: nothing to make). Returns the folders made here,
+    deepest first, for `removed_if_left_empty`."""
+    if existed:
+        return ()
+    made = tuple(p for p in (path, *path.parents) if not p.exists())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir()
+    except FileExistsError:
+        raise MmlitError(f"--out {path} was made a moment ago by another command: choose another --out") from None
+    except OSError as e:
+        raise MmlitError(f"cannot create --out {path}: {e.strerror}") from None
+    return made
+
+
 def claim_run_dir(out: str | Path | None, kind: str, name: str) -> tuple[Path, tuple[Path, ...]]:
-    """`new_run_dir(out, kind, name)`, made now and checked writable, before the command's
-    work (two `eval`s started at once get two folders, and an `--out` that cannot be made is
-    said before an evaluation, not after it): (the folder, the folders made here, deepest
-    first, for `removed_if_left_empty`)."""
+    """`new_run_dir(out, kind, name)`, made now (`claim_out` for an --out) and checked writable,
+    before the command's work (two `eval`s started at once get two folders, and an `--out` that
+    cannot be made is said before an evaluation, not after it): (the folder, the folders made
+    here, deepest first, for `removed_if_left_empty`)."""
     if out is None:
         parents = [p for p in (Path("runs") / kind, Path("runs")) if not p.exists()]
         path = new_run_dir(out, kind, name, claim=True)
-        made = [path, *parents]
+        made: tuple[Path, ...] = (path, *parents)
     else:
+        existed = Path(out).expanduser().is_dir()
         path = new_run_dir(out, kind, name)
-        made = [p for p in (path, *path.parents) if not p.exists()]
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise MmlitError(f"cannot create --out {path}: {e.strerror}") from None
-    check_writable(path)
-    return path, tuple(made)
+        made = claim_out(path, existed)
+    with removed_if_left_empty(made):
+        check_writable(path)
+    return path, made
 
 
 @contextlib.contextmanager

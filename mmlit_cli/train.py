@@ -24,7 +24,7 @@ from .data import DATASET_NAMES, SAMPLE_DIR, ImageData, canonical_name, default_
     skipped_warning, train_split_size, usable_cpus
 from .engine import RunOptions, Trainer
 from .errors import DataNotFound, MmlitError, listed
-from .files import check_writable, new_run_dir, removed_if_left_empty
+from .files import check_writable, claim_out, new_run_dir, removed_if_left_empty
 from .mae import check_masking
 from .recipe import SAMPLE_EPOCHS, batch_origin, describe, fit_recipe, fit_to_device, pinned_keys
 from .run_record import check_history, stopped_early
@@ -470,14 +470,18 @@ def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_
         _restarted_run(kind, task_cls, plan)
     if continued is not None:
         return continued
-    # a run without --out in one process creates its folder now: two started at once used to
-    # pick the same free name and write into one folder (under torchrun, rank 0 creates it later)
-    claim = probe and out is None and process_count() == 1
-    parents = [p for p in (Path("runs") / kind, Path("runs")) if claim and not p.exists()]
-    run_dir = new_run_dir(out, kind, plan.cfg.name, resumable=True, claim=claim)
+    # a run in one process makes its folder now: two started at once used to write into one
+    # folder, the same free runs/<kind>/<name>N or the same new --out (under torchrun, rank 0
+    # makes it later)
+    claim = probe and process_count() == 1
+    parents = [p for p in (Path("runs") / kind, Path("runs")) if claim and out is None and not p.exists()]
+    existed = out is not None and out.is_dir()
+    run_dir = new_run_dir(out, kind, plan.cfg.name, resumable=True, claim=claim and out is None)
+    made = (run_dir, *parents) if claim and out is None else claim_out(run_dir, existed) if claim else ()
     if probe:
-        check_writable(run_dir)
-    return dataclasses.replace(plan, run_dir=run_dir, created=(run_dir, *parents) if claim else ())
+        with removed_if_left_empty(made):
+            check_writable(run_dir)
+    return dataclasses.replace(plan, run_dir=run_dir, created=made)
 
 
 def _invocation(plan: RunPlan, init: str | Path | None) -> dict[str, Any]:

@@ -209,6 +209,51 @@ def test_evals_started_together_get_a_folder_each_and_a_file_named_runs_is_said(
         "file, not a folder; pass --out", err
 
 
+def test_a_read_only_working_folder_says_to_pass_out(tmp_path, monkeypatch):
+    """`mmlit eval CKPT` (or a run without --out) in a read-only folder was "[Errno 30] Read-only
+    file system: 'runs'", with no word of --out."""
+    import errno
+
+    from mmlit_cli.errors import MmlitError
+    from mmlit_cli.files import new_run_dir
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(MmlitError, match=r"^cannot create runs/eval/clf: Read-only file system; pass --out$"):
+        new_run_dir(None, "eval", "clf", claim=True)
+
+
+def test_two_runs_started_at_once_with_one_new_out_do_not_share_it(world, tmp_path, monkeypatch):
+    """Both found the new --out free and wrote into it: one's best.safetensors beside the other's
+    last. The --out is made when the run starts, exclusively; the second is told. A run that
+    fails before writing leaves no --out behind (nor the folders made above it)."""
+    from mmlit_cli.errors import MmlitError
+    from mmlit_cli.files import claim_out
+    from mmlit_cli.train import run_training
+
+    assert claim_out(tmp_path / "a" / "b", existed=False) == (tmp_path / "a" / "b", tmp_path / "a")
+    assert claim_out(tmp_path / "a" / "b", existed=True) == ()  # an empty folder the user made
+    from mmlit_cli import train
+
+    def found_free_then_taken(out, *args, **kwargs):  # the other command makes it right after the check
+        path = new_run_dir(out, *args, **kwargs)
+        path.mkdir(parents=True)
+        return path
+
+    new_run_dir = train.new_run_dir
+    monkeypatch.setattr(train, "new_run_dir", found_free_then_taken)
+    with pytest.raises(MmlitError, match="was made a moment ago by another command"):
+        run_training("finetune", "xxs", str(world["folder"]), out=tmp_path / "raced", overrides=TINY, quiet=True)
+    monkeypatch.undo()
+    with pytest.raises(MmlitError, match="only one class folder"):
+        run_training("finetune", "xxs", str(world["root"] / "oneclass"), out=tmp_path / "x" / "run", overrides=TINY,
+                     quiet=True)
+    assert not (tmp_path / "x").exists()
+
+
 def test_eval_into_a_full_folder_does_not_advise_a_resume_it_does_not_have(world, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["mmlit", "eval", str(world["root"] / "clf" / "best.safetensors"), "--out",
                                       str(world["root"] / "taken")])

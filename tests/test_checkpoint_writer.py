@@ -102,6 +102,33 @@ def test_a_failed_write_is_raised_in_the_training_thread_and_drops_the_writes_be
             raise KeyError("the block's")
 
 
+def test_a_full_disk_is_an_os_error_naming_the_checkpoint_and_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """safetensors reports a full disk as its own SafetensorError ("I/O error: No space left on
+    device (os error 28)"), which the command line took for a bug: "internal error", exit 1."""
+    import sys
+
+    from safetensors import SafetensorError
+
+    from mmlit_cli import cli
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(OSError) as e:
+        checkpoint.save_checkpoint(tmp_path / "last.safetensors", tiny_checkpoint(1.0))
+    assert e.value.errno == 28 and e.value.filename == str(tmp_path / "last.safetensors")
+    assert list(tmp_path.iterdir()) == []  # no temporary file left
+    data = write_folder(tmp_path / "data")
+    monkeypatch.setattr(sys, "argv", ["mmlit", "finetune", "--preset", "xxs", "--dataset", str(data), "--epochs", "1",
+                                      "--out", str(tmp_path / "run"), *[a for o in TINY for a in ("--set", o)]])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: [Errno 28] No space left on device: ") and \
+        "last.safetensors" in err and err.count("\n") == 1, err
+
+
 def test_training_goes_on_while_a_checkpoint_is_written(tmp_path, monkeypatch):
     """The first epoch's checkpoints are held until the loop has made two steps of the second:
     a loop that waited for its checkpoints would never get there. (The step-0 checkpoint is

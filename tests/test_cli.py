@@ -61,6 +61,31 @@ def test_macs_are_counted_on_shapes_alone_so_a_large_image_size_needs_no_memory(
     assert count_macs(large) == forward_macs(large.cfg)
 
 
+@pytest.mark.parametrize("env", [{"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"},  # an ASCII locale
+                                 {"PYTHONIOENCODING": "cp1252"}])  # a Windows console's or file's encoding
+def test_a_terminal_that_is_not_utf8_reads_the_presets_and_shows_what_it_can(env):
+    """The presets were read in the locale's encoding (their first comment has an em dash), and
+    a character the terminal's encoding lacks (count-params' '≈') was an internal error."""
+    r = subprocess.run([sys.executable, "-m", "mmlit_cli", "count-params", "--preset", "xxs"], capture_output=True,
+                       env={**os.environ, **env})
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    assert b"MACs per image (inference): 131.3 M" in r.stdout and b"total" in r.stdout
+
+
+def test_output_a_terminal_cannot_encode_is_shown_as_bytes_or_question_marks():
+    from mmlit_cli import cli  # noqa: F401  (registers the handler)
+
+    assert "a狗\udce9≈".encode("latin-1", errors="mmlit-output") == b"a?\xe9?"
+
+
+def test_columns_zero_still_shows_the_error():
+    """COLUMNS=0 (set by some wrappers and CI runners) made Rich print nothing, the error line
+    included: exit 2 and no word why."""
+    r = subprocess.run([sys.executable, "-m", "mmlit_cli", "eval", "/nothere.safetensors"], capture_output=True,
+                       text=True, env={**os.environ, "COLUMNS": "0"})
+    assert (r.returncode, r.stderr) == (2, "error: checkpoint not found: /nothere.safetensors\n")
+
+
 def test_count_params_table_shows_components_and_paper_figure():
     r = mmlit("count-params", "--preset", "xxs", "--num-classes", "100")
     assert r.returncode == 0

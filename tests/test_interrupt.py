@@ -144,6 +144,32 @@ def test_ctrl_c_in_any_other_command_says_interrupted(monkeypatch, capsys):
     assert err.startswith("interrupted before training started") and err.count("\n") == 1, err
 
 
+def test_sigterm_outside_training_cleans_up_what_the_command_was_writing(tmp_path):
+    """SIGTERM during `export`, `eval`, `plot`...: Python's default ended the process at once,
+    leaving the hidden temporary file (`.t.onnx.3yj9ujpq.tmp`, 943 KB) and temporary folders.
+    Here `plot` is sent SIGTERM while its PNG is being written (in a subprocess: the signal
+    ends the process if the handling is gone)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 1.0, "val_loss": 1.1}) + "\n")
+    script = f"""
+import os, signal, sys
+from mmlit_cli import cli, plots
+write = plots.atomic_write
+def terminated_while_writing(path, fill, **kw):
+    def fill_then_sigterm(tmp):
+        fill(tmp)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return write(path, fill_then_sigterm, **kw)
+plots.atomic_write = terminated_while_writing
+sys.argv = ["mmlit", "plot", {str(run)!r}]
+cli.main()
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stderr) == (143, "terminated\n")
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+
+
 def test_the_second_ctrl_c_is_told_from_the_first(monkeypatch):
     """`StopRequest`: the first Ctrl-C asks for a stop; the second raises `SecondInterrupt`."""
     from mmlit_cli.report import SecondInterrupt, StopRequest

@@ -4,6 +4,8 @@ import csv
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -391,3 +393,11 @@ def test_list_models_names_the_bundled_presets():
 
     assert mmlit_cli.list_models() == ["s", "xs", "xxs"] and mmlit_cli.list_models("x*") == ["xs", "xxs"]
     assert mmlit_cli.list_models("vit*") == []
+
+
+def test_csv_to_a_closed_standard_output_is_said_before_predicting(tmp_path):
+    """`mmlit predict CKPT IMAGES --csv - >&-` was "internal error: TypeError: argument 1 must have a
+    "write" method", after every prediction."""
+    command = f"'{sys.executable}' -m mmlit_cli predict '{tmp_path / 'c.safetensors'}' '{tmp_path}' --csv - >&-"
+    r = subprocess.run(["bash", "-c", command], capture_output=False, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert (r.returncode, r.stderr) == (2, "error: --csv -: standard output is closed\n")

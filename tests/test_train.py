@@ -422,6 +422,17 @@ def test_atomic_write_errors_name_the_users_file_alone(tmp_path):
     assert str(e.value) == f"[Errno 21] Is a directory: '{tmp_path / 'curves.png'}'"
 
 
+def test_atomic_write_takes_a_name_of_255_bytes(tmp_path):
+    """The temporary file added 14 bytes to the name: an export or CSV named with 242-255 bytes,
+    which the filesystem takes, was "File name too long" (for --csv, after predicting)."""
+    from mmlit_cli.files import atomic_write
+
+    for name in ("y" * 250 + ".onnx", "é" * 125 + ".csv"):  # 255 and 254 bytes
+        atomic_write(tmp_path / name, lambda tmp: Path(tmp).write_text("ok"))
+        assert (tmp_path / name).read_text() == "ok"
+    assert len(list(tmp_path.iterdir())) == 2
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)
