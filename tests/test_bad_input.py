@@ -119,7 +119,7 @@ CASES = [
     ("bad split", lambda w: ["eval", str(w["root"] / "clf" / "best.safetensors"), "--dataset", str(w["folder"]), "--split", "dev"], "--split"),
     ("other class names", lambda w: ["eval", str(w["root"] / "clf" / "best.safetensors"), "--dataset", str(w["root"] / "twoclass")], "has 'a', 'b' where the checkpoint has"),
     ("output dir exists", lambda w: ["finetune", "--dataset", str(w["folder"]), "--out", str(w["root"] / "taken"), *SETS], "already exists"),
-    ("no write permission", lambda w: ["finetune", "--dataset", str(w["folder"]), "--out", no_write_dir(w["root"]), *SETS], "cannot write"),
+    ("no write permission", lambda w: ["finetune", "--dataset", str(w["folder"]), "--out", no_write_dir(w["root"]), *SETS], "cannot create --out"),
     ("cuda without GPU", lambda w: ["finetune", "--dataset", str(w["folder"]), "--device", "cuda", "--out", str(w["root"] / "never"), *SETS], "no CUDA GPU"),
     ("unknown device", lambda w: ["finetune", "--dataset", str(w["folder"]), "--device", "tpu", "--out", str(w["root"] / "never2"), *SETS], "unknown device"),
     ("resume other preset", lambda w: ["finetune", "--resume", str(w["root"] / "clf"), "--preset", "s"], "not 's'"),

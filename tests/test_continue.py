@@ -94,7 +94,9 @@ def test_a_start_killed_before_its_first_checkpoint_leaves_a_folder_the_same_com
         m.setattr(run_record, "ranks_agree", lambda *args: (_ for _ in ()).throw(RuntimeError("peer died")))
         with pytest.raises(RuntimeError, match="peer died"):
             run_training("finetune", "xxs", str(data), out=out, **kw)
-    (out / ".config.yaml.k2j4x_9q.tmp").write_text("")  # a write killed half-way
+    assert not out.exists()  # the failed start wrote nothing, and removed the --out it made
+    out.mkdir()  # ... which a SIGKILL leaves
+    (out / ".config.yaml.k2j4x_9q.tmp").write_text("")  # with a write killed half-way
     assert run_training("finetune", "xxs", str(data), out=out, **kw)["epoch"] == 1
     assert (out / "config.yaml").is_file()
 
