@@ -44,7 +44,7 @@ from .data import Normalize, skipped_warning
 from .errors import MmlitError, one_line
 from .evaluate import checkpoint_split, load_classifier, match_classes
 from .export_forms import export_forms
-from .files import atomic_write
+from .files import atomic_write, check_utf8
 from .onnx_classifier import PIP_HINT
 
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; lower ones go through a converter
@@ -126,7 +126,9 @@ def output_path(ckpt_path: str | Path, out_path: str | Path | None = None, int8:
     folder = out.is_dir() or str(out_path).endswith(("/", os.sep))
     if not folder and out.suffix.lower() != ".onnx":  # predict, Netron and ONNX tools tell the file by it
         raise MmlitError(f"--out {out_path}: an ONNX file's name ends in .onnx (a new folder's in /)")
-    return out / name if folder else out
+    target = out / name if folder else out
+    check_utf8(target, "--out" if out_path is not None else "the export's default name")
+    return target
 
 
 def metadata(ckpt: Checkpoint, quantization: str = "fp32") -> dict[str, str]:

@@ -19,7 +19,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .errors import MmlitError
+from .errors import MmlitError, readable
 
 _UMASK_LOCK = threading.Lock()
 
@@ -138,6 +138,17 @@ def _unfinished_write(path: Path) -> bool:
     return re.fullmatch(r"\..+\.[a-z0-9_]{8}\.tmp", path.name) is not None and path.is_file()
 
 
+def check_utf8(path: str | Path, what: str) -> None:
+    """Refuse an output name with bytes that are not UTF-8 (`--out $'run\\xff'`), before the
+    work: TensorBoard's event files and ONNX's checker cannot take it, and crashed after a run's
+    first files were written."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise MmlitError(f"{what} {readable(str(path))}: the name holds bytes that are not UTF-8 (shown as �), "
+                         f"which TensorBoard and ONNX cannot take: choose another") from None
+
+
 def new_run_dir(out: str | Path | None, kind: str, name: str, resumable: bool = False, claim: bool = False) -> Path:
     """The folder a command writes into: `--out DIR` (`~` expanded), which must not hold files
     already (a `resumable` command's error says how to continue the run there, when it holds
@@ -146,6 +157,7 @@ def new_run_dir(out: str | Path | None, kind: str, name: str, resumable: bool = 
     here, atomically: two commands started at once get two folders)."""
     if out is not None:
         path = Path(out).expanduser()  # `--out=~/runs/x`: the shell leaves that ~ to us
+        check_utf8(path, "--out")
         if path.exists() and not path.is_dir():
             raise MmlitError(f"--out {path} is a file: --out names a folder; choose another")
         blocking = file_in_the_way(path)

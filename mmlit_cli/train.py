@@ -21,7 +21,7 @@ from .checkpoint import Checkpoint, load_checkpoint, load_weights_into, recorded
 from .config import CLASS_BALANCE, RESUME_MAY_CHANGE, RESUMED_CONFIG_MAY_CHANGE, Config, check_label_free, \
     dump_config, load_config, parse_overrides, with_overrides
 from .data import DATASET_NAMES, SAMPLE_DIR, ImageData, canonical_name, default_data_dir, is_sample, load_split, \
-    skipped_warning, train_split_size, usable_cpus
+    skipped_warning, split_size, train_split_size, usable_cpus
 from .engine import RunOptions, Trainer
 from .errors import DataNotFound, MmlitError, listed
 from .files import check_writable, claim_out, new_run_dir, removed_if_left_empty
@@ -626,6 +626,11 @@ def resolved_config(kind: str, preset: str | None, dataset: str | None, *, data_
         return _recorded_config(plan, f"{plan.run_dir} holds this command's run: the config it recorded")
     images, classes = train_split_size(plan.spec.dataset, plan.cfg.data.val_fraction, plan.spec.validation == "auto",
                                        task_cls.needs_labels)
+    if plan.spec.validation == "test":  # a folder with no test split: refused, as the run refuses it
+        try:
+            split_size(plan.spec.dataset, "test", holdout=False, require_labels=task_cls.needs_labels)
+        except MmlitError as e:
+            raise _no_test_split(e) from None
     plan = plan.fit_to(task_cls.command, images, resolve_device(device).type)
     cfg = task_cls.fit_config(plan.cfg, classes)
     if init_ckpt is not None:  # the architecture check the run makes, on a model built here and dropped
@@ -660,12 +665,16 @@ def _load_data(spec: DataSpec, cfg: Config, require_labels: bool, console: Conso
             _warn_skipped(console, val)
     except MmlitError as e:
         if spec.validation == "test":
-            raise MmlitError(f"{e} (--val test validates on the test split; without --val a validation part is "
-                             f"held out of train)") from None
+            raise _no_test_split(e) from None
         if require_labels:
             raise
         val = None  # an unlabelled folder for pre-training may have no held-out part
     return train, val
+
+
+def _no_test_split(e: MmlitError) -> MmlitError:
+    return MmlitError(f"{e} (--val test validates on the test split; without --val a validation part is held out "
+                      f"of train)")
 
 
 def _load_init(task, init: str | Path, ckpt: Checkpoint, console: Console | None, layer_decay: float,

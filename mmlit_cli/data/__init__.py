@@ -41,7 +41,8 @@ from .formats import read_idx
 from .loader import AugmentedImages, EpochSampler, build_loader, sample_seed, set_epoch
 from .pipeline import build_loaders, choose_loader, resolve_loader
 from .datasets import SAMPLE_DIR
-from .registry import DATASET_NAMES, canonical_name, default_data_dir, is_sample, load_split, train_split_size
+from .registry import (DATASET_NAMES, canonical_name, default_data_dir, is_sample, load_split, split_size,
+                       train_split_size)
 from .splits import EVAL_SPLITS, SPLITS, ImageData, skipped_warning
 
 __all__ = [
@@ -50,6 +51,6 @@ __all__ = [
     "BatchAugment", "DeviceLoader", "choose_loader", "resolve_loader", "build_loaders", "usable_cpus",
     # also public: what predict decodes files with, and the parts tests and tools use
     "DataError", "EVAL_SPLITS", "SPLITS", "decode_files", "decode_one", "fit_image", "to_rgb", "read_idx", "sample_seed",
-    "EpochSampler", "RandomErasingUint8", "SAMPLE_DIR", "canonical_name", "is_sample", "train_split_size",
-    "skipped_warning",
+    "EpochSampler", "RandomErasingUint8", "SAMPLE_DIR", "canonical_name", "is_sample", "split_size",
+    "train_split_size", "skipped_warning",
 ]

@@ -63,13 +63,24 @@ def train_split_size(dataset: str, val_fraction: float = 0.1, holdout: bool = Tr
         if holdout and name not in _OWN_VALIDATION:
             counts = [n - held_out_count(n, val_fraction) for n in counts]
         return sum(counts), len(counts)
+    return split_size(dataset, "train", val_fraction, holdout, require_labels)
+
+
+def split_size(dataset: str, split: str, val_fraction: float = 0.1, holdout: bool = True,
+               require_labels: bool = True) -> tuple[int, int]:
+    """(images, classes) of `split` of an image folder (the sample too) or a label file, listed
+    or read, nothing decoded; the error `load_split` gives where there is no such split. A named
+    dataset (it has its splits; it is not read here) is (0, 0)."""
+    name = canonical_name(dataset)
+    if name in OFFICIAL_TRAIN_COUNTS:
+        return 0, 0
     root = SAMPLE_DIR if name == "sample" else Path(str(dataset)).expanduser()
     if is_label_file(root):
-        rows, classes, _ = label_file_split(root.resolve(), "train", val_fraction if holdout else None, require_labels)
+        rows, classes, _ = label_file_split(root.resolve(), split, val_fraction if holdout else None, require_labels)
         return len(rows), len(classes)
     if not root.is_dir():
         load_split(dataset, "train", 1)  # the error load_split gives for this name or path
-    part = folder_split(root.resolve(), "train", val_fraction if holdout else None, require_labels)
+    part = folder_split(root.resolve(), split, val_fraction if holdout else None, require_labels)
     return len(part.files), len(part.classes)
 
 
