@@ -45,6 +45,7 @@ def atomic_write(path: Path, write, replace: bool = True) -> None:
     file appeared while `write` ran (the finished file is hard-linked to `path`, which fails
     if the name is taken)."""
     path = Path(path)
+    made = tuple(p for p in path.parents if not p.exists())  # removed again if the write fails
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # not "already exists": a file stands where a folder must
@@ -52,6 +53,12 @@ def atomic_write(path: Path, write, replace: bool = True) -> None:
         if blocking is None:  # the file has gone since (a race): the error as it was
             raise
         raise NotADirectoryError(f"{blocking} is a file, not a folder") from None
+    with removed_if_left_empty(made):
+        _write_then_rename(path, write, replace)
+
+
+def _write_then_rename(path: Path, write, replace: bool) -> None:
+    """`atomic_write`'s work, its folder made: the temporary file, written, synced, renamed."""
     tmp = None
     try:
         # the name cut to 200 bytes: a name of up to 255 bytes (the limit) still gets a temporary one

@@ -408,6 +408,9 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails_and_uses_normal_perm
         atomic_write(target, broken)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temp file left behind
+    with pytest.raises(OSError):  # nor the folders made for it (`export --out new/sub/m.onnx`)
+        atomic_write(tmp_path / "new" / "sub" / "m.onnx", broken)
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
 
 def test_atomic_write_errors_name_the_users_file_alone(tmp_path):
