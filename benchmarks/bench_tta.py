@@ -124,7 +124,8 @@ def main(argv=None) -> int:
         epochs, way = choose_epochs(args.budget_s, fixed, rate, train_images, val_images,
                                     lambda e: planned_steps(args.preset, e, train_images, device),
                                     lambda steps: compile_pays(device, steps))
-        how = (f"fitted: ({args.budget_s:.0f} s - {fixed[way == 'compiled']:.0f} s) at {rate:,.0f} img/s, "
+        allowance = fixed[1] if way == "compiled" else fixed[0]
+        how = (f"fitted: ({args.budget_s:.0f} s - {allowance:.0f} s) at {rate:,.0f} img/s, "
                + ("measured by bench_pipeline" if measured else "--rate: no measured rate in --rates")
                + f"; {planned_steps(args.preset, epochs, train_images, device):,} steps, {way}")
     else:

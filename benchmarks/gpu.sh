@@ -62,13 +62,13 @@ if [[ $MODE == cpu-quick ]]; then
     PIPE_TIMEOUT_S=${PIPE_TIMEOUT_S:-$STEP_TIMEOUT_S}
     PIPE_ARGS=(--steps 3 --warmup 1 --rounds 1 --batch 32 --workers 2 --profile 1)
 else
-    # FALLBACK_RATE: s's end-to-end img/s when step 1 left none (killed, failed): below the
-    # H200's eager bare step of docs/BENCHMARKS.md ("GPU: first measurements", 6,562 img/s at
-    # batch 512), so that step 2 still ends within its budget (with fewer epochs) rather than
-    # overrunning it.
+    # FALLBACK_RATE: s's end-to-end img/s when step 1 left none (killed, failed): a guess, well
+    # below the H200's eager bare step of docs/BENCHMARKS.md ("GPU: first measurements", 6,562
+    # img/s at batch 512; end to end is at most that), for an H100 too: too low a guess costs
+    # epochs, too high a one overruns step 2's budget.
     # PIPE_ARGS: 20 + 55 steps of 512 stay within the first epoch of 40,500 images (79 steps):
     # the first epoch's end (validation, the first figures) is not a training step's time.
-    DEVICE=cuda; PER_CLASS=4500; HOLDOUT=500; FALLBACK_RATE=6000; HARD_S=${HARD_S:-570}
+    DEVICE=cuda; PER_CLASS=4500; HOLDOUT=500; FALLBACK_RATE=4000; HARD_S=${HARD_S:-570}
     PIPE_TIMEOUT_S=${PIPE_TIMEOUT_S:-150}
     PIPE_ARGS=(--steps 55 --warmup 20 --rounds 1 --batch 512 --workers 8 --sync-check --profile 10)
 fi

@@ -4,7 +4,9 @@ functions that tests call directly."""
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -421,7 +423,17 @@ def predict(
     if as_json:
         print(json_text(result.predictions))
     elif csv_path == "-":  # a pipe's: `mmlit predict ... --csv - | ...`
-        csv.writer(sys.stdout, lineterminator="\n").writerows(csv_rows(result))
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows(csv_rows(result))
+        # UTF-8 as the --csv file is, whatever the terminal's encoding (a name's bytes that are not
+        # UTF-8 as they are on disk); not through the output's '?' for what it cannot show
+        out = getattr(sys.stdout, "buffer", None)
+        if out is None:  # a stream without bytes (a test's capture)
+            sys.stdout.write(text.getvalue())
+        else:
+            sys.stdout.flush()
+            out.write(text.getvalue().encode("utf-8", "surrogateescape"))
+            out.flush()
     elif csv_path:
         write_csv(result, csv_path)
         console.print(escape(f"{len(result.predictions)} predictions written to {csv_path}"), highlight=False)
@@ -515,8 +527,8 @@ class Terminated(BaseException):
 
 
 def _on_sigterm(signum, frame) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM (or a forked worker's) ends the process at once
     if os.getpid() != _state["pid"]:  # a forked worker (decoding, a loader): it ends as it always did
-        signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
     raise Terminated
@@ -633,10 +645,12 @@ def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
     _state["stop_said"], _state["pid"] = False, os.getpid()
     _tolerant_output()
-    try:
-        previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # main() called off the main thread: signals are not ours to take
-        previous_sigterm = None
+    previous_sigterm = None
+    # not under torchrun: its agent's SIGTERM must end a worker that waits in a collective (C code,
+    # where a Python handler would not run), as before; the training loop still saves on it
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
+        with contextlib.suppress(ValueError):  # main() called off the main thread: signals are not ours
+            previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _run_app()
     finally:

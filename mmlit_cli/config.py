@@ -132,8 +132,8 @@ class ModelConfig:
         need(self.top_k <= min(self.expert_stages),
              f"top_k {self.top_k} is larger than the smallest expert count {min(self.expert_stages)}")
         need(0.0 <= self.drop_path < 1.0, f"drop_path must be in [0, 1), got {self.drop_path}")
-        need(self.norm_eps > 0, f"norm_eps must be positive (it keeps LayerNorm from dividing by zero), got "
-                                f"{self.norm_eps}")
+        need(self.norm_eps >= 0, f"norm_eps must be >= 0 (it keeps LayerNorm from dividing by zero), got "
+                                 f"{self.norm_eps}")
         need(self.router_noise >= 0 and self.aux_loss_weight >= 0,
              "router_noise and aux_loss_weight must be >= 0")
         size = self.parameter_estimate()  # a typo's model: out of memory, or minutes building layers
@@ -263,8 +263,10 @@ class TrainConfig:
             raise ConfigError(f"{where}.epochs must be positive, got {self.epochs}")
         if self.batch_size <= 0:
             raise ConfigError(f"{where}.batch_size must be positive, got {self.batch_size}")
-        if not 0 <= self.seed < 2**32:  # torch's generators take 64 bits, and mmlit adds offsets per rank and step
-            raise ConfigError(f"{where}.seed must be from 0 to 4294967295 (2**32 - 1), got {self.seed}")
+        # torch's generators take 64 bits, and mmlit adds offsets per rank, epoch and step (a recorded
+        # run's seed is checked too: the bound is what could never have trained)
+        if not -2**62 <= self.seed < 2**62:
+            raise ConfigError(f"{where}.seed must be a whole number between -2**62 and 2**62, got {self.seed}")
         if self.lr_base <= 0 or (self.lr is not None and self.lr <= 0) or self.min_lr < 0:
             raise ConfigError(f"{where}: lr_base and lr must be positive and min_lr >= 0")
         if self.recipe not in ("auto", "paper"):

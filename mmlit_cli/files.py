@@ -61,9 +61,12 @@ def _write_then_rename(path: Path, write, replace: bool) -> None:
     """`atomic_write`'s work, its folder made: the temporary file, written, synced, renamed."""
     tmp = None
     try:
-        # the name cut to 200 bytes: a name of up to 255 bytes (the limit) still gets a temporary one
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.fsdecode(os.fsencode(path.name)[:200])}.", suffix=".tmp",
-                                   dir=path.parent)
+        # the name cut to 200 bytes (whole characters): a name of up to 255 bytes, the limit, still
+        # gets a temporary one
+        stem = path.name
+        while len(os.fsencode(stem)) > 200:
+            stem = stem[:-1]
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         if not replace and path.exists():
             raise FileExistsError(f"{path} already exists")
@@ -165,6 +168,8 @@ def new_run_dir(out: str | Path | None, kind: str, name: str, resumable: bool = 
     if out is not None:
         path = Path(out).expanduser()  # `--out=~/runs/x`: the shell leaves that ~ to us
         check_utf8(path, "--out")
+        if path.is_symlink() and not path.exists():
+            raise MmlitError(f"--out {path} is a link to {os.readlink(path)}, which does not exist: choose another --out")
         if path.exists() and not path.is_dir():
             raise MmlitError(f"--out {path} is a file: --out names a folder; choose another")
         blocking = file_in_the_way(path)

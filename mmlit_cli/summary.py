@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-
 import dataclasses
 from dataclasses import dataclass
 
@@ -80,7 +79,7 @@ def count_macs(model: MLiT) -> int:
     """
     cfg = model.cfg
     shapes_only = copy.deepcopy(model).to("meta").eval()
-    x = torch.zeros(1, cfg.in_chans, cfg.image_size, cfg.image_size, device="meta")
+    x = torch.zeros(1, cfg.in_chans, cfg.image_size, cfg.image_size, device="meta", dtype=model.input_dtype)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
         shapes_only(x)
     return counter.get_total_flops() // 2

@@ -473,11 +473,17 @@ def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_
     # a run in one process makes its folder now: two started at once used to write into one
     # folder, the same free runs/<kind>/<name>N or the same new --out (under torchrun, rank 0
     # makes it later)
-    claim = probe and process_count() == 1
-    parents = [p for p in (Path("runs") / kind, Path("runs")) if claim and out is None and not p.exists()]
-    existed = out is not None and out.is_dir()
-    run_dir = new_run_dir(out, kind, plan.cfg.name, resumable=True, claim=claim and out is None)
-    made = (run_dir, *parents) if claim and out is None else claim_out(run_dir, existed) if claim else ()
+    made: tuple[Path, ...] = ()
+    if not probe or process_count() > 1:
+        run_dir = new_run_dir(out, kind, plan.cfg.name, resumable=True)
+    elif out is None:
+        parents = tuple(p for p in (Path("runs") / kind, Path("runs")) if not p.exists())
+        run_dir = new_run_dir(out, kind, plan.cfg.name, resumable=True, claim=True)
+        made = (run_dir, *parents)
+    else:
+        existed = out.is_dir()
+        run_dir = new_run_dir(out, kind, plan.cfg.name, resumable=True)
+        made = claim_out(run_dir, existed)
     if probe:
         with removed_if_left_empty(made):
             check_writable(run_dir)

@@ -52,6 +52,7 @@ def world(tmp_path_factory):
     save_file({"w": torch.zeros(2)}, str(root / "forged.safetensors"),
               metadata={"format": "mmlit-checkpoint/1", "task": "classify", "config": "{not json",
                         "classes": "[]", "info": "{}"})
+    (root / "dangling").symlink_to(root / "nowhere")
     (root / "taken").mkdir()
     (root / "taken" / "precious.txt").write_text("keep me")
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x13\x37" * 50)
@@ -131,8 +132,8 @@ CASES = [
     ("init of another architecture", lambda w: ["finetune", "--dataset", str(w["folder"]), "--init", str(w["root"] / "clf" / "best.safetensors"), "--out", str(w["root"] / "never5")], "is another architecture"),
     ("init of another architecture, --print-config", lambda w: ["finetune", "--dataset", str(w["folder"]), "--init", str(w["root"] / "clf" / "best.safetensors"), "--print-config"], "is another architecture"),
     ("lr not a number", lambda w: ["finetune", "--dataset", str(w["folder"]), *SETS, "--lr", "nan", "--print-config"], "finetune.lr must be a finite number, got nan"),
-    ("norm_eps not positive", lambda w: ["count-params", "--set", "model.norm_eps=-1"], "norm_eps must be positive"),
-    ("seed past 64 bits", lambda w: ["finetune", "--dataset", str(w["folder"]), "--seed", "99999999999999999999", "--print-config", *SETS], "finetune.seed must be from 0 to 4294967295"),
+    ("norm_eps negative", lambda w: ["count-params", "--set", "model.norm_eps=-1"], "norm_eps must be >= 0"),
+    ("seed past 64 bits", lambda w: ["finetune", "--dataset", str(w["folder"]), "--seed", "99999999999999999999", "--print-config", *SETS], "finetune.seed must be a whole number between -2**62 and 2**62"),
     ("preset infinite in a --set", lambda w: ["count-params", "--set", "model.drop_path=inf"], "model.drop_path must be a finite number"),
     ("preset a checkpoint", lambda w: ["count-params", "--preset", str(w["root"] / "clf" / "best.safetensors")], "is not a YAML preset (not text): a checkpoint goes to --init"),
     ("in_chans other than 3", lambda w: ["finetune", "--dataset", str(w["folder"]), *SETS, "--set", "model.in_chans=1", "--out", str(w["root"] / "never6")], "model.in_chans is 1: training needs 3"),
@@ -156,6 +157,7 @@ CASES = [
     ("--out not UTF-8, a run", lambda w: ["finetune", "--dataset", str(w["folder"]), "--out", str(w["root"] / os.fsdecode(b"run\xff")), *SETS], "the name holds bytes that are not UTF-8"),
     ("--out not UTF-8, an eval", lambda w: ["eval", str(w["root"] / "clf" / "best.safetensors"), "--out", str(w["root"] / os.fsdecode(b"ev\xff"))], "the name holds bytes that are not UTF-8"),
     ("--out not UTF-8, an export", lambda w: ["export", str(w["root"] / "clf" / "best.safetensors"), "--out", str(w["root"] / os.fsdecode(b"m\xff.onnx"))], "the name holds bytes that are not UTF-8"),
+    ("--out a link to nothing", lambda w: ["eval", str(w["root"] / "clf" / "best.safetensors"), "--out", str(w["root"] / "dangling")], "is a link to"),
     ("eval --out not empty", lambda w: ["eval", str(w["root"] / "clf" / "best.safetensors"), "--out", str(w["root"] / "taken")], "not empty: choose another --out"),
     ("label file: every bad row, train's and val's, in one line", lambda w: ["finetune", "--dataset", str(w["root"] / "bad-rows.csv"), *SETS],
      "2 bad row(s): line 3: gone.png not found; line 4: broken.jpg does not decode as an image"),

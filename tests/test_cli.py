@@ -59,6 +59,9 @@ def test_macs_are_counted_on_shapes_alone_so_a_large_image_size_needs_no_memory(
     assert seen == ["meta"] and model.training and next(model.parameters()).device.type == "cpu"
     large = create_model("xxs", num_classes=10, image_size=900)
     assert count_macs(large) == forward_macs(large.cfg)
+    import torch
+
+    assert count_macs(model.to(torch.bfloat16)) == forward_macs(model.cfg)  # the input in the model's dtype
 
 
 @pytest.mark.parametrize("env", [{"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"},  # an ASCII locale

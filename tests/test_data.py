@@ -262,6 +262,9 @@ def test_a_test_or_val_folder_of_class_folders_beside_classes_is_no_class(tmp_pa
             load_split(str(root), "train", 20, require_labels=False)
     fx.write_image_folder(tmp_path / "exam", {"test": 3, "quiz": 3})  # a class named test
     assert load_split(str(tmp_path / "exam"), "train", 20).classes == ["quiz", "test"]
+    # classes named valid and invalid (or test), their images in sub-folders of their own: classes
+    fx.write_image_folder(tmp_path / "parts", {"valid/2021": 3, "invalid/2021": 3, "test/batch1": 3})
+    assert load_split(str(tmp_path / "parts"), "all", 20).classes == ["invalid", "test", "valid"]
     fx.write_image_folder(tmp_path / "only" / "val", {"cat": 2, "dog": 2})
     with pytest.raises(DataError, match="--split all"):
         load_split(str(tmp_path / "only"), "all", 20)

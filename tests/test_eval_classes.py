@@ -175,3 +175,17 @@ def test_balanced_accuracy_and_macro_f1_from_a_hand_computed_confusion_matrix():
     assert shown["per_class"] == shown["recall"] == {"ant": 80.0, "bee": 60.0, "cow": None}
     assert shown["images"] == {"ant": 10, "bee": 10, "cow": 0}
     assert EvalReport(imbalanced, ["a", "b"], "test").as_dict()["precision"] == {"a": 90.0, "b": None}
+
+
+def test_predict_csv_to_a_terminal_that_is_not_utf8_is_utf8_as_the_file_is(tmp_path):
+    """`predict --csv -` through a cp1252 stdout wrote '?' for a class named 狗 (and before that
+    crashed): the CSV on a pipe is UTF-8, as `--csv FILE` is."""
+    import os
+
+    ckpt = constant_classifier(tmp_path / "c.safetensors", ["狗", "cat"])
+    images = write_folder(tmp_path / "imgs", classes=("狗",), per_class=1)
+    r = subprocess.run([sys.executable, "-m", "mmlit_cli", "predict", str(ckpt), str(images), "--csv", "-"],
+                       capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "cp1252"})
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.decode("utf-8").splitlines()
+    assert rows[0].startswith("path,label,prob") and rows[1].split(",")[1] == "狗" and "狗_000.png" in rows[1]

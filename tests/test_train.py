@@ -430,10 +430,10 @@ def test_atomic_write_takes_a_name_of_255_bytes(tmp_path):
     which the filesystem takes, was "File name too long" (for --csv, after predicting)."""
     from mmlit_cli.files import atomic_write
 
-    for name in ("y" * 250 + ".onnx", "é" * 125 + ".csv"):  # 255 and 254 bytes
+    for name in ("y" * 250 + ".onnx", "é" * 125 + ".csv", "y" + "é" * 126 + ".x"):  # 255, 254 and 255 bytes
         atomic_write(tmp_path / name, lambda tmp: Path(tmp).write_text("ok"))
         assert (tmp_path / name).read_text() == "ok"
-    assert len(list(tmp_path.iterdir())) == 2
+    assert len(list(tmp_path.iterdir())) == 3
 
 
 def _umask():

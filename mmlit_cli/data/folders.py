@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DataError, one_line, readable
+from ..errors import DataError, listed, one_line, readable
 from .decode import decode_labelled, list_images, walk_images
 from .splits import ImageData, classes_shown, held_out_share, stratified_holdout
 
@@ -87,21 +87,27 @@ def _scan_part(folder: Path, classes: list[str] | None, require_labels: bool,
 
 
 def _not_a_class(root: Path, named: dict[str, str]) -> None:
-    """In a folder that is not a split layout, a folder named as a split (train/, val/, test/)
-    is a class only if it holds images: one that holds class folders and no image is a split
-    whose classes would otherwise become one class, named 'train' or 'test' (a test set
-    trained on under that label)."""
+    """In a folder that is not a split layout, a folder named as a split can be a split whose
+    classes would otherwise become one class, named 'train' or 'test' (a test set trained on
+    under that label). A `train/` is taken for one when it holds class folders and no image;
+    a `val/` or `test/` when it holds class folders named as the classes beside it
+    (cat/, dog/, test/cat/): a class named valid (of valid/invalid parts) whose images sit in
+    sub-folders of their own stays a class."""
     for name, folder in ((n, root / d) for n, d in named.items() if n in _SPLIT_NAMES):
-        if not _subdirs(folder) or list_images(folder):
+        inner = _subdirs(folder)
+        if not inner or list_images(folder):
             continue
         if name == "train":
             others = [d for n, d in named.items() if n != "train"]
             raise DataError(f"{folder} holds class folders, so it looks like a training split, but "
                             f"{', '.join(others[:3])} beside it is not val/, valid/, validation/ or test/: "
                             f"rename it, or move it out of {root}")
-        raise DataError(f"{folder} holds class folders, so it looks like a {name} split, but {root} has no train/ "
-                        f"beside it: move the training class folders into {root / 'train'}, or move "
-                        f"{folder.name}/ out of {root}")
+        shared = sorted(set(inner) & (set(named.values()) - {folder.name}))
+        if shared:
+            kind = "test" if name == "test" else "validation"
+            raise DataError(f"{folder} holds class folders named as those beside it ({listed(shared, 3)}), so it "
+                            f"looks like a {kind} split, but {root} has no train/: move the training class folders "
+                            f"into {root / 'train'}, or move {folder.name}/ out of {root}")
 
 
 @dataclass
