@@ -169,7 +169,8 @@ def new_run_dir(out: str | Path | None, kind: str, name: str, resumable: bool = 
         path = Path(out).expanduser()  # `--out=~/runs/x`: the shell leaves that ~ to us
         check_utf8(path, "--out")
         if path.is_symlink() and not path.exists():
-            raise MmlitError(f"--out {path} is a link to {os.readlink(path)}, which does not exist: choose another --out")
+            raise MmlitError(f"--out {path} is a link to {os.readlink(path)}, which does not exist: choose another "
+                             f"--out")
         if path.exists() and not path.is_dir():
             raise MmlitError(f"--out {path} is a file: --out names a folder; choose another")
         blocking = file_in_the_way(path)
