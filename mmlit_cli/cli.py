@@ -317,9 +317,9 @@ def eval_(
     from .files import claim_run_dir, removed_if_left_empty
 
     # where the figures go: made (and a bad --out said) before the evaluation, not after it
-    out_dir, made = claim_run_dir(out, "eval", Path(checkpoint).parent.name or "eval") \
-        if out is not None or not as_json else (None, ())
-    with removed_if_left_empty(made):
+    out_dir, made, lock = claim_run_dir(out, "eval", Path(checkpoint).parent.name or "eval") \
+        if out is not None or not as_json else (None, (), None)
+    with removed_if_left_empty(made, lock):
         report = evaluate_checkpoint(checkpoint, dataset, split, data_dir, batch_size, device, compile=compile,
                                      compile_mode=compile_mode, classes_by_position=classes_by_position)
         if report.dataset_note:

@@ -143,9 +143,11 @@ def walk_files(folder: Path) -> list[Path]:
 
 
 def _unfinished_write(path: Path) -> bool:
-    """A hidden temporary file of an `atomic_write` its process was killed in (`.name.XXXXXXXX.tmp`):
-    nothing of a run, so it does not make a folder taken."""
-    return re.fullmatch(r"\..+\.[a-z0-9_]{8}\.tmp", path.name) is not None and path.is_file()
+    """A hidden temporary file of an `atomic_write` its process was killed in (`.name.XXXXXXXX.tmp`),
+    or the lock file of an --out (`claim_out`, whose lock decides): nothing of a run, so it does
+    not make a folder taken."""
+    return (re.fullmatch(r"\..+\.[a-z0-9_]{8}\.tmp", path.name) is not None or path.name == LOCK_NAME) \
+        and path.is_file()
 
 
 def check_utf8(path: str | Path, what: str) -> None:
@@ -213,52 +215,81 @@ def check_writable(path: Path) -> None:
         raise MmlitError(f"cannot write to {parent}: {e.strerror}") from None
 
 
-def claim_out(path: Path, existed: bool) -> tuple[Path, ...]:
-    """Make the `--out` folder `path` that `new_run_dir` found free, now and exclusively: two
-    commands started at once with one new --out both found it free and wrote their files into
-    it (one's best.safetensors beside the other's last). `existed`: whether it was there, empty,
-    when that check began (the user's folder: nothing to make). Returns the folders made here,
-    deepest first, for `removed_if_left_empty`."""
-    if existed:
-        return ()
+# An --out being written holds this file, locked (flock) by the command writing there for as
+# long as it runs: a lock the kernel ends with the process, however it ends (SIGKILL included).
+LOCK_NAME = ".mmlit.lock"
+_held_locks: dict[Path, int] = {}
+
+
+def claim_out(path: Path) -> tuple[tuple[Path, ...], Path | None]:
+    """Make the `--out` folder `path` that `new_run_dir` found free (when it is not there) and
+    lock it for this command: two commands given one --out both found it free (or empty, the
+    first still reading its data) and wrote into it, one's best.safetensors beside the other's
+    last. Returns (the folders made here, deepest first, for `removed_if_left_empty`; the lock,
+    which it releases). Where there is no flock (Windows) the folder is made, not locked."""
     made = tuple(p for p in (path, *path.parents) if not p.exists())
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.mkdir()
-    except FileExistsError:
-        raise MmlitError(f"--out {path} was made a moment ago by another command: choose another --out") from None
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MmlitError(f"cannot create --out {path}: {e.strerror}") from None
-    return made
+    try:
+        import fcntl
+    except ImportError:
+        return made, None
+    lock = path / LOCK_NAME
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666 & ~_umask())
+    except OSError as e:
+        raise MmlitError(f"cannot write to {path}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise MmlitError(f"--out {path} is being written by another mmlit command: choose another --out") from None
+    _held_locks[lock] = fd
+    return made, lock
 
 
-def claim_run_dir(out: str | Path | None, kind: str, name: str) -> tuple[Path, tuple[Path, ...]]:
-    """`new_run_dir(out, kind, name)`, made now (`claim_out` for an --out) and checked writable,
-    before the command's work (two `eval`s started at once get two folders, and an `--out` that
-    cannot be made is said before an evaluation, not after it): (the folder, the folders made
-    here, deepest first, for `removed_if_left_empty`)."""
+def _release(lock: Path | None) -> None:
+    fd = _held_locks.pop(lock, None) if lock is not None else None
+    if fd is not None:
+        Path(lock).unlink(missing_ok=True)  # while still held: no other command has taken it
+        os.close(fd)
+
+
+def claim_run_dir(out: str | Path | None, kind: str, name: str) -> tuple[Path, tuple[Path, ...], Path | None]:
+    """`new_run_dir(out, kind, name)`, made now (an --out made and locked, `claim_out`) and
+    checked writable, before the command's work (two `eval`s started at once get two folders,
+    and an `--out` that cannot be made is said before an evaluation, not after it): (the folder,
+    the folders made here, deepest first, and the lock, for `removed_if_left_empty`)."""
+    lock = None
     if out is None:
         parents = [p for p in (Path("runs") / kind, Path("runs")) if not p.exists()]
         path = new_run_dir(out, kind, name, claim=True)
         made: tuple[Path, ...] = (path, *parents)
     else:
-        existed = Path(out).expanduser().is_dir()
         path = new_run_dir(out, kind, name)
-        made = claim_out(path, existed)
-    with removed_if_left_empty(made):
+        made, lock = claim_out(path)
+    try:
         check_writable(path)
-    return path, made
+    except MmlitError:
+        with removed_if_left_empty(made, lock):  # made and locked for nothing: undone
+            raise
+    return path, made, lock
 
 
 @contextlib.contextmanager
-def removed_if_left_empty(folders: tuple[Path, ...]):
+def removed_if_left_empty(folders: tuple[Path, ...], lock: Path | None = None):
     """The folders a command made for its output (a training run's `RunPlan.created`, an eval's
     `claim_run_dir`), deepest first, are removed when the command fails before writing anything
-    into them: a bad dataset leaves no empty runs/<kind>/<name> behind."""
+    into them: a bad dataset leaves no empty runs/<kind>/<name> behind. `lock` (`claim_out`'s)
+    is released when the block ends, however it ends."""
     try:
         yield
     except BaseException:
+        _release(lock)
         for folder in folders:
             with contextlib.suppress(OSError):  # not empty (the command wrote there), or gone
                 folder.rmdir()
         raise
+    _release(lock)

@@ -113,6 +113,7 @@ class RunPlan:
     # folders created for this run (no --out: its own, so that no other run takes it, and the
     # runs/<kind>, runs/ above it that did not exist), deepest first
     created: tuple[Path, ...] = ()
+    lock: Path | None = None  # an --out's, held while the run runs (`files.claim_out`)
 
     def fit_to(self, section: str, train_images: int, device_type: str) -> RunPlan:
         """A new run's plan with its recipe fitted to `train_images` on a `device_type` device
@@ -167,7 +168,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
             console.print(escape(_sample_note(getattr(plan.cfg, task_cls.command).epochs)), highlight=False)
     if plan.resume is not None and _finished(plan, task_cls.command):
         return _nothing_to_do(plan, None if quiet else console)
-    with removed_if_left_empty(plan.created):
+    with removed_if_left_empty(plan.created, plan.lock):
         # a missing or broken --init file is said before the data is read (minutes, for a big folder)
         init_ckpt = load_checkpoint(init) if init is not None and plan.resume is None else None
 
@@ -474,6 +475,7 @@ def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_
     # folder, the same free runs/<kind>/<name>N or the same new --out (under torchrun, rank 0
     # makes it later)
     made: tuple[Path, ...] = ()
+    lock = None
     if not probe or process_count() > 1:
         run_dir = new_run_dir(out, kind, plan.cfg.name, resumable=True)
     elif out is None:
@@ -481,13 +483,15 @@ def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_
         run_dir = new_run_dir(out, kind, plan.cfg.name, resumable=True, claim=True)
         made = (run_dir, *parents)
     else:
-        existed = out.is_dir()
         run_dir = new_run_dir(out, kind, plan.cfg.name, resumable=True)
-        made = claim_out(run_dir, existed)
+        made, lock = claim_out(run_dir)
     if probe:
-        with removed_if_left_empty(made):
+        try:
             check_writable(run_dir)
-    return dataclasses.replace(plan, run_dir=run_dir, created=made)
+        except MmlitError:
+            with removed_if_left_empty(made, lock):  # made and locked for nothing: undone
+                raise
+    return dataclasses.replace(plan, run_dir=run_dir, created=made, lock=lock)
 
 
 def _invocation(plan: RunPlan, init: str | Path | None) -> dict[str, Any]:

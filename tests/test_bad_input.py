@@ -4,6 +4,7 @@ that existed before changed."""
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -203,8 +204,8 @@ def test_evals_started_together_get_a_folder_each_and_a_file_named_runs_is_said(
 
     monkeypatch.chdir(tmp_path)
     first, second = claim_run_dir(None, "eval", "clf"), claim_run_dir(None, "eval", "clf")
-    assert first == (Path("runs/eval/clf"), (Path("runs/eval/clf"), Path("runs/eval"), Path("runs")))
-    assert second == (Path("runs/eval/clf2"), (Path("runs/eval/clf2"),)) and second[0].is_dir()
+    assert first == (Path("runs/eval/clf"), (Path("runs/eval/clf"), Path("runs/eval"), Path("runs")), None)
+    assert second == (Path("runs/eval/clf2"), (Path("runs/eval/clf2"),), None) and second[0].is_dir()
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     (tmp_path / "elsewhere" / "runs").write_text("notes")
@@ -233,28 +234,31 @@ def test_a_read_only_working_folder_says_to_pass_out(tmp_path, monkeypatch):
         new_run_dir(None, "eval", "clf", claim=True)
 
 
-def test_two_runs_started_at_once_with_one_new_out_do_not_share_it(world, tmp_path, monkeypatch):
-    """Both found the new --out free and wrote into it: one's best.safetensors beside the other's
-    last. The --out is made when the run starts, exclusively; the second is told. A run that
-    fails before writing leaves no --out behind (nor the folders made above it)."""
+@pytest.mark.skipif(sys.platform == "win32", reason="the --out lock is flock's")
+def test_a_run_or_eval_given_an_out_another_command_is_writing_is_refused(world, tmp_path):
+    """Two runs given one new --out both found it free (or empty: the first was still reading
+    its data) and wrote into it, one's best.safetensors beside the other's last, both saying
+    "done". The --out is made and locked when a command starts (the lock ends with the
+    process, however it ends); a command that fails before writing removes what it made."""
     from mmlit_cli.errors import MmlitError
-    from mmlit_cli.files import claim_out
+    from mmlit_cli.files import LOCK_NAME, claim_out, removed_if_left_empty
     from mmlit_cli.train import run_training
 
-    assert claim_out(tmp_path / "a" / "b", existed=False) == (tmp_path / "a" / "b", tmp_path / "a")
-    assert claim_out(tmp_path / "a" / "b", existed=True) == ()  # an empty folder the user made
-    from mmlit_cli import train
-
-    def found_free_then_taken(out, *args, **kwargs):  # the other command makes it right after the check
-        path = new_run_dir(out, *args, **kwargs)
-        path.mkdir(parents=True)
-        return path
-
-    new_run_dir = train.new_run_dir
-    monkeypatch.setattr(train, "new_run_dir", found_free_then_taken)
-    with pytest.raises(MmlitError, match="was made a moment ago by another command"):
-        run_training("finetune", "xxs", str(world["folder"]), out=tmp_path / "raced", overrides=TINY, quiet=True)
-    monkeypatch.undo()
+    out = tmp_path / "a" / "run"
+    made, lock = claim_out(out)  # the first command, still reading its data
+    assert made == (out, tmp_path / "a") and lock == out / LOCK_NAME
+    with pytest.raises(MmlitError, match="is being written by another mmlit command"):
+        run_training("finetune", "xxs", str(world["folder"]), out=out, overrides=TINY, epochs=1, batch_size=8,
+                     quiet=True)
+    r = subprocess.run([sys.executable, "-m", "mmlit_cli", "eval", str(world["root"] / "clf" / "best.safetensors"),
+                        "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stderr) == (2, f"error: --out {out} is being written by another mmlit command: "
+                                           f"choose another --out\n")
+    with removed_if_left_empty(made, lock):  # the first command ends
+        pass
+    assert out.is_dir() and not lock.exists()
+    run_training("finetune", "xxs", str(world["folder"]), out=out, overrides=TINY, epochs=1, batch_size=8, quiet=True)
+    assert (out / "last.safetensors").is_file() and not lock.exists()
     with pytest.raises(MmlitError, match="only one class folder"):
         run_training("finetune", "xxs", str(world["root"] / "oneclass"), out=tmp_path / "x" / "run", overrides=TINY,
                      quiet=True)
