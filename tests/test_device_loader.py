@@ -158,7 +158,9 @@ def _plan_on(tmp_path, device_type: str, train_images: int, **shortcuts):
     from mmlit_cli.tasks import TASKS
     from mmlit_cli.train import _new_run
     full = dict(epochs=None, batch_size=None, lr=None, seed=None, workers=None, recipe=None, loader=None) | shortcuts
-    plan = _new_run("finetune", TASKS["finetune"], "xxs", "unused", None, False, None, None, full, tmp_path / "run")
+    # probe=False: a plan, as --print-config makes it, that no run follows (nothing made or locked)
+    plan = _new_run("finetune", TASKS["finetune"], "xxs", "unused", None, False, None, None, full, tmp_path / "run",
+                    probe=False)
     return plan.fit_to("finetune", train_images, device_type).cfg.finetune
 
 
