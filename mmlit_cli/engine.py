@@ -324,8 +324,7 @@ class Trainer:
         self.record.restart_clock()
         self.progress.start_epoch(self.epoch, self.recipe.epochs, self.steps_per_epoch)
         batches, skip = epoch_batches(self.train_loader, self.step_in_epoch, self.progress)
-        # A resumed epoch starts from the loss sum saved with its checkpoint, so the epoch's
-        # train_loss is the same as in an uninterrupted run.
+        # a resumed epoch starts from its checkpoint's loss sum: train_loss as in an uninterrupted run
         loss_sum = torch.full((), self.record.take_resume_loss_sum(), device=self.device)
         seen, stopped = 0, None
         if skip == 0:  # resumed at an epoch boundary, or at the batch a DeviceLoader starts from
@@ -343,9 +342,7 @@ class Trainer:
             if stopped is not None:
                 break
         self.progress.end_epoch()
-        # the host runs up to a log window ahead of a GPU: the epoch's time (and img/s) ends when
-        # its last step has run, not when it was queued (one wait an epoch)
-        wait_for_device(self.device)
+        wait_for_device(self.device)  # a GPU runs behind the host: the epoch ends when its last step has run
         self.record.bank_elapsed()
         return loss_sum, seen, stopped
 

@@ -160,6 +160,14 @@ def stopped_early(info: dict, patience: int) -> bool:
     return bool(info.get("early_stop")) and patience_is_spent(epoch, int(info.get("best_epoch", epoch)), patience)
 
 
+def patience_stop(monitor: str, best: float, best_epoch: int, epoch: int, patience: int) -> str | None:
+    """Why the run stops early, when `patience` epochs have passed since its best (0: never)."""
+    if not patience_is_spent(epoch, best_epoch, patience):
+        return None
+    epochs = "1 epoch" if patience == 1 else f"{patience} epochs"
+    return f"{monitor} has not improved for {epochs} (best {best:.4g} at epoch {best_epoch}; --patience {patience})"
+
+
 def restore_weights(ckpt: Checkpoint, model: torch.nn.Module, ema, device: torch.device) -> None:
     """A last.safetensors' trained weights into `model` and its EMA into `ema` (when the run keeps
     one). With an EMA, the checkpoint's weights are the EMA's (the ones scored and shipped) and
@@ -236,7 +244,8 @@ class RunRecord:
         metrics.jsonl/.csv and TensorBoard's scalars. Returns whether the epoch improved."""
         improved = self.update_best(row, train_loss)
         if not last:
-            self.early_stop = row["stopped"] = self.patience_spent(patience)
+            self.early_stop = row["stopped"] = patience_stop(self.task.monitor, self.best, self.best_epoch, self.epoch,
+                                                             patience)
         self.history.append({k: v for k, v in row.items() if v is not None})
         if self.dist.is_main:
             write_metrics(self.facts.out_dir, self.history)
@@ -262,14 +271,6 @@ class RunRecord:
         if improved:
             self.best, self.best_epoch = row.get(self.task.monitor, train_loss), self.epoch
         return improved
-
-    def patience_spent(self, patience: int) -> str | None:
-        """Why the run stops early, when `patience` epochs have passed since its best (0: never)."""
-        if patience_is_spent(self.epoch, self.best_epoch, patience):
-            epochs = "1 epoch" if patience == 1 else f"{patience} epochs"
-            return (f"{self.task.monitor} has not improved for {epochs} (best {self.best:.4g} at epoch "
-                    f"{self.best_epoch}; --patience {patience})")
-        return None
 
     # ------------------------------------------------------------------ checkpoints
 
