@@ -257,7 +257,8 @@ def _release(lock: Path | None) -> None:
         os.close(fd)
 
 
-def claim_run_dir(out: str | Path | None, kind: str, name: str) -> tuple[Path, tuple[Path, ...], Path | None]:
+def claim_run_dir(out: str | Path | None, kind: str, name: str,
+                  resumable: bool = False) -> tuple[Path, tuple[Path, ...], Path | None]:
     """`new_run_dir(out, kind, name)`, made now (an --out made and locked, `claim_out`) and
     checked writable, before the command's work (two `eval`s started at once get two folders,
     and an `--out` that cannot be made is said before an evaluation, not after it): (the folder,
@@ -265,10 +266,10 @@ def claim_run_dir(out: str | Path | None, kind: str, name: str) -> tuple[Path, t
     lock = None
     if out is None:
         parents = [p for p in (Path("runs") / kind, Path("runs")) if not p.exists()]
-        path = new_run_dir(out, kind, name, claim=True)
+        path = new_run_dir(out, kind, name, resumable, claim=True)
         made: tuple[Path, ...] = (path, *parents)
     else:
-        path = new_run_dir(out, kind, name)
+        path = new_run_dir(out, kind, name, resumable)
         made, lock = claim_out(path)
     try:
         check_writable(path)

@@ -24,7 +24,7 @@ from .data import DATASET_NAMES, SAMPLE_DIR, ImageData, canonical_name, default_
     skipped_warning, split_size, train_split_size, usable_cpus
 from .engine import RunOptions, Trainer
 from .errors import DataNotFound, MmlitError, listed
-from .files import check_writable, claim_out, new_run_dir, removed_if_left_empty
+from .files import check_writable, claim_run_dir, new_run_dir, removed_if_left_empty
 from .mae import check_masking
 from .recipe import SAMPLE_EPOCHS, batch_origin, describe, fit_recipe, fit_to_device, pinned_keys
 from .run_record import check_history, stopped_early
@@ -474,23 +474,13 @@ def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_
     # a run in one process makes its folder now: two started at once used to write into one
     # folder, the same free runs/<kind>/<name>N or the same new --out (under torchrun, rank 0
     # makes it later)
-    made: tuple[Path, ...] = ()
-    lock = None
+    made, lock = (), None
     if not probe or process_count() > 1:
         run_dir = new_run_dir(out, kind, plan.cfg.name, resumable=True)
-    elif out is None:
-        parents = tuple(p for p in (Path("runs") / kind, Path("runs")) if not p.exists())
-        run_dir = new_run_dir(out, kind, plan.cfg.name, resumable=True, claim=True)
-        made = (run_dir, *parents)
-    else:
-        run_dir = new_run_dir(out, kind, plan.cfg.name, resumable=True)
-        made, lock = claim_out(run_dir)
-    if probe:
-        try:
+        if probe:
             check_writable(run_dir)
-        except MmlitError:
-            with removed_if_left_empty(made, lock):  # made and locked for nothing: undone
-                raise
+    else:
+        run_dir, made, lock = claim_run_dir(out, kind, plan.cfg.name, resumable=True)
     return dataclasses.replace(plan, run_dir=run_dir, created=made, lock=lock)
 
 
