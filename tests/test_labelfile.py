@@ -129,6 +129,9 @@ def test_every_bad_row_is_reported_with_its_line_number(tmp_path):
         load_split(str(write_csv(tmp_path / "l.csv", ["path"], [[good[0]]])), "train", 16)
     unlabelled = load_split(str(tmp_path / "l.csv"), "train", 16, require_labels=False, holdout=False)
     assert unlabelled.classes == [] and unlabelled.labels.tolist() == [-1]  # pre-training needs no labels
+    rows = write_csv(tmp_path / "u.csv", ["path"], [[good[0]], [good[1]], [good[4]]])
+    held = load_split(str(rows), "val", 16, require_labels=False)  # no classes to stratify by
+    assert held.labels.tolist() == [-1] and "held-out" in held.source and "(at random, seed 0)" in held.source
 
 
 def test_a_row_or_header_the_reader_would_misread_is_named(tmp_path):

@@ -29,6 +29,18 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
                          "Shirt", "Sneaker", "Bag", "Ankle boot"]
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
+# the sub-folders of the data folder each named dataset is also looked for in: the folders its
+# archives extract to and torchvision's layouts under its download root (cifar: python version,
+# then binary version)
+DATASET_SUBDIRS = {"cifar10": ("cifar-10-batches-py", "cifar-10-batches-bin"),
+                   "cifar100": ("cifar-100-python", "cifar-100-binary"), "svhn": ("svhn", "SVHN"),
+                   "fashion-mnist": ("FashionMNIST/raw", "fashion-mnist"), "flowers102": ("flowers-102",),
+                   "tiny-imagenet": ("tiny-imagenet-200",)}
+
+
+def _subdirs(name: str, root: Path) -> list[Path]:
+    return [root / sub for sub in DATASET_SUBDIRS[name]]
+
 
 # --------------------------------------------------------------------------------------------
 # Downloads (torchvision's downloaders; every failure becomes one DataError line)
@@ -97,8 +109,8 @@ def _load_cifar(name: str, root: Path, split: str, image_size: int, download: bo
                 hold: float | None) -> ImageData:
     ten = name == "cifar10"
     official = official_split(split, hold)
+    py_dir, bin_dir = DATASET_SUBDIRS[name]
     if ten:
-        py_dir, bin_dir = "cifar-10-batches-py", "cifar-10-batches-bin"
         py_files = ([f"data_batch_{i}" for i in range(1, 6)] if official == "train"
                     else ["test_batch"]) + ["batches.meta"]
         bin_files = ([f"data_batch_{i}.bin" for i in range(1, 6)] if official == "train"
@@ -106,7 +118,6 @@ def _load_cifar(name: str, root: Path, split: str, image_size: int, download: bo
         hint = (f"Download the 'CIFAR-10 python version' from https://www.cs.toronto.edu/~kriz/"
                 f"cifar.html and extract it into {root}")
     else:
-        py_dir, bin_dir = "cifar-100-python", "cifar-100-binary"
         py_files = [official, "meta"]
         bin_files = [f"{official}.bin", "fine_label_names.txt"]
         hint = (f"Download the 'CIFAR-100 python version' from https://www.cs.toronto.edu/~kriz/"
@@ -157,7 +168,7 @@ def _load_svhn(root: Path, split: str, image_size: int, download: bool, hold: fl
             f"housenumbers/ into {root}")
 
     def locate() -> Path | None:
-        for base in (root, root / "svhn", root / "SVHN"):
+        for base in (root, *_subdirs("svhn", root)):
             if (base / fname).is_file():
                 return base / fname
         return None
@@ -186,7 +197,7 @@ def _load_fashion_mnist(root: Path, split: str, image_size: int, download: bool,
     official = official_split(split, hold)
     prefix = "train" if official == "train" else "t10k"
     stems = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
-    dirs = [root, root / "FashionMNIST" / "raw", root / "fashion-mnist"]
+    dirs = [root, *_subdirs("fashion-mnist", root)]
     hint = (f"Download the four Fashion-MNIST idx files (e.g. {stems[0]}.gz) from "
             f"https://github.com/zalandoresearch/fashion-mnist into {root}")
 
@@ -239,7 +250,7 @@ def _load_flowers102(root: Path, split: str, image_size: int, download: bool) ->
             f"ac.uk/~vgg/data/flowers/102/ and put them (jpg/ extracted) into {root / 'flowers-102'}")
 
     def locate() -> Path | None:
-        for base in (root / "flowers-102", root):
+        for base in (*_subdirs("flowers102", root), root):
             if (base / "imagelabels.mat").is_file() and (base / "setid.mat").is_file() \
                     and (base / "jpg").is_dir():
                 return base
@@ -295,7 +306,7 @@ def _load_tiny_imagenet(root: Path, split: str, image_size: int, download: bool)
     need = ["wnids.txt", "train" if part == "train" else "val/val_annotations.txt"]
 
     def locate() -> Path | None:
-        for base in (root / "tiny-imagenet-200", root):
+        for base in (*_subdirs("tiny-imagenet", root), root):
             if all((base / n).exists() for n in need):
                 return base
         return None

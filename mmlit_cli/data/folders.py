@@ -160,7 +160,8 @@ def folder_split(root: Path, split: str, hold: float | None, require_labels: boo
         note = f"'train' split (minus the held-out {pct} used for {use})" if held else "'train' split"
     elif held and (split == "val" or test_dir is None):
         untouched = "; test/ untouched" if test_dir is not None else ""
-        note = f"'{split}' split = held-out {pct} of train (stratified, seed 0{untouched})"
+        how = "stratified" if classes else "at random"  # an unlabelled folder's labels are all -1
+        note = f"'{split}' split = held-out {pct} of train ({how}, seed 0{untouched})"
     else:
         held = False
         own, other = (val_dir, test_dir) if split == "val" else (test_dir, val_dir)

@@ -195,7 +195,7 @@ def _split_rows(csv_path: Path, rows: list[Row], split: str, hold: float | None,
                             f"least 2)")
         pct = held_out_share(hold, len(held_pos), len(train), why=split != "train")
         note = f"'train' split (minus the held-out {pct})" if split == "train" else \
-            f"'{split}' split = held-out {pct} of train (stratified, seed 0)"
+            f"'{split}' split = held-out {pct} of train ({'stratified' if classes else 'at random'}, seed 0)"
         return [train[i] for i in keep], note
     other = "test" if split == "val" else "val"
     if by_split[split]:

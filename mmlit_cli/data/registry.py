@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from ..errors import DataError, DataNotFound
-from .datasets import NAMED_LOADERS, SAMPLE_DIR
+from .datasets import DATASET_SUBDIRS, NAMED_LOADERS, SAMPLE_DIR
 from .folders import folder_split, load_folder
 from .labelfile import is_label_file, label_file_split, load_label_file
 from .splits import EVAL_SPLITS, SPLITS, ImageData, held_out_count
@@ -96,19 +96,12 @@ _DATASET_FILES = (("cifar10", "data_batch_1"), ("cifar10", "data_batch_1.bin"), 
                   ("flowers102", "imagelabels.mat"), ("tiny-imagenet", "wnids.txt"))
 
 
-# the sub-folders each named dataset's loader also looks in (torchvision's layouts under its root)
-_DATASET_SUBDIRS = {"cifar10": ("cifar-10-batches-py", "cifar-10-batches-bin"),
-                    "cifar100": ("cifar-100-python", "cifar-100-binary"), "svhn": ("svhn", "SVHN"),
-                    "fashion-mnist": ("FashionMNIST/raw", "fashion-mnist"), "flowers102": ("flowers-102",),
-                    "tiny-imagenet": ("tiny-imagenet-200",)}
-
-
 def _named_dataset_files(folder: Path) -> str | None:
     """The named dataset whose files `folder` holds, itself (cifar-10-batches-py/ passed as an
     image folder) or in a sub-folder that dataset's loader reads (the folder above it, the root
     torchvision downloads into), or None."""
     return next((name for name, file in _DATASET_FILES
-                 for base in (folder, *(folder / sub for sub in _DATASET_SUBDIRS[name]))
+                 for base in (folder, *(folder / sub for sub in DATASET_SUBDIRS[name]))
                  if (base / file).is_file()), None)
 
 
