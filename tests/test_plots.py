@@ -117,15 +117,28 @@ def test_confusion_with_many_classes(tmp_path):
 
 def test_class_names_in_a_script_the_font_lacks_draw_without_a_warning_per_glyph(tmp_path):
     """Chinese class names (狗, 猫): matplotlib's default font has no such glyphs, and its
-    UserWarning for each, with a source line, filled training's and eval's output."""
+    UserWarning for each, with a source line, filled training's and eval's output. A private-use
+    character (U+E000) is in no font a machine has, so the test means something where CJK fonts are
+    installed too: plain matplotlib is first shown to warn for it."""
     import warnings
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from mmlit_cli.plots import confusion_image
 
+    names = ["狗", "猫\ue000"]
+    with warnings.catch_warnings(record=True) as plain:
+        warnings.simplefilter("always")
+        figure = Figure()
+        FigureCanvasAgg(figure)
+        figure.add_subplot().set_title(names[1])
+        figure.canvas.draw()
+    assert any("Glyph" in str(w.message) for w in plain)  # what the package must keep unsaid
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plot_confusion(torch.eye(2), ["狗", "猫"], tmp_path / "c.png")
-        confusion_image(torch.eye(2), ["狗", "猫"])
+        plot_confusion(torch.eye(2), names, tmp_path / "c.png")
+        confusion_image(torch.eye(2), names)
     assert (tmp_path / "c.png").is_file()
     assert [str(w.message) for w in caught if "Glyph" in str(w.message)] == []
 
