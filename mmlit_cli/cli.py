@@ -146,7 +146,7 @@ def _one_process(command: str) -> None:
 
 def _train_command(kind: str, **options) -> None:
     """`options`: the command's parameters by name, which are `run_training`'s keywords."""
-    from .report import SecondInterrupt
+    from .report import RunInterrupted, SecondInterrupt
     from .train import resolved_config, run_training
 
     if options.pop("print_config"):
@@ -163,18 +163,18 @@ def _train_command(kind: str, **options) -> None:
                           "as it was last saved (--resume continues from there)", highlight=False, soft_wrap=True)
         _state["stop_said"] = True
         raise typer.Exit(130) from None
+    except RunInterrupted as stop:  # saved, and said by the run's stop line: 130 after Ctrl-C, 143 after
+        # SIGTERM (128 + the signal, as shells do). One more Ctrl-C while Python shuts down ends the
+        # process at once, where Python's own handler would print a traceback from a finalizer.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        _state["stop_said"] = True
+        raise typer.Exit(128 + stop.signal) from None
     except KeyboardInterrupt:  # Ctrl-C before the training loop took it over: reading data, building
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         err_console.print("interrupted before training started: nothing was saved (a run being continued keeps its "
                           "last.safetensors as it was)", highlight=False, soft_wrap=True)
         _state["stop_said"] = True
         raise typer.Exit(130) from None
-    if result["stopped"] == "interrupt":  # 130 after Ctrl-C, 143 after SIGTERM: 128 + the signal, as shells do
-        # the run is saved: one more Ctrl-C while Python shuts down ends the process at once, where
-        # Python's own handler would print a KeyboardInterrupt traceback from a finalizer
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        _state["stop_said"] = True  # the run's stop line said it
-        raise typer.Exit(128 + (result.get("signal") or signal.SIGINT))
     if not result.get("main_process", True):  # under torchrun, rank 0 reports what it wrote
         return
     out_dir = result["out_dir"]

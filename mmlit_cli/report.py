@@ -106,6 +106,18 @@ class SecondInterrupt(KeyboardInterrupt):
     """A second Ctrl-C while a run was stopping: it gave up at once, without saving."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """A run that Ctrl-C or SIGTERM stopped, once its resumable checkpoint is saved: what
+    `run_training` raises then, so that a script or a sweep stops as Ctrl-C stops it anywhere else
+    (a library that returned would start the sweep's next run). `result`: the run's summary, as
+    `run_training` returns it; `signal`: the signal's number."""
+
+    def __init__(self, result: dict) -> None:
+        self.result, self.signal = result, int(result["signal"])
+        super().__init__(f"{signal.Signals(self.signal).name}: the run stopped after saving a resumable checkpoint "
+                         f"(continue with --resume {result['out_dir']})")
+
+
 class StopRequest:
     """Within its `with` block, Ctrl-C (SIGINT) or SIGTERM (what schedulers, Kubernetes and
     preemption send before they kill) sets `signal`: the run stops after the current step and

@@ -27,6 +27,7 @@ from .errors import DataNotFound, MmlitError, listed
 from .files import check_writable, claim_run_dir, new_run_dir, removed_if_left_empty
 from .mae import check_masking
 from .recipe import SAMPLE_EPOCHS, batch_origin, describe, fit_recipe, fit_to_device, pinned_keys
+from .report import RunInterrupted
 from .run_record import check_history, stopped_early
 from .runtime import check_compile_mode, end_distributed, local_process_count, process_count, process_rank, \
     resolve_device
@@ -204,6 +205,8 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
         _plot_curves(plan.run_dir, result)
     trainer.record.close_events(result.get("curves"))
     end_distributed(trainer.dist)
+    if result["stopped"] == "interrupt":  # saved: the caller stops too, as on any other Ctrl-C
+        raise RunInterrupted(result)
     return result
 
 

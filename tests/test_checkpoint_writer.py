@@ -19,6 +19,7 @@ import mmlit_cli.checkpoint as checkpoint
 from mmlit_cli.checkpoint import Checkpoint, CheckpointWriter, load_checkpoint
 from mmlit_cli.config import load_config
 from mmlit_cli.engine import Trainer
+from mmlit_cli.report import RunInterrupted
 from mmlit_cli.train import run_training
 from mmlit_cli.train_state import optimizer_to_tensors
 
@@ -189,7 +190,8 @@ def test_the_stop_message_is_printed_once_its_checkpoint_is_on_disk(tmp_path, mo
             return super().write(text)
 
     data = write_folder(tmp_path / "data", per_class=8)
-    result = run_training("finetune", "xxs", str(data), out=tmp_path / "run", overrides=TINY, epochs=2,
-                          batch_size=4, console=Console(file=Screen(), width=200))
-    assert result["stopped"] == "interrupt" and result["global_step"] == 2
+    with pytest.raises(RunInterrupted) as stop:
+        run_training("finetune", "xxs", str(data), out=tmp_path / "run", overrides=TINY, epochs=2,
+                     batch_size=4, console=Console(file=Screen(), width=200))
+    assert stop.value.result["stopped"] == "interrupt" and stop.value.result["global_step"] == 2
     assert on_disk == [2]

@@ -240,3 +240,42 @@ def test_sigterm_to_the_process_group_with_loader_workers_still_saves(tmp_path):
     assert "interrupted (SIGTERM)" in stdout and "Traceback" not in stderr
     state = load_checkpoint(out / "last.safetensors", with_train_state=True).train_info
     assert 1 <= state["epoch"] < LONG
+
+
+SWEEP = """
+import sys
+from mmlit_cli.report import RunInterrupted
+from mmlit_cli.train import run_training
+
+data, overrides = sys.argv[1], sys.argv[2].split()
+try:
+    for out in sys.argv[3:]:  # a sweep, as a user's script runs one
+        run_training("finetune", "xxs", data, out=out, overrides=overrides, epochs={long}, batch_size=4,
+                     save_every=0, device="cpu", quiet=True)
+except RunInterrupted as stop:
+    print("stopped", stop.signal, stop.result["out_dir"], stop.result["stopped"], flush=True)
+    raise
+"""
+
+
+def test_a_signal_stops_a_script_that_trains_not_only_its_run(tmp_path):
+    """From Python, SIGTERM (or Ctrl-C) saves the run, then `run_training` raises `RunInterrupted`
+    (a KeyboardInterrupt): a script's sweep stops there. It returned, and the sweep's next run
+    started, so a scheduler's SIGTERM before it kills did not stop the script."""
+    folder = write_folder(tmp_path / "data", per_class=40)
+    first, second = tmp_path / "first", tmp_path / "second"
+    proc = subprocess.Popen([sys.executable, "-c", SWEEP.format(long=LONG), str(folder), " ".join(SLOWER),
+                             str(first), str(second)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(proc, first / "metrics.jsonl")
+    proc.send_signal(signal.SIGTERM)
+    deadline = time.time() + 120
+    while proc.poll() is None and not second.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.kill()
+    stdout, stderr = proc.communicate()
+    assert not second.exists(), "the sweep went on to its next run"
+    assert proc.returncode != 0 and f"stopped {int(signal.SIGTERM)} {first} interrupt" in stdout, stderr
+    assert "RunInterrupted: SIGTERM: the run stopped after saving a resumable checkpoint" in stderr
+    state = load_checkpoint(first / "last.safetensors", with_train_state=True).train_info
+    assert 1 <= state["epoch"] < LONG
