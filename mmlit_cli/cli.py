@@ -163,11 +163,13 @@ def _train_command(kind: str, **options) -> None:
                           "as it was last saved (--resume continues from there)", highlight=False, soft_wrap=True)
         _state["stop_said"] = True
         raise typer.Exit(130) from None
-    except RunInterrupted as stop:  # saved, and said by the run's stop line: 130 after Ctrl-C, 143 after
-        # SIGTERM (128 + the signal, as shells do). One more Ctrl-C while Python shuts down ends the
-        # process at once, where Python's own handler would print a traceback from a finalizer.
+    except RunInterrupted as stop:  # saved: 130 after Ctrl-C, 143 after SIGTERM (128 + the signal, as
+        # shells do). One more Ctrl-C while Python shuts down ends the process at once, where Python's
+        # own handler would print a traceback from a finalizer.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         _state["stop_said"] = True
+        if stop.result["stopped"] != "interrupt" and stop.result.get("main_process", True):
+            _said_done(stop.result)  # the signal came as the run ended: its curves are what it cost
         raise typer.Exit(128 + stop.signal) from None
     except KeyboardInterrupt:  # Ctrl-C before the training loop took it over: reading data, building
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -175,8 +177,12 @@ def _train_command(kind: str, **options) -> None:
                           "last.safetensors as it was)", highlight=False, soft_wrap=True)
         _state["stop_said"] = True
         raise typer.Exit(130) from None
-    if not result.get("main_process", True):  # under torchrun, rank 0 reports what it wrote
-        return
+    if result.get("main_process", True):  # under torchrun, rank 0 reports what it wrote
+        _said_done(result)
+
+
+def _said_done(result: dict) -> None:
+    """A run's last lines: the files it wrote, and its curves (or why there are none)."""
     out_dir = result["out_dir"]
     if result.get("best_saved", True):
         console.print(escape(f"done: {out_dir}/last.safetensors, {out_dir}/best.safetensors, {out_dir}/metrics.jsonl"),

@@ -221,12 +221,13 @@ LOCK_NAME = ".mmlit.lock"
 _held_locks: dict[Path, int] = {}
 
 
-def claim_out(path: Path) -> tuple[tuple[Path, ...], Path | None]:
+def claim_out(path: Path, busy: str = "choose another --out") -> tuple[tuple[Path, ...], Path | None]:
     """Make the `--out` folder `path` that `new_run_dir` found free (when it is not there) and
     lock it for this command: two commands given one --out both found it free (or empty, the
     first still reading its data) and wrote into it, one's best.safetensors beside the other's
     last. Returns (the folders made here, deepest first, for `removed_if_left_empty`; the lock,
-    which it releases). Where there is no flock (Windows) the folder is made, not locked."""
+    which it releases). Where there is no flock (Windows) the folder is made, not locked. `busy`:
+    what the refusal, when another command holds the lock, tells the user to do."""
     made = tuple(p for p in (path, *path.parents) if not p.exists())
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -245,7 +246,7 @@ def claim_out(path: Path) -> tuple[tuple[Path, ...], Path | None]:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise MmlitError(f"--out {path} is being written by another mmlit command: choose another --out") from None
+        raise MmlitError(f"--out {path} is being written by another mmlit command: {busy}") from None
     _held_locks[lock] = fd
     return made, lock
 

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from .data import DATASET_NAMES, SAMPLE_DIR, ImageData, canonical_name, default_
     skipped_warning, split_size, train_split_size, usable_cpus
 from .engine import RunOptions, Trainer
 from .errors import DataNotFound, MmlitError, listed
-from .files import check_writable, claim_run_dir, new_run_dir, removed_if_left_empty
+from .files import check_writable, claim_out, claim_run_dir, new_run_dir, removed_if_left_empty
 from .mae import check_masking
 from .recipe import SAMPLE_EPOCHS, batch_origin, describe, fit_recipe, fit_to_device, pinned_keys
 from .report import RunInterrupted
@@ -114,7 +115,7 @@ class RunPlan:
     # folders created for this run (no --out: its own, so that no other run takes it, and the
     # runs/<kind>, runs/ above it that did not exist), deepest first
     created: tuple[Path, ...] = ()
-    lock: Path | None = None  # an --out's, held while the run runs (`files.claim_out`)
+    lock: Path | None = None  # its folder's, held while the run runs (`files.claim_out`; a resumed run: `_locked`)
 
     def fit_to(self, section: str, train_images: int, device_type: str) -> RunPlan:
         """A new run's plan with its recipe fitted to `train_images` on a `device_type` device
@@ -169,7 +170,9 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
             console.print(escape(_sample_note(getattr(plan.cfg, task_cls.command).epochs)), highlight=False)
     if plan.resume is not None and _finished(plan, task_cls.command):
         return _nothing_to_do(plan, None if quiet else console)
-    with removed_if_left_empty(plan.created, plan.lock):
+    if plan.resume is not None:
+        plan = _locked(plan)
+    with removed_if_left_empty(plan.created, plan.lock):  # held until the event log is closed
         # a missing or broken --init file is said before the data is read (minutes, for a big folder)
         init_ckpt = load_checkpoint(init) if init is not None and plan.resume is None else None
 
@@ -194,20 +197,53 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
         trainer = Trainer(task, cfg, train, val, opts, console)
         if plan.resume is not None:
             _resume(trainer, plan, None if quiet else console)
-        try:
-            result = trainer.fit()
-        except BaseException:  # a second Ctrl-C, an error: TensorBoard's writer thread ends before the
-            trainer.record.close_events()  # process does (left inside protobuf's C code, it aborts the exit)
-            raise
-    result["out_dir"] = str(plan.run_dir)
-    result["main_process"] = main_process
-    if trainer.dist.is_main and result["stopped"] in (None, "patience"):
-        _plot_curves(plan.run_dir, result)
-    trainer.record.close_events(result.get("curves"))
+        result = _fit(trainer, plan.run_dir, main_process)
     end_distributed(trainer.dist)
-    if result["stopped"] == "interrupt":  # saved: the caller stops too, as on any other Ctrl-C
+    if result["signal"]:  # saved: the caller stops too, as on any other Ctrl-C
         raise RunInterrupted(result)
     return result
+
+
+def _fit(trainer: Trainer, run_dir: Path, main_process: bool) -> dict:
+    """`trainer.fit()`, then the run's curves drawn (by rank 0, for a run that ended) and its event
+    log closed, however it ends: TensorBoard's writer thread, left inside protobuf's C code, aborts
+    the process's exit. Once `fit` returns the run is saved: Ctrl-C from there costs only the
+    curves, and a signal that came as the run ended (during its last save) skips them, as a
+    scheduler's SIGTERM wants the process to end now. The result's "signal" says either."""
+    result: dict[str, Any] = {}
+    try:
+        result = trainer.fit()
+        result.update(out_dir=str(run_dir), main_process=main_process)
+        if trainer.dist.is_main and result["stopped"] in (None, "patience"):
+            if result["signal"]:
+                result["curves_note"] = f"{signal.Signals(result['signal']).name} as the run ended; mmlit plot " \
+                                        f"{run_dir} draws it"
+            else:
+                _plot_curves(run_dir, result)
+    except KeyboardInterrupt:
+        if not result:  # within the training: `fit` saved what it could
+            raise
+        result["signal"] = int(signal.SIGINT)
+    finally:
+        trainer.record.close_events(result.get("curves"))
+    return result
+
+
+def _locked(plan: RunPlan) -> RunPlan:
+    """A resumed (or continued) run's plan holding its folder's lock, as a new run's `--out` is
+    held (`files.claim_out`): two commands continuing one run both trained and wrote into it. The
+    checkpoint the plan read must still be the folder's last once the lock is held (a command
+    that held it then may have saved more). Not under torchrun, whose ranks share the folder."""
+    if plan.lock is not None or process_count() > 1:
+        return plan
+    _, lock = claim_out(plan.run_dir, busy="wait for it to end, then run this command again")
+    saved = recorded_train_state(plan.run_dir / "last.safetensors") or {}
+    if [saved.get(k) for k in ("epoch", "global_step")] != [plan.resume.train_info.get(k)
+                                                             for k in ("epoch", "global_step")]:
+        with removed_if_left_empty((), lock):
+            raise MmlitError(f"{plan.run_dir}/last.safetensors was written by another mmlit command while this "
+                             f"one read it: run this command again")
+    return dataclasses.replace(plan, lock=lock)
 
 
 def _resume(trainer: Trainer, plan: RunPlan, console: Console | None) -> None:
@@ -713,8 +749,11 @@ def _plot_curves(run_dir: Path, result: dict) -> None:
         result["curves"] = plot_curves(run_dir)
     except PlotUnavailable as e:  # matplotlib is an optional extra
         result["curves_note"] = str(e)
-    except KeyboardInterrupt:  # the run is saved and finished: Ctrl-C only skips the drawing
+    except MmlitError as e:  # a full disk: the run is saved, and finished
+        result["curves_note"] = f"{e}; mmlit plot {run_dir} draws it"
+    except KeyboardInterrupt:  # the run is saved and finished: Ctrl-C skips the drawing, then stops
         result["curves_note"] = f"interrupted while drawing it; mmlit plot {run_dir} draws it"
+        raise
 
 
 def _validation_note(spec: DataSpec, val: ImageData | None) -> str:

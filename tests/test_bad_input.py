@@ -265,6 +265,34 @@ def test_a_run_or_eval_given_an_out_another_command_is_writing_is_refused(world,
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="the --out lock is flock's")
+def test_a_run_another_command_is_continuing_is_refused(world, tmp_path, monkeypatch):
+    """A resumed run, or one the same command continues, holds its folder's lock too: two commands
+    continuing one run both said "resuming ... at epoch 1" and trained into it, both writing last,
+    best and metrics. The checkpoint read before the lock must still be the folder's last."""
+    from mmlit_cli import train
+    from mmlit_cli.errors import MmlitError
+    from mmlit_cli.files import claim_out, removed_if_left_empty
+
+    out, folder = tmp_path / "run", str(world["folder"])
+    same = dict(overrides=TINY, epochs=2, batch_size=8, quiet=True)
+    assert train.run_training("finetune", "xxs", folder, out=out, max_steps=1, **same)["stopped"] == "max_steps"
+    made, lock = claim_out(out)  # another command continuing it
+    for again in (dict(resume=out, epochs=2, quiet=True), dict(out=out, **same)):  # --resume; the same command
+        with pytest.raises(MmlitError, match=f"^--out {out} is being written by another mmlit command: wait for it "
+                                             f"to end, then run this command again$"):
+            train.run_training("finetune", "xxs", None if "resume" in again else folder, **again)
+    with removed_if_left_empty(made, lock):
+        pass
+    monkeypatch.setattr(train, "recorded_train_state", lambda path: {"epoch": 1, "global_step": 3})  # saved since
+    with pytest.raises(MmlitError, match="last.safetensors was written by another mmlit command while this one read"):
+        train.run_training("finetune", "xxs", None, resume=out, epochs=2, quiet=True)
+    assert not lock.exists()  # released
+    monkeypatch.undo()
+    assert train.run_training("finetune", "xxs", None, resume=out, epochs=2, quiet=True)["epoch"] == 2
+    assert not lock.exists()
+
+
 def test_eval_into_a_full_folder_does_not_advise_a_resume_it_does_not_have(world, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["mmlit", "eval", str(world["root"] / "clf" / "best.safetensors"), "--out",
                                       str(world["root"] / "taken")])

@@ -279,3 +279,70 @@ def test_a_signal_stops_a_script_that_trains_not_only_its_run(tmp_path):
     assert "RunInterrupted: SIGTERM: the run stopped after saving a resumable checkpoint" in stderr
     state = load_checkpoint(first / "last.safetensors", with_train_state=True).train_info
     assert 1 <= state["epoch"] < LONG
+
+
+LAST_SAVE_SIGNALLED = """
+import os, signal, sys
+from mmlit_cli import cli
+from mmlit_cli.run_record import RunRecord
+
+close_epoch = RunRecord.close_epoch
+
+def signalled(self, row, train_loss, patience, last):
+    if last:  # a scheduler's SIGTERM as the last epoch is saved
+        os.kill(os.getpid(), signal.SIGTERM)
+    return close_epoch(self, row, train_loss, patience, last)
+
+RunRecord.close_epoch = signalled
+sys.argv = ["mmlit", *sys.argv[1:]]
+cli.main()
+"""
+
+
+def test_sigterm_as_the_run_ends_says_done_skips_the_curves_and_exits_143(tmp_path):
+    """SIGTERM during the last epoch's save: the run is whole, so it says done, but the process
+    ends now (no curves drawn) with 143, as the scheduler that sent it expects; it drew the curves
+    and exited 0, and from Python the next run of a sweep started."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-c", LAST_SAVE_SIGNALLED, "finetune", "--preset", "xxs", "--dataset",
+           str(write_folder(tmp_path / "data", per_class=4)), "--out", str(out), "--epochs", "2", "--batch-size", "4"]
+    r = subprocess.run(cmd + [a for o in TINY for a in ("--set", o)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 143 and "Traceback" not in r.stderr, r.stderr
+    assert f"done: {out}/last.safetensors" in r.stdout
+    assert f"note: no curves.png (SIGTERM as the run ended; mmlit plot {out} draws it)" in r.stdout, r.stdout
+    assert not (out / "curves.png").exists()
+    assert load_checkpoint(out / "last.safetensors", with_train_state=True).train_info["epoch"] == 2
+
+
+def test_once_the_run_is_saved_a_full_disk_or_ctrl_c_costs_only_its_curves(tmp_path, monkeypatch):
+    """curves.png that cannot be written (a full disk) is a note, not an error: the run was
+    whole and said "error", exit 2. Ctrl-C while it is drawn stops the caller (`RunInterrupted`)
+    with the same note, and the event log is closed either way."""
+    from mmlit_cli import plots
+    from mmlit_cli.errors import MmlitError
+    from mmlit_cli.report import RunInterrupted
+    from mmlit_cli.run_record import RunRecord
+    from mmlit_cli.train import run_training
+
+    closed = []
+    close_events = RunRecord.close_events
+    monkeypatch.setattr(RunRecord, "close_events", lambda self, curves=None: closed.append(close_events(self, curves)))
+    folder = write_folder(tmp_path / "data", per_class=4)
+    full = MmlitError(f"cannot write {tmp_path}/full/curves.png (No space left on device)")
+    for stop in (full, KeyboardInterrupt()):
+        def fails(run_dir, stop=stop):
+            raise stop
+        monkeypatch.setattr(plots, "plot_curves", fails)
+        out = tmp_path / type(stop).__name__
+        if isinstance(stop, MmlitError):
+            result = run_training("finetune", "xxs", str(folder), out=out, overrides=TINY, epochs=1, batch_size=4,
+                                  quiet=True)
+            assert result["curves_note"] == f"{full}; mmlit plot {out} draws it"
+        else:
+            with pytest.raises(RunInterrupted) as interrupted:
+                run_training("finetune", "xxs", str(folder), out=out, overrides=TINY, epochs=1, batch_size=4,
+                             quiet=True)
+            assert interrupted.value.signal == signal.SIGINT and interrupted.value.result["stopped"] is None
+            assert interrupted.value.result["curves_note"] == f"interrupted while drawing it; mmlit plot {out} draws it"
+        assert (out / "last.safetensors").is_file() and len(closed) == 1
+        closed.clear()
