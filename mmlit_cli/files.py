@@ -78,6 +78,7 @@ def _write_then_rename(path: Path, write, replace: bool) -> None:
             os.replace(tmp, path)
         else:
             _claim(tmp, path)
+        _sync_folder(path.parent)
     except OSError as e:
         # the hidden temporary file is ours, not the user's: an error names the file they asked for
         if e.errno is not None and (tmp is None or e.filename == tmp):
@@ -86,6 +87,22 @@ def _write_then_rename(path: Path, write, replace: bool) -> None:
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+
+
+def _sync_folder(folder: Path) -> None:
+    """The folder's entry for a renamed file made durable: without it, a power cut after the
+    "saved" line could bring back the checkpoint before. (Where a folder cannot be opened or
+    synced, Windows and some network filesystems, the rename stands as the filesystem keeps it.)"""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # what a filesystem without hard links (vfat, exFAT, some FUSE and SMB mounts) says to os.link
@@ -238,17 +255,45 @@ def claim_out(path: Path, busy: str = "choose another --out") -> tuple[tuple[Pat
     except ImportError:
         return made, None
     lock = path / LOCK_NAME
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666 & ~_umask())
-    except OSError as e:
-        raise MmlitError(f"cannot write to {path}: {e.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise MmlitError(f"--out {path} is being written by another mmlit command: {busy}") from None
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666 & ~_umask())
+        except OSError as e:
+            raise MmlitError(f"cannot write to {path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise MmlitError(f"--out {path} is being written by another mmlit command: {busy}") from None
+        if _still_named(fd, lock):
+            break
+        os.close(fd)  # opened just before its holder let go of it and removed it (`_release`): once more
     _held_locks[lock] = fd
     return made, lock
+
+
+def _still_named(fd: int, lock: Path) -> bool:
+    """Whether the locked file `fd` is still the one named `lock`: a command opening it just before
+    its holder removed it locks a file no other command will open."""
+    try:
+        named, held = os.stat(lock), os.fstat(fd)
+    except OSError:
+        return False
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _let_go_in_child() -> None:
+    """A forked child (a decoding pool's worker, a loader's) inherits the held locks, which
+    would then outlive a parent killed before it: the child closes its copies (the parent's
+    hold stands: flock holds while any copy is open)."""
+    for fd in _held_locks.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_locks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_let_go_in_child)
 
 
 def _release(lock: Path | None) -> None:
@@ -274,7 +319,7 @@ def claim_run_dir(out: str | Path | None, kind: str, name: str,
         made, lock = claim_out(path)
     try:
         check_writable(path)
-    except MmlitError:
+    except BaseException:  # (SIGTERM's too)
         with removed_if_left_empty(made, lock):  # made and locked for nothing: undone
             raise
     return path, made, lock
