@@ -40,9 +40,10 @@ def pretrained_cfg(cfg: Config, class_names: Sequence[str] | None = None) -> dic
             "num_classes": cfg.model.num_classes, "label_names": list(class_names) if class_names else None}
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """The bundled presets whose names match `pattern` (shell-style, as `timm.list_models`)."""
-    return [name for name in available_presets() if fnmatch.fnmatchcase(name, pattern)]
+def list_models(pattern: str | None = "*") -> list[str]:
+    """The bundled presets whose names match `pattern` (shell-style, as `timm.list_models`; ""
+    or None: all of them)."""
+    return [name for name in available_presets() if fnmatch.fnmatchcase(name, pattern or "*")]
 
 
 # timm's names for the same knobs: create_model("xxs", drop_path_rate=0.1) as in timm

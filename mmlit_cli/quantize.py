@@ -86,14 +86,18 @@ def graph_roles(model) -> GraphRoles:
 
 @contextmanager
 def _quiet():
-    """onnxruntime.quantization logs advice at WARNING on the root logger: keep the CLI clean."""
+    """onnxruntime.quantization logs advice at WARNING on the root logger: keep the CLI clean.
+    Its module-level `logging.warning` also gives the root logger a handler where it had none
+    (`logging.basicConfig`), after which the caller's own `basicConfig` does nothing: taken away."""
     root = logging.getLogger()
-    level = root.level
+    level, handlers = root.level, list(root.handlers)
     root.setLevel(logging.ERROR)
     try:
         yield
     finally:
         root.setLevel(level)
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
 
 
 class _Images:

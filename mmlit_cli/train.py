@@ -8,6 +8,7 @@ import functools
 import glob
 import json
 import math
+import numbers
 import os
 import re
 import signal
@@ -135,6 +136,44 @@ class RunPlan:
         return dataclasses.replace(self, cfg=cfg, recipe_note=note)
 
 
+_WHOLE_NUMBERS = ("epochs", "batch_size", "seed", "workers", "patience", "save_every", "max_steps")
+_PATHS = ("preset", "dataset", "data_dir", "out", "init", "resume")
+
+
+def _as_the_cli_gives_them(train):
+    """`run_training`'s arguments as the CLI gives them, from any caller: a numpy integer is an
+    int, a `Path` a str; another type is an error naming the argument. (From Python, epochs=1.5
+    trained 2 epochs, a numpy seed or a Path dataset failed after the run's first files, and
+    overrides="model.depth=2" was read a character at a time.)"""
+    def plain(name: str, value: Any) -> Any:
+        if value is None:
+            return None
+        if name in _WHOLE_NUMBERS:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise MmlitError(f"{name} must be a whole number, got {value!r}")
+            return int(value)
+        if name == "lr":
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise MmlitError(f"lr must be a number, got {value!r}")
+            return float(value)
+        if name in _PATHS:
+            if not isinstance(value, (str, os.PathLike)):
+                raise MmlitError(f"{name} must be a path or name, got {value!r}")
+            return os.fspath(value)
+        if name == "overrides" and (isinstance(value, str) or not all(isinstance(o, str) for o in value)):
+            raise MmlitError(f"overrides must be a list of 'key=value' strings, got {value!r}")
+        return value
+
+    @functools.wraps(train)
+    def checked(kind: str, preset: str | None = None, dataset: str | None = None, **options: Any) -> dict:
+        if kind not in TASKS:
+            raise MmlitError(f"kind must be one of {', '.join(TASKS)}, got {kind!r}")
+        return train(kind, plain("preset", preset), plain("dataset", dataset),
+                     **{name: plain(name, value) for name, value in options.items()})
+    return checked
+
+
+@_as_the_cli_gives_them
 def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir: str | None = None,
                  out: str | Path | None = None, overrides: list[str] | None = None,
                  epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,

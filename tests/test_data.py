@@ -397,6 +397,26 @@ def test_pillows_pixel_limit_counts_the_pixels_decoded_not_the_photos(tmp_path, 
     assert Image.MAX_IMAGE_PIXELS == 20_000  # Pillow's limit is as it was
 
 
+def test_decoding_in_threads_leaves_pillows_limit_as_it_was(tmp_path):
+    """`predict_paths` or `preprocess` called from several threads (a web service): two threads
+    lifting Pillow's decompression-bomb limit at once left it off for the whole process, and a
+    thread reading it while another had lifted it decoded a bomb."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from mmlit_cli.data.decode import decode_one
+
+    limit = Image.MAX_IMAGE_PIXELS
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    paths = [str(p) for p in sorted(tmp_path.glob("*.png"))] * 150
+    with ThreadPoolExecutor(8) as pool:
+        decoded = list(pool.map(lambda p: decode_one(p, 16), paths))
+    assert all(d is not None for d in decoded) and Image.MAX_IMAGE_PIXELS == limit
+
+
 def test_class_lost_to_corrupt_files(tmp_path):
     fx.write_image_folder(tmp_path, {"ok": 2})
     fx.write_corrupt_jpeg(tmp_path / "broken" / "a.jpg")

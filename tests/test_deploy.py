@@ -138,6 +138,19 @@ def test_int8_dynamic_export_keeps_the_contract_and_the_router_in_float(world):
         assert session.run(["logits"], {"images": x})[0].shape == (n, 3)
 
 
+def test_an_int8_export_from_python_leaves_the_callers_root_logger_as_it_was(world, tmp_path, monkeypatch):
+    """onnxruntime's quantisation calls `logging.warning`, which gives the root logger a handler
+    where it has none: a script's own `logging.basicConfig(...)` after an export did nothing."""
+    import logging
+
+    from mmlit_cli.export import export_onnx
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # a script that has not set logging up (pytest has)
+    export_onnx(world["ckpt"], tmp_path / "m.int8.onnx", int8=True)
+    assert root.handlers == []
+
+
 def test_int8_static_export_is_calibrated_checked_on_held_out_images_and_keeps_the_head_float(world):
     r = world["static_run"]
     assert r.returncode == 0, r.stderr

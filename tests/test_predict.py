@@ -392,6 +392,7 @@ def test_list_models_names_the_bundled_presets():
     import mmlit_cli
 
     assert mmlit_cli.list_models() == ["s", "xs", "xxs"] and mmlit_cli.list_models("x*") == ["xs", "xxs"]
+    assert mmlit_cli.list_models(None) == mmlit_cli.list_models("") == ["s", "xs", "xxs"]  # as timm takes them
     assert mmlit_cli.list_models("vit*") == []
 
 

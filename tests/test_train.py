@@ -509,3 +509,25 @@ def test_an_epochs_time_ends_when_the_device_has_run_its_steps(tmp_path, monkeyp
     run_training("finetune", "xxs", str(write_folder(tmp_path / "data")), out=tmp_path / "run", overrides=TINY,
                  epochs=2, batch_size=8, quiet=True)
     assert events == [("wait", "cpu"), "bank"] * 2
+
+
+def test_from_python_numpy_numbers_and_paths_are_taken_and_other_types_refused(folder, tmp_path):
+    """`run_training` takes what a script has at hand (numpy integers from a sweep's grid, Path
+    objects) as the CLI's values; a value of another type is a one-line MmlitError naming the
+    argument, before any file is written. epochs=1.5 trained 2 epochs; a numpy seed or a Path
+    dataset failed after the run's first files."""
+    result = run_training(np.str_("finetune"), "xxs", Path(folder), out=tmp_path / "np", overrides=TINY,
+                          epochs=np.int64(1), batch_size=np.int32(8), seed=np.int64(3), lr=np.float64(1e-3),
+                          quiet=True)
+    assert result["epoch"] == 1 and load_checkpoint(tmp_path / "np" / "last.safetensors").config.finetune.seed == 3
+    for bad, message in ((dict(epochs=1.5), "epochs must be a whole number, got 1.5"),
+                         (dict(patience=0.5), "patience must be a whole number"),
+                         (dict(seed=True), "seed must be a whole number, got True"),
+                         (dict(lr="1e-3"), "lr must be a number, got '1e-3'"),
+                         (dict(overrides="model.depth=2"), "overrides must be a list of 'key=value' strings"),
+                         (dict(init=3), "init must be a path or name, got 3")):
+        with pytest.raises(MmlitError, match=message):
+            run_training("finetune", "xxs", str(folder), out=tmp_path / "bad", **{"overrides": TINY, **bad})
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(MmlitError, match="kind must be one of finetune, pretrain, got 'train'"):
+        run_training("train", "xxs", str(folder))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -78,16 +79,35 @@ def _open_image(path: str) -> Any:
     limit to the pixels it will actually decode."""
     from PIL import Image, UnidentifiedImageError
     fmt = _ext_formats().get(os.path.splitext(path)[1].lower())
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-    try:
-        if fmt is not None:
-            try:
-                return Image.open(path, formats=(fmt,))
-            except UnidentifiedImageError:
-                pass  # wrong extension: let Pillow probe every format
-        return Image.open(path)
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
+    with _PILLOW_LIMIT:  # two threads lifting it at once: the second would put back "no limit", for good
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            if fmt is not None:
+                try:
+                    return Image.open(path, formats=(fmt,))
+                except UnidentifiedImageError:
+                    pass  # wrong extension: let Pillow probe every format
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
+def _pillow_limit() -> int | None:
+    """Pillow's decompression-bomb limit, as the user's program has it (not lifted by `_open_image`
+    in another thread)."""
+    from PIL import Image
+    with _PILLOW_LIMIT:
+        return Image.MAX_IMAGE_PIXELS
+
+
+def _new_pillow_lock() -> None:
+    global _PILLOW_LIMIT
+    _PILLOW_LIMIT = threading.Lock()  # a forked child: a thread of the parent's may have held it
+
+
+_PILLOW_LIMIT = threading.Lock()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_pillow_lock)
 
 
 def is_image_candidate(path: str) -> bool:
@@ -122,12 +142,11 @@ def to_rgb(im: Any) -> Any:
 
 def decode_one(path: str, size: int) -> np.ndarray | None:
     """One file -> uint8 [S, S, 3] (aspect-preserving resize + centre crop), None if undecodable."""
-    from PIL import Image
     try:
         with _open_image(path) as im:
             if im.format == "JPEG" and min(im.size) >= 2 * size:
                 im.draft(im.mode, (size, size))  # let libjpeg downscale big photos cheaply
-            limit = Image.MAX_IMAGE_PIXELS  # (Pillow warns above it, refuses above twice it)
+            limit = _pillow_limit()  # (Pillow warns above it, refuses above twice it)
             if limit is not None and im.size[0] * im.size[1] > 2 * limit:
                 return None  # too many pixels to decode, even downscaled: Pillow's limit
             im.load()
