@@ -263,6 +263,7 @@ class InitReport:
     # in both under one name, in other shapes: "blocks.0.attn.qkv.weight [108, 36] there, [216, 72] here"
     mismatched: list[str] = field(default_factory=list)
     resampled: str | None = None  # the position embedding's grid, "12x12 to 8x8 patches", when resized
+    unplaced: list[str] = field(default_factory=list)  # of the checkpoint's encoder, with no name in the model
 
 
 def load_weights_into(model: torch.nn.Module, ckpt: Checkpoint) -> InitReport:
@@ -287,4 +288,4 @@ def load_weights_into(model: torch.nn.Module, ckpt: Checkpoint) -> InitReport:
     model.load_state_dict(to_load, strict=False)
     missing = sorted(k for k in own if k not in to_load)
     return InitReport(sorted(loaded), sorted(skipped), missing, mismatched,
-                      resampled if "pos_embed" in to_load else None)
+                      resampled if "pos_embed" in to_load else None, sorted(k for k in source if k not in own))

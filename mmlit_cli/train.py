@@ -761,12 +761,16 @@ def _load_init(task, init: str | Path, ckpt: Checkpoint, console: Console | None
     report = load_weights_into(task.init_target, ckpt)
     if not report.loaded:
         raise MmlitError(f"--init {init}: no tensor of that checkpoint fits this model")
-    # A head of another class count is replaced, as timm does; any other tensor in another
-    # shape means another architecture, and a run that goes on trains mostly from scratch.
-    other = [m for m in report.mismatched if not m.startswith("head.")]
+    # A head of another class count is replaced, as timm does; any other tensor in another shape,
+    # or in one model and not the other (another depth: half a pre-trained encoder dropped, or
+    # blocks left at their initialisation), means another architecture.
+    body = lambda names: [n for n in names if not n.startswith("head.")]  # noqa: E731
+    other = [f"{len(names)} tensor(s) {how}: {names[0]}" for names, how in (
+        (body(report.mismatched), "differ in shape"), (body(report.unplaced), "of its encoder have no place here"),
+        (body(report.missing), "of this model are not in it")) if names]
     if other:
-        raise MmlitError(f"--init {init} is another architecture ({len(other)} tensor(s) differ in shape: "
-                         f"{other[0]}): train with its preset and --set (its config.yaml says them)")
+        raise MmlitError(f"--init {init} is another architecture ({other[0]}): train with its preset and --set (its "
+                         f"config.yaml says them)")
     if console is None:
         return
     resampled = f"; position embedding resampled from {report.resampled}" if report.resampled else ""

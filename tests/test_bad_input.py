@@ -26,6 +26,9 @@ def world(tmp_path_factory):
                  quiet=True)
     run_training("pretrain", "xxs", str(w["folder"]), out=root / "mae", overrides=TINY, epochs=1, batch_size=8,
                  quiet=True)
+    even = TINY + ["model.mlp_hidden_last=16", "model.expert_stages=[3]"]  # blocks alike: a depth apart, same shapes
+    run_training("pretrain", "xxs", str(w["folder"]), out=root / "mae-even", overrides=even, epochs=1, batch_size=8,
+                 quiet=True)
     gone = write_folder(root / "gone", per_class=6)  # trained on, then deleted: eval without --dataset
     run_training("finetune", "xxs", str(gone), out=root / "moved", overrides=TINY, epochs=1, batch_size=8,
                  quiet=True)
@@ -132,6 +135,9 @@ CASES = [
     ("eval an ONNX file", lambda w: ["eval", str(w["root"] / "model.onnx"), "--dataset", str(w["folder"])], "is an exported ONNX file: this needs the .safetensors checkpoint"),
     ("init of another architecture", lambda w: ["finetune", "--dataset", str(w["folder"]), "--init", str(w["root"] / "clf" / "best.safetensors"), "--out", str(w["root"] / "never5")], "is another architecture"),
     ("init of another architecture, --print-config", lambda w: ["finetune", "--dataset", str(w["folder"]), "--init", str(w["root"] / "clf" / "best.safetensors"), "--print-config"], "is another architecture"),
+    ("init of another depth", lambda w: ["finetune", "--dataset", str(w["folder"]), "--init", str(w["root"] / "mae-even" / "last.safetensors"), *SETS, "--set", "model.depth=2", "--set", "model.mlp_hidden_last=16", "--set", "model.expert_stages=[3]", "--out", str(w["root"] / "never8")], "tensor(s) of its encoder have no place here: blocks.2."),
+    ("init into a deeper model", lambda w: ["finetune", "--dataset", str(w["folder"]), "--init", str(w["root"] / "mae-even" / "last.safetensors"), *SETS, "--set", "model.depth=4", "--set", "model.mlp_hidden_last=16", "--set", "model.expert_stages=[3]", "--print-config"], "tensor(s) of this model are not in it: blocks.3."),
+    ("init without qkv biases", lambda w: ["finetune", "--dataset", str(w["folder"]), "--init", str(w["root"] / "mae" / "last.safetensors"), *SETS, "--set", "model.qkv_bias=false", "--print-config"], "is another architecture (3 tensor(s) of its encoder have no place here: blocks.0.attn.qkv.bias)"),
     ("lr not a number", lambda w: ["finetune", "--dataset", str(w["folder"]), *SETS, "--lr", "nan", "--print-config"], "finetune.lr must be a finite number, got nan"),
     ("norm_eps negative", lambda w: ["count-params", "--set", "model.norm_eps=-1"], "norm_eps must be >= 0"),
     ("seed past 64 bits", lambda w: ["finetune", "--dataset", str(w["folder"]), "--seed", "99999999999999999999", "--print-config", *SETS], "finetune.seed must be a whole number between -2**62 and 2**62"),
