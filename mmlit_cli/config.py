@@ -50,7 +50,8 @@ MAX_PARAMETERS = 1e9
 
 @dataclass
 class ModelConfig:
-    """The mLiT network. Defaults are the reconstructed `xs` preset (see MLIT-SPEC.md)."""
+    """The mLiT network. Defaults are the reconstructed `xs` preset's architecture (see MLIT-SPEC.md),
+    without its stochastic depth (`drop_path` 0.05 there)."""
 
     image_size: int = 36
     patch_size: int = 3
@@ -482,9 +483,29 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     return nested
 
 
+def pinned_keys(overrides: dict[str, Any], prefix: str = "") -> set[str]:
+    """Dotted keys of a nested `--set` dict: {"finetune": {"lr": 1}} -> {"finetune.lr"}."""
+    keys = set()
+    for k, v in overrides.items():
+        path = f"{prefix}{k}"
+        keys |= pinned_keys(v, path + ".") if isinstance(v, dict) else {path}
+    return keys
+
+
+def own_preset_keys(preset: str | Path) -> set[str]:
+    """The dotted keys (`finetune.epochs`, ...) a user's own preset file sets; none for a bundled
+    preset. A length such a file gives stands where mmlit would pick one (the bundled sample's
+    short runs): a run's config.yaml given back as --preset trained 4 epochs, not its own."""
+    path = resolve_preset_path(str(preset))
+    return set() if path.parent == PRESET_DIR else pinned_keys(_preset_data(path))
+
+
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    """A config from a preset's mapping: what it leaves out is the schema's default, section by
+    section (a `pretrain:` that sets only its epochs keeps pre-training's defaults, not
+    fine-tuning's label smoothing, which pre-training refuses)."""
     try:
-        return _build(Config, data).validate()
+        return _build(Config, _merge(dataclasses.asdict(Config()), data)).validate()
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
@@ -511,6 +532,13 @@ class _PresetLoader(yaml.SafeLoader):
 def load_config(preset: str | Path = "xs", overrides: list[str] | None = None) -> Config:
     """Load a preset by name or path, apply `--set` overrides and validate the result."""
     path = resolve_preset_path(str(preset))
+    data = _preset_data(path)
+    data.setdefault("name", path.stem)
+    return with_overrides(config_from_dict(data, str(path)), overrides)
+
+
+def _preset_data(path: Path) -> dict[str, Any]:
+    """A preset file's mapping, as written."""
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_PresetLoader) or {}  # not the locale's
     except _DuplicateKey as e:
@@ -524,8 +552,7 @@ def load_config(preset: str | Path = "xs", overrides: list[str] | None = None) -
         raise ConfigError(f"cannot read preset {path}: {e.strerror}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a preset must be a YAML mapping")
-    data.setdefault("name", path.stem)
-    return with_overrides(config_from_dict(data, str(path)), overrides)
+    return data
 
 
 def with_overrides(cfg: Config, overrides: list[str] | None) -> Config:

@@ -360,12 +360,3 @@ def lr_factors(recipe: TrainConfig, world_size: int = 1, given: bool = False) ->
     words = f"lr_base {recipe.lr_base:g} x {recipe.batch_size * world_size}/{LR_BASE_BATCH}"
     factor = recipe.lr / rule if rule > 0 else 1.0
     return words if abs(factor - 1.0) < 1e-6 else f"{words} x {factor:.3g} short-run factor"
-
-
-def pinned_keys(overrides: dict[str, Any], prefix: str = "") -> set[str]:
-    """Dotted keys of a nested `--set` dict: {"finetune": {"lr": 1}} -> {"finetune.lr"}."""
-    keys = set()
-    for k, v in overrides.items():
-        path = f"{prefix}{k}"
-        keys |= pinned_keys(v, path + ".") if isinstance(v, dict) else {path}
-    return keys

@@ -21,14 +21,14 @@ from rich.markup import escape
 
 from .checkpoint import Checkpoint, load_checkpoint, load_weights_into, recorded_train_state
 from .config import CLASS_BALANCE, RESUME_MAY_CHANGE, RESUMED_CONFIG_MAY_CHANGE, Config, check_label_free, \
-    dump_config, load_config, parse_overrides, with_overrides
+    dump_config, load_config, own_preset_keys, parse_overrides, pinned_keys, with_overrides
 from .data import DATASET_NAMES, SAMPLE_DIR, ImageData, canonical_name, default_data_dir, is_sample, load_split, \
     skipped_warning, split_size, train_split_size, usable_cpus
 from .engine import RunOptions, Trainer
 from .errors import DataNotFound, MmlitError, listed
 from .files import check_writable, claim_out, claim_run_dir, new_run_dir, removed_if_left_empty
 from .mae import check_masking
-from .recipe import SAMPLE_EPOCHS, batch_origin, describe, fit_recipe, fit_to_device, pinned_keys
+from .recipe import SAMPLE_EPOCHS, batch_origin, describe, fit_recipe, fit_to_device
 from .report import RunInterrupted
 from .run_record import check_history, stopped_early
 from .runtime import check_compile_mode, end_distributed, local_process_count, process_count, process_rank, \
@@ -435,8 +435,16 @@ def _resumed_run(run_dir: Path, task_cls, *, preset: str | None = None, dataset:
         how = f"mmlit {command} --resume {run_dir}" if command else "the command that trained it"
         raise MmlitError(f"{run_dir} is a {command or ckpt.task} run: resume it with {how}")
     cfg = ckpt.config
-    if preset is not None and load_config(preset).name != cfg.name:
-        raise MmlitError(f"{run_dir} was trained with preset '{cfg.name}', not '{preset}'")
+    if preset is not None:  # the model it names must be the run's (a file named as the run's preset was
+        # enough, whatever it held); the rest of a resumed run's recipe is the run's own
+        asked = dataclasses.asdict(load_config(preset, overrides).model)
+        differ = [f"model.{k} {getattr(cfg.model, k)!r} there, {v!r} in it" for k, v in asked.items()
+                  if k != "num_classes" and v != getattr(cfg.model, k)]  # (the data's class count)
+        if differ and load_config(preset).name != cfg.name:
+            raise MmlitError(f"{run_dir} was trained with preset '{cfg.name}', not '{preset}' ({differ[0]})")
+        if differ:  # its --set changed the model
+            raise MmlitError(f"{run_dir} was trained with another model than preset '{preset}' gives ({differ[0]}): "
+                             f"leave --preset out (a resumed run keeps its own)")
     recorded = getattr(cfg, task_cls.command).loader
     # A run records the loader it chose; "auto" in a checkpoint means the run predates the
     # device loader, so its batches came from loader workers.
@@ -660,7 +668,7 @@ def _new_plan(task_cls, preset: str | None, dataset: str | None, data_dir: str |
     if shortcuts.get("class_balance") not in (None, *CLASS_BALANCE):
         raise MmlitError(f"--class-balance must be none, loss or sampler, got '{shortcuts['class_balance']}'")
     pinned = pinned_keys(parse_overrides(overrides)) | {f"{section}.{k}" for k, v in shortcuts.items() if v is not None}
-    if is_sample(dataset) and f"{section}.epochs" not in pinned:
+    if is_sample(dataset) and f"{section}.epochs" not in pinned | own_preset_keys(preset or "xs"):
         shortcuts = {**shortcuts, "epochs": SAMPLE_EPOCHS[section]}
     cfg = _apply_shortcuts(load_config(preset or "xs", overrides), section, **shortcuts)
     if cfg.model.in_chans != 3:  # a model of other channels is for count-params and the Python API

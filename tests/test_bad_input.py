@@ -49,6 +49,7 @@ def world(tmp_path_factory):
     good = (root / "clf" / "last.safetensors").read_bytes()
     (root / "truncated.safetensors").write_bytes(good[: len(good) // 2])
     (root / "notyaml.yaml").write_text("model: [unclosed\n")
+    (root / "xxs.yaml").write_text("name: xxs\nmodel:\n  top_k: 1\n")  # named as the run's preset, another model
     import torch
     from safetensors.torch import save_file
 
@@ -127,7 +128,9 @@ CASES = [
     ("no write permission", lambda w: ["finetune", "--dataset", str(w["folder"]), "--out", no_write_dir(w["root"]), *SETS], "cannot create --out"),
     ("cuda without GPU", lambda w: ["finetune", "--dataset", str(w["folder"]), "--device", "cuda", "--out", str(w["root"] / "never"), *SETS], "no CUDA GPU"),
     ("unknown device", lambda w: ["finetune", "--dataset", str(w["folder"]), "--device", "tpu", "--out", str(w["root"] / "never2"), *SETS], "unknown device"),
-    ("resume other preset", lambda w: ["finetune", "--resume", str(w["root"] / "clf"), "--preset", "s"], "not 's'"),
+    ("resume other preset", lambda w: ["finetune", "--resume", str(w["root"] / "clf"), "--preset", "s"], "not 's' (model.image_size 12 there, 36 in it)"),
+    ("resume with a preset named as the run's, of another model", lambda w: ["finetune", "--resume", str(w["root"] / "clf"), "--preset", str(w["root"] / "xxs.yaml"), *SETS, "--print-config"], "(model.top_k 2 there, 1 in it): leave --preset out"),
+    ("resume with the preset but not the run's --set", lambda w: ["finetune", "--resume", str(w["root"] / "clf"), "--preset", "xxs", "--print-config"], "was trained with another model than preset 'xxs' gives (model.image_size 12 there, 36 in it): leave --preset out"),
     ("resume pretrain as finetune", lambda w: ["finetune", "--resume", str(w["root"] / "mae")], "is a pretrain run: resume it with mmlit pretrain --resume"),
     ("finetune --out a pretrain run", lambda w: ["finetune", "--dataset", str(w["folder"]), "--out", str(w["root"] / "mae"), *SETS],
      "mae holds a pretrain run: choose another --out, or continue that run with mmlit pretrain --resume"),

@@ -38,6 +38,19 @@ def test_user_yaml_inherits_defaults(tmp_path):
     assert cfg.name == "tiny" and cfg.model.depth == 3 and cfg.model.num_classes == 10
 
 
+def test_a_section_the_user_yaml_gives_in_part_keeps_its_own_defaults(tmp_path):
+    """A `pretrain:` that sets only its length keeps pre-training's defaults: it took
+    fine-tuning's (label smoothing 0.1), which pre-training refuses, so the file could not
+    pre-train at all."""
+    from mmlit_cli.config import Config
+
+    p = tmp_path / "mine.yaml"
+    p.write_text("name: mine\npretrain:\n  epochs: 5\n  augment:\n    crop_padding: 2\n")
+    cfg, default = load_config(str(p)).pretrain, Config().pretrain
+    assert (cfg.epochs, cfg.augment.crop_padding) == (5, 2)
+    assert (cfg.label_smoothing, cfg.lr_base, cfg.augment.auto_augment) == (0.0, default.lr_base, "none")
+
+
 def test_set_overrides_are_parsed_and_validated():
     cfg = load_config("xs", ["model.depth=4", "finetune.lr=2e-3", "model.expert_stages=[2,2]",
                              "finetune.augment.auto_augment=rand"])

@@ -251,3 +251,19 @@ def test_the_recipe_line_says_where_the_batch_came_from():
         "1000/256 x 2 short-run factor)" in larger, larger
     paper = resolved_config("finetune", "xxs", None, epochs=4, recipe="paper", device="cpu")
     assert "  batch 128 x 1 process(es), lr " in paper
+
+
+def test_on_the_sample_a_length_the_users_own_preset_gives_stands(tmp_path):
+    """Without --dataset (the bundled sample) a run is short unless its length is asked for:
+    --epochs, --set, or now a user's own preset file that sets it. A run's config.yaml given
+    back as --preset (as its own comment says to train with its recipe again) trained 4 epochs."""
+    from mmlit_cli.train import resolved_config
+
+    def epochs(preset, kind="finetune"):
+        return yaml.safe_load(resolved_config(kind, str(preset), None, overrides=TINY))[kind]["epochs"]
+
+    own = tmp_path / "mine.yaml"
+    own.write_text("name: mine\nfinetune:\n  epochs: 7\npretrain:\n  epochs: 5\n")
+    assert (epochs(own), epochs(own, "pretrain")) == (7, 5)
+    (tmp_path / "partial.yaml").write_text("name: partial\nmodel:\n  depth: 3\n")  # no length: the sample's
+    assert epochs("xxs") == epochs(tmp_path / "partial.yaml") == 4 and epochs("xxs", "pretrain") == 8

@@ -9,9 +9,9 @@ import sys
 import pytest
 import yaml
 
-from mmlit_cli.config import load_config, parse_overrides
+from mmlit_cli.config import load_config, parse_overrides, pinned_keys
 from mmlit_cli.errors import ConfigError
-from mmlit_cli.recipe import fit_recipe, peak_lr, pinned_keys, short_run_warmup_fraction, strength
+from mmlit_cli.recipe import fit_recipe, peak_lr, short_run_warmup_fraction, strength
 from mmlit_cli.train import run_training
 from helpers import TINY, write_folder
 
