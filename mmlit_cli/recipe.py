@@ -359,4 +359,7 @@ def lr_factors(recipe: TrainConfig, world_size: int = 1, given: bool = False) ->
     rule = recipe.lr_base * recipe.batch_size * world_size / LR_BASE_BATCH
     words = f"lr_base {recipe.lr_base:g} x {recipe.batch_size * world_size}/{LR_BASE_BATCH}"
     factor = recipe.lr / rule if rule > 0 else 1.0
-    return words if abs(factor - 1.0) < 1e-6 else f"{words} x {factor:.3g} short-run factor"
+    if abs(factor - 1.0) < 1e-6:
+        return words
+    # --recipe paper fits nothing: an lr off the rule is the preset's own `lr`
+    return "as given" if recipe.recipe == "paper" else f"{words} x {factor:.3g} short-run factor"

@@ -671,6 +671,9 @@ def _new_plan(task_cls, preset: str | None, dataset: str | None, data_dir: str |
     if is_sample(dataset) and f"{section}.epochs" not in pinned | own_preset_keys(preset or "xs"):
         shortcuts = {**shortcuts, "epochs": SAMPLE_EPOCHS[section]}
     cfg = _apply_shortcuts(load_config(preset or "xs", overrides), section, **shortcuts)
+    if not cfg.name.strip() or cfg.name in (".", "..") or any(c in cfg.name for c in "/\\\0"):
+        raise MmlitError(f"name must be a plain folder name (a run without --out is runs/{section}/<name>), got "
+                         f"{cfg.name!r}")
     if cfg.model.in_chans != 3:  # a model of other channels is for count-params and the Python API
         raise MmlitError(f"model.in_chans is {cfg.model.in_chans}: training needs 3, as every image is decoded as "
                          f"RGB (grey ones with 3 equal channels)")

@@ -128,6 +128,8 @@ CASES = [
     ("no write permission", lambda w: ["finetune", "--dataset", str(w["folder"]), "--out", no_write_dir(w["root"]), *SETS], "cannot create --out"),
     ("cuda without GPU", lambda w: ["finetune", "--dataset", str(w["folder"]), "--device", "cuda", "--out", str(w["root"] / "never"), *SETS], "no CUDA GPU"),
     ("unknown device", lambda w: ["finetune", "--dataset", str(w["folder"]), "--device", "tpu", "--out", str(w["root"] / "never2"), *SETS], "unknown device"),
+    ("a name that is a path", lambda w: ["finetune", "--dataset", str(w["folder"]), *SETS, "--set", f"name={w['root']}/elsewhere", "--print-config"], "name must be a plain folder name (a run without --out is runs/finetune/<name>), got '/"),
+    ("an empty name", lambda w: ["pretrain", "--dataset", str(w["folder"]), *SETS, "--set", "name=", "--print-config"], "name must be a plain folder name (a run without --out is runs/pretrain/<name>), got ''"),
     ("resume other preset", lambda w: ["finetune", "--resume", str(w["root"] / "clf"), "--preset", "s"], "not 's' (model.image_size 12 there, 36 in it)"),
     ("resume with a preset named as the run's, of another model", lambda w: ["finetune", "--resume", str(w["root"] / "clf"), "--preset", str(w["root"] / "xxs.yaml"), *SETS, "--print-config"], "(model.top_k 2 there, 1 in it): leave --preset out"),
     ("resume with the preset but not the run's --set", lambda w: ["finetune", "--resume", str(w["root"] / "clf"), "--preset", "xxs", "--print-config"], "was trained with another model than preset 'xxs' gives (model.image_size 12 there, 36 in it): leave --preset out"),

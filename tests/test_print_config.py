@@ -267,3 +267,15 @@ def test_on_the_sample_a_length_the_users_own_preset_gives_stands(tmp_path):
     assert (epochs(own), epochs(own, "pretrain")) == (7, 5)
     (tmp_path / "partial.yaml").write_text("name: partial\nmodel:\n  depth: 3\n")  # no length: the sample's
     assert epochs("xxs") == epochs(tmp_path / "partial.yaml") == 4 and epochs("xxs", "pretrain") == 8
+
+
+def test_under_the_paper_recipe_an_lr_off_the_rule_is_said_to_be_the_presets_own(tmp_path):
+    """--recipe paper fits nothing, so an lr a preset file gives is used as it is: the recipe
+    line called the difference from the linear rule a "short-run factor"."""
+    from mmlit_cli.train import resolved_config
+
+    own = tmp_path / "mine.yaml"
+    own.write_text("name: mine\nfinetune:\n  lr: 0.01\n  recipe: paper\n")
+    text = resolved_config("finetune", str(own), None, overrides=TINY, epochs=2, batch_size=8)
+    assert yaml.safe_load(text)["finetune"]["lr"] == 0.01
+    assert "lr 0.01 (as given)" in text and "short-run factor" not in text, comments(text)
