@@ -457,6 +457,45 @@ def resolve_preset_path(preset: str) -> Path:
                       "or a path to a YAML file")
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _PresetLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error: YAML
+    keeps the last silently, and an edited preset with `depth: 9` left above `depth: 4` would
+    train a model its author did not read."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float)) and key in seen:
+                raise _DuplicateKey(f"'{key}' is given twice in one section (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _decimal(construct):
+    """PyYAML reads numbers as YAML 1.1 does: `0123` is octal (83) and `1:30` base 60 (90), so
+    `--set finetune.seed=0123` trained with seed 83, without a word. As YAML 1.2 and the person
+    typing them read them: a leading zero is decimal, and a number with a colon is no number
+    (left a string, which a number field refuses)."""
+    def number(loader, node):
+        text = loader.construct_scalar(node).replace("_", "")
+        digits = text.lstrip("+-")
+        if ":" in digits:
+            return text
+        if len(digits) > 1 and digits[0] == "0" and digits[1] in "0123456789":
+            return int(text, 10) if digits.isdigit() else construct(loader, node)
+        return construct(loader, node)
+    return number
+
+
+_PresetLoader.add_constructor("tag:yaml.org,2002:int", _decimal(yaml.SafeLoader.construct_yaml_int))
+_PresetLoader.add_constructor("tag:yaml.org,2002:float", _decimal(yaml.SafeLoader.construct_yaml_float))
+
+
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     """`["model.depth=4", "finetune.lr=1e-3"]` -> nested dict. Values are parsed as YAML."""
     nested: dict[str, Any] = {}
@@ -470,7 +509,9 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"--set expects key.path=value, got {item!r}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.load(raw, Loader=_PresetLoader) if raw.strip() else ""
+        except _DuplicateKey as e:
+            raise ConfigError(f"--set {item!r}: {e}") from None
         except yaml.YAMLError:
             value = raw
         node = nested
@@ -508,25 +549,6 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
         return _build(Config, _merge(dataclasses.asdict(Config()), data)).validate()
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-class _PresetLoader(yaml.SafeLoader):
-    """yaml.safe_load's loader, except that a key given twice in one mapping is an error: YAML
-    keeps the last silently, and an edited preset with `depth: 9` left above `depth: 4` would
-    train a model its author did not read."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float)) and key in seen:
-                raise _DuplicateKey(f"'{key}' is given twice in one section (line {key_node.start_mark.line + 1})")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(preset: str | Path = "xs", overrides: list[str] | None = None) -> Config:

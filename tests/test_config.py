@@ -51,6 +51,22 @@ def test_a_section_the_user_yaml_gives_in_part_keeps_its_own_defaults(tmp_path):
     assert (cfg.label_smoothing, cfg.lr_base, cfg.augment.auto_augment) == (0.0, default.lr_base, "none")
 
 
+def test_numbers_are_read_as_typed_not_as_yaml_1_1_reads_them(tmp_path):
+    """PyYAML reads `0123` as octal (83) and `1:30` in base 60 (90): `--set finetune.seed=0123`
+    trained with seed 83, without a word. A leading zero is decimal, as YAML 1.2 and the person
+    typing it read it; a number with a colon is no number; hex and signs are as they were."""
+    cfg = load_config("xs", ["finetune.seed=0123", "model.depth=010", "pretrain.seed=-007", "mae.decoder_dim=0x10"])
+    assert (cfg.finetune.seed, cfg.model.depth, cfg.pretrain.seed, cfg.mae.decoder_dim) == (123, 10, -7, 16)
+    for colon in ("finetune.seed=1:30", "finetune.lr=1:30.5"):
+        with pytest.raises(ConfigError, match="expected (an integer|a number), got '1:30"):
+            load_config("xs", [colon])
+    p = tmp_path / "mine.yaml"
+    p.write_text("name: mine\nfinetune:\n  seed: 0123\n")
+    assert load_config(str(p)).finetune.seed == 123
+    with pytest.raises(ConfigError, match="'a' is given twice in one section"):
+        parse_overrides(["model.expert_stages={a: 1, a: 2}"])
+
+
 def test_set_overrides_are_parsed_and_validated():
     cfg = load_config("xs", ["model.depth=4", "finetune.lr=2e-3", "model.expert_stages=[2,2]",
                              "finetune.augment.auto_augment=rand"])
