@@ -224,8 +224,10 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
         if not quiet:
             console.print(escape(f"data: {train.source}; validation: {_validation_note(plan.spec, val)}"),
                           highlight=False)
-
-        if not quiet:
+            if "model.num_classes" in plan.pinned and cfg.model.num_classes != plan.cfg.model.num_classes:
+                console.print(escape(f"note: --set model.num_classes={plan.cfg.model.num_classes} overridden: the "
+                                     f"head has one output per class of the data, {cfg.model.num_classes}"),
+                              highlight=False)
             _warn_imbalance(console, train, getattr(cfg, task_cls.command).class_balance, task_cls.needs_labels)
         task, layer_decay = _new_task(task_cls, cfg, train, plan, init, init_ckpt, None if quiet else console)
         opts = RunOptions(out_dir=plan.run_dir, dataset=dataclasses.asdict(plan.spec), data_source=plan.spec.located(),

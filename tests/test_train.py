@@ -531,3 +531,18 @@ def test_from_python_numpy_numbers_and_paths_are_taken_and_other_types_refused(f
         assert not (tmp_path / "bad").exists()
     with pytest.raises(MmlitError, match="kind must be one of finetune, pretrain, got 'train'"):
         run_training("train", "xxs", str(folder))
+
+
+def test_a_class_count_the_data_overrides_is_said(folder, tmp_path):
+    """`--set model.num_classes=3` on data of another class count: the head follows the data (as
+    Ultralytics overrides `nc`), and now says so; it was silent."""
+    import io
+
+    from rich.console import Console
+
+    screen = io.StringIO()
+    run_training("finetune", "xxs", str(folder), out=tmp_path / "run", overrides=TINY + ["model.num_classes=7"],
+                 epochs=1, batch_size=8, console=Console(file=screen, width=300))
+    classes = load_checkpoint(tmp_path / "run" / "last.safetensors").config.model.num_classes
+    assert classes != 7 and f"note: --set model.num_classes=7 overridden: the head has one output per class of " \
+                            f"the data, {classes}" in screen.getvalue()
