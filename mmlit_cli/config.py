@@ -538,7 +538,7 @@ def own_preset_keys(preset: str | Path) -> set[str]:
     preset. A length such a file gives stands where mmlit would pick one (the bundled sample's
     short runs): a run's config.yaml given back as --preset trained 4 epochs, not its own."""
     path = resolve_preset_path(str(preset))
-    return set() if path.parent == PRESET_DIR else pinned_keys(_preset_data(path))
+    return set() if path.resolve().parent == PRESET_DIR.resolve() else pinned_keys(_preset_data(path))
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:

@@ -238,13 +238,14 @@ LOCK_NAME = ".mmlit.lock"
 _held_locks: dict[Path, int] = {}
 
 
-def claim_out(path: Path, busy: str = "choose another --out") -> tuple[tuple[Path, ...], Path | None]:
+def claim_out(path: Path, busy: str = "--out {path} is being written by another mmlit command: choose another --out"
+              ) -> tuple[tuple[Path, ...], Path | None]:
     """Make the `--out` folder `path` that `new_run_dir` found free (when it is not there) and
     lock it for this command: two commands given one --out both found it free (or empty, the
     first still reading its data) and wrote into it, one's best.safetensors beside the other's
     last. Returns (the folders made here, deepest first, for `removed_if_left_empty`; the lock,
     which it releases). Where there is no flock (Windows) the folder is made, not locked. `busy`:
-    what the refusal, when another command holds the lock, tells the user to do."""
+    the refusal when another command holds the lock."""
     made = tuple(p for p in (path, *path.parents) if not p.exists())
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -255,7 +256,7 @@ def claim_out(path: Path, busy: str = "choose another --out") -> tuple[tuple[Pat
     except ImportError:
         return made, None
     lock = path / LOCK_NAME
-    while True:
+    for _ in range(5):  # (a lock file that keeps changing: refused, below)
         try:
             fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666 & ~_umask())
         except OSError as e:
@@ -264,12 +265,12 @@ def claim_out(path: Path, busy: str = "choose another --out") -> tuple[tuple[Pat
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise MmlitError(f"--out {path} is being written by another mmlit command: {busy}") from None
-        if _still_named(fd, lock):
             break
+        if _still_named(fd, lock):
+            _held_locks[lock] = fd
+            return made, lock
         os.close(fd)  # opened just before its holder let go of it and removed it (`_release`): once more
-    _held_locks[lock] = fd
-    return made, lock
+    raise MmlitError(busy.format(path=path))
 
 
 def _still_named(fd: int, lock: Path) -> bool:

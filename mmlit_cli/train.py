@@ -207,11 +207,11 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
                         init)
         if dataset is None and not quiet and plan.resume is None:
             console.print(escape(_sample_note(getattr(plan.cfg, task_cls.command).epochs)), highlight=False)
-    if plan.resume is not None and _finished(plan, task_cls.command):
-        return _nothing_to_do(plan, None if quiet else console)
     if plan.resume is not None:
         plan = _locked(plan)
     with removed_if_left_empty(plan.created, plan.lock):  # held until the event log is closed
+        if plan.resume is not None and _finished(plan, task_cls.command):
+            return _nothing_to_do(plan, None if quiet else console)
         # a missing or broken --init file is said before the data is read (minutes, for a big folder)
         init_ckpt = load_checkpoint(init) if init is not None and plan.resume is None else None
 
@@ -253,8 +253,7 @@ def _fit(trainer: Trainer, run_dir: Path, main_process: bool) -> dict:
     scheduler's SIGTERM wants the process to end now. The result's "signal" says either."""
     result: dict[str, Any] = {}
     try:
-        result = trainer.fit()
-        result.update(out_dir=str(run_dir), main_process=main_process)
+        result = {**trainer.fit(), "out_dir": str(run_dir), "main_process": main_process}
         if trainer.dist.is_main and result["stopped"] in (None, "patience"):
             if result["signal"]:
                 result["curves_note"] = f"{signal.Signals(result['signal']).name} as the run ended; mmlit plot " \
@@ -277,7 +276,8 @@ def _locked(plan: RunPlan) -> RunPlan:
     that held it then may have saved more). Not under torchrun, whose ranks share the folder."""
     if plan.lock is not None or process_count() > 1:
         return plan
-    _, lock = claim_out(plan.run_dir, busy="wait for it to end, then run this command again")
+    _, lock = claim_out(plan.run_dir, busy="{path} is being trained by another mmlit command: wait for it to end, "
+                                           "then run this command again")
     saved = recorded_train_state(plan.run_dir / "last.safetensors") or {}
     if [saved.get(k) for k in ("epoch", "global_step")] != [plan.resume.train_info.get(k)
                                                              for k in ("epoch", "global_step")]:
@@ -437,15 +437,18 @@ def _resumed_run(run_dir: Path, task_cls, *, preset: str | None = None, dataset:
         how = f"mmlit {command} --resume {run_dir}" if command else "the command that trained it"
         raise MmlitError(f"{run_dir} is a {command or ckpt.task} run: resume it with {how}")
     cfg = ckpt.config
-    if preset is not None:  # the model it names must be the run's (a file named as the run's preset was
-        # enough, whatever it held); the rest of a resumed run's recipe is the run's own
+    if preset is not None and load_config(preset).name != cfg.name:
+        raise MmlitError(f"{run_dir} was trained with preset '{cfg.name}', not '{preset}'")
+    if preset is not None and own_preset_keys(preset):  # a file of one's own: named as the run's preset was
+        # enough, whatever it held. Its model (with --set) must be the run's; the rest of a resumed run's
+        # recipe is the run's own.
         asked = dataclasses.asdict(load_config(preset, overrides).model)
-        differ = [f"model.{k} {getattr(cfg.model, k)!r} there, {v!r} in it" for k, v in asked.items()
-                  if k != "num_classes" and v != getattr(cfg.model, k)]  # (the data's class count)
-        if differ and load_config(preset).name != cfg.name:
-            raise MmlitError(f"{run_dir} was trained with preset '{cfg.name}', not '{preset}' ({differ[0]})")
-        if differ:  # its --set changed the model
-            raise MmlitError(f"{run_dir} was trained with another model than preset '{preset}' gives ({differ[0]}): "
+        # the model as the run started it, before its recipe was fitted (which scales drop_path)
+        ran = (ckpt.train_info.get("invocation") or {}).get("config", {}).get("model") or dataclasses.asdict(cfg.model)
+        differ = [f"model.{k} {ran.get(k)!r} there, {v!r} in it" for k, v in asked.items()
+                  if k != "num_classes" and v != ran.get(k)]  # (the data's class count)
+        if differ:
+            raise MmlitError(f"{run_dir} was trained with another model than preset {preset} gives ({differ[0]}): "
                              f"leave --preset out (a resumed run keeps its own)")
     recorded = getattr(cfg, task_cls.command).loader
     # A run records the loader it chose; "auto" in a checkpoint means the run predates the
@@ -555,6 +558,10 @@ def _new_run(kind: str, task_cls, preset: str | None, dataset: str | None, data_
     plan = _new_plan(task_cls, preset, dataset, data_dir, download, validation, overrides, shortcuts)
     plan = dataclasses.replace(plan, invocation=_invocation(plan, init))
     out = None if out is None else Path(out).expanduser()  # `--out=~/runs/x`: the shell leaves that ~ to us
+    name = plan.cfg.name
+    if out is None and (not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0")):
+        raise MmlitError(f"name must be a plain folder name (a run without --out is runs/{kind}/<name>), got "
+                         f"{name!r}")
     continued = _continued_run(out, task_cls, plan) if out is not None else \
         _restarted_run(kind, task_cls, plan)
     if continued is not None:
@@ -673,9 +680,6 @@ def _new_plan(task_cls, preset: str | None, dataset: str | None, data_dir: str |
     if is_sample(dataset) and f"{section}.epochs" not in pinned | own_preset_keys(preset or "xs"):
         shortcuts = {**shortcuts, "epochs": SAMPLE_EPOCHS[section]}
     cfg = _apply_shortcuts(load_config(preset or "xs", overrides), section, **shortcuts)
-    if not cfg.name.strip() or cfg.name in (".", "..") or any(c in cfg.name for c in "/\\\0"):
-        raise MmlitError(f"name must be a plain folder name (a run without --out is runs/{section}/<name>), got "
-                         f"{cfg.name!r}")
     if cfg.model.in_chans != 3:  # a model of other channels is for count-params and the Python API
         raise MmlitError(f"model.in_chans is {cfg.model.in_chans}: training needs 3, as every image is decoded as "
                          f"RGB (grey ones with 3 equal channels)")
@@ -777,10 +781,10 @@ def _load_init(task, init: str | Path, ckpt: Checkpoint, console: Console | None
     # A head of another class count is replaced, as timm does; any other tensor in another shape,
     # or in one model and not the other (another depth: half a pre-trained encoder dropped, or
     # blocks left at their initialisation), means another architecture.
-    body = lambda names: [n for n in names if not n.startswith("head.")]  # noqa: E731
-    other = [f"{len(names)} tensor(s) {how}: {names[0]}" for names, how in (
-        (body(report.mismatched), "differ in shape"), (body(report.unplaced), "of its encoder have no place here"),
-        (body(report.missing), "of this model are not in it")) if names]
+    found = ((report.mismatched, "differ in shape"), (report.unplaced, "of its encoder have no place here"),
+             (report.missing, "of this model are not in it"))
+    other = [f"{len(body)} tensor(s) {how}: {body[0]}" for names, how in found
+             if (body := [n for n in names if not n.startswith("head.")])]
     if other:
         raise MmlitError(f"--init {init} is another architecture ({other[0]}): train with its preset and --set (its "
                          f"config.yaml says them)")

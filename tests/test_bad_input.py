@@ -50,6 +50,8 @@ def world(tmp_path_factory):
     (root / "truncated.safetensors").write_bytes(good[: len(good) // 2])
     (root / "notyaml.yaml").write_text("model: [unclosed\n")
     (root / "xxs.yaml").write_text("name: xxs\nmodel:\n  top_k: 1\n")  # named as the run's preset, another model
+    (root / "copy").mkdir()
+    shutil.copy(Path(cli.__file__).parent / "presets" / "xxs.yaml", root / "copy" / "xxs.yaml")
     import torch
     from safetensors.torch import save_file
 
@@ -130,9 +132,9 @@ CASES = [
     ("unknown device", lambda w: ["finetune", "--dataset", str(w["folder"]), "--device", "tpu", "--out", str(w["root"] / "never2"), *SETS], "unknown device"),
     ("a name that is a path", lambda w: ["finetune", "--dataset", str(w["folder"]), *SETS, "--set", f"name={w['root']}/elsewhere", "--print-config"], "name must be a plain folder name (a run without --out is runs/finetune/<name>), got '/"),
     ("an empty name", lambda w: ["pretrain", "--dataset", str(w["folder"]), *SETS, "--set", "name=", "--print-config"], "name must be a plain folder name (a run without --out is runs/pretrain/<name>), got ''"),
-    ("resume other preset", lambda w: ["finetune", "--resume", str(w["root"] / "clf"), "--preset", "s"], "not 's' (model.image_size 12 there, 36 in it)"),
-    ("resume with a preset named as the run's, of another model", lambda w: ["finetune", "--resume", str(w["root"] / "clf"), "--preset", str(w["root"] / "xxs.yaml"), *SETS, "--print-config"], "(model.top_k 2 there, 1 in it): leave --preset out"),
-    ("resume with the preset but not the run's --set", lambda w: ["finetune", "--resume", str(w["root"] / "clf"), "--preset", "xxs", "--print-config"], "was trained with another model than preset 'xxs' gives (model.image_size 12 there, 36 in it): leave --preset out"),
+    ("resume other preset", lambda w: ["finetune", "--resume", str(w["root"] / "clf"), "--preset", "s"], "was trained with preset 'xxs', not 's'"),
+    ("resume with a preset file named as the run's, of another model", lambda w: ["finetune", "--resume", str(w["root"] / "clf"), "--preset", str(w["root"] / "xxs.yaml"), *SETS, "--print-config"], "(model.top_k 2 there, 1 in it): leave --preset out"),
+    ("resume with the preset's file but not the run's --set", lambda w: ["finetune", "--resume", str(w["root"] / "clf"), "--preset", str(w["root"] / "copy" / "xxs.yaml"), "--print-config"], "was trained with another model than preset /"),
     ("resume pretrain as finetune", lambda w: ["finetune", "--resume", str(w["root"] / "mae")], "is a pretrain run: resume it with mmlit pretrain --resume"),
     ("finetune --out a pretrain run", lambda w: ["finetune", "--dataset", str(w["folder"]), "--out", str(w["root"] / "mae"), *SETS],
      "mae holds a pretrain run: choose another --out, or continue that run with mmlit pretrain --resume"),
@@ -290,7 +292,7 @@ def test_a_run_another_command_is_continuing_is_refused(world, tmp_path, monkeyp
     assert train.run_training("finetune", "xxs", folder, out=out, max_steps=1, **same)["stopped"] == "max_steps"
     made, lock = claim_out(out)  # another command continuing it
     for again in (dict(resume=out, epochs=2, quiet=True), dict(out=out, **same)):  # --resume; the same command
-        with pytest.raises(MmlitError, match=f"^--out {out} is being written by another mmlit command: wait for it "
+        with pytest.raises(MmlitError, match=f"^{out} is being trained by another mmlit command: wait for it "
                                              f"to end, then run this command again$"):
             train.run_training("finetune", "xxs", None if "resume" in again else folder, **again)
     with removed_if_left_empty(made, lock):

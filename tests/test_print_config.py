@@ -279,3 +279,16 @@ def test_under_the_paper_recipe_an_lr_off_the_rule_is_said_to_be_the_presets_own
     text = resolved_config("finetune", str(own), None, overrides=TINY, epochs=2, batch_size=8)
     assert yaml.safe_load(text)["finetune"]["lr"] == 0.01
     assert "lr 0.01 (as given)" in text and "short-run factor" not in text, comments(text)
+
+
+def test_a_name_with_a_slash_is_a_label_where_out_names_the_folder(tmp_path):
+    """The name makes the folder of a run without --out (runs/<command>/<name>), so there it must
+    be a plain folder name; with --out it is only the run's label, as before."""
+    from mmlit_cli.errors import MmlitError
+    from mmlit_cli.train import resolved_config
+
+    sets = TINY + ["name=team/exp1"]
+    assert yaml.safe_load(resolved_config("finetune", "xxs", None, overrides=sets, out=str(tmp_path / "x")))[
+        "name"] == "team/exp1"
+    with pytest.raises(MmlitError, match="name must be a plain folder name"):
+        resolved_config("finetune", "xxs", None, overrides=sets)
