@@ -448,12 +448,15 @@ def resolve_preset_path(preset: str) -> Path:
             raise ConfigError(f"{path} is a folder: a preset is a name ({', '.join(available_presets())}) or a "
                               f"YAML file")
         if not path.is_file():
-            raise ConfigError(f"preset file not found: {path}")
+            bundled = f" (the bundled preset is --preset {path.stem})" if path.stem in available_presets() else ""
+            raise ConfigError(f"preset file not found: {path}{bundled}")
         return path
     candidate = PRESET_DIR / f"{preset}.yaml"
     if candidate.is_file():
         return candidate
-    raise ConfigError(f"unknown preset '{preset}': use one of {', '.join(available_presets())} "
+    close = difflib.get_close_matches(preset, available_presets(), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ConfigError(f"unknown preset '{preset}': {hint}use one of {', '.join(available_presets())} "
                       "or a path to a YAML file")
 
 

@@ -134,3 +134,15 @@ def test_unknown_preset_lists_the_known_ones():
         load_config("huge")
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent/p.yaml")
+
+
+def test_a_mistyped_preset_name_is_given_its_likely_meaning(tmp_path, monkeypatch):
+    """`--preset xss` listed the presets; `--preset xs.yaml` in a folder without that file said
+    only "not found". As for a mistyped key, the likely preset is named."""
+    with pytest.raises(ConfigError, match=r"^unknown preset 'xss': did you mean 'xs'\? use one of s, xs, xxs"):
+        load_config("xss")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^preset file not found: xs.yaml \(the bundled preset is --preset xs\)$"):
+        load_config("xs.yaml")
+    with pytest.raises(ConfigError, match=r"^unknown preset 'huge': use one of"):
+        load_config("huge")
