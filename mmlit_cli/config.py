@@ -540,8 +540,12 @@ def own_preset_keys(preset: str | Path) -> set[str]:
     """The dotted keys (`finetune.epochs`, ...) a user's own preset file sets; none for a bundled
     preset. A length such a file gives stands where mmlit would pick one (the bundled sample's
     short runs): a run's config.yaml given back as --preset trained 4 epochs, not its own."""
-    path = resolve_preset_path(str(preset))
-    return set() if path.resolve().parent == PRESET_DIR.resolve() else pinned_keys(_preset_data(path))
+    return set() if bundled_preset(preset) else pinned_keys(_preset_data(resolve_preset_path(str(preset))))
+
+
+def bundled_preset(preset: str | Path) -> bool:
+    """Whether `preset` (a name or a path) is one of mmlit's own presets, not a user's file."""
+    return resolve_preset_path(str(preset)).resolve().parent == PRESET_DIR.resolve()
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:

@@ -21,7 +21,7 @@ from rich.markup import escape
 
 from .checkpoint import Checkpoint, load_checkpoint, load_weights_into, recorded_train_state
 from .config import CLASS_BALANCE, RESUME_MAY_CHANGE, RESUMED_CONFIG_MAY_CHANGE, Config, check_label_free, \
-    dump_config, load_config, own_preset_keys, parse_overrides, pinned_keys, with_overrides
+    bundled_preset, dump_config, load_config, own_preset_keys, parse_overrides, pinned_keys, with_overrides
 from .data import DATASET_NAMES, SAMPLE_DIR, ImageData, canonical_name, default_data_dir, is_sample, load_split, \
     skipped_warning, split_size, train_split_size, usable_cpus
 from .engine import RunOptions, Trainer
@@ -143,8 +143,7 @@ _PATHS = ("preset", "dataset", "data_dir", "out", "init", "resume")
 def _as_the_cli_gives_them(train):
     """`run_training`'s arguments as the CLI gives them, from any caller: a numpy integer is an
     int, a `Path` a str; another type is an error naming the argument. (From Python, epochs=1.5
-    trained 2 epochs, a numpy seed or a Path dataset failed after the run's first files, and
-    overrides="model.depth=2" was read a character at a time.)"""
+    trained 2 epochs, and a numpy seed or a Path dataset failed after the run's first files.)"""
     def plain(name: str, value: Any) -> Any:
         if value is None:
             return None
@@ -160,9 +159,7 @@ def _as_the_cli_gives_them(train):
             if not isinstance(value, (str, os.PathLike)):
                 raise MmlitError(f"{name} must be a path or name, got {value!r}")
             return os.fspath(value)
-        if name == "overrides" and (isinstance(value, str) or not all(isinstance(o, str) for o in value)):
-            raise MmlitError(f"overrides must be a list of 'key=value' strings, got {value!r}")
-        return value
+        return value  # (overrides: `config.parse_overrides` checks them)
 
     @functools.wraps(train)
     def checked(kind: str, preset: str | None = None, dataset: str | None = None, **options: Any) -> dict:
@@ -439,7 +436,7 @@ def _resumed_run(run_dir: Path, task_cls, *, preset: str | None = None, dataset:
     cfg = ckpt.config
     if preset is not None and load_config(preset).name != cfg.name:
         raise MmlitError(f"{run_dir} was trained with preset '{cfg.name}', not '{preset}'")
-    if preset is not None and own_preset_keys(preset):  # a file of one's own: named as the run's preset was
+    if preset is not None and not bundled_preset(preset):  # a file of one's own: named as the run's preset was
         # enough, whatever it held. Its model (with --set) must be the run's; the rest of a resumed run's
         # recipe is the run's own.
         asked = dataclasses.asdict(load_config(preset, overrides).model)

@@ -524,7 +524,7 @@ def test_from_python_numpy_numbers_and_paths_are_taken_and_other_types_refused(f
                          (dict(patience=0.5), "patience must be a whole number"),
                          (dict(seed=True), "seed must be a whole number, got True"),
                          (dict(lr="1e-3"), "lr must be a number, got '1e-3'"),
-                         (dict(overrides="model.depth=2"), "overrides must be a list of 'key=value' strings"),
+                         (dict(overrides="model.depth=2"), "overrides: expected a list of key.path=value strings"),
                          (dict(init=3), "init must be a path or name, got 3")):
         with pytest.raises(MmlitError, match=message):
             run_training("finetune", "xxs", str(folder), out=tmp_path / "bad", **{"overrides": TINY, **bad})
