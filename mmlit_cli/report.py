@@ -170,7 +170,8 @@ def run_header(kind: str, name: str, steps_per_epoch: int, epochs: int, batch_si
                device, bf16: bool, compiled: bool, loader_note: str, out_dir, notes: tuple = ()) -> str:
     """The first line of a run (rich markup), then a line for each of `notes` (plain text; an
     empty or None note has none)."""
-    header = (f"[bold]{kind}[/bold] {escape(name)}: {steps_per_epoch} steps/epoch x {epochs} epochs, "
+    plural = "" if epochs == 1 else "s"
+    header = (f"[bold]{kind}[/bold] {escape(name)}: {steps_per_epoch} steps/epoch x {epochs} epoch{plural}, "
               f"batch {batch_size} x {world_size} process(es), device {device}{', bf16' if bf16 else ''}{', compiled' if compiled else ''}"
               f", {escape(loader_note)} -> {escape(str(out_dir))}")
     return "\n".join([header, *(escape(note) for note in notes if note)])

@@ -202,8 +202,11 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
     else:
         plan = _new_run(kind, task_cls, preset, dataset, data_dir, download, validation, overrides, shortcuts, out,
                         init)
-        if dataset is None and not quiet and plan.resume is None:
-            console.print(escape(_sample_note(getattr(plan.cfg, task_cls.command).epochs)), highlight=False)
+        if not quiet and plan.resume is None:
+            if dataset is None:
+                console.print(escape(_sample_note(getattr(plan.cfg, task_cls.command).epochs)), highlight=False)
+            for line in _unread_overrides(task_cls.command, overrides):
+                console.print(escape(line), highlight=False)
     if plan.resume is not None:
         plan = _locked(plan)
     with removed_if_left_empty(plan.created, plan.lock):  # held until the event log is closed
@@ -363,10 +366,21 @@ def _nothing_to_do(plan: RunPlan, console: Console | None) -> dict:
     return result
 
 
+def _unread_overrides(command: str, overrides: list[str] | None) -> list[str]:
+    """A note for each `--set` key of the other command's section whose counterpart in this
+    command's section is not set too: `mmlit pretrain --set finetune.epochs=5` is valid config,
+    and trained pretrain.epochs without a word. (Both set: one list of overrides kept for both
+    commands, nothing to say.)"""
+    other = "finetune" if command == "pretrain" else "pretrain"
+    keys = pinned_keys(parse_overrides(overrides))
+    return [f"note: --set {key} is not read by mmlit {command}, which reads {command}.{key.partition('.')[2]}"
+            for key in sorted(keys) if key.startswith(f"{other}.") and key.replace(other, command, 1) not in keys]
+
+
 def _sample_note(epochs: int) -> str:
     return (f"no --dataset: training on the bundled sample ({SAMPLE_DIR}; 1,000 CIFAR-10 images), {epochs} "
-            f"epochs. For real data pass --dataset: a name (cifar10, cifar100, ...), an image folder or a label "
-            f"file (.csv)")
+            f"epoch{'' if epochs == 1 else 's'}. For real data pass --dataset: a name (cifar10, cifar100, ...), "
+            f"an image folder or a label file (.csv)")
 
 
 def _class_counts(train: ImageData) -> list[int]:

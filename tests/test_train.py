@@ -168,7 +168,8 @@ def test_init_says_what_it_changes(tmp_path):
         return text.getvalue()
 
     images = write_folder(tmp_path / "images")
-    run("pretrain", images, tmp_path / "pre", ["data.mean=[0.5,0.5,0.5]"])
+    said = run("pretrain", images, tmp_path / "pre", ["data.mean=[0.5,0.5,0.5]", "finetune.epochs=3"])
+    assert "note: --set finetune.epochs is not read by mmlit pretrain, which reads pretrain.epochs\n" in said, said
     said = run("finetune", images, tmp_path / "ft", ["model.image_size=24"], init=tmp_path / "pre" / "last.safetensors")
     assert "position embedding resampled from 4x4 to 8x8 patches; layer-wise lr decay 0.75\n" in said, said
     assert "was trained on images normalised with mean [0.5, 0.5, 0.5]" in said
@@ -177,7 +178,8 @@ def test_init_says_what_it_changes(tmp_path):
     assert "resampled" not in said and "layer-wise lr decay 0.6\n" in said and "normalised" not in said, said
     said = run("finetune", images, tmp_path / "ft3", ["finetune.layer_decay=0.6"])
     assert "note: finetune.layer_decay 0.6 is unused: layer-wise lr decay applies to a fine-tuning run" in said
-    assert "layer_decay" not in run("finetune", images, tmp_path / "ft4", [])  # the preset's own: nothing said
+    said = run("finetune", images, tmp_path / "ft4", ["pretrain.epochs=2", "finetune.epochs=1"])  # one list for both
+    assert "layer_decay" not in said and "not read" not in said  # the preset's own: nothing said
 
 
 def test_eval_refuses_an_mae_checkpoint(tmp_path, folder):
