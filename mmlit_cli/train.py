@@ -690,7 +690,9 @@ def _new_plan(task_cls, preset: str | None, dataset: str | None, data_dir: str |
     pinned = pinned_keys(parse_overrides(overrides)) | {f"{section}.{k}" for k, v in shortcuts.items() if v is not None}
     if is_sample(dataset) and f"{section}.epochs" not in pinned | own_preset_keys(preset or "xs"):
         shortcuts = {**shortcuts, "epochs": SAMPLE_EPOCHS[section]}
-    cfg = _apply_shortcuts(load_config(preset or "xs", overrides), section, **shortcuts)
+    cfg = load_config(preset or "xs", overrides)
+    _check_options_agree(cfg, section, overrides, shortcuts)
+    cfg = _apply_shortcuts(cfg, section, **shortcuts)
     if cfg.model.in_chans != 3:  # a model of other channels is for count-params and the Python API
         raise MmlitError(f"model.in_chans is {cfg.model.in_chans}: training needs 3, as every image is decoded as "
                          f"RGB (grey ones with 3 equal channels)")
@@ -701,6 +703,15 @@ def _new_plan(task_cls, preset: str | None, dataset: str | None, data_dir: str |
     reference_epochs = getattr(load_config(preset or "xs"), section).epochs
     spec = DataSpec(dataset, data_dir, download, validation or "auto")
     return RunPlan(cfg, spec, Path("."), None, reference_epochs=reference_epochs, pinned=pinned)
+
+
+def _check_options_agree(cfg: Config, section: str, overrides: list[str] | None, shortcuts: dict[str, Any]) -> None:
+    """`--lr 0.01 --set finetune.lr=0.02`: two values for one key, one of them silently lost."""
+    pinned = pinned_keys(parse_overrides(overrides))
+    for key, value in shortcuts.items():
+        if value is not None and f"{section}.{key}" in pinned and getattr(getattr(cfg, section), key) != value:
+            raise MmlitError(f"--{key.replace('_', '-')} {value} and --set {section}.{key}="
+                             f"{getattr(getattr(cfg, section), key)} ask for two values: give one")
 
 
 def resolved_config(kind: str, preset: str | None, dataset: str | None, *, data_dir: str | None = None,

@@ -292,3 +292,14 @@ def test_a_name_with_a_slash_is_a_label_where_out_names_the_folder(tmp_path):
         "name"] == "team/exp1"
     with pytest.raises(MmlitError, match="name must be a plain folder name"):
         resolved_config("finetune", "xxs", None, overrides=sets)
+
+
+def test_an_option_and_a_set_of_one_value_agree(tmp_path):
+    """`--lr 0.01 --set finetune.lr=1e-2` asks for one value (test_bad_input has two that differ)."""
+    from mmlit_cli.train import resolved_config
+
+    data = write_folder(tmp_path / "data", per_class=2)
+    text = resolved_config("finetune", "xxs", str(data), overrides=[*TINY, "finetune.lr=1e-2", "finetune.epochs=3"],
+                           lr=0.01, epochs=3)
+    cfg = yaml.safe_load(text)
+    assert cfg["finetune"]["lr"] == 0.01 and cfg["finetune"]["epochs"] == 3
