@@ -390,11 +390,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {_given(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_given(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
@@ -402,9 +402,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {_given(value, text=True)}")
         return value
     raise TypeError(f"unsupported schema type {tp!r} at {where}")  # a bug in the schema, not user input
+
+
+def _given(value: Any, text: bool = False) -> str:
+    """A wrong value as the message names it: YAML reads `yes`, `no`, `on` and `off` as true and
+    false, and "expected an integer, got True" for `--set model.depth=yes` named nothing typed."""
+    if isinstance(value, bool):
+        quote = "; quote a word meant as text, as in --set 'name=\"off\"'" if text else ""
+        return f"{str(value).lower()} (YAML reads yes/no/on/off as true/false{quote})"
+    return repr(value)
 
 
 def _unknown_key(cls: type, key: str, where: str) -> ConfigError:
