@@ -331,6 +331,8 @@ def eval_(
         if report.dataset_note:
             (err_console if as_json else console).print(escape(report.dataset_note), highlight=False, soft_wrap=True)
         _warn(skipped_warning(report.skipped))
+        for line in report.warnings:
+            _warn(line)
         confusion_path = None
         if out_dir is not None:
             confusion_path, note = write_eval_files(report, out_dir)

@@ -33,7 +33,7 @@ import torch
 
 from .data import Normalize, skipped_warning
 from .errors import MmlitError, listed, one_line
-from .evaluate import check_split, load_classifier, load_eval_split, match_classes
+from .evaluate import check_split, held_out_warning, load_classifier, load_eval_split, match_classes
 from .onnx_classifier import PIP_HINT
 from .runtime import cpu_info, forward_batch, is_compile_failure
 
@@ -309,7 +309,8 @@ def _run(ckpt_path, dataset, split, data_dir, threads, batch_size, calls, limit,
         raise MmlitError(f"{name} '{split}' has no images")
     batch_size = min(batch_size, len(images))  # the batch the images/s are timed at (--limit 5: 5)
     report = BenchmarkReport(ckpt_path, data.source, split, len(images), threads, batch_size, calls,
-                             machine_info(threads), warnings=[w for w in [skipped_warning(data.skipped)] if w])
+                             machine_info(threads), warnings=[w for w in [skipped_warning(data.skipped),
+                                                                          held_out_warning(ckpt, ckpt_path, data)] if w])
     say(f"reference: PyTorch eager on {len(images)} images")
     ref_logits, ref_routes = torch_outputs(model, images, ckpt.mean, ckpt.std, batch_size)
     ref_top1 = ref_logits.argmax(1)

@@ -44,6 +44,17 @@ def checkpoint_split(ckpt: Checkpoint, dataset: str, split: str, data_dir: str |
                       holdout=ckpt.held_out)
 
 
+def held_out_warning(ckpt: Checkpoint, ckpt_path: str | Path, data: ImageData) -> str | None:
+    """A line when `data` was held out of (or left by the hold-out in) the training images of a
+    folder or label file, but not as the checkpoint's run held them out: files added, removed or
+    renamed since pick other files (`stratified_holdout`), some of which the run trained on."""
+    recorded = ckpt.info.get("held_out")
+    if recorded is None or data.held_out is None or recorded == data.held_out:
+        return None
+    return (f"the data's hold-out is not the one {Path(ckpt_path).name} was trained with (images were added, "
+            f"removed or renamed since): its 'val' split may hold images the model trained on")
+
+
 def load_eval_split(ckpt: Checkpoint, path: str | Path, dataset: str | None, split: str,
                     data_dir: str | None) -> tuple[ImageData, str, str | None]:
     """(data, dataset, note): `split` of `dataset` when given; else of the dataset the
@@ -78,6 +89,7 @@ class EvalReport:
     split: str = "val"
     step: int = 0  # the checkpoint's epoch: where the figures go on TensorBoard's x axis (as a run's)
     skipped: list[str] = field(default_factory=list)  # undecodable files of the split, not scored
+    warnings: list[str] = field(default_factory=list)  # said on stderr, and in the JSON
 
     def as_dict(self) -> dict:
         """JSON-ready: the figures (percent), `per_class` accuracy (= recall), per-class
@@ -88,7 +100,7 @@ class EvalReport:
         return {**r.as_dict(), "per_class": recall, "recall": recall,
                 "precision": dict(zip(self.classes, r.per_class_precision())),
                 "images": dict(zip(self.classes, r.per_class_images())), "images_per_s": self.images_per_s,
-                "skipped": self.skipped}
+                "skipped": self.skipped, "warnings": self.warnings}
 
     @property
     def images_per_s(self) -> float:
@@ -116,7 +128,8 @@ def match_classes(data: ImageData, ckpt_classes: list[str], num_classes: int, da
     if not extra:
         index = {c: i for i, c in enumerate(ckpt_classes)}
         to_ckpt = torch.tensor([index[c] for c in data.classes])
-        relabelled = ImageData(data.images, to_ckpt[data.labels], list(ckpt_classes), data.source, data.skipped)
+        relabelled = ImageData(data.images, to_ckpt[data.labels], list(ckpt_classes), data.source, data.skipped,
+                               data.held_out)
         if missing:
             return relabelled, (f"classes matched by name: {len(data.classes)} of the checkpoint's {len(ckpt_classes)} "
                                 f"({listed(missing)} not in {dataset}: no images)")
@@ -164,7 +177,8 @@ def evaluate_checkpoint(ckpt_path: str | Path, dataset: str | None, split: str =
     amp = amp_dtype(dev)
     result = evaluate_classifier(runner, loader, dev, cfg.data.mean, cfg.data.std, amp, cfg.model.num_classes)
     return EvalReport(result, classes, data.source if note is None else f"{data.source}; {note}", dataset_note,
-                      split, int(ckpt.info.get("epoch", 0)), data.skipped)
+                      split, int(ckpt.info.get("epoch", 0)), data.skipped,
+                      [w for w in [held_out_warning(ckpt, ckpt_path, data)] if w])
 
 
 def write_eval_files(report: EvalReport, out_dir: Path) -> tuple[Path | None, str | None]:

@@ -119,6 +119,9 @@ class RunFacts:
     # The same with absolute paths, recorded in every checkpoint: what `eval` and `benchmark`
     # score on when no --dataset is given.
     data_source: dict[str, Any] | None = None
+    # `ImageData.held_out` of the training data: which files of a folder or label file were held
+    # out for validation, recorded in every checkpoint (`eval --split val`, --resume check it)
+    held_out: str | None = None
     # Layer-wise lr decay of the param groups: the recipe's when the run started from a
     # pre-trained encoder (--init), else 1. Kept in the training state: --resume must rebuild
     # the very groups the saved optimizer state belongs to.
@@ -315,6 +318,8 @@ class RunRecord:
                 "mmlit_version": __version__}
         if self.facts.data_source is not None:
             info["dataset"] = self.facts.data_source
+        if self.facts.held_out is not None:
+            info["held_out"] = self.facts.held_out
         ckpt = Checkpoint(weights, self.cfg, self.task.kind, list(self.task.classes), info)
         if rng is not None:
             ckpt.train_tensors, ckpt.train_info = self._train_state(rng)

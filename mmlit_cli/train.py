@@ -23,7 +23,7 @@ from .checkpoint import Checkpoint, load_checkpoint, load_weights_into, recorded
 from .config import CLASS_BALANCE, RESUME_MAY_CHANGE, RESUMED_CONFIG_MAY_CHANGE, Config, check_label_free, \
     bundled_preset, dump_config, load_config, own_preset_keys, parse_overrides, pinned_keys, with_overrides
 from .data import DATASET_NAMES, SAMPLE_DIR, ImageData, canonical_name, default_data_dir, is_sample, load_split, \
-    skipped_warning, split_size, train_split_size, usable_cpus
+    shut_down_workers, skipped_warning, split_size, train_split_size, usable_cpus
 from .engine import RunOptions, Trainer
 from .errors import DataNotFound, MmlitError, listed
 from .files import check_writable, claim_out, claim_run_dir, new_run_dir, removed_if_left_empty
@@ -219,6 +219,8 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
                                 resumed=plan.resume is not None)
         if plan.resume is not None and task_cls.needs_labels:
             _check_same_classes(plan, train.classes)
+        if plan.resume is not None:
+            _check_same_held_out(plan, train.held_out)
         plan = plan.fit_to(task_cls.command, len(train), device_type)
         cfg = plan.cfg if plan.resume is not None else task_cls.fit_config(plan.cfg, len(train.classes))
         if not quiet:
@@ -234,7 +236,7 @@ def run_training(kind: str, preset: str | None, dataset: str | None, *, data_dir
                           device=device, compile=compile, compile_mode=compile_mode, tune_attention=tune_attention,
                           save_every=save_every, max_steps=max_steps, layer_decay=layer_decay, quiet=quiet,
                           save_best=plan.spec.validation != "test", recipe_note=plan.recipe_note,
-                          invocation=plan.invocation)
+                          invocation=plan.invocation, held_out=train.held_out)
         trainer = Trainer(task, cfg, train, val, opts, console)
         if plan.resume is not None:
             _resume(trainer, plan, None if quiet else console)
@@ -265,6 +267,7 @@ def _fit(trainer: Trainer, run_dir: Path, main_process: bool) -> dict:
             raise
         result["signal"] = int(signal.SIGINT)
     finally:
+        shut_down_workers(trainer.train_loader)
         trainer.record.close_events(result.get("curves"))
     return result
 
@@ -332,6 +335,19 @@ def _check_same_classes(plan: RunPlan, classes: list[str]) -> None:
     raise MmlitError(f"{plan.run_dir} was trained on other classes than its data now has ({what}): put the data "
                      f"back as it was to resume, or start a new run (--init {plan.run_dir / 'last.safetensors'} "
                      f"keeps the weights)")
+
+
+def _check_same_held_out(plan: RunPlan, held_out: str | None) -> None:
+    """A resumed run validates on the files it held out for validation when it started: which
+    ones the hold-out picks depends on every file of a class, so an image added to (or removed
+    from) the folder since picks others, some of which the run trained on."""
+    recorded = plan.resume.info.get("held_out")
+    if recorded is None or recorded == held_out:  # the same files (or a run from before runs recorded them)
+        return
+    init = f" (--init {plan.run_dir / 'last.safetensors'} keeps the weights)" if plan.resume.task == "classify" else ""
+    raise MmlitError(f"{plan.run_dir} validated on images its data no longer holds out (images were added, removed "
+                     f"or renamed since it started): resumed, it would validate on images it trained on. Put the "
+                     f"data back as it was to resume, or start a new run{init}")
 
 
 def _command_of(ckpt: Checkpoint) -> str | None:

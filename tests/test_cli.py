@@ -157,7 +157,7 @@ def test_eval_and_predict_json_through_the_command_are_the_library_results(train
     lib = evaluate_checkpoint(ckpt, str(folder), "val", device="cpu").as_dict()
     assert ev.keys() == lib.keys() == {"top1", "top5", "loss", "balanced_accuracy", "macro_f1", "per_class",
                                        "precision", "recall", "images", "num_images", "images_per_s",
-                                       "skipped"}
+                                       "skipped", "warnings"}
     assert {k: v for k, v in ev.items() if k != "images_per_s"} == {k: v for k, v in lib.items() if k != "images_per_s"}
     assert list(ev["per_class"]) == ["blue", "green", "red"] and ev["num_images"] == 3 and ev["skipped"] == []
     r = mmlit("predict", ckpt, str(folder / "red"), "--json", "--top-k", "2")

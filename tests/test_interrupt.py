@@ -232,7 +232,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_still_saves(tmp_path):
     SIGTERM too, and must leave the stop to the training process."""
     folder = write_folder(tmp_path / "data", per_class=40)
     out = tmp_path / "run"
-    proc = start(folder, out, "--save-every", "0", "--loader", "workers", "--workers", "2", group=True)
+    proc = start(folder, out, "--save-every", "0", "--loader", "workers", "--set", "finetune.workers=2", group=True)
     wait_for(proc, out / "metrics.jsonl")
     os.killpg(proc.pid, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
@@ -240,6 +240,33 @@ def test_sigterm_to_the_process_group_with_loader_workers_still_saves(tmp_path):
     assert "interrupted (SIGTERM)" in stdout and "Traceback" not in stderr
     state = load_checkpoint(out / "last.safetensors", with_train_state=True).train_info
     assert 1 <= state["epoch"] < LONG
+
+
+GC_OFF = "import gc, runpy, sys; gc.disable(); sys.argv[0] = 'mmlit'; runpy.run_module('mmlit_cli', run_name='__main__')"
+
+
+@pytest.mark.parametrize("epochs", [1, LONG])
+def test_a_run_with_loader_workers_exits_when_it_ends_whenever_the_collector_runs(tmp_path, epochs):
+    """The loader's workers ignore SIGTERM (the test above), which multiprocessing's exit handler
+    sends them before it joins them: a worker loader not yet freed by the garbage collector when
+    the process ended held it forever after "done:". The collector off makes that every time;
+    a run that ends by SIGTERM ends too."""
+    folder = write_folder(tmp_path / "data", per_class=4 if epochs == 1 else 40)
+    cmd = [sys.executable, "-c", GC_OFF, "finetune", "--preset", "xxs", "--dataset", str(folder), "--out",
+           str(tmp_path / "run"), "--epochs", str(epochs), "--batch-size", "4", "--device", "cpu", "--loader",
+           "workers", *(f"--set={o}" for o in TINY if "workers=" not in o), "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if epochs == LONG:
+        wait_for(proc, tmp_path / "run" / "metrics.jsonl")
+        proc.send_signal(signal.SIGTERM)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"still running 120 s after it was started or stopped:\n{stdout[-2000:]}")
+    assert proc.returncode == (0 if epochs == 1 else 143), stderr
+    assert ("done: " if epochs == 1 else "interrupted (SIGTERM)") in stdout and "Traceback" not in stderr
 
 
 SWEEP = """

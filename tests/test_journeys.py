@@ -338,7 +338,7 @@ def test_eval_json_scores_the_held_out_images_training_validated_on(home):
     home.ok(FINETUNE)
     ev = json.loads(home.ok(EVAL_MINE).stdout)
     assert set(ev) == {"top1", "top5", "loss", "balanced_accuracy", "macro_f1", "per_class", "precision", "recall",
-                       "images", "num_images", "images_per_s", "skipped"}
+                       "images", "num_images", "images_per_s", "skipped", "warnings"}
     assert ev["num_images"] == 3  # 10 % of each class of 12, held out
     assert list(ev["per_class"]) == ["blue", "green", "red"]
     assert ev["top1"] == pytest.approx(sum(ev["per_class"].values()) / 3, abs=1e-9)  # one image per class

@@ -178,3 +178,52 @@ def test_the_paper_protocol_validates_on_test_keeps_no_best_and_survives_resume(
 def test_an_unknown_validation_choice_is_refused(train_test, tmp_path):
     with pytest.raises(MmlitError, match="--val must be auto or test"):
         finetune(train_test, tmp_path / "x", epochs=1, validation="train", quiet=True)
+
+
+@pytest.mark.parametrize("layout", ["folder", "label file"])
+def test_images_added_since_a_run_change_its_hold_out_and_are_said(tmp_path, layout):
+    """Which files the hold-out picks depends on every file of a class: 20 red images hold out
+    positions 4 and 19, 21 hold out 10 and 18, both trained on before. Each checkpoint records
+    which files its run held out: `eval` then warns (in its JSON too), and `--resume` is refused;
+    an image that leaves the hold-out as it was (a class of 25 holds out 19 and 4 again) is
+    trained on, and nothing is said."""
+    images = write_folder(tmp_path / "d", per_class=20)
+    dataset = images
+    if layout == "label file":
+        dataset = tmp_path / "labels.csv"
+        rows = ["path,label"] + [f"{p.relative_to(tmp_path).as_posix()},{p.parent.name}"
+                                 for p in sorted(images.rglob("*.png"))]
+        dataset.write_text("\n".join(rows) + "\n")
+
+    def add(names):
+        from PIL import Image
+
+        for name in names:
+            Image.new("RGB", (10, 10), (200, 0, 0)).save(images / "red" / name)
+            if layout == "label file":
+                with dataset.open("a") as f:
+                    f.write(f"d/red/{name},red\n")
+
+    def train(epochs):
+        return run_training("finetune", "xxs", str(dataset), out=tmp_path / "run", overrides=TINY, epochs=epochs,
+                            batch_size=8, device="cpu", quiet=True, resume=tmp_path / "run" if epochs > 1 else None)
+
+    train(1)
+    best = tmp_path / "run" / "best.safetensors"
+    assert evaluate_checkpoint(best, None, device="cpu").warnings == []
+    add([f"red_{i:03d}.png" for i in range(20, 25)])  # 25: the same two held out
+    assert evaluate_checkpoint(best, None, device="cpu").warnings == []
+    train(2)
+    add(["red_025.png"])  # 26: three held out, 10 among them
+    for split in ("val", "train"):
+        report = evaluate_checkpoint(best, None, split, device="cpu")
+        assert len(report.warnings) == 1 and "may hold images the model trained on" in report.warnings[0]
+        assert report.as_dict()["warnings"] == report.warnings
+    assert evaluate_checkpoint(best, None, "val", device="cpu").result.num_images == 7
+    with pytest.raises(MmlitError, match=r"validated on images its data no longer holds out .* start a new run "
+                                         r"\(--init .*last.safetensors keeps the weights\)"):
+        train(3)
+    (images / "red" / "red_025.png").unlink()  # put back as it was
+    if layout == "label file":
+        dataset.write_text("".join(dataset.read_text().splitlines(keepends=True)[:-1]))
+    assert train(3)["epoch"] == 3

@@ -38,7 +38,7 @@ from .device_loader import DeviceLoader
 from .augment import Normalize, RandomErasingUint8, build_batch_mix, build_train_transform, normalize
 from .decode import decode_files, decode_one, fit_image, to_rgb, usable_cpus
 from .formats import read_idx
-from .loader import AugmentedImages, EpochSampler, build_loader, sample_seed, set_epoch
+from .loader import AugmentedImages, EpochSampler, build_loader, sample_seed, set_epoch, shut_down_workers
 from .pipeline import build_loaders, choose_loader, resolve_loader
 from .datasets import SAMPLE_DIR
 from .registry import (DATASET_NAMES, canonical_name, default_data_dir, is_sample, load_split, split_size,
@@ -47,7 +47,7 @@ from .splits import EVAL_SPLITS, SPLITS, ImageData, skipped_warning
 
 __all__ = [
     "DATASET_NAMES", "ImageData", "load_split", "build_train_transform", "build_batch_mix",
-    "normalize", "Normalize", "AugmentedImages", "build_loader", "set_epoch", "default_data_dir",
+    "normalize", "Normalize", "AugmentedImages", "build_loader", "set_epoch", "shut_down_workers", "default_data_dir",
     "BatchAugment", "DeviceLoader", "choose_loader", "resolve_loader", "build_loaders", "usable_cpus",
     # also public: what predict decodes files with, and the parts tests and tools use
     "DataError", "EVAL_SPLITS", "SPLITS", "decode_files", "decode_one", "fit_image", "to_rgb", "read_idx", "sample_seed",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import DataError, listed, one_line, readable
 from .decode import decode_labelled, list_images, walk_images
-from .splits import ImageData, classes_shown, held_out_share, stratified_holdout
+from .splits import ImageData, classes_shown, held_out_digest, held_out_share, stratified_holdout
 
 
 _SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -119,6 +119,7 @@ class FolderSplit:
     labels: list[int]
     note: str  # how the split was carved ("'val' split = held-out 10% of train ...")
     part_dir: Path  # the folder its files are in
+    held_out: str | None = None  # `splits.held_out_digest` of the files held out of train/, if any
 
 
 def folder_split(root: Path, split: str, hold: float | None, require_labels: bool) -> FolderSplit:
@@ -178,8 +179,10 @@ def folder_split(root: Path, split: str, hold: float | None, require_labels: boo
         if not keep:
             raise DataError(f"{train_root}: too few images to hold out a validation split "
                             f"(a class needs at least 2 images)")
+        digest = held_out_digest([os.path.relpath(files[i], train_root) for i in held_pos])
         files = [files[i] for i in keep]
         labels = [labels[i] for i in keep]
+        return FolderSplit(list(classes), files, labels, note, part_dir, digest)
     return FolderSplit(list(classes), files, labels, note, part_dir)
 
 
@@ -193,4 +196,4 @@ def load_folder(root: Path, split: str, image_size: int, hold: float | None,
     where = f", {part.part_dir.relative_to(root)}/" if part.part_dir != root else ""
     return ImageData(images, labels_t, part.classes,
                      f"image folder {root} {part.note}{where} ({len(labels_t)} images, {kind})",
-                     skipped)
+                     skipped, part.held_out)

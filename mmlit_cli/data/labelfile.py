@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ..errors import DataError, one_line
 from .decode import decode_files
-from .splits import ImageData, classes_shown, held_out_share, stratified_holdout
+from .splits import ImageData, classes_shown, held_out_digest, held_out_share, stratified_holdout
 
 IMAGE_COLUMNS = ("path", "file", "image", "filename")
 SPLIT_NAMES = ("train", "val", "test")
@@ -128,11 +128,11 @@ def _undecodable(rows: list[Row], ok: list[bool]) -> list[tuple[int, str]]:
 def label_file_split(csv_path: Path, split: str, hold: float | None,
                      require_labels: bool) -> tuple[list[Row], list[str], str]:
     """(rows of `split`, classes, how they were chosen), nothing decoded."""
-    return _split(csv_path, read_rows(csv_path, require_labels), split, hold, require_labels)
+    return _split(csv_path, read_rows(csv_path, require_labels), split, hold, require_labels)[:3]
 
 
 def _split(csv_path: Path, rows: list[Row], split: str, hold: float | None,
-           require_labels: bool) -> tuple[list[Row], list[str], str]:
+           require_labels: bool) -> tuple[list[Row], list[str], str, str | None]:
     rows = sorted(rows, key=lambda r: r.path)  # as a folder lists its files
     classes = sorted({r.label for r in rows if r.label})
     if require_labels:  # what a folder's classes must be, a label file's must be too
@@ -143,8 +143,8 @@ def _split(csv_path: Path, rows: list[Row], split: str, hold: float | None,
         extra = [c for c in classes if c not in trained]
         if extra and split != "all":
             raise DataError(f"{csv_path}: label(s) in val/test rows but in no train row: {', '.join(extra[:5])}")
-    part, note = _split_rows(csv_path, rows, split, hold, classes)
-    return part, classes, note
+    part, note, held_out = _split_rows(csv_path, rows, split, hold, classes)
+    return part, classes, note, held_out
 
 
 def load_label_file(csv_path: Path, split: str, image_size: int, hold: float | None,
@@ -156,10 +156,10 @@ def load_label_file(csv_path: Path, split: str, image_size: int, hold: float | N
     that one run shows the user all there is to mend."""
     rows, bad = checked_rows(csv_path, require_labels)
     if not bad:
-        part, classes, note = _split(csv_path, rows, split, hold, require_labels)
+        part, classes, note, held_out = _split(csv_path, rows, split, hold, require_labels)
         images, ok = decode_files([r.path for r in part], image_size)
         if all(ok):
-            return _image_data(csv_path, part, classes, note, images)
+            return replace(_image_data(csv_path, part, classes, note, images), held_out=held_out)
         bad, decoded = _undecodable(part, ok), {r.line for r in part}
         rows = [r for r in rows if r.line not in decoded]
     _, ok = decode_files([r.path for r in rows], image_size)
@@ -176,17 +176,18 @@ def _image_data(csv_path: Path, part: list[Row], classes: list[str], note: str, 
 
 
 def _split_rows(csv_path: Path, rows: list[Row], split: str, hold: float | None,
-                classes: list[str]) -> tuple[list[Row], str]:
-    """The rows of `split` and how they were chosen: as for an image folder whose train/,
-    val/ and test/ folders are the rows' splits (see `folders.folder_split`)."""
+                classes: list[str]) -> tuple[list[Row], str, str | None]:
+    """The rows of `split`, how they were chosen, and the `held_out_digest` of the rows held out
+    of train (None if none): as for an image folder whose train/, val/ and test/ folders are the
+    rows' splits (see `folders.folder_split`)."""
     if split == "all":  # every row, whatever its split: a label file of one's own test images
-        return rows, "every row (--split all: any split, nothing held out)"
+        return rows, "every row (--split all: any split, nothing held out)", None
     by_split = {name: [r for r in rows if r.split == name] for name in ("val", "test")}
     train = [r for r in rows if r.split in (None, "train")]
     held = not by_split["val"] and hold is not None
     if split == "train" or (held and (split == "val" or not by_split["test"])):
         if not held:
-            return train, "'train' split"
+            return train, "'train' split", None
         index = {c: i for i, c in enumerate(classes)}
         train_pos, held_pos = stratified_holdout([index.get(r.label, 0) for r in train], hold)
         keep = train_pos if split == "train" else held_pos
@@ -196,11 +197,11 @@ def _split_rows(csv_path: Path, rows: list[Row], split: str, hold: float | None,
         pct = held_out_share(hold, len(held_pos), len(train), why=split != "train")
         note = f"'train' split (minus the held-out {pct})" if split == "train" else \
             f"'{split}' split = held-out {pct} of train ({'stratified' if classes else 'at random'}, seed 0)"
-        return [train[i] for i in keep], note
+        return [train[i] for i in keep], note, held_out_digest([train[i].given for i in held_pos])
     other = "test" if split == "val" else "val"
     if by_split[split]:
-        return by_split[split], f"'{split}' split (its rows)"
+        return by_split[split], f"'{split}' split (its rows)", None
     if by_split[other]:
-        return by_split[other], f"'{split}' split (no {split} rows: using the {other} rows)"
+        return by_split[other], f"'{split}' split (no {split} rows: using the {other} rows)", None
     raise DataError(f"{csv_path}: no row is in the val or test split, and with nothing held out of train "
                     f"there is no '{split}' split")

@@ -217,9 +217,22 @@ def build_loader(data: ImageData, batch_size: int, transform: Callable | None = 
     g = torch.Generator()
     g.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      drop_last=drop_last, persistent_workers=workers > 0,
+                      drop_last=drop_last, persistent_workers=workers > 0 and shuffle,  # a training's epochs
                       pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init,
                       generator=g)
+
+
+def shut_down_workers(loader) -> None:
+    """End a `build_loader` loader's persistent workers now (nothing for a `DeviceLoader`, or a
+    loader without workers). They ignore SIGTERM (`_worker_init`), and multiprocessing's exit
+    handler joins its children after sending them SIGTERM: a loader the garbage collector had
+    not yet freed when the process ended held it forever, after "done:". torch keeps the
+    persistent workers' iterator in `_iterator` (torch 2.11 to 2.14 at least), whose
+    `_shutdown_workers` is what its own `__del__` calls."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None
 
 
 def set_epoch(loader, epoch: int) -> None:

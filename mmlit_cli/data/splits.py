@@ -31,6 +31,11 @@ class ImageData:
     classes: list[str]  # index = label; [] when unlabeled
     source: str  # one human line describing where the images came from
     skipped: list[str] = field(default_factory=list)  # undecodable files that were skipped
+    # Which files were held out of a folder's or label file's training images for validation
+    # (`held_out_digest`), in both parts; None where nothing was held out, or for a named
+    # dataset, whose files do not change. A run records it: files added to the folder later
+    # change which ones the hold-out picks, and its "val" would then hold images it trained on.
+    held_out: str | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -113,6 +118,13 @@ def held_out_share(hold: float, held: int, total: int, why: bool = True) -> str:
 def held_out_count(n: int, val_fraction: float) -> int:
     """How many of a class's `n` training images `stratified_holdout` holds out."""
     return 0 if n < 2 else min(n - 1, max(1, round(val_fraction * n)))
+
+
+def held_out_digest(names: list[str]) -> str:
+    """An identifier of the files held out for validation (names relative to the dataset)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(names)).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def stratified_holdout(labels: list[int], val_fraction: float) -> tuple[list[int], list[int]]:
