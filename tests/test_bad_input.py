@@ -44,6 +44,7 @@ def world(tmp_path_factory):
     save_checkpoint(root / "nan.safetensors", nan)
     (root / "empty").mkdir()
     write_folder(root / "oneclass", classes=("only",), per_class=4)
+    write_folder(root / "singles", classes=("a", "b"), per_class=1)
     write_folder(root / "twoclass", classes=("a", "b"), per_class=4)
     (root / "notes.safetensors").write_text("just some text, not a checkpoint")
     good = (root / "clf" / "last.safetensors").read_bytes()
@@ -99,6 +100,8 @@ CASES = [
     # (id, argv builder, expected text in the one-line message)
     ("missing data dir", lambda w: ["finetune", "--dataset", "cifar10", "--data-dir", str(w["root"] / "nope"), *SETS], "cifar10"),
     ("empty data folder", lambda w: ["finetune", "--dataset", str(w["root"] / "empty"), *SETS], "empty"),
+    ("one image per class", lambda w: ["finetune", "--dataset", str(w["root"] / "singles"), *SETS, "--out", str(w["root"] / "never10")],
+     "singles: too few images to hold out a validation split (a class needs at least 2 images): add images, or give the folder validation images of its own ("),
     ("one-class folder", lambda w: ["finetune", "--dataset", str(w["root"] / "oneclass"), *SETS], "class"),
     ("unknown dataset", lambda w: ["finetune", "--dataset", "imagenet-9000", *SETS], "imagenet-9000"),
     ("missing label file", lambda w: ["finetune", "--dataset", "my-labels.csv", *SETS], "my-labels.csv does not exist"),

@@ -177,8 +177,9 @@ def folder_split(root: Path, split: str, hold: float | None, require_labels: boo
     if held:
         keep = train_pos if split == "train" else held_pos
         if not keep:
-            raise DataError(f"{train_root}: too few images to hold out a validation split "
-                            f"(a class needs at least 2 images)")
+            raise DataError(f"{train_root}: too few images to hold out a validation split (a class needs at least "
+                            f"2 images): add images, or give the folder validation images of its own "
+                            f"({root / 'train'}/<class>/ and {root / 'val'}/<class>/)")
         digest = held_out_digest([os.path.relpath(files[i], train_root) for i in held_pos])
         files = [files[i] for i in keep]
         labels = [labels[i] for i in keep]

@@ -193,7 +193,7 @@ def _split_rows(csv_path: Path, rows: list[Row], split: str, hold: float | None,
         keep = train_pos if split == "train" else held_pos
         if not keep:
             raise DataError(f"{csv_path}: too few images to hold out a validation split (a class needs at "
-                            f"least 2)")
+                            f"least 2): add images, or rows whose split is val")
         pct = held_out_share(hold, len(held_pos), len(train), why=split != "train")
         note = f"'train' split (minus the held-out {pct})" if split == "train" else \
             f"'{split}' split = held-out {pct} of train ({'stratified' if classes else 'at random'}, seed 0)"
