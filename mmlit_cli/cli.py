@@ -318,7 +318,6 @@ def eval_(
               mmlit eval runs/finetune/xxs/best.safetensors --dataset cifar100 --split test
     """
     _one_process("eval")
-    from .data import skipped_warning
     from .evaluate import evaluate_checkpoint, write_eval_files
     from .files import claim_run_dir, removed_if_left_empty
 
@@ -330,7 +329,6 @@ def eval_(
                                      compile_mode=compile_mode, classes_by_position=classes_by_position)
         if report.dataset_note:
             (err_console if as_json else console).print(escape(report.dataset_note), highlight=False, soft_wrap=True)
-        _warn(skipped_warning(report.skipped))
         for line in report.warnings:
             _warn(line)
         confusion_path = None

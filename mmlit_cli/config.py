@@ -390,30 +390,23 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {_given(value)}")
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {_given(value)}")
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is bool:
+        if isinstance(value, str) and value.lower() in _YAML11_BOOLS:  # YAML 1.1's words: `hflip: yes` still works
+            return _YAML11_BOOLS[value.lower()]
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {_given(value, text=True)}")
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     raise TypeError(f"unsupported schema type {tp!r} at {where}")  # a bug in the schema, not user input
-
-
-def _given(value: Any, text: bool = False) -> str:
-    """A wrong value as the message names it: YAML reads `yes`, `no`, `on` and `off` as true and
-    false, and "expected an integer, got True" for `--set model.depth=yes` named nothing typed."""
-    if isinstance(value, bool):
-        quote = "; quote a word meant as text, as in --set 'name=\"off\"'" if text else ""
-        return f"{str(value).lower()} (YAML reads yes/no/on/off as true/false{quote})"
-    return repr(value)
 
 
 def _unknown_key(cls: type, key: str, where: str) -> ConfigError:
@@ -504,6 +497,18 @@ def _decimal(construct):
     return number
 
 
+_YAML11_BOOLS = {"yes": True, "on": True, "no": False, "off": False}
+
+
+def _boolean(loader, node):
+    """PyYAML reads `yes`, `no`, `on` and `off` as YAML 1.1 does, as true and false: `--set
+    model.depth=yes` said "got True", and `--set name=off` named a run "False". As YAML 1.2
+    reads them, they are words; a true/false key takes them still (`_coerce`)."""
+    text = loader.construct_scalar(node)
+    return text if text.lower() in _YAML11_BOOLS else yaml.SafeLoader.construct_yaml_bool(loader, node)
+
+
+_PresetLoader.add_constructor("tag:yaml.org,2002:bool", _boolean)
 _PresetLoader.add_constructor("tag:yaml.org,2002:int", _decimal(yaml.SafeLoader.construct_yaml_int))
 _PresetLoader.add_constructor("tag:yaml.org,2002:float", _decimal(yaml.SafeLoader.construct_yaml_float))
 

@@ -308,9 +308,10 @@ def _run(ckpt_path, dataset, split, data_dir, threads, batch_size, calls, limit,
     if len(images) == 0:
         raise MmlitError(f"{name} '{split}' has no images")
     batch_size = min(batch_size, len(images))  # the batch the images/s are timed at (--limit 5: 5)
+    warnings = [w for w in (skipped_warning(data.skipped), held_out_warning(ckpt, data, name, Path(ckpt_path).name))
+                if w]
     report = BenchmarkReport(ckpt_path, data.source, split, len(images), threads, batch_size, calls,
-                             machine_info(threads), warnings=[w for w in [skipped_warning(data.skipped),
-                                                                          held_out_warning(ckpt, ckpt_path, data)] if w])
+                             machine_info(threads), warnings=warnings)
     say(f"reference: PyTorch eager on {len(images)} images")
     ref_logits, ref_routes = torch_outputs(model, images, ckpt.mean, ckpt.std, batch_size)
     ref_top1 = ref_logits.argmax(1)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint, load_checkpoint
-from .data import EVAL_SPLITS, ImageData, build_loader, load_split
+from .data import EVAL_SPLITS, ImageData, build_loader, load_split, skipped_warning
 from .errors import CheckpointError, MmlitError, listed
 from .metrics import EvalResult, evaluate_classifier
 from .model import MLiT
@@ -44,14 +44,17 @@ def checkpoint_split(ckpt: Checkpoint, dataset: str, split: str, data_dir: str |
                       holdout=ckpt.held_out)
 
 
-def held_out_warning(ckpt: Checkpoint, ckpt_path: str | Path, data: ImageData) -> str | None:
-    """A line when `data` was held out of (or left by the hold-out in) the training images of a
-    folder or label file, but not as the checkpoint's run held them out: files added, removed or
-    renamed since pick other files (`stratified_holdout`), some of which the run trained on."""
-    recorded = ckpt.info.get("held_out")
-    if recorded is None or data.held_out is None or recorded == data.held_out:
+def held_out_warning(ckpt: Checkpoint, data: ImageData, dataset: str, name: str = "the checkpoint") -> str | None:
+    """A line when `data`, of the folder or label file the checkpoint was trained on, was held
+    out of (or left by the hold-out in) its training images, but not as the checkpoint's run held
+    them out: files added, removed or renamed since pick other files (`stratified_holdout`), some
+    of which the run trained on. (Another dataset's hold-out is its own, and says nothing.)"""
+    recorded, trained_on = ckpt.info.get("held_out"), ckpt.info.get("dataset")
+    if recorded is None or data.held_out is None or recorded == data.held_out or not isinstance(trained_on, dict):
         return None
-    return (f"the data's hold-out is not the one {Path(ckpt_path).name} was trained with (images were added, "
+    if str(Path(dataset).expanduser().resolve()) != trained_on.get("dataset"):
+        return None
+    return (f"the data's hold-out is not the one {name} was trained with (images were added, "
             f"removed or renamed since): its 'val' split may hold images the model trained on")
 
 
@@ -172,13 +175,13 @@ def evaluate_checkpoint(ckpt_path: str | Path, dataset: str | None, split: str =
     data, dataset, dataset_note = load_eval_split(ckpt, ckpt_path, dataset, split, data_dir)
     data, note = match_classes(data, ckpt.classes, cfg.model.num_classes, dataset, classes_by_position)
     classes = ckpt.classes or data.classes
+    warnings = [w for w in (skipped_warning(data.skipped), held_out_warning(ckpt, data, dataset, Path(ckpt_path).name)) if w]
     # a batch larger than the split is the whole split (and a typo's 10**20 no index overflow)
     loader = build_loader(data, min(batch_size, max(len(data), 1)), None, workers=workers)
     amp = amp_dtype(dev)
     result = evaluate_classifier(runner, loader, dev, cfg.data.mean, cfg.data.std, amp, cfg.model.num_classes)
     return EvalReport(result, classes, data.source if note is None else f"{data.source}; {note}", dataset_note,
-                      split, int(ckpt.info.get("epoch", 0)), data.skipped,
-                      [w for w in [held_out_warning(ckpt, ckpt_path, data)] if w])
+                      split, int(ckpt.info.get("epoch", 0)), data.skipped, warnings)
 
 
 def write_eval_files(report: EvalReport, out_dir: Path) -> tuple[Path | None, str | None]:

@@ -42,7 +42,7 @@ from . import __version__
 from .checkpoint import Checkpoint
 from .data import Normalize, skipped_warning
 from .errors import MmlitError, one_line
-from .evaluate import checkpoint_split, load_classifier, match_classes
+from .evaluate import checkpoint_split, held_out_warning, load_classifier, match_classes
 from .export_forms import export_forms
 from .files import atomic_write, check_utf8
 from .onnx_classifier import PIP_HINT
@@ -215,7 +215,8 @@ def load_int8_data(ckpt: Checkpoint, dataset: str, data_dir: str | None = None, 
     held, _ = match_classes(held, ckpt.classes, cfg.model.num_classes, dataset, classes_by_position)
     if len(train) == 0 or len(held) == 0:
         raise MmlitError(f"{dataset} has no images to calibrate or check with")
-    warnings = [w for w in (skipped_warning(train.skipped), skipped_warning(held.skipped)) if w]
+    warnings = [w for w in (skipped_warning(train.skipped), skipped_warning(held.skipped),
+                            held_out_warning(ckpt, held, dataset)) if w]
     rng = np.random.default_rng(0)
     calib = train.images[rng.permutation(len(train))[:CALIBRATION_IMAGES]].numpy()
     pick = np.sort(rng.permutation(len(held))[:CHECK_IMAGES])

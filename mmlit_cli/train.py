@@ -267,8 +267,10 @@ def _fit(trainer: Trainer, run_dir: Path, main_process: bool) -> dict:
             raise
         result["signal"] = int(signal.SIGINT)
     finally:
-        shut_down_workers(trainer.train_loader)
-        trainer.record.close_events(result.get("curves"))
+        try:
+            shut_down_workers(trainer.train_loader)
+        finally:
+            trainer.record.close_events(result.get("curves"))
     return result
 
 
@@ -344,10 +346,9 @@ def _check_same_held_out(plan: RunPlan, held_out: str | None) -> None:
     recorded = plan.resume.info.get("held_out")
     if recorded is None or recorded == held_out:  # the same files (or a run from before runs recorded them)
         return
-    init = f" (--init {plan.run_dir / 'last.safetensors'} keeps the weights)" if plan.resume.task == "classify" else ""
-    raise MmlitError(f"{plan.run_dir} validated on images its data no longer holds out (images were added, removed "
-                     f"or renamed since it started): resumed, it would validate on images it trained on. Put the "
-                     f"data back as it was to resume, or start a new run{init}")
+    raise MmlitError(f"{plan.run_dir} validated on images its data no longer holds out (images were added, removed, "
+                     f"renamed or moved since it started): resumed, it would validate on images it trained on. Put "
+                     f"the data back as it was to resume it")
 
 
 def _command_of(ckpt: Checkpoint) -> str | None:
@@ -490,7 +491,11 @@ def _resumed_run(run_dir: Path, task_cls, *, preset: str | None = None, dataset:
     if saved_world != world and not _lr_pinned(invocation, section):  # the lr follows the global batch
         cfg = _apply_shortcuts(cfg, section, lr=getattr(cfg, section).lr * world / saved_world)
     set_changes, set_differ = _overrides_on_resume(cfg, section, overrides, invocation)
-    changes = {**set_changes, **changes}  # an option wins over --set of the same key, as in a new run
+    for key in set_changes.keys() & {k for k, v in changes.items() if v is not None}:
+        if set_changes[key] != changes[key]:  # as in a new run (`_check_options_agree`)
+            raise MmlitError(f"--{key.replace('_', '-')} {changes[key]} and --set {section}.{key}={set_changes[key]} "
+                             f"ask for two values: give one")
+    changes = {**set_changes, **{k: v for k, v in changes.items() if v is not None}}
     differ = _kept_options_that_differ(run_dir, section, getattr(cfg, section), invocation, options) + set_differ
     if differ:
         on = f" on {world} process(es)" if saved_world != world else ""

@@ -150,6 +150,7 @@ CASES = [
     ("init without qkv biases", lambda w: ["finetune", "--dataset", str(w["folder"]), "--init", str(w["root"] / "mae" / "last.safetensors"), *SETS, "--set", "model.qkv_bias=false", "--print-config"], "is another architecture (3 tensor(s) of its encoder have no place here: blocks.0.attn.qkv.bias)"),
     ("--lr and --set finetune.lr disagree", lambda w: ["finetune", "--dataset", str(w["folder"]), *SETS, "--lr", "0.01", "--set", "finetune.lr=2e-2", "--print-config"], "--lr 0.01 and --set finetune.lr=0.02 ask for two values: give one"),
     ("--epochs and --set pretrain.epochs disagree", lambda w: ["pretrain", "--dataset", str(w["folder"]), *SETS, "--set", "pretrain.epochs=3", "--epochs", "2", "--out", str(w["root"] / "never9")], "--epochs 2 and --set pretrain.epochs=3 ask for two values: give one"),
+    ("--epochs and --set finetune.epochs disagree on --resume", lambda w: ["finetune", "--resume", str(w["root"] / "clf"), "--epochs", "5", "--set", "finetune.epochs=6"], "--epochs 5 and --set finetune.epochs=6 ask for two values: give one"),
     ("lr not a number", lambda w: ["finetune", "--dataset", str(w["folder"]), *SETS, "--lr", "nan", "--print-config"], "finetune.lr must be a finite number, got nan"),
     ("norm_eps negative", lambda w: ["count-params", "--set", "model.norm_eps=-1"], "norm_eps must be >= 0"),
     ("seed past 64 bits", lambda w: ["finetune", "--dataset", str(w["folder"]), "--seed", "99999999999999999999", "--print-config", *SETS], "finetune.seed must be a whole number between -2**62 and 2**62"),

@@ -9,6 +9,7 @@ paper protocol: the whole training split, validation on the test split, no best.
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -220,10 +221,26 @@ def test_images_added_since_a_run_change_its_hold_out_and_are_said(tmp_path, lay
         assert len(report.warnings) == 1 and "may hold images the model trained on" in report.warnings[0]
         assert report.as_dict()["warnings"] == report.warnings
     assert evaluate_checkpoint(best, None, "val", device="cpu").result.num_images == 7
-    with pytest.raises(MmlitError, match=r"validated on images its data no longer holds out .* start a new run "
-                                         r"\(--init .*last.safetensors keeps the weights\)"):
+    assert evaluate_checkpoint(best, str(dataset), "val", device="cpu").warnings == report.warnings  # named too
+    from mmlit_cli.deploy_benchmark import run_benchmark
+    from mmlit_cli.export import load_int8_data
+
+    assert run_benchmark(best, None, calls=1, limit=4, formats=["pytorch-eager"]).warnings == report.warnings
+    assert load_int8_data(load_checkpoint(best), str(dataset))[-1] == [  # export --calibrate's
+        report.warnings[0].replace("best.safetensors", "the checkpoint")]
+    # another dataset's hold-out is its own: a copy of the folder elsewhere says nothing
+    other = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "d", other / "d")
+    if layout == "label file":
+        shutil.copy(dataset, other / "labels.csv")
+    copy = other / ("d" if layout == "folder" else "labels.csv")
+    assert evaluate_checkpoint(best, str(copy), "val", device="cpu").warnings == []
+    with pytest.raises(MmlitError, match=r"validated on images its data no longer holds out .* resumed, it would "
+                                         r"validate on images it trained on. Put the data back as it was to resume it$"):
         train(3)
     (images / "red" / "red_025.png").unlink()  # put back as it was
-    if layout == "label file":
-        dataset.write_text("".join(dataset.read_text().splitlines(keepends=True)[:-1]))
+    if layout == "label file":  # and written again, each path spelled another way: the same files
+        lines = dataset.read_text().splitlines()[:-1]
+        dataset.write_text("\n".join([lines[0]] + [f"./{line}" for line in lines[1:]]) + "\n")
+    assert evaluate_checkpoint(best, None, "val", device="cpu").warnings == []
     assert train(3)["epoch"] == 3

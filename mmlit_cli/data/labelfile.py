@@ -197,7 +197,8 @@ def _split_rows(csv_path: Path, rows: list[Row], split: str, hold: float | None,
         pct = held_out_share(hold, len(held_pos), len(train), why=split != "train")
         note = f"'train' split (minus the held-out {pct})" if split == "train" else \
             f"'{split}' split = held-out {pct} of train ({'stratified' if classes else 'at random'}, seed 0)"
-        return [train[i] for i in keep], note, held_out_digest([train[i].given for i in held_pos])
+        return [train[i] for i in keep], note, held_out_digest([os.path.relpath(train[i].path, csv_path.parent)
+                                                                for i in held_pos])
     other = "test" if split == "val" else "val"
     if by_split[split]:
         return by_split[split], f"'{split}' split (its rows)", None
