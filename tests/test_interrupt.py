@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -373,3 +374,43 @@ def test_once_the_run_is_saved_a_full_disk_or_ctrl_c_costs_only_its_curves(tmp_p
             assert interrupted.value.result["curves_note"] == f"interrupted while drawing it; mmlit plot {out} draws it"
         assert (out / "last.safetensors").is_file() and len(closed) == 1
         closed.clear()
+
+
+DECODE_INTERRUPTED = """
+import multiprocessing, os, signal, sys, threading, time
+from mmlit_cli.data import decode
+
+def slow_chunk(args):  # a worker: signals are the parent's (else it would die with the group's SIGTERM)
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        os._exit(3)
+    time.sleep(300)
+
+decode._decode_chunk = slow_chunk
+os.environ["MMLIT_DECODE_WORKERS"] = "2"
+
+def interrupt():
+    while len(multiprocessing.active_children()) < 2:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(os.getpid(), signal.SIGINT)
+
+threading.Thread(target=interrupt, daemon=True).start()
+start = time.time()
+try:
+    decode.decode_files(["/nonexistent.png"] * 64, 8)
+except KeyboardInterrupt:
+    print(f"interrupted {time.time() - start:.1f} {len(multiprocessing.active_children())}", flush=True)
+"""
+
+
+def test_ctrl_c_while_the_decode_pool_works_ends_its_workers_at_once():
+    """The decode pool's workers leave Ctrl-C and SIGTERM to the parent (killed by the group's
+    SIGTERM mid-write, one left the pool's reader waiting forever), and the parent, interrupted,
+    kills them: it waited for every chunk handed out, and a worker forked as the signal came,
+    given no work and no stop, held the process's exit forever."""
+    r = subprocess.run([sys.executable, "-c", DECODE_INTERRUPTED], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert r.returncode == 0, r.stderr
+    word, seconds, children = r.stdout.split()
+    assert word == "interrupted" and float(seconds) < 30 and children == "0", r.stdout
+    assert "Traceback" not in r.stderr and "Exception" not in r.stderr, r.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,23 @@ def _decode_workers(n: int) -> int:
     return min(usable_cpus(), 8)
 
 
+def _leave_signals_to_the_parent() -> None:
+    """A decode worker ignores Ctrl-C and SIGTERM, which a terminal or scheduler sends the whole
+    process group: one killed while it wrote its result left the pool's reader waiting forever
+    for the rest of the message. The parent, interrupted, ends the workers (`_kill_new_children`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _kill_new_children(before: set) -> None:
+    """SIGKILL the child processes started since `before` was taken (they ignore SIGTERM): a
+    worker forked as the signal came, before the pool could hand it work or a stop, was joined
+    by multiprocessing's exit handler forever."""
+    for child in set(multiprocessing.active_children()) - before:
+        child.kill()
+        child.join(5)
+
+
 def usable_cpus() -> int:
     """The cores this process may run on (its affinity mask where the OS has one)."""
     try:
@@ -243,8 +261,16 @@ def decode_files(paths: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
             with warnings.catch_warnings():  # Python >= 3.12 warns about fork + threads
                 warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
                 ctx = multiprocessing.get_context("fork")
-                with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
-                    results = list(ex.map(_decode_chunk, jobs))
+                before = set(multiprocessing.active_children())
+                with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_leave_signals_to_the_parent) as ex:
+                    # not `ex.map`: interrupted, it cancels the futures, and Python 3.11's pool then
+                    # fails on them ("InvalidStateError") when the killed workers break it
+                    try:
+                        futures = [ex.submit(_decode_chunk, job) for job in jobs]
+                        results = [f.result() for f in futures]
+                    except BaseException:  # Ctrl-C, SIGTERM (`cli.Terminated`): the pool ends now, not after its chunks
+                        _kill_new_children(before)
+                        raise
             return (np.concatenate([r[0] for r in results]),
                     np.concatenate([r[1] for r in results]))
         except (OSError, RuntimeError, ValueError):  # no pool here (e.g. sandbox): decode inline
