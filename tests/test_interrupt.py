@@ -414,3 +414,34 @@ def test_ctrl_c_while_the_decode_pool_works_ends_its_workers_at_once():
     word, seconds, children = r.stdout.split()
     assert word == "interrupted" and float(seconds) < 30 and children == "0", r.stdout
     assert "Traceback" not in r.stderr and "Exception" not in r.stderr, r.stderr
+
+
+def test_loader_workers_start_with_the_stop_signals_blocked_until_they_ignore_them(tmp_path, monkeypatch):
+    """torch's worker loop sets a SIGTERM handler of its own before `worker_init_fn` runs: a
+    signal to the group in that window killed a worker as the first epoch began, and the run
+    ended unsaved. The workers start with SIGINT and SIGTERM blocked, `_worker_init` ignores
+    then unblocks them, and the training process's mask is as it was."""
+    import torch
+
+    from mmlit_cli.data import loader as L
+    from mmlit_cli.data.splits import ImageData
+
+    seen, worker_init = tmp_path / "mask", L._worker_init
+
+    def init(worker_id):
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the mask, as the worker started
+        worker_init(worker_id)
+        after = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        seen.write_text(json.dumps([sorted(int(s) for s in blocked), sorted(int(s) for s in after),
+                                    signal.getsignal(signal.SIGTERM) is signal.SIG_IGN]))
+
+    monkeypatch.setattr(L, "_worker_init", init)
+    data = ImageData(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64), ["a"], "zeros")
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    loader = L.build_loader(data, 2, shuffle=True, workers=1)
+    assert len(list(loader)) == 2
+    L.shut_down_workers(loader)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask  # the training process's mask, as it was
+    blocked, after, ignored = json.loads(seen.read_text())
+    stop = {int(signal.SIGINT), int(signal.SIGTERM)}
+    assert stop <= set(blocked) and not stop & set(after) and ignored

@@ -6,6 +6,7 @@ loader workers: the sampler hands each index its own augmentation seed (`sample_
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 
 import numpy as np
@@ -177,18 +178,40 @@ class EpochSampler(Sampler):
         return len(self.base)
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _worker_init(worker_id: int) -> None:
     import random
-    import signal
 
     # Ctrl-C and SIGTERM are the training process's to handle (it saves, then shuts its workers
     # down): torchrun, schedulers and terminals signal the whole process group, and a worker
-    # that died of it would end the run with "DataLoader worker killed", unsaved.
+    # that died of it would end the run with "DataLoader worker killed", unsaved. The worker
+    # started with them blocked (`_Loader`): one that came before now is dropped, as ignored.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     seed = torch.initial_seed() % 2**32  # torch already gives each worker base_seed + id
     random.seed(seed)
     np.random.seed(seed)
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose workers start with Ctrl-C and SIGTERM blocked until `_worker_init`
+    ignores them: torch's worker loop sets a SIGTERM handler of its own before it calls
+    `worker_init_fn`, and a signal to the group in that window killed a worker as the first
+    epoch began ("DataLoader worker ... is killed by signal"), ending the run unsaved. The
+    training process gets a signal that came meanwhile once its workers are started."""
+
+    def __iter__(self):
+        if not self.num_workers or not hasattr(signal, "pthread_sigmask"):  # (no signal masks on Windows)
+            return super().__iter__()
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def build_loader(data: ImageData, batch_size: int, transform: Callable | None = None,
@@ -216,7 +239,7 @@ def build_loader(data: ImageData, batch_size: int, transform: Callable | None = 
     sampler = EpochSampler(base, seed, with_seeds=transform is not None)
     g = torch.Generator()
     g.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+    return _Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       drop_last=drop_last, persistent_workers=workers > 0 and shuffle,  # a training's epochs
                       pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init,
                       generator=g)
