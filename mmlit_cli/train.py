@@ -491,10 +491,7 @@ def _resumed_run(run_dir: Path, task_cls, *, preset: str | None = None, dataset:
     if saved_world != world and not _lr_pinned(invocation, section):  # the lr follows the global batch
         cfg = _apply_shortcuts(cfg, section, lr=getattr(cfg, section).lr * world / saved_world)
     set_changes, set_differ = _overrides_on_resume(cfg, section, overrides, invocation)
-    for key in set_changes.keys() & {k for k, v in changes.items() if v is not None}:
-        if set_changes[key] != changes[key]:  # as in a new run (`_check_options_agree`)
-            raise MmlitError(f"--{key.replace('_', '-')} {changes[key]} and --set {section}.{key}={set_changes[key]} "
-                             f"ask for two values: give one")
+    _check_options_agree(section, changes, set_changes)
     changes = {**set_changes, **{k: v for k, v in changes.items() if v is not None}}
     differ = _kept_options_that_differ(run_dir, section, getattr(cfg, section), invocation, options) + set_differ
     if differ:
@@ -712,7 +709,9 @@ def _new_plan(task_cls, preset: str | None, dataset: str | None, data_dir: str |
     if is_sample(dataset) and f"{section}.epochs" not in pinned | own_preset_keys(preset or "xs"):
         shortcuts = {**shortcuts, "epochs": SAMPLE_EPOCHS[section]}
     cfg = load_config(preset or "xs", overrides)
-    _check_options_agree(cfg, section, overrides, shortcuts)
+    given = pinned_keys(parse_overrides(overrides))
+    _check_options_agree(section, shortcuts, {k: getattr(getattr(cfg, section), k) for k in shortcuts
+                                              if f"{section}.{k}" in given})
     cfg = _apply_shortcuts(cfg, section, **shortcuts)
     if cfg.model.in_chans != 3:  # a model of other channels is for count-params and the Python API
         raise MmlitError(f"model.in_chans is {cfg.model.in_chans}: training needs 3, as every image is decoded as "
@@ -726,13 +725,13 @@ def _new_plan(task_cls, preset: str | None, dataset: str | None, data_dir: str |
     return RunPlan(cfg, spec, Path("."), None, reference_epochs=reference_epochs, pinned=pinned)
 
 
-def _check_options_agree(cfg: Config, section: str, overrides: list[str] | None, shortcuts: dict[str, Any]) -> None:
-    """`--lr 0.01 --set finetune.lr=0.02`: two values for one key, one of them silently lost."""
-    pinned = pinned_keys(parse_overrides(overrides))
-    for key, value in shortcuts.items():
-        if value is not None and f"{section}.{key}" in pinned and getattr(getattr(cfg, section), key) != value:
-            raise MmlitError(f"--{key.replace('_', '-')} {value} and --set {section}.{key}="
-                             f"{getattr(getattr(cfg, section), key)} ask for two values: give one")
+def _check_options_agree(section: str, options: dict[str, Any], set_values: dict[str, Any]) -> None:
+    """`--lr 0.01 --set finetune.lr=0.02`: two values for one key, one of them silently lost.
+    `options`: the options given (None: not given); `set_values`: what `--set` gave the same keys."""
+    for key, value in options.items():
+        if value is not None and key in set_values and set_values[key] != value:
+            raise MmlitError(f"--{key.replace('_', '-')} {value} and --set {section}.{key}={set_values[key]} "
+                             f"ask for two values: give one")
 
 
 def resolved_config(kind: str, preset: str | None, dataset: str | None, *, data_dir: str | None = None,

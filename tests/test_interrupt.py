@@ -377,21 +377,23 @@ def test_once_the_run_is_saved_a_full_disk_or_ctrl_c_costs_only_its_curves(tmp_p
 
 
 DECODE_INTERRUPTED = """
-import multiprocessing, os, signal, sys, threading, time
+import multiprocessing, os, signal, sys, tempfile, threading, time
 from mmlit_cli.data import decode
+
+started = tempfile.mkdtemp()
 
 def slow_chunk(args):  # a worker: signals are the parent's (else it would die with the group's SIGTERM)
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         os._exit(3)
+    open(os.path.join(started, str(os.getpid())), "w").close()  # at work on a chunk
     time.sleep(300)
 
 decode._decode_chunk = slow_chunk
 os.environ["MMLIT_DECODE_WORKERS"] = "2"
 
 def interrupt():
-    while len(multiprocessing.active_children()) < 2:
+    while len(os.listdir(started)) < 2:  # both workers at work
         time.sleep(0.05)
-    time.sleep(0.3)
     os.kill(os.getpid(), signal.SIGINT)
 
 threading.Thread(target=interrupt, daemon=True).start()
